@@ -1,0 +1,3 @@
+"""Real-time talking-avatar streaming service."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,51 @@
+"""Offline face localisation with the Haar cascades that ship inside OpenCV 4.x wheels."""
+
+from __future__ import annotations
+
+from functools import cache
+
+import cv2
+import numpy as np
+
+Box = tuple[int, int, int, int]  # x, y, w, h
+
+
+@cache
+def _cascade(name: str) -> cv2.CascadeClassifier:
+    path = cv2.data.haarcascades + name
+    clf = cv2.CascadeClassifier(path)
+    if clf.empty():
+        raise RuntimeError(f"OpenCV cascade {path} did not load (OpenCV 4.x wheels ship it)")
+    return clf
+
+
+def detect_face(rgb: np.ndarray) -> Box | None:
+    """The largest frontal face in an RGB image, or None."""
+    gray = cv2.equalizeHist(cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY))
+    min_side = max(24, min(gray.shape) // 12)
+    for name in ("haarcascade_frontalface_default.xml", "haarcascade_frontalface_alt2.xml"):
+        faces = _cascade(name).detectMultiScale(gray, 1.1, 5, minSize=(min_side, min_side))
+        if len(faces):
+            x, y, w, h = max(faces, key=lambda f: f[2] * f[3])
+            return int(x), int(y), int(w), int(h)
+    return None
+
+
+def crop_box_for_face(face: Box, image_shape: tuple[int, ...], scale: float = 2.2) -> Box:
+    """A square crop centred a little below the face centre, so chin and neck are in view."""
+    x, y, w, h = face
+    side = int(round(max(w, h) * scale))
+    cx = x + w / 2
+    cy = y + h / 2 + 0.22 * h
+    return int(round(cx - side / 2)), int(round(cy - side / 2)), side, side
+
+
+def cut(rgb: np.ndarray, box: Box, out_w: int, out_h: int) -> np.ndarray:
+    """Crop ``box`` (may extend past the image: edges are reflected) and resize."""
+    x, y, w, h = box
+    H, W = rgb.shape[:2]
+    pad = max(0, -x, -y, x + w - W, y + h - H)
+    src = cv2.copyMakeBorder(rgb, pad, pad, pad, pad, cv2.BORDER_REFLECT_101) if pad else rgb
+    crop = src[y + pad : y + pad + h, x + pad : x + pad + w]
+    interp = cv2.INTER_AREA if w > out_w else cv2.INTER_CUBIC
+    return cv2.resize(crop, (out_w, out_h), interpolation=interp)

@@ -1,0 +1,86 @@
+"""Typed settings, read from the environment (and an optional `.env`).
+
+Every setting is documented in `.env.example`. Reach them through :func:`get_settings`,
+which tests override with ``get_settings.cache_clear()`` after changing the environment.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+EngineName = Literal["geometric", "musetalk", "auto"]
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_file=".env", extra="ignore", case_sensitive=False)
+
+    # --- server
+    host: str = "0.0.0.0"
+    port: int = Field(8000, ge=1, le=65535)
+    cors_origins: list[str] = Field(default_factory=lambda: ["*"])
+    log_level: str = "info"
+
+    # --- engine
+    engine: EngineName = "geometric"
+    model_path: Path = Path("models")
+    device: str = "auto"
+    use_float16: bool = True
+    musetalk_version: Literal["v15", "v10"] = "v15"
+    batch_max: int = Field(16, ge=1, le=256)
+    batch_wait_ms: float = Field(4.0, ge=0, le=100)
+
+    # --- avatars
+    avatars_dir: Path = Path("data/avatars")
+    media_root: Path = Path("media")
+    default_avatar: str = "default"
+    max_upload_mb: int = Field(200, ge=1)
+    max_prepare_seconds: float = Field(10.0, gt=0, le=120)
+
+    # --- sessions and streaming
+    max_sessions: int = Field(32, ge=1)
+    auth_token: str | None = None
+    fps: int = Field(25, ge=1, le=60)
+    gop_seconds: float = Field(1.0, gt=0, le=10)
+    default_width: int = Field(512, ge=64, le=1920)
+    default_height: int = Field(512, ge=64, le=1920)
+    default_bitrate: int = Field(1_000_000, ge=50_000, le=20_000_000)
+    init_timeout_s: float = Field(10.0, gt=0)
+    max_message_bytes: int = Field(256 * 1024, ge=4096)
+    max_chunk_ms: int = Field(2000, ge=40)
+    max_buffered_audio_s: float = Field(30.0, gt=0)
+    speech_queue_frames: int = Field(25, ge=1)
+    send_queue_frames: int = Field(8, ge=1)
+    prebuffer_frames: int = Field(1, ge=1)
+    speech_gap_ms: int = Field(300, ge=40)
+    action_crossfade_frames: int = Field(4, ge=0, le=25)
+    resync_after_frames: int = Field(3, ge=1)
+
+    # --- WebRTC
+    ice_servers: list[dict] = Field(default_factory=list)
+    rtc_host_addresses: list[str] = Field(default_factory=list)
+    max_rtc_clients: int = Field(16, ge=1)
+
+    @field_validator("log_level")
+    @classmethod
+    def _lower(cls, v: str) -> str:
+        return v.lower()
+
+    @model_validator(mode="after")
+    def _even_size(self) -> Settings:
+        if self.default_width % 2 or self.default_height % 2:
+            raise ValueError("DEFAULT_WIDTH and DEFAULT_HEIGHT must be even (H.264 4:2:0)")
+        return self
+
+    @property
+    def frame_ms(self) -> float:
+        return 1000.0 / self.fps
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()

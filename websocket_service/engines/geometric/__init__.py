@@ -1,0 +1,5 @@
+"""The weight-free default engine."""
+
+from .engine import GeometricEngine
+
+__all__ = ["GeometricEngine"]

@@ -1,0 +1,79 @@
+"""Domain errors. Each carries a protocol code; only transports translate them.
+
+ServiceError
+ ├── InvalidMessage          INVALID_MESSAGE        malformed or out-of-range client input
+ ├── InvalidSession          INVALID_SESSION        no session yet, wrong session_id, duplicate id
+ ├── InvalidStateTransition  INVALID_STATE_TRANSITION  move not in the state table
+ ├── ModelNotFound           MODEL_NOT_FOUND        unknown avatar/action/base video, missing weights
+ ├── ProcessingError         PROCESSING_ERROR       engine or media failure for one request
+ ├── RateLimitExceeded       RATE_LIMIT_EXCEEDED    too much buffered audio, too many sessions
+ ├── AuthFailed              AUTH_FAILED            wrong or missing token (fatal)
+ └── InternalError           INTERNAL_ERROR         anything unexpected (details never leak)
+
+``fatal`` says whether the transport should close the connection after reporting it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class ServiceError(Exception):
+    code = "INTERNAL_ERROR"
+    fatal = False
+    http_status = 500
+
+    def __init__(self, message: str, details: dict[str, Any] | None = None, *, fatal: bool | None = None):
+        super().__init__(message)
+        self.message = message
+        self.details = details or {}
+        if fatal is not None:
+            self.fatal = fatal
+
+
+class InvalidMessage(ServiceError):
+    code = "INVALID_MESSAGE"
+    http_status = 400
+
+
+class InvalidSession(ServiceError):
+    code = "INVALID_SESSION"
+    http_status = 404
+
+
+class InvalidStateTransition(ServiceError):
+    code = "INVALID_STATE_TRANSITION"
+    http_status = 409
+
+
+class ModelNotFound(ServiceError):
+    code = "MODEL_NOT_FOUND"
+    http_status = 404
+
+
+class ProcessingError(ServiceError):
+    code = "PROCESSING_ERROR"
+    http_status = 422
+
+
+class RateLimitExceeded(ServiceError):
+    code = "RATE_LIMIT_EXCEEDED"
+    http_status = 429
+
+
+class AuthFailed(ServiceError):
+    code = "AUTH_FAILED"
+    fatal = True
+    http_status = 401
+
+
+class InternalError(ServiceError):
+    code = "INTERNAL_ERROR"
+    http_status = 500
+
+
+ERROR_CODES = [
+    cls.code
+    for cls in (InvalidMessage, InvalidSession, InvalidStateTransition, ModelNotFound,
+                ProcessingError, RateLimitExceeded, AuthFailed, InternalError)
+]
