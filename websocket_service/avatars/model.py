@@ -69,3 +69,5 @@ class BaseFrame:
     clip: str
     index: int
     image: np.ndarray
+    action: str | None = None  # the action clip playing at this frame, if any
+    progress: float = 0.0  # the action's progress 0..1

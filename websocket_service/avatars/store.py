@@ -292,6 +292,9 @@ class AvatarStore:
         thread.start()
         return job
 
+    def running_jobs(self) -> int:
+        return sum(j.status in ("queued", "running") for j in list(self._jobs.values()))
+
     def job(self, job_id: str) -> PrepareJob | None:
         return self._jobs.get(job_id)
 

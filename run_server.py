@@ -1,0 +1,23 @@
+"""Start the service: honours HOST, PORT and every other setting from the environment."""
+
+from __future__ import annotations
+
+import logging
+
+import uvicorn
+
+from websocket_service.app import create_app
+from websocket_service.config import get_settings
+
+
+def main() -> None:
+    settings = get_settings()
+    logging.basicConfig(level=settings.log_level.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    uvicorn.run(create_app(settings), host=settings.host, port=settings.port,
+                log_level=settings.log_level, ws_max_size=4 * settings.max_message_bytes,
+                ws_ping_interval=20, ws_ping_timeout=20)
+
+
+if __name__ == "__main__":
+    main()

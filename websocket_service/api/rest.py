@@ -1,0 +1,181 @@
+"""REST endpoints: health, sessions, avatars and their preparation jobs, the OpenAPI file."""
+
+from __future__ import annotations
+
+import asyncio
+import tempfile
+from pathlib import Path
+from typing import Annotated, Any, BinaryIO
+
+import yaml
+from fastapi import APIRouter, File, Form, Query, Request, UploadFile
+from fastapi.responses import JSONResponse, PlainTextResponse
+from pydantic import BaseModel, Field
+
+from ..avatars.store import IMAGE_SUFFIXES, validate_avatar_id
+from ..errors import InvalidMessage, InvalidSession, ModelNotFound, RateLimitExceeded
+from ..manager import Services
+
+router = APIRouter()
+
+MAX_RUNNING_JOBS = 2
+VIDEO_SUFFIXES = {".mp4", ".mov", ".mkv", ".webm", ".avi"}
+
+
+class ErrorBody(BaseModel):
+    code: str
+    message: str
+    details: dict[str, Any] = Field(default_factory=dict)
+
+
+class Health(BaseModel):
+    status: str
+    version: str
+    engine: str | None
+    model_loaded: bool
+    device: str | None
+    engine_info: dict[str, Any]
+    uptime_s: float
+    sessions: int
+    max_sessions: int
+
+
+class JobOut(BaseModel):
+    job_id: str
+    avatar_id: str
+    status: str = Field(description="queued | running | done | failed")
+    progress: float
+    message: str
+    error: dict[str, Any] | None = None
+    created: float
+    finished: float | None = None
+    status_url: str | None = None
+
+
+ERRORS: dict[int | str, dict[str, Any]] = {
+    400: {"model": ErrorBody}, 404: {"model": ErrorBody}, 413: {"model": ErrorBody},
+    429: {"model": ErrorBody},
+}
+
+
+def _services(request: Request) -> Services:
+    return request.app.state.services
+
+
+@router.get("/health", response_model=Health, tags=["service"])
+async def health(request: Request) -> dict[str, Any]:
+    """Liveness plus what the engine loaded."""
+    return _services(request).health()
+
+
+@router.get("/sessions", tags=["service"])
+async def sessions(request: Request) -> dict[str, Any]:
+    """Every active session with its counters and latency percentiles."""
+    mgr = _services(request).sessions
+    items = [s.describe() for s in mgr.sessions.values()]
+    return {"count": len(items), "max_sessions": mgr.settings.max_sessions, "sessions": items}
+
+
+@router.get("/sessions/{session_id}", tags=["service"], responses=ERRORS)
+async def session_detail(request: Request, session_id: str) -> dict[str, Any]:
+    try:
+        return _services(request).sessions.get(session_id).describe()
+    except InvalidSession:
+        raise ModelNotFound(f"no active session {session_id}", {"session_id": session_id[:64]}) from None
+
+
+@router.get("/avatars", tags=["avatars"])
+async def avatars(request: Request) -> dict[str, Any]:
+    store = _services(request).store
+    return {"avatars": [store.describe(a) for a in store.ids()]}
+
+
+@router.get("/avatars/{avatar_id}", tags=["avatars"], responses=ERRORS)
+async def avatar_detail(request: Request, avatar_id: str) -> dict[str, Any]:
+    return _services(request).store.describe(avatar_id)
+
+
+@router.get("/jobs/{job_id}", response_model=JobOut, tags=["avatars"], responses=ERRORS)
+async def job_detail(request: Request, job_id: str) -> dict[str, Any]:
+    job = _services(request).store.job(job_id)
+    if job is None:
+        raise ModelNotFound(f"no preparation job {job_id}", {"job_id": job_id[:64]})
+    return {**job.as_dict(), "status_url": f"/jobs/{job.job_id}"}
+
+
+def _inside_media_root(root: Path, rel: str) -> Path:
+    base = root.resolve()
+    target = (base / rel).resolve()
+    if not target.is_relative_to(base):
+        raise InvalidMessage("path must be inside the server's media root", {"path": rel[:200]})
+    if not target.is_file():
+        raise ModelNotFound("no such file in the media root", {"path": rel[:200]})
+    return target
+
+
+def _check_suffix(name: str) -> str:
+    suffix = Path(name).suffix.lower()
+    if suffix not in IMAGE_SUFFIXES | VIDEO_SUFFIXES:
+        raise InvalidMessage(f"unsupported file type {suffix or '(none)'}",
+                             {"supported": sorted(IMAGE_SUFFIXES | VIDEO_SUFFIXES)})
+    return suffix
+
+
+def _copy_limited(src: BinaryIO, suffix: str, max_bytes: int) -> Path:
+    fd, tmp = tempfile.mkstemp(suffix=suffix, prefix="avatar-upload-")
+    size = 0
+    with open(fd, "wb") as out:
+        while chunk := src.read(1 << 20):
+            size += len(chunk)
+            if size > max_bytes:
+                break
+            out.write(chunk)
+    if size > max_bytes:
+        Path(tmp).unlink(missing_ok=True)
+        raise InvalidMessage(f"upload exceeds {max_bytes >> 20} MB", {"max_bytes": max_bytes})
+    return Path(tmp)
+
+
+@router.post("/prepare_avatar/{user_id}", status_code=202, response_model=JobOut,
+             tags=["avatars"], responses=ERRORS)
+async def prepare_avatar(
+    request: Request,
+    user_id: str,
+    file: Annotated[UploadFile | None, File(description="an image or video of a face")] = None,
+    path: Annotated[str | None, Form(description="a file inside MEDIA_ROOT instead of an upload")] = None,
+    avatar_id: Annotated[str | None, Query(description="defaults to user_id")] = None,
+) -> dict[str, Any]:
+    """Start preparing an avatar in the background; poll ``status_url`` for progress."""
+    svc = _services(request)
+    aid = validate_avatar_id(avatar_id or user_id)
+    if svc.store.running_jobs() >= MAX_RUNNING_JOBS:
+        raise RateLimitExceeded(f"{MAX_RUNNING_JOBS} avatar preparations are already running; try again later")
+    if (file is None) == (path is None):
+        raise InvalidMessage("send exactly one of: a 'file' upload or a 'path' inside the media root")
+    if file is not None:
+        suffix = _check_suffix(file.filename or "")
+        source = await asyncio.to_thread(_copy_limited, file.file, suffix,
+                                         svc.settings.max_upload_mb << 20)
+        job = svc.store.submit(aid, source, cleanup=True)
+    else:
+        assert path is not None
+        source = _inside_media_root(svc.settings.media_root, path)
+        _check_suffix(source.name)
+        job = svc.store.submit(aid, source)
+    return {**job.as_dict(), "status_url": f"/jobs/{job.job_id}"}
+
+
+@router.get("/openapi.yaml", include_in_schema=False)
+async def openapi_yaml(request: Request) -> PlainTextResponse:
+    return PlainTextResponse(openapi_text(request.app.openapi()), media_type="application/yaml")
+
+
+def openapi_text(schema: dict[str, Any]) -> str:
+    return yaml.safe_dump(schema, sort_keys=False, allow_unicode=True)
+
+
+def error_response(code: str, message: str, details: dict[str, Any], status: int) -> JSONResponse:
+    return JSONResponse(ErrorBody(code=code, message=message, details=details).model_dump(), status)
+
+
+__all__ = ["error_response", "openapi_text", "router"]

@@ -1,0 +1,76 @@
+"""The FastAPI application: REST, the WebSocket protocol and the static demo page."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.responses import FileResponse, JSONResponse
+from fastapi.staticfiles import StaticFiles
+
+from . import __version__
+from .api.rest import error_response, router
+from .config import Settings, get_settings
+from .errors import ServiceError
+from .manager import Services
+from .transports.websocket import websocket_endpoint
+
+log = logging.getLogger(__name__)
+STATIC = Path(__file__).parent / "static"
+
+DESCRIPTION = """Real-time talking-avatar streaming.
+
+Connect a WebSocket to `/musetalk/v1/ws/{user_id}` (protocol: `musetalk_websocket_spec.md`)
+and receive a continuous 25 fps H.264 stream. REST covers health, sessions and avatars."""
+
+
+def create_app(settings: Settings | None = None, services: Services | None = None) -> FastAPI:
+    """Build the app. Tests pass ``settings`` or ready ``services``; production uses neither."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        svc = services or await asyncio.to_thread(Services, settings or get_settings())
+        await asyncio.to_thread(svc.ensure_default_avatar)
+        app.state.services = svc
+        for hook in app.state.startup_hooks:
+            await hook(app)
+        log.info("ready: engine=%s avatar=%s", svc.engine.name, svc.settings.default_avatar)
+        try:
+            yield
+        finally:
+            for hook in app.state.shutdown_hooks:
+                await hook(app)
+            await svc.aclose()
+
+    cfg = settings or (services.settings if services else get_settings())
+    app = FastAPI(title="MuseTalk real-time avatar service", version=__version__,
+                  description=DESCRIPTION, lifespan=lifespan)
+    app.state.startup_hooks = []
+    app.state.shutdown_hooks = []
+    app.add_middleware(CORSMiddleware, allow_origins=cfg.cors_origins, allow_methods=["*"],
+                       allow_headers=["*"])
+
+    @app.exception_handler(ServiceError)
+    async def _service_error(_: Request, exc: ServiceError) -> JSONResponse:
+        return error_response(exc.code, exc.message, exc.details, exc.http_status)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
+        errs = [{"field": ".".join(str(p) for p in e.get("loc", ())), "problem": e.get("msg")}
+                for e in exc.errors()[:10]]
+        return error_response("INVALID_MESSAGE", "invalid request", {"errors": errs}, 422)
+
+    @app.get("/", include_in_schema=False)
+    async def index() -> FileResponse:
+        return FileResponse(STATIC / "index.html")
+
+    app.include_router(router)
+    app.add_api_websocket_route("/musetalk/v1/ws/{user_id}", websocket_endpoint)
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
+    return app

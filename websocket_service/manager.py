@@ -1,0 +1,117 @@
+"""The process-wide services: engine, avatar store, and the bounded set of live sessions."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any
+
+from . import __version__
+from .avatars.model import Avatar
+from .avatars.store import AvatarStore
+from .clock import Clock
+from .config import Settings
+from .engines import create_engine
+from .engines.base import LipSyncEngine
+from .errors import InvalidSession, ModelNotFound, RateLimitExceeded
+from .protocol import VideoConfig
+from .session import Session, VideoSettings
+
+log = logging.getLogger(__name__)
+
+
+class SessionManager:
+    def __init__(self, settings: Settings, engine: LipSyncEngine, store: AvatarStore,
+                 clock: Clock | None = None) -> None:
+        self.settings = settings
+        self.engine = engine
+        self.store = store
+        self.clock = clock or Clock()
+        self.sessions: dict[str, Session] = {}
+        self._reserved: set[str] = set()
+
+    def _reserve(self, session_id: str) -> None:
+        if session_id in self.sessions or session_id in self._reserved:
+            raise InvalidSession(f"session {session_id} is already active", {"session_id": session_id})
+        if len(self.sessions) + len(self._reserved) >= self.settings.max_sessions:
+            raise RateLimitExceeded(
+                f"the server is at its limit of {self.settings.max_sessions} sessions; try again later",
+                {"max_sessions": self.settings.max_sessions}, fatal=True)
+        self._reserved.add(session_id)
+
+    async def create(self, session_id: str, user_id: str, config: VideoConfig,
+                     transport: str = "websocket") -> Session:
+        """Build and start a session (raises ServiceError for bad config or limits)."""
+        self._reserve(session_id)
+        try:
+            avatar = await self._avatar(config.avatar_id or self.settings.default_avatar)
+            base_video = config.base_video or ("idle" if "idle" in avatar.base_videos
+                                               else avatar.base_videos[0])
+            fps = self.settings.fps
+            gop = config.gop_seconds or self.settings.gop_seconds
+            video = VideoSettings(
+                width=config.width or avatar.width, height=config.height or avatar.height,
+                bitrate=config.bitrate or self.settings.default_bitrate,
+                gop_frames=max(1, round(gop * fps)), fps=fps)
+            session = Session(session_id, user_id, avatar, self.engine, self.settings, video,
+                              base_video, clock=self.clock, transport=transport)
+            self.sessions[session_id] = session
+        finally:
+            self._reserved.discard(session_id)
+        return session
+
+    async def _avatar(self, avatar_id: str) -> Avatar:
+        cached = self.store.cached(avatar_id)
+        if cached is not None:
+            return cached
+        if not self.store.exists(avatar_id):
+            raise ModelNotFound(f"avatar {avatar_id!r} is not prepared",
+                                {"avatar_id": avatar_id, "available": self.store.ids()})
+        return await asyncio.to_thread(self.store.get, avatar_id)
+
+    def get(self, session_id: str) -> Session:
+        try:
+            return self.sessions[session_id]
+        except KeyError:
+            raise InvalidSession(f"no active session {session_id}", {"session_id": session_id}) from None
+
+    async def close(self, session_id: str) -> None:
+        session = self.sessions.pop(session_id, None)
+        if session is not None:
+            await session.close()
+
+    async def close_all(self) -> None:
+        for sid in list(self.sessions):
+            await self.close(sid)
+
+
+class Services:
+    """Everything the app needs, built once at start-up."""
+
+    def __init__(self, settings: Settings, engine: LipSyncEngine | None = None,
+                 clock: Clock | None = None) -> None:
+        self.settings = settings
+        self.started = time.time()
+        self.engine = engine or create_engine(settings)
+        self.store = AvatarStore(settings.avatars_dir, settings.default_width,
+                                 settings.default_height, settings.fps,
+                                 self.engine.prepare_avatar,
+                                 max_seconds=settings.max_prepare_seconds)
+        self.sessions = SessionManager(settings, self.engine, self.store, clock)
+        self.extras: dict[str, Any] = {}
+
+    def ensure_default_avatar(self) -> Avatar:
+        return self.store.ensure_builtin(self.settings.default_avatar)
+
+    def health(self) -> dict[str, Any]:
+        info = self.engine.info()
+        return {"status": "ok", "version": __version__, "engine": info.get("name"),
+                "model_loaded": bool(info.get("loaded")), "device": info.get("device"),
+                "engine_info": info, "uptime_s": round(time.time() - self.started, 3),
+                "sessions": len(self.sessions.sessions),
+                "max_sessions": self.settings.max_sessions}
+
+    async def aclose(self) -> None:
+        await self.sessions.close_all()
+        await self.engine.aclose()

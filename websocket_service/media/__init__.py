@@ -1,0 +1,1 @@
+"""Media helpers: H.264 encoding."""

@@ -1,0 +1,72 @@
+"""H.264 encoding with PyAV/libx264 for low-latency streaming.
+
+No B-frames, zerolatency tuning, Annex B byte stream with SPS/PPS repeated on every keyframe
+(``repeat-headers``), so every access unit from a keyframe on decodes by itself in order.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from fractions import Fraction
+
+import av
+import numpy as np
+
+
+@dataclass
+class EncodedFrame:
+    data: bytes  # one Annex B access unit
+    keyframe: bool
+    pts: int
+
+
+class H264Encoder:
+    """One encoder per output stream. Not thread-safe; call ``encode`` from one thread at a time."""
+
+    def __init__(self, width: int, height: int, fps: int = 25, bitrate: int = 1_000_000,
+                 gop_frames: int = 25) -> None:
+        if width % 2 or height % 2:
+            raise ValueError("H.264 4:2:0 needs even width and height")
+        self.width, self.height, self.fps = width, height, fps
+        ctx = av.CodecContext.create("libx264", "w")
+        ctx.width, ctx.height = width, height
+        ctx.pix_fmt = "yuv420p"
+        ctx.time_base = Fraction(1, fps)
+        ctx.framerate = Fraction(fps, 1)
+        ctx.bit_rate = bitrate
+        ctx.gop_size = gop_frames
+        ctx.max_b_frames = 0
+        ctx.options = {
+            "preset": "ultrafast",
+            "tune": "zerolatency",
+            "bf": "0",
+            "annexb": "1",
+            "repeat-headers": "1",  # not in every libx264 build's option list; harmless there
+            "x264-params": f"keyint={gop_frames}:min-keyint={gop_frames}:scenecut=0:"
+                           "repeat-headers=1:annexb=1:bframes=0:sliced-threads=0",
+            "threads": "1",
+        }
+        self._ctx = ctx
+        self._pts = 0
+        self._force_key = True
+
+    def request_keyframe(self) -> None:
+        self._force_key = True
+
+    def encode(self, rgb: np.ndarray) -> EncodedFrame:
+        """Encode one RGB frame; zerolatency gives exactly one access unit per frame."""
+        if rgb.shape[0] != self.height or rgb.shape[1] != self.width:
+            raise ValueError(f"frame is {rgb.shape[1]}x{rgb.shape[0]}, encoder is {self.width}x{self.height}")
+        frame = av.VideoFrame.from_ndarray(rgb, format="rgb24")
+        frame.pts = self._pts
+        if self._force_key:
+            frame.pict_type = av.video.frame.PictureType.I
+            self._force_key = False
+        packets = self._ctx.encode(frame)
+        self._pts += 1
+        data = b"".join(bytes(p) for p in packets)
+        key = any(p.is_keyframe for p in packets)
+        return EncodedFrame(data, key, frame.pts)
+
+    def close(self) -> None:
+        self._ctx = None  # type: ignore[assignment]

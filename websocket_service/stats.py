@@ -1,0 +1,91 @@
+"""Per-session counters and bounded latency samples for /sessions and benchmarks."""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+LATENCY_SAMPLES = 500
+FPS_WINDOW = 50
+
+
+def percentile(values: list[float] | deque[float], q: float) -> float | None:
+    if not values:
+        return None
+    return float(np.percentile(np.asarray(values, dtype=np.float64), q))
+
+
+def _ms(v: float | None) -> float | None:
+    return None if v is None else round(v * 1000.0, 2)
+
+
+@dataclass
+class SessionStats:
+    started: float
+    frames_emitted: int = 0
+    frames_sent: int = 0
+    frames_dropped: int = 0  # dropped by a sink for a slow reader
+    skipped_frames: int = 0  # pacer fell behind and skipped ahead
+    speech_frames: int = 0
+    underruns: int = 0
+    audio_samples: int = 0
+    audio_rejected_chunks: int = 0
+    interrupts: int = 0
+    actions: int = 0
+    state_changes: int = 0
+    render_errors: int = 0
+    errors_sent: int = 0
+    bytes_sent: int = 0
+    _emit_times: deque[float] = field(default_factory=lambda: deque(maxlen=FPS_WINDOW))
+    _latency: deque[float] = field(default_factory=lambda: deque(maxlen=LATENCY_SAMPLES))
+    _pipeline: deque[float] = field(default_factory=lambda: deque(maxlen=LATENCY_SAMPLES))
+    rtc: dict[str, Any] = field(default_factory=dict)
+
+    def frame_emitted(self, now: float) -> None:
+        self.frames_emitted += 1
+        self._emit_times.append(now)
+
+    def frame_sent(self, audio_arrival: float | None, created: float, now: float,
+                   nbytes: int = 0) -> None:
+        self.frames_sent += 1
+        self.bytes_sent += nbytes
+        self._pipeline.append(now - created)
+        if audio_arrival is not None:
+            self._latency.append(now - audio_arrival)
+
+    def fps(self) -> float | None:
+        t = self._emit_times
+        if len(t) < 2 or t[-1] <= t[0]:
+            return None
+        return (len(t) - 1) / (t[-1] - t[0])
+
+    def latency_ms(self) -> dict[str, float | None]:
+        return {"p50": _ms(percentile(self._latency, 50)), "p95": _ms(percentile(self._latency, 95)),
+                "samples": len(self._latency)}
+
+    def snapshot(self, now: float) -> dict[str, Any]:
+        fps = self.fps()
+        return {
+            "uptime_s": round(now - self.started, 3),
+            "frames_emitted": self.frames_emitted,
+            "frames_sent": self.frames_sent,
+            "fps": None if fps is None else round(fps, 2),
+            "dropped_frames": self.frames_dropped,
+            "skipped_frames": self.skipped_frames,
+            "speech_frames": self.speech_frames,
+            "underruns": self.underruns,
+            "audio_seconds_received": round(self.audio_samples / 16000.0, 3),
+            "audio_chunks_rejected": self.audio_rejected_chunks,
+            "interrupts": self.interrupts,
+            "actions": self.actions,
+            "render_errors": self.render_errors,
+            "errors_sent": self.errors_sent,
+            "bytes_sent": self.bytes_sent,
+            "latency_ms": self.latency_ms(),
+            "send_pipeline_ms": {"p50": _ms(percentile(self._pipeline, 50)),
+                                 "p95": _ms(percentile(self._pipeline, 95))},
+            **({"rtc": self.rtc} if self.rtc else {}),
+        }
