@@ -115,6 +115,7 @@ class Session:
         self._last_audio = 0.0
         self._await_speech_until = 0.0
         self._tasks: list[asyncio.Task[None]] = []
+        self._after_frame: list[BaseModel] = []
         self._closed = False
         self._frame_period = 1.0 / self.video.fps
 
@@ -270,12 +271,14 @@ class Session:
             self.stream.end_segment()  # the client went quiet: finish the utterance
             self._last_audio = 0.0
         frame = self._compose(n, now)
-        prev = self.machine.state
-        if frame.state is not prev:
+        if frame.state is not self.machine.state:
             self.machine.move(frame.state)
         self.stats.frame_emitted(now)
         for sink in list(self.sinks):
             sink.on_frame(frame)
+        for event in self._after_frame:  # e.g. SPEECH_ENDED follows the utterance's last frame
+            self._event(event)
+        self._after_frame.clear()
 
     def _next_speech(self) -> SpeechFrame | None:
         if not self._speech:
@@ -322,7 +325,7 @@ class Session:
         out = OutputFrame(n, ts, state, img, sf.pcm, action, base.progress if base else 0.0,
                           sf.utterance_id, sf.index, sf.audio_arrival, now)
         if sf.last:
-            self._event(SpeechEnded(session_id=self.session_id, utterance_id=sf.utterance_id,
+            self._after_frame.append(SpeechEnded(session_id=self.session_id, utterance_id=sf.utterance_id,
                                     frames=self._play.frames))
             self._play = _Playback()
         return out

@@ -1,0 +1,175 @@
+"""The streaming contract through the real app, a real socket and real H.264 decoding."""
+
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+
+from .conftest import FIXTURES
+from .wsclient import Client, read_wav
+
+
+async def test_idle_stream_is_25fps_and_every_frame_decodes(server):
+    client, reply = await Client.connect(server.ws)
+    assert reply["type"] == "INIT_SUCCESS"
+    assert reply["engine"] == "geometric" and reply["avatar"] == "default"
+    assert {"idle", "listening"} <= set(reply["base_videos"])
+    assert {"nod", "tilt"} <= set(reply["actions"])
+    await client.recv_for(4.0)
+    frames = client.frames
+    # pacing: ~100 frames in 4 s, consecutive indices, timestamps exactly 40 ms apart
+    assert 92 <= len(frames) <= 104, len(frames)
+    idx = [f["frame_index"] for f in frames]
+    assert idx == list(range(idx[0], idx[0] + len(idx))), "frames skipped or reordered"
+    assert all(f["timestamp_ms"] == 40 * f["frame_index"] for f in frames)
+    # no bursts: the receive clock follows the frame clock within a few frames
+    t = np.array(client.arrivals) - client.arrivals[0]
+    expected = (np.array(idx) - idx[0]) * 0.040
+    assert np.max(np.abs(t - expected)) < 0.2
+    # H.264: first frame a keyframe, one keyframe per second (default GOP), SPS/PPS on each
+    assert frames[0]["keyframe"] and frames[0]["frame_index"] == 0
+    keys = [f["frame_index"] for f in frames if f["keyframe"]]
+    assert keys[:4] == [0, 25, 50, 75]
+    assert len(client.images) == len(frames)
+    assert client.images[0].shape == (512, 512, 3)
+    assert all(f["state"] == "idle" for f in frames)
+    # the idle loop moves (it is a video, not a still)
+    assert np.abs(client.images[10].astype(int) - client.images[30].astype(int)).mean() > 0.2
+    await client.close()
+
+
+async def test_speaking_frames_match_audio_and_return_to_idle(server):
+    pcm = read_wav(FIXTURES / "short_16k.wav")  # 1.2 s -> 30 frames
+    client, _ = await Client.connect(server.ws)
+    await client.recv_for(0.5)
+    await client.stream_audio(pcm)
+    ended = await client.recv_until(lambda m: m["type"] == "SPEECH_ENDED")
+    await client.recv_until(lambda m: m["type"] == "STATE_CHANGED" and m["current_state"] == "idle")
+    await client.recv_for(0.3)
+    speaking = client.speaking()
+    assert len(speaking) == len(pcm) // 1280 == 30
+    assert ended["frames"] == 30 and not ended["interrupted"]
+    assert [f["utterance_frame"] for f in speaking] == list(range(30))
+    assert len({f["utterance_id"] for f in speaking}) == 1
+    assert all(f["state"] == "speaking" for f in speaking)
+    changes = [(e["previous_state"], e["current_state"]) for e in client.events
+               if e["type"] == "STATE_CHANGED"]
+    assert changes == [("idle", "speaking"), ("speaking", "idle")]
+    assert client.frames[-1]["state"] == "idle"
+    # frames of the whole session are still one continuous, decodable stream
+    idx = [f["frame_index"] for f in client.frames]
+    assert idx == list(range(len(idx)))
+    await client.close()
+
+
+async def test_audio_faster_than_realtime_and_binary_pcm(server):
+    pcm = read_wav(FIXTURES / "short_16k.wav")
+    client, _ = await Client.connect(server.ws)
+    # a TTS-style burst: the first half as JSON chunks of 200 ms, the rest as raw binary PCM
+    half = 9600 * 2
+    await client.stream_audio(pcm[:half], realtime=False, chunk=6400, end=False)
+    await client.send(pcm[half:])
+    await client.msg("END_OF_SPEECH")
+    await client.recv_until(lambda m: m["type"] == "SPEECH_ENDED", timeout=10)
+    assert [f["utterance_frame"] for f in client.speaking()] == list(range(30))
+    await client.close()
+
+
+async def test_uneven_chunks_are_rechunked(server):
+    pcm = read_wav(FIXTURES / "short_16k.wav")
+    client, _ = await Client.connect(server.ws)
+    # 30 ms chunks (480 samples): 1.2 s still gives 30 frames
+    await client.stream_audio(pcm, realtime=False, chunk=960)
+    await client.recv_until(lambda m: m["type"] == "SPEECH_ENDED", timeout=10)
+    assert len(client.speaking()) == 30
+    await client.close()
+
+
+async def test_interrupt_stops_speech_at_once(server):
+    pcm = read_wav(FIXTURES / "speech_pauses_16k.wav")[: 32000 * 4]
+    client, _ = await Client.connect(server.ws)
+    await client.stream_audio(pcm, realtime=False, chunk=32000, end=False)
+    await client.recv_until(lambda m: m["type"] == "STATE_CHANGED" and m["current_state"] == "speaking")
+    await client.recv_for(0.4)
+    await client.msg("INTERRUPT")
+    ended = await client.recv_until(lambda m: m["type"] == "SPEECH_ENDED")
+    assert ended["interrupted"]
+    n_at_interrupt = len(client.speaking())
+    await client.recv_for(0.5)
+    assert len(client.speaking()) <= n_at_interrupt + 1
+    assert len(client.speaking()) < 100
+    assert client.frames[-1]["state"] == "idle"
+    await client.close()
+
+
+async def test_action_splices_clip_with_progress_and_returns(server):
+    client, reply = await Client.connect(server.ws)
+    await client.recv_for(0.3)
+    await client.msg("ACTION", action_name="nod")
+    await client.recv_until(lambda m: m["type"] == "STATE_CHANGED" and m["current_state"] == "action")
+    await client.recv_until(lambda m: m["type"] == "STATE_CHANGED" and m["previous_state"] == "action")
+    await client.recv_for(0.2)
+    acts = [f for f in client.frames if f["type"] == "ACTION_FRAME"]
+    assert len(acts) == 25  # the nod clip's length
+    prog = [f["progress"] for f in acts]
+    assert prog == sorted(prog) and prog[-1] == 1.0 and all(a["action_name"] == "nod" for a in acts)
+    assert client.frames[-1]["state"] == "idle"
+    # crossfade: no hard cut at the splice points (neighbouring frames stay close)
+    i0 = client.frames.index(acts[0])
+    steps = [np.abs(client.images[i].astype(int) - client.images[i - 1].astype(int)).mean()
+             for i in range(i0, i0 + 26)]
+    assert max(steps) < 12.0
+    await client.close()
+
+
+async def test_action_with_audio_is_lip_synced(server):
+    pcm = read_wav(FIXTURES / "short_16k.wav")[: 1280 * 10]
+    client, _ = await Client.connect(server.ws)
+    import base64
+
+    await client.msg("ACTION", action_name="tilt",
+                     audio_chunk={"data": base64.b64encode(pcm).decode(), "duration_ms": 400})
+    await client.recv_until(lambda m: m["type"] == "SPEECH_ENDED")
+    acts = [f for f in client.frames if f["type"] == "ACTION_FRAME"]
+    synced = [f for f in acts if f.get("utterance_frame") is not None]
+    assert len(synced) == 10
+    await client.close()
+
+
+async def test_base_video_switch(server):
+    client, _ = await Client.connect(server.ws, video_config={"base_video": "listening"})
+    await client.recv_for(0.2)
+    await client.msg("STATE_CHANGE", target_state="idle", base_video="idle")
+    ev = await client.recv_until(lambda m: m["type"] == "STATE_CHANGED")
+    assert ev["base_video"] == "idle" and ev["current_state"] == "idle"
+    await client.close()
+
+
+async def test_output_size_from_video_config(server):
+    client, reply = await Client.connect(server.ws, video_config={"width": 256, "height": 320})
+    assert reply["video_config"]["width"] == 256
+    await client.recv_for(0.5)
+    assert client.images[0].shape == (320, 256, 3)
+    await client.close()
+
+
+async def test_disconnect_frees_the_session(server):
+    client, _ = await Client.connect(server.ws)
+    await client.recv_for(0.3)
+    assert server.get("/sessions").json()["count"] == 1
+    client.ws.transport.abort()  # vanish without a closing handshake
+    for _ in range(50):
+        if server.get("/sessions").json()["count"] == 0:
+            break
+        await asyncio.sleep(0.1)
+    assert server.get("/sessions").json()["count"] == 0
+
+
+async def test_close_is_acknowledged(server):
+    client, _ = await Client.connect(server.ws)
+    await client.msg("CLOSE", reason="bye")
+    ack = await client.recv_until(lambda m: m["type"] == "CLOSE_ACK")
+    assert ack["reason"] == "bye"
+    await client.ws.wait_closed()
+    assert client.ws.close_code == 1000

@@ -1,0 +1,113 @@
+"""A small protocol client for tests: real socket, real H.264 decoding of every frame."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import time
+import uuid
+import wave
+from pathlib import Path
+from typing import Any
+
+import av
+import numpy as np
+import websockets
+
+FRAME_TYPES = ("VIDEO_FRAME", "ACTION_FRAME")
+
+
+def read_wav(path: Path) -> bytes:
+    with wave.open(str(path)) as w:
+        assert w.getframerate() == 16000 and w.getnchannels() == 1 and w.getsampwidth() == 2
+        return w.readframes(w.getnframes())
+
+
+def chunk_msg(session_id: str, pcm: bytes, **extra: Any) -> str:
+    return json.dumps({"type": "GENERATE", "session_id": session_id,
+                       "audio_chunk": {"data": base64.b64encode(pcm).decode(), "format": "pcm_s16le",
+                                       "sample_rate": 16000, "channels": 1,
+                                       "duration_ms": len(pcm) / 32.0}, **extra})
+
+
+class Client:
+    def __init__(self, ws: Any, session_id: str) -> None:
+        self.ws = ws
+        self.session_id = session_id
+        self.frames: list[dict[str, Any]] = []
+        self.events: list[dict[str, Any]] = []
+        self.images: list[np.ndarray] = []
+        self.arrivals: list[float] = []
+        self.decoder = av.CodecContext.create("h264", "r")
+        self.decode = True
+
+    @classmethod
+    async def connect(cls, base: str, user_id: str = "u1", init: bool = True,
+                      **init_fields: Any) -> tuple[Client, dict[str, Any] | None]:
+        ws = await websockets.connect(f"{base}/musetalk/v1/ws/{user_id}", max_size=2**24)
+        client = cls(ws, str(uuid.uuid4()))
+        reply = None
+        if init:
+            await client.send({"type": "INIT", "session_id": client.session_id, "user_id": user_id,
+                               **init_fields})
+            reply = json.loads(await ws.recv())
+        return client, reply
+
+    async def send(self, msg: dict[str, Any] | str | bytes) -> None:
+        await self.ws.send(msg if isinstance(msg, str | bytes) else json.dumps(msg))
+
+    async def msg(self, type_: str, **fields: Any) -> None:
+        await self.send({"type": type_, "session_id": self.session_id, **fields})
+
+    def _take(self, m: dict[str, Any]) -> None:
+        if m["type"] in FRAME_TYPES:
+            self.frames.append(m)
+            self.arrivals.append(time.monotonic())
+            if self.decode:
+                out = self.decoder.decode(av.Packet(base64.b64decode(m["data"])))
+                assert len(out) == 1, f"frame {m['frame_index']} did not decode to one picture"
+                self.images.append(out[0].to_ndarray(format="rgb24"))
+        else:
+            self.events.append(m)
+
+    async def recv_for(self, seconds: float) -> None:
+        end = time.monotonic() + seconds
+        while (left := end - time.monotonic()) > 0:
+            try:
+                raw = await asyncio.wait_for(self.ws.recv(), left)
+            except TimeoutError:
+                return
+            self._take(json.loads(raw))
+
+    async def recv_until(self, pred: Any, timeout: float = 10.0) -> dict[str, Any]:
+        """Receive until an event satisfying ``pred`` arrives; return it."""
+        end = time.monotonic() + timeout
+        while True:
+            left = end - time.monotonic()
+            if left <= 0:
+                raise TimeoutError(f"no matching message within {timeout} s; events: {self.events[-5:]}")
+            m = json.loads(await asyncio.wait_for(self.ws.recv(), left))
+            self._take(m)
+            if m["type"] not in FRAME_TYPES and pred(m):
+                return m
+
+    async def error(self, timeout: float = 5.0) -> dict[str, Any]:
+        return await self.recv_until(lambda m: m["type"] == "ERROR", timeout)
+
+    async def stream_audio(self, pcm: bytes, realtime: bool = True, chunk: int = 1280,
+                           end: bool = True) -> None:
+        """Send PCM as GENERATE chunks paced on absolute deadlines, receiving meanwhile."""
+        t0 = time.monotonic()
+        for k, i in enumerate(range(0, len(pcm), chunk)):
+            await self.send(chunk_msg(self.session_id, pcm[i : i + chunk]))
+            if realtime:
+                await self.recv_for(t0 + (k + 1) * chunk / 32000.0 - time.monotonic())
+        if end:
+            await self.msg("END_OF_SPEECH")
+
+    def speaking(self) -> list[dict[str, Any]]:
+        return [f for f in self.frames if f.get("utterance_frame") is not None]
+
+    async def close(self) -> None:
+        await self.ws.close()
