@@ -1,0 +1,124 @@
+"""REST: health, sessions, avatars and preparation jobs, and the checked-in OpenAPI file."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import av
+import cv2
+import httpx
+import numpy as np
+import yaml
+from skimage import data
+
+from .conftest import ROOT
+from .wsclient import Client
+
+
+def test_openapi_yaml_matches_the_app(server):
+    checked_in = yaml.safe_load((ROOT / "openapi.yaml").read_text())
+    assert checked_in == server.app.openapi(), "run: python -m scripts.export_openapi"
+    served = yaml.safe_load(server.get("/openapi.yaml").text)
+    assert served == checked_in
+
+
+def test_health_and_landing_page(server):
+    h = server.get("/health").json()
+    assert h["status"] == "ok" and h["engine"] == "geometric" and h["model_loaded"]
+    assert h["device"] == "cpu" and h["uptime_s"] >= 0 and h["version"]
+    page = server.get("/")
+    assert page.status_code == 200 and "text/html" in page.headers["content-type"]
+    assert server.get("/docs").status_code == 200
+
+
+async def test_sessions_report_live_counters(server):
+    client, _ = await Client.connect(server.ws)
+    await client.recv_for(1.5)
+    info = server.get("/sessions").json()
+    assert info["count"] == 1
+    s = info["sessions"][0]
+    assert s["session_id"] == client.session_id and s["state"] == "idle"
+    assert 20 <= s["fps"] <= 30
+    assert s["frames_sent"] >= 30 and s["dropped_frames"] == 0
+    for key in ("audio_seconds_received", "latency_ms", "skipped_frames", "underruns"):
+        assert key in s
+    assert server.get(f"/sessions/{client.session_id}").json()["session_id"] == client.session_id
+    missing = server.get("/sessions/nope")
+    assert missing.status_code == 404 and missing.json()["code"] == "MODEL_NOT_FOUND"
+    await client.close()
+
+
+def _wait_job(server, url: str, timeout: float = 60) -> dict:
+    deadline = time.monotonic() + timeout
+    seen = []
+    while time.monotonic() < deadline:
+        job = server.get(url).json()
+        seen.append(job["progress"])
+        if job["status"] in ("done", "failed"):
+            assert seen == sorted(seen), "progress went backwards"
+            return job
+        time.sleep(0.1)
+    raise TimeoutError(job)
+
+
+def _face_video(path: Path, frames: int = 20) -> None:
+    img = cv2.resize(data.astronaut(), (320, 320))
+    with av.open(str(path), "w") as out:
+        stream = out.add_stream("libx264", rate=25)
+        stream.width = stream.height = 320
+        stream.pix_fmt = "yuv420p"
+        for i in range(frames):
+            frame = np.roll(img, i // 4, axis=1)
+            for p in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
+                out.mux(p)
+        for p in stream.encode():
+            out.mux(p)
+
+
+async def test_prepare_avatar_from_upload_then_stream_it(server, tmp_path):
+    video = tmp_path / "face.mp4"
+    _face_video(video)
+    with video.open("rb") as f:
+        r = httpx.post(f"{server.http}/prepare_avatar/alice", files={"file": ("face.mp4", f, "video/mp4")})
+    assert r.status_code == 202, r.text
+    job = _wait_job(server, r.json()["status_url"])
+    assert job["status"] == "done" and job["progress"] == 1.0
+    meta = server.get("/avatars/alice").json()
+    assert meta["source"] == "video" and meta["clips"]["idle"]["frames"] == 20
+    assert meta["report"]["face_found_in"] >= 1
+    assert "alice" in [a["avatar_id"] for a in server.get("/avatars").json()["avatars"]]
+    client, reply = await Client.connect(server.ws, "alice", video_config={"avatar_id": "alice"})
+    assert reply["type"] == "INIT_SUCCESS" and reply["avatar"] == "alice"
+    await client.recv_for(0.5)
+    assert len(client.images) >= 10
+    await client.close()
+
+
+def test_prepare_avatar_from_media_root_and_refuse_escapes(make_server, tmp_path):
+    media = tmp_path / "media"
+    media.mkdir()
+    cv2.imwrite(str(media / "still.png"), cv2.cvtColor(data.astronaut(), cv2.COLOR_RGB2BGR))
+    (tmp_path / "secret.png").write_bytes(b"x")
+    server = make_server(media_root=media)
+    r = httpx.post(f"{server.http}/prepare_avatar/bob", data={"path": "still.png"})
+    assert r.status_code == 202
+    assert _wait_job(server, r.json()["status_url"])["status"] == "done"
+    assert server.get("/avatars/bob").json()["source"] == "still"
+    for bad in ("../secret.png", "/etc/passwd", "nope.png"):
+        r = httpx.post(f"{server.http}/prepare_avatar/bob", data={"path": bad})
+        assert r.status_code in (400, 404) and r.json()["code"] in ("INVALID_MESSAGE", "MODEL_NOT_FOUND")
+    r = httpx.post(f"{server.http}/prepare_avatar/bob")
+    assert r.status_code == 400 and r.json()["code"] == "INVALID_MESSAGE"
+
+
+def test_prepare_rejects_bad_files_clearly(server):
+    r = httpx.post(f"{server.http}/prepare_avatar/carol", files={"file": ("x.txt", b"hello", "text/plain")})
+    assert r.status_code == 400 and "unsupported" in r.json()["message"]
+    r = httpx.post(f"{server.http}/prepare_avatar/carol", files={"file": ("x.mp4", b"garbage", "video/mp4")})
+    job = _wait_job(server, r.json()["status_url"])
+    assert job["status"] == "failed" and job["error"]["code"] == "PROCESSING_ERROR"
+    r = httpx.post(f"{server.http}/prepare_avatar/bad%20id", files={"file": ("x.png", b"x", "image/png")})
+    assert r.status_code == 400
+    assert server.get("/avatars/ghost").status_code == 404
+    assert server.get("/jobs/nope").json()["code"] == "MODEL_NOT_FOUND"

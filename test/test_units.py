@@ -1,0 +1,161 @@
+"""Unit tests of the pieces the session is built from."""
+
+from __future__ import annotations
+
+import av
+import numpy as np
+import pytest
+from pydantic import ValidationError
+
+from websocket_service.avatars.model import Avatar, Clip, ClipKind
+from websocket_service.avatars.store import AvatarStore
+from websocket_service.config import Settings
+from websocket_service.cursor import Cursor, pingpong
+from websocket_service.engines.audio_buffer import UtteranceBuffer
+from websocket_service.errors import InvalidStateTransition, ModelNotFound
+from websocket_service.media.encoder import H264Encoder
+from websocket_service.protocol import CLIENT_ADAPTER, GenerateMsg, InitMsg
+from websocket_service.states import ALLOWED, CLIENT_ALLOWED, AvatarState, StateMachine
+
+
+# ---------------------------------------------------------------- state machine
+def test_state_table_moves_and_events():
+    seen = []
+    m = StateMachine(seen.append)
+    assert m.move(AvatarState.IDLE) is False and seen == []  # same state: no-op
+    assert m.move(AvatarState.SPEAKING) and m.move(AvatarState.ACTION) and m.move(AvatarState.IDLE)
+    assert [(c.previous.value, c.current.value) for c in seen] == [
+        ("idle", "speaking"), ("speaking", "action"), ("action", "idle")]
+
+
+def test_client_table_refuses_illegal_moves_with_details():
+    m = StateMachine(lambda c: None, AvatarState.ACTION)
+    with pytest.raises(InvalidStateTransition) as exc:
+        m.check(AvatarState.IDLE, CLIENT_ALLOWED)
+    assert exc.value.details == {"from": "action", "to": "idle", "allowed": []}
+    assert all(s not in ALLOWED[s] for s in AvatarState)
+
+
+# ---------------------------------------------------------------- cursor
+def _avatar(n_base: int = 4, n_action: int = 6) -> Avatar:
+    base = np.stack([np.full((8, 8, 3), i, np.uint8) for i in range(n_base)])
+    act = np.stack([np.full((8, 8, 3), 200, np.uint8)] * n_action)
+    return Avatar("t", 8, 8, {"idle": Clip("idle", ClipKind.BASE, base),
+                              "wave": Clip("wave", ClipKind.ACTION, act)})
+
+
+def test_pingpong_has_no_seam():
+    assert [pingpong(p, 4) for p in range(8)] == [0, 1, 2, 3, 2, 1, 0, 1]
+    assert pingpong(5, 1) == 0
+
+
+def test_cursor_splices_action_with_crossfade_and_keeps_the_loop_running():
+    c = Cursor(_avatar(), "idle", crossfade=2)
+    c.next()
+    c.start_action("wave")
+    frames = [c.next() for _ in range(6)]
+    assert [f.action for f in frames] == ["wave"] * 6
+    assert [round(f.progress, 3) for f in frames] == [round((i + 1) / 6, 3) for i in range(6)]
+    levels = [int(f.image[0, 0, 0]) for f in frames]
+    assert levels[0] < levels[1] < 200 and levels[2] == levels[3] == 200 and levels[5] < levels[4] < 200
+    after = c.next()
+    assert after.action is None and after.clip == "idle" and after.index == pingpong(7, 4)
+    with pytest.raises(ModelNotFound):
+        c.start_action("fly")
+    c.start_action("wave")
+    with pytest.raises(InvalidStateTransition):
+        c.start_action("wave")
+
+
+# ---------------------------------------------------------------- utterance buffer
+def test_utterance_buffer_lookahead_end_and_bounded_history():
+    b = UtteranceBuffer(lookahead_frames=1, history_samples=1280)
+    b.push(np.ones(640 * 3, np.int16))
+    assert b.ready() == 2  # frame 2 waits for its look-ahead
+    slots = b.take(10)
+    assert [(s.index, s.last) for s in slots] == [(0, False), (1, False)]
+    b.push(np.ones(100, np.int16))
+    b.end()
+    slots = b.take(10)
+    assert [(s.index, s.last) for s in slots] == [(2, False), (3, True)]
+    assert slots[-1].pcm[:100].tolist() == [1] * 100 and slots[-1].pcm[100:].max() == 0
+    # a new utterance starts after end()
+    for _ in range(100):
+        b.push(np.ones(640, np.int16))
+    b.take(90)
+    assert len(b._utts[-1].samples) <= 640 * 11 + 1280  # history trimmed
+    b.clear()
+    assert b.ready() == 0 and b.buffered_samples() == 0
+
+
+# ---------------------------------------------------------------- H.264
+def test_encoder_annexb_keyframes_carry_sps_pps_and_decode_alone():
+    enc = H264Encoder(128, 96, gop_frames=5)
+    rng = np.random.default_rng(0)
+    img = rng.integers(0, 255, (96, 128, 3), np.uint8)
+    out = [enc.encode(np.roll(img, i, axis=1)) for i in range(12)]
+    assert [o.keyframe for o in out] == [i % 5 == 0 for i in range(12)]
+    for o in out:
+        assert o.data.startswith(b"\x00\x00\x00\x01") or o.data.startswith(b"\x00\x00\x01")
+        nal_types = {b & 0x1F for b in _nal_headers(o.data)}
+        if o.keyframe:
+            assert {7, 8, 5} <= nal_types  # SPS, PPS, IDR
+        else:
+            assert 5 not in nal_types and 7 not in nal_types
+    dec = av.CodecContext.create("h264", "r")  # joining mid-stream at a keyframe works
+    pics = [dec.decode(av.Packet(o.data)) for o in out[5:]]
+    assert all(len(p) == 1 for p in pics)
+    enc.request_keyframe()
+    assert enc.encode(img).keyframe
+    with pytest.raises(ValueError):
+        H264Encoder(127, 96)
+
+
+def _nal_headers(data: bytes) -> list[int]:
+    heads, i = [], 0
+    while (i := data.find(b"\x00\x00\x01", i)) != -1:
+        heads.append(data[i + 3])
+        i += 3
+    return heads
+
+
+# ---------------------------------------------------------------- protocol
+def test_protocol_parses_by_type_and_checks_fields():
+    import uuid
+
+    sid = str(uuid.uuid4())
+    m = CLIENT_ADAPTER.validate_python({"type": "INIT", "session_id": sid, "user_id": "a"})
+    assert isinstance(m, InitMsg) and m.video_config.width is None
+    g = CLIENT_ADAPTER.validate_python({"type": "GENERATE", "session_id": sid,
+                                        "audio_chunk": {"data": "AAABAA=="}})
+    assert isinstance(g, GenerateMsg) and g.audio_chunk.pcm(2000).tolist() == [0, 1]
+    with pytest.raises(ValidationError):
+        CLIENT_ADAPTER.validate_python({"type": "INIT", "session_id": sid, "user_id": "a b"})
+    with pytest.raises(ValueError, match="even byte count"):
+        CLIENT_ADAPTER.validate_python({"type": "GENERATE", "session_id": sid,
+                                        "audio_chunk": {"data": "AAAA"}}).audio_chunk.pcm(2000)
+
+
+def test_settings_validate(monkeypatch):
+    monkeypatch.setenv("PORT", "9123")
+    monkeypatch.setenv("MAX_SESSIONS", "3")
+    s = Settings()
+    assert s.port == 9123 and s.max_sessions == 3 and s.engine == "geometric"
+    with pytest.raises(ValidationError):
+        Settings(default_width=511)
+
+
+# ---------------------------------------------------------------- avatar cache
+def test_builtin_avatar_is_cached_and_reused_after_restart(tmp_path):
+    calls = []
+    store = AvatarStore(tmp_path, 256, 256, 25, lambda a, p: calls.append(a.avatar_id))
+    first = store.ensure_builtin("default")
+    assert set(first.base_videos) == {"idle", "listening"} and {"nod", "tilt"} <= set(first.actions)
+    assert first.meta["report"]["face_found_in"] == 1
+    mtime = (tmp_path / "default" / "meta.json").stat().st_mtime
+    again = AvatarStore(tmp_path, 256, 256, 25, lambda a, p: calls.append(a.avatar_id))
+    second = again.ensure_builtin("default")  # a restart: loaded, not rebuilt
+    assert (tmp_path / "default" / "meta.json").stat().st_mtime == mtime
+    assert np.abs(second.clip("idle").frames.astype(int) - first.clip("idle").frames.astype(int)).mean() < 3
+    assert calls == ["default", "default"]  # the engine saw it both times
+    assert not list(tmp_path.glob(".*.tmp"))
