@@ -159,3 +159,19 @@ def test_builtin_avatar_is_cached_and_reused_after_restart(tmp_path):
     assert np.abs(second.clip("idle").frames.astype(int) - first.clip("idle").frames.astype(int)).mean() < 3
     assert calls == ["default", "default"]  # the engine saw it both times
     assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_env_example_documents_every_setting(monkeypatch):
+    import re
+
+    from .conftest import ROOT
+
+    text = (ROOT / ".env.example").read_text()
+    documented = set(re.findall(r"^([A-Z_0-9]+)=", text, re.M))
+    assert documented == {k.upper() for k in Settings.model_fields}
+    # and the example parses as the defaults
+    values = dict(re.findall(r"^([A-Z_0-9]+)=(.*)$", text, re.M))
+    for k, v in values.items():
+        monkeypatch.setenv(k, v)
+    parsed = Settings(_env_file=None)
+    assert parsed.model_dump() == Settings.model_construct().model_dump()

@@ -65,6 +65,11 @@ class Settings(BaseSettings):
     rtc_host_addresses: list[str] = Field(default_factory=list)
     max_rtc_clients: int = Field(16, ge=1)
 
+    @field_validator("auth_token")
+    @classmethod
+    def _empty_is_none(cls, v: str | None) -> str | None:
+        return v or None
+
     @field_validator("log_level")
     @classmethod
     def _lower(cls, v: str) -> str:

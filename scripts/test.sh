@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Install everything the tests need (system packages, .venv with the neural extra on a
+# CPU torch, WebRTC and browser tooling) and run lint plus the whole test suite.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+need_apt=()
+command -v chromium >/dev/null 2>&1 || need_apt+=(chromium)
+if [ ${#need_apt[@]} -gt 0 ]; then
+  if [ "$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need_apt[@]}" >/dev/null
+fi
+
+[ -x .venv/bin/python ] || python3 -m venv .venv
+py=.venv/bin/python
+$py -m pip install -q --upgrade pip
+# torch first and pinned: a CPU build; an open range would pull a multi-GB CUDA build
+$py -m pip install -q torch==2.13.0
+$py -m pip install -q -e '.[musetalk,webrtc,test]'
+
+$py -m ruff check websocket_service test bench scripts run_server.py
+$py -m pytest "$@"
