@@ -49,7 +49,11 @@ class GeometricEngine(LipSyncEngine):
             data["report"]["cache"] = "computed"
             if path is not None:
                 save_cache(path, key, data)
-        data["renderer"] = MouthRenderer(data["report"]["median_mouth_width"])
+        data["renderer"] = MouthRenderer(data["report"]["median_mouth_width"],
+                                         paint_teeth=not data["report"]["teeth_visible"],
+                                         bend=data["report"]["lip_bend"],
+                                         nose=data["report"]["nose_above"]
+                                         * data["report"]["median_mouth_width"])
         avatar.engine_data[self.name] = data
         avatar.meta.setdefault("engine_reports", {})[self.name] = data["report"]
         if data["report"].get("warning"):

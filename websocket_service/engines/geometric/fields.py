@@ -22,8 +22,8 @@ LIP_LIFT = 0.07  # upper lip lift
 SPREAD_GAIN = 0.16  # horizontal stretch (+) or pucker (-) at full shape
 CHIN_BELOW = 0.8  # the chin moves rigidly down to here, then the neck absorbs it
 
-CAVITY = np.array([38.0, 12.0, 16.0], np.float32)
-LIP_INNER = np.array([112.0, 42.0, 46.0], np.float32)
+CAVITY = np.array([22.0, 7.0, 9.0], np.float32)
+LIP_INNER = np.array([104.0, 40.0, 44.0], np.float32)
 TEETH = np.array([232.0, 224.0, 210.0], np.float32)
 TONGUE = np.array([158.0, 72.0, 78.0], np.float32)
 
@@ -43,6 +43,7 @@ class LocalGrid:
     """The local grid of one avatar: size and origin, fixed by the median mouth width."""
 
     mouth: float  # M, px
+    nose: float  # px from the lip line up to the nose line (nothing above it moves)
     step: float  # px of the avatar per grid cell (fields are smooth: a coarse grid is enough)
     width: int
     height: int
@@ -50,11 +51,12 @@ class LocalGrid:
     ov: float  # origin row (the lip line)
 
     @classmethod
-    def for_mouth(cls, mouth: float, step: float = 1.0) -> LocalGrid:
-        up = int(np.ceil(NOSE_ABOVE * mouth / step)) + 1
+    def for_mouth(cls, mouth: float, step: float = 1.0, nose: float | None = None) -> LocalGrid:
+        nose = NOSE_ABOVE * mouth if nose is None else nose
+        up = int(np.ceil(nose / step)) + 1
         width = int(round(2.3 * mouth / step)) | 1
         height = up + int(round(1.3 * mouth / step))
-        return cls(float(mouth), step, width, height, width // 2, float(up))
+        return cls(float(mouth), float(nose), step, width, height, width // 2, float(up))
 
     @property
     def u(self) -> np.ndarray:
@@ -81,24 +83,33 @@ class MouthPose:
         sp, rd = max(self.shape, 0.0), max(-self.shape, 0.0)
         lift = LIP_LIFT * m * self.opening * (1.0 - 0.2 * sp)
         drop = JAW_DROP * m * self.opening * (1.0 - 0.35 * sp + 0.1 * rd)
-        half = 0.5 * m * (1.0 + 0.08 * sp - 0.3 * rd)
+        half = 0.43 * m * (1.0 + 0.1 * sp - 0.3 * rd)
         return lift, drop, half, 0.7 - 0.2 * rd
 
 
-def displacement(grid: LocalGrid, pose: MouthPose) -> np.ndarray:
-    """(H, W, 2) float32 backward displacement (du, dv) on the local grid."""
+def lip_curve(u: np.ndarray, m: float, bend: float) -> np.ndarray:
+    """Row of the lip line at ``u``: ``bend`` (curvature x M) < 0 lifts the corners."""
+    return (bend / m) * u * u
+
+
+def displacement(grid: LocalGrid, pose: MouthPose, bend: float = 0.0) -> np.ndarray:
+    """(H, W, 2) float32 backward displacement (du, dv) on the local grid.
+
+    Above the (curved) lip line the upper lip lifts, fading out at the nose line; below it
+    the lower lip and the chin drop, fading out under the chin.
+    """
     m, u, v = grid.mouth, grid.u, grid.v
     lift, drop, half, power = pose.gaps(m)
     gap = lens(u, half, power)
-    nose = -NOSE_ABOVE * m * 0.92
-    up_fall = smoothstep(nose, 0.0, v) * (v < 0)
-    low = v >= 0
-    blend = smoothstep(0.0, 0.3 * m, v)
-    fall = (1.0 - smoothstep(CHIN_BELOW * m, v[-1] - 2.0 * grid.step, v)) * low
-    jaw = lens(u, 1.05 * m, 2.0)
-    dv = np.multiply.outer(up_fall, -lift * gap)
-    dv += np.multiply.outer((1.0 - blend) * fall * drop, gap)
-    dv += np.multiply.outer(blend * fall * drop, jaw)
+    curve = lip_curve(u, m, bend)
+    nose = -0.92 * grid.nose
+    rel = v[:, None] - curve[None, :]  # rows relative to the lip line
+    up_fall = np.clip((v[:, None] - nose) / (curve - nose)[None, :], 0.0, 1.0)
+    upper = (-lift * gap) * (up_fall * up_fall * (3.0 - 2.0 * up_fall))
+    blend = smoothstep(0.0, 0.3 * m, rel)
+    fall = (1.0 - smoothstep(CHIN_BELOW * m, v[-1] - 2.0 * grid.step, v))[:, None]
+    lower = drop * fall * (gap + (lens(u, 1.05 * m, 2.0) - gap) * blend)
+    dv = np.where(rel < 0, upper, lower)
     side = u * lens(u, 0.95 * m, 2.0)
     around = np.exp(-((v / (0.32 * m)) ** 2)) * smoothstep(nose, 0.4 * nose, v)
     du = np.multiply.outer(around * (SPREAD_GAIN * pose.shape), side)

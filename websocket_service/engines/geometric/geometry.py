@@ -16,8 +16,9 @@ import numpy as np
 from ...avatars.face import _cascade
 
 #: columns of a geometry row, in output pixels / radians
-FIELDS = ("cx", "cy", "width", "angle", "nose_y", "face_found", "mouth_found")
-CX, CY, WIDTH, ANGLE, NOSE_Y, FACE_FOUND, MOUTH_FOUND = range(len(FIELDS))
+FIELDS = ("cx", "cy", "width", "angle", "nose_y", "face_found", "mouth_found", "teeth",
+          "curve")
+CX, CY, WIDTH, ANGLE, NOSE_Y, FACE_FOUND, MOUTH_FOUND, TEETH, CURVE = range(len(FIELDS))
 
 #: the nose line sits this many mouth widths above the lip line (below the nose tip)
 NOSE_ABOVE = 0.28
@@ -35,6 +36,15 @@ class Mouth:
     width: float
     angle: float
     found: bool
+    teeth: bool = False  # upper teeth visible at rest
+    curve: float = 0.0  # the lip line is y = cy + curve * (x - cx)**2 (negative: a smile)
+    top: float | None = None  # top of the upper lip
+
+    @property
+    def nose_y(self) -> float:
+        """A line under the nose: above the upper lip, at most NOSE_ABOVE widths up."""
+        y = self.cy - NOSE_ABOVE * self.width
+        return y if self.top is None else min(y, self.top - 0.1 * self.width)
 
 
 def default_mouth(face: Box) -> Mouth:
@@ -95,9 +105,8 @@ def _smile_hint(gray_region: np.ndarray, face_w: float) -> tuple[float, float, f
     return best
 
 
-def _mouth_mask(rgb_region: np.ndarray, cx: float, cy: float, width: float) -> np.ndarray:
+def _mouth_mask(lab: np.ndarray, cx: float, cy: float, width: float) -> np.ndarray:
     """Lip-coloured or dark pixels inside an ellipse around the mouth guess (uint8 0/1)."""
-    lab = cv2.cvtColor(rgb_region, cv2.COLOR_RGB2LAB)
     a = lab[..., 1].astype(np.float32)
     lum = lab[..., 0].astype(np.float32)
     skin_a, skin_l = float(np.median(a)), float(np.median(lum))
@@ -124,15 +133,38 @@ def _central_blob(mask: np.ndarray, cx: float, cy: float) -> np.ndarray | None:
     return labels == best
 
 
-def _lip_line(gray_region: np.ndarray, x0: int, x1: int, y0: int, y1: int) -> float:
-    """Row of the darkest horizontal valley across the middle of the mouth box."""
-    mid0, mid1 = x0 + (x1 - x0) // 4, x1 - (x1 - x0) // 4
-    top, bot = y0 + (y1 - y0) // 4, y1 - (y1 - y0) // 4
-    if mid1 - mid0 < 2 or bot - top < 2:
-        return (y0 + y1) / 2
-    profile = gray_region[top:bot + 1, mid0:mid1].astype(np.float32).mean(axis=1)
-    profile = np.convolve(profile, np.ones(3) / 3, mode="same")
-    return float(top + int(np.argmin(profile[1:-1])) + 1) if len(profile) > 2 else (y0 + y1) / 2
+def _lip_line(lab: np.ndarray, x0: int, x1: int, y0: int,
+              y1: int) -> tuple[float, bool, float]:
+    """(row where the mouth parts at its centre, teeth visible, curvature 1/px).
+
+    Per column over the middle 70 % of the mouth: the row under visible upper teeth, else
+    the darkest row of the middle band (the valley between the lips); a parabola through
+    them gives the centre row and how much the line bends (negative: corners up, a smile).
+    """
+    c0, c1 = x0 + (x1 - x0) * 3 // 20, x1 - (x1 - x0) * 3 // 20
+    if c1 - c0 < 4 or y1 - y0 < 4:
+        return (y0 + y1) / 2, False, 0.0
+    box = lab[y0:y1 + 1, c0:c1].astype(np.float32)
+    lum, red = box[..., 0], box[..., 1]
+    skin_l, skin_a = float(np.median(lab[..., 0])), float(np.median(lab[..., 1]))
+    teeth = (lum > skin_l + 12) & (red < skin_a - 3)  # brighter and less red than skin
+    cols = teeth.any(axis=0)
+    has_teeth = bool(cols[len(cols) // 4: -len(cols) // 4].mean() > 0.6)
+    if has_teeth:  # the lower lip starts under the first run of teeth from the top
+        below = (np.cumsum(teeth, axis=0) > 0) & ~teeth
+        below[-1] = True
+        rows = np.argmax(below, axis=0).astype(np.float32)
+    else:
+        top, bot = (y1 - y0) // 4, (y1 - y0) - (y1 - y0) // 4 + 1
+        band = cv2.blur(lum[top:bot], (3, 3))
+        rows, cols = (top + np.argmin(band, axis=0)).astype(np.float32), np.ones_like(cols)
+    xs = np.arange(c0, c1, dtype=np.float32) - (x0 + x1) / 2
+    if cols.sum() < 5:
+        return (y0 + y1) / 2, has_teeth, 0.0
+    k, b, c = np.polyfit(xs[cols], rows[cols], 2)
+    width = float(x1 - x0)
+    k = float(np.clip(k, -2.0 / width, 2.0 / width))
+    return float(y0 + c), has_teeth, k
 
 
 def _angle(blob: np.ndarray) -> float:
@@ -150,19 +182,21 @@ def locate_mouth(rgb: np.ndarray, gray: np.ndarray, face: Box) -> Mouth:
     x0, y0, x1, y1 = _region(face, rgb.shape)
     if x1 - x0 < 16 or y1 - y0 < 8:
         return guess
-    g_reg = gray[y0:y1, x0:x1]
-    hint = _smile_hint(g_reg, face[2])
+    hint = _smile_hint(gray[y0:y1, x0:x1], face[2])
     cx, cy, width = hint if hint else (guess.cx - x0, guess.cy - y0, guess.width)
-    blob = _central_blob(_mouth_mask(rgb[y0:y1, x0:x1], cx, cy, width), cx, cy)
+    lab = cv2.cvtColor(rgb[y0:y1, x0:x1], cv2.COLOR_RGB2LAB)
+    blob = _central_blob(_mouth_mask(lab, cx, cy, width), cx, cy)
     if blob is None:
         return Mouth(cx + x0, cy + y0, width, 0.0, hint is not None)
     ys, xs = np.nonzero(blob)
     bw = float(xs.max() - xs.min() + 1)
     if not 0.22 * face[2] <= bw <= 0.75 * face[2]:
         return Mouth(cx + x0, cy + y0, width, 0.0, hint is not None)
-    line = _lip_line(g_reg, int(xs.min()), int(xs.max()), int(ys.min()), int(ys.max()))
+    line, teeth, curve = _lip_line(lab, int(xs.min()), int(xs.max()), int(ys.min()),
+                                   int(ys.max()))
     mx = (xs.min() + xs.max()) / 2
-    return Mouth(float(mx + x0), line + y0, bw, _angle(blob), True)
+    return Mouth(float(mx + x0), line + y0, bw, _angle(blob), True, teeth, curve,
+                 float(ys.min() + y0))
 
 
 def smooth_track(rows: np.ndarray, radius: int = 2) -> np.ndarray:
@@ -171,12 +205,12 @@ def smooth_track(rows: np.ndarray, radius: int = 2) -> np.ndarray:
     n = len(rows)
     if n < 3:
         return out
-    cols = [CX, CY, WIDTH, ANGLE]
+    cols = [CX, CY, WIDTH, ANGLE, NOSE_Y]
     pad = np.pad(rows[:, cols], ((radius, radius), (0, 0)), mode="edge")
     med = np.stack([np.median(pad[i:i + 2 * radius + 1], axis=0) for i in range(n)])
     pad = np.pad(med, ((1, 1), (0, 0)), mode="edge")
     out[:, cols] = (pad[:-2] + pad[1:-1] + pad[2:]) / 3
-    out[:, NOSE_Y] = out[:, CY] - NOSE_ABOVE * out[:, WIDTH]
+    out[:, NOSE_Y] = np.minimum(out[:, NOSE_Y], rows[:, NOSE_Y])  # never lower than found
     return out
 
 
@@ -199,8 +233,8 @@ def analyse_clip(frames: np.ndarray, face0: Box, report: dict) -> np.ndarray:
                 rows[i, FACE_FOUND] = rows[i, MOUTH_FOUND] = 0
                 continue
         m = locate_mouth(rgb, gray, face or last_face)
-        rows[i] = (m.cx, m.cy, m.width, m.angle, m.cy - NOSE_ABOVE * m.width,
-                   face is not None, m.found)
+        rows[i] = (m.cx, m.cy, m.width, m.angle, m.nose_y,
+                   face is not None, m.found, m.teeth, m.curve)
         if face is not None:
             last_face, last_row = face, rows[i].copy()
     return smooth_track(rows)

@@ -17,12 +17,22 @@ import numpy as np
 
 from ...avatars.model import Avatar
 from ..base import ProgressFn
-from .geometry import FACE_FOUND, FIELDS, MOUTH_FOUND, WIDTH, analyse_clip
+from .geometry import (
+    CURVE,
+    CY,
+    FACE_FOUND,
+    FIELDS,
+    MOUTH_FOUND,
+    NOSE_Y,
+    TEETH,
+    WIDTH,
+    analyse_clip,
+)
 
 log = logging.getLogger(__name__)
 
 CACHE_NAME = "geometric.npz"
-VERSION = 1
+VERSION = 3
 
 
 def fingerprint(avatar: Avatar) -> str:
@@ -74,9 +84,12 @@ def analyse_avatar(avatar: Avatar, progress: ProgressFn | None = None) -> dict[s
         report["clips"][name] = clip_report
     total = sum(c["frames"] for c in report["clips"].values())
     missing = sum(c["face_missing"] for c in report["clips"].values())
+    rows = np.concatenate(list(geo.values()))
     report.update(frames=total, face_missing=missing,
-                  median_mouth_width=float(np.median(np.concatenate(
-                      [g[:, WIDTH] for g in geo.values()]))))
+                  median_mouth_width=float(np.median(rows[:, WIDTH])),
+                  teeth_visible=bool(rows[:, TEETH].mean() > 0.5),
+                  lip_bend=float(np.median(rows[:, CURVE] * rows[:, WIDTH])),
+                  nose_above=float(np.min((rows[:, CY] - rows[:, NOSE_Y]) / rows[:, WIDTH])))
     if missing:
         report["warning"] = (f"no face found in {missing} of {total} frames; "
                              "the last good geometry was kept for them")

@@ -24,8 +24,9 @@ IDLE_EPS = 0.01  # below this opening and shape the frame is returned untouched
 class MouthRenderer:
     """Renders poses on frames of one avatar (thread-safe: holds only read-only arrays)."""
 
-    def __init__(self, median_mouth: float, step: float = 2.0) -> None:
-        self.grid = LocalGrid.for_mouth(median_mouth, step)
+    def __init__(self, median_mouth: float, paint_teeth: bool = True, bend: float = 0.0,
+                 nose: float | None = None, step: float = 2.0) -> None:
+        self.grid = LocalGrid.for_mouth(median_mouth, step, nose)
         m = median_mouth
         self.roi_w = int(round(2.3 * m)) + 2 * int(0.06 * m)
         self.roi_h = int(np.ceil((self.grid.height + 1) * step)) + int(0.06 * m)
@@ -34,8 +35,8 @@ class MouthRenderer:
         ys, xs = np.mgrid[0:self.roi_h, 0:self.roi_w].astype(np.float32)
         self._xs, self._ys = xs, ys
         # poses are quantised (1/64 opening, 1/32 shape) so these caches hit in speech
-        self._displacement = lru_cache(maxsize=128)(lambda p: displacement(self.grid, p))
-        self._interior = lru_cache(maxsize=256)(lambda p: interior(self.grid.mouth, p))
+        self._displacement = lru_cache(maxsize=128)(lambda p: displacement(self.grid, p, bend))
+        self._interior = lru_cache(maxsize=256)(lambda p: interior(median_mouth, p, paint_teeth, bend))
 
     def render(self, image: np.ndarray, geo: np.ndarray, pose: MouthPose) -> np.ndarray:
         """A copy of ``image`` with the mouth in ``pose``; ``geo`` is the frame's geometry row."""
