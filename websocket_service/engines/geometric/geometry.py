@@ -25,6 +25,7 @@ NOSE_ABOVE = 0.28
 DETECT_SIDE = 256  # a full-frame face search runs on a copy this wide
 FACE_SIDE = 96  # a search near the previous face runs where that face is this wide
 SMILE_FACE_SIDE = 128  # the smile cascade runs where the face is this wide
+CASCADE_EVERY = 8  # frames; in between, the mouth is tracked from the previous frame
 
 Box = tuple[float, float, float, float]
 
@@ -39,6 +40,7 @@ class Mouth:
     teeth: bool = False  # upper teeth visible at rest
     curve: float = 0.0  # the lip line is y = cy + curve * (x - cx)**2 (negative: a smile)
     top: float | None = None  # top of the upper lip
+    box_cy: float | None = None  # centre row of the lips' box (for tracking)
 
     @property
     def nose_y(self) -> float:
@@ -57,7 +59,7 @@ def _faces(gray: np.ndarray, scale: float, min_side: int, max_side: int) -> Box 
     small = cv2.resize(gray, None, fx=scale, fy=scale, interpolation=cv2.INTER_AREA)
     small = cv2.equalizeHist(small)
     for name in ("haarcascade_frontalface_default.xml", "haarcascade_frontalface_alt2.xml"):
-        faces = _cascade(name).detectMultiScale(small, 1.1, 4, minSize=(min_side, min_side),
+        faces = _cascade(name).detectMultiScale(small, 1.08, 4, minSize=(min_side, min_side),
                                                 maxSize=(max_side, max_side))
         if len(faces):
             x, y, w, h = max(faces, key=lambda f: f[2] * f[3])
@@ -176,13 +178,19 @@ def _angle(blob: np.ndarray) -> float:
     return float(np.clip(theta, -0.35, 0.35))
 
 
-def locate_mouth(rgb: np.ndarray, gray: np.ndarray, face: Box) -> Mouth:
-    """The mouth in one frame, given its face box (falls back to :func:`default_mouth`)."""
+def locate_mouth(rgb: np.ndarray, gray: np.ndarray, face: Box,
+                 track: tuple[float, float, float] | None = None) -> Mouth:
+    """The mouth in one frame, given its face box (falls back to :func:`default_mouth`).
+
+    ``track``: (cx, cy, width) of the mouth box in the previous frame, used instead of the
+    smile cascade (tracking; the cascade runs when there is none).
+    """
     guess = default_mouth(face)
     x0, y0, x1, y1 = _region(face, rgb.shape)
     if x1 - x0 < 16 or y1 - y0 < 8:
         return guess
-    hint = _smile_hint(gray[y0:y1, x0:x1], face[2])
+    hint = ((track[0] - x0, track[1] - y0, track[2]) if track
+            else _smile_hint(gray[y0:y1, x0:x1], face[2]))
     cx, cy, width = hint if hint else (guess.cx - x0, guess.cy - y0, guess.width)
     lab = cv2.cvtColor(rgb[y0:y1, x0:x1], cv2.COLOR_RGB2LAB)
     blob = _central_blob(_mouth_mask(lab, cx, cy, width), cx, cy)
@@ -196,7 +204,7 @@ def locate_mouth(rgb: np.ndarray, gray: np.ndarray, face: Box) -> Mouth:
                                    int(ys.max()))
     mx = (xs.min() + xs.max()) / 2
     return Mouth(float(mx + x0), line + y0, bw, _angle(blob), True, teeth, curve,
-                 float(ys.min() + y0))
+                 float(ys.min() + y0), float((ys.min() + ys.max()) / 2 + y0))
 
 
 def smooth_track(rows: np.ndarray, radius: int = 2) -> np.ndarray:
@@ -223,6 +231,7 @@ def analyse_clip(frames: np.ndarray, face0: Box, report: dict) -> np.ndarray:
     rows = np.zeros((len(frames), len(FIELDS)), np.float32)
     last_face: Box = face0
     last_row: np.ndarray | None = None
+    track = None
     for i, rgb in enumerate(frames):
         gray = cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY)
         face = detect_face_near(gray, last_face)
@@ -232,7 +241,8 @@ def analyse_clip(frames: np.ndarray, face0: Box, report: dict) -> np.ndarray:
                 rows[i] = last_row
                 rows[i, FACE_FOUND] = rows[i, MOUTH_FOUND] = 0
                 continue
-        m = locate_mouth(rgb, gray, face or last_face)
+        m = locate_mouth(rgb, gray, face or last_face, track if i % CASCADE_EVERY else None)
+        track = (m.cx, m.box_cy, m.width) if m.found and m.box_cy is not None else None
         rows[i] = (m.cx, m.cy, m.width, m.angle, m.nose_y,
                    face is not None, m.found, m.teeth, m.curve)
         if face is not None:
