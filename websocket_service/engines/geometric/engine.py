@@ -1,76 +1,26 @@
-"""Weight-free lip-sync (first cut: loudness opens a mouth-region stretch).
+"""The weight-free lip-sync engine: mouth geometry + streaming audio analysis + warping.
 
-Placeholder quality: the mouth geometry, audio analysis and rendering are being rewritten
-under the weight-free engine issue. The interface and streaming behaviour are final.
+* :mod:`.geometry` / :mod:`.prepare` - offline mouth localisation per avatar frame, cached.
+* :mod:`.audio` - causal audio analysis, one pose (opening, shape) per 40 ms frame.
+* :mod:`.fields`, :mod:`.interior`, :mod:`.render` - the warp, the mouth interior, blending.
 """
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import Callable
+import logging
 from typing import Any
 
-import cv2
 import numpy as np
 
 from ...avatars.model import Avatar, BaseFrame
 from ...config import Settings
-from ..audio_buffer import UtteranceBuffer
-from ..base import LipSyncEngine, LipSyncStream, ProgressFn, SpeechFrame
+from ..base import LipSyncEngine, LipSyncStream, ProgressFn
+from .fields import MouthPose
+from .prepare import CACHE_NAME, analyse_avatar, fingerprint, load_cache, save_cache
+from .render import MouthRenderer
+from .stream import GeometricStream
 
-
-class GeometricStream(LipSyncStream):
-    def __init__(self, engine: GeometricEngine, avatar: Avatar) -> None:
-        self.engine = engine
-        self.avatar = avatar
-        self.buf = UtteranceBuffer(engine.lookahead_frames)
-        self._epoch = 0
-        self._ready = asyncio.Event()
-        self._open = 0.0
-
-    def push_audio(self, pcm: np.ndarray) -> None:
-        self.buf.push(pcm)
-        if self.buf.ready():
-            self._ready.set()
-
-    def end_segment(self) -> None:
-        self.buf.end()
-        if self.buf.ready():
-            self._ready.set()
-
-    def interrupt(self) -> None:
-        self.buf.clear()
-        self._epoch += 1
-        self._open = 0.0
-        self._ready.set()  # wake a waiting render_next so it returns []
-
-    def buffered_samples(self) -> int:
-        return self.buf.buffered_samples()
-
-    def ready_frames(self) -> int:
-        return self.buf.ready()
-
-    async def render_next(self, take_base: Callable[[], BaseFrame], max_frames: int) -> list[SpeechFrame]:
-        epoch = self._epoch
-        while not self.buf.ready():
-            self._ready.clear()
-            await self._ready.wait()
-            if epoch != self._epoch:
-                return []
-        slots = self.buf.take(max_frames)
-        jobs = []
-        for s in slots:
-            ctx = self.buf.window(s.utterance_id, s.index * 640, (s.index + 2) * 640)
-            rms = float(np.sqrt(np.mean(ctx.astype(np.float32) ** 2))) / 32768.0
-            target = min(1.0, rms * 8.0)
-            self._open += (target - self._open) * (0.6 if target > self._open else 0.5)
-            jobs.append((s, take_base(), self._open))
-        frames = await asyncio.to_thread(self._render_all, jobs)
-        return [] if epoch != self._epoch else frames
-
-    def _render_all(self, jobs: list) -> list[SpeechFrame]:
-        return [SpeechFrame(s.utterance_id, s.index, self.engine.render(b, o), s.pcm, s.last, b,
-                            {"open": o}, s.arrival) for s, b, o in jobs]
+log = logging.getLogger(__name__)
 
 
 class GeometricEngine(LipSyncEngine):
@@ -81,29 +31,51 @@ class GeometricEngine(LipSyncEngine):
         self.settings = settings
 
     def load(self) -> None:
-        pass
+        """Nothing to load: the engine uses no weights (OpenCV's cascades ship in its wheel)."""
 
     def info(self) -> dict[str, Any]:
-        return {"name": self.name, "loaded": True, "device": "cpu", "lookahead_ms": 40}
+        return {"name": self.name, "loaded": True, "device": "cpu",
+                "lookahead_ms": 40 * self.lookahead_frames, "weights": None}
 
     def prepare_avatar(self, avatar: Avatar, progress: ProgressFn | None = None) -> None:
-        face = avatar.meta.get("face_box") or [0, 0, avatar.width, avatar.height]
-        x, y, w, h = face
-        avatar.engine_data[self.name] = {"mouth": (x + w / 2, y + 0.78 * h, 0.45 * w)}
+        """Mouth geometry of every frame (from ``geometric.npz`` when it is current)."""
+        if self.name in avatar.engine_data:
+            return
+        key = fingerprint(avatar)
+        path = avatar.path / CACHE_NAME if avatar.path else None
+        data = load_cache(path, key) if path and path.exists() else None
+        if data is None:
+            data = analyse_avatar(avatar, progress)
+            data["report"]["cache"] = "computed"
+            if path is not None:
+                save_cache(path, key, data)
+        data["renderer"] = MouthRenderer(data["report"]["median_mouth_width"],
+                                         paint_teeth=not data["report"]["teeth_visible"],
+                                         bend=data["report"]["lip_bend"],
+                                         nose=data["report"]["nose_above"]
+                                         * data["report"]["median_mouth_width"])
+        avatar.engine_data[self.name] = data
+        avatar.meta.setdefault("engine_reports", {})[self.name] = data["report"]
+        if data["report"].get("warning"):
+            log.warning("avatar %s: %s", avatar.avatar_id, data["report"]["warning"])
 
     def open_stream(self, avatar: Avatar) -> LipSyncStream:
+        if self.name not in avatar.engine_data:
+            self.prepare_avatar(avatar)
         return GeometricStream(self, avatar)
 
-    def render(self, base: BaseFrame, opening: float) -> np.ndarray:
-        img = base.image.copy()
-        if opening < 0.02:
-            return img
-        cx, cy, mw = self._mouth(base)
-        axes = (max(2, int(mw * 0.45)), max(1, int(mw * 0.3 * opening)))
-        cv2.ellipse(img, (int(cx), int(cy)), axes, 0, 0, 360, (60, 20, 25), -1, cv2.LINE_AA)
-        return img
+    def geometry(self, avatar: Avatar, base: BaseFrame) -> np.ndarray:
+        """The geometry row of ``base``'s (clip, index); the nearest known frame otherwise."""
+        geo = avatar.engine_data[self.name]["geometry"]
+        rows = geo.get(base.clip)
+        if rows is None:
+            rows = next(iter(geo.values()))
+        return rows[min(max(base.index, 0), len(rows) - 1)]
 
-    def _mouth(self, base: BaseFrame) -> tuple[float, float, float]:
-        return self._avatar_mouth
-
-    _avatar_mouth = (256.0, 380.0, 80.0)
+    def render(self, avatar: Avatar, base: BaseFrame, pose: MouthPose) -> np.ndarray:
+        data = avatar.engine_data[self.name]
+        renderer: MouthRenderer = data["renderer"]
+        if base.image.shape[:2] != (avatar.height, avatar.width):
+            raise ValueError(f"frame {base.image.shape} is not the avatar size "
+                             f"{avatar.width}x{avatar.height}")
+        return renderer.render(base.image, self.geometry(avatar, base), pose)

@@ -1,0 +1,83 @@
+"""One session's speech on the geometric engine: audio in, rendered frames out, in order."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from ...avatars.model import Avatar, BaseFrame
+from ..audio_buffer import FrameSlot, UtteranceBuffer
+from ..base import SAMPLES_PER_FRAME, LipSyncStream, SpeechFrame
+from .audio import WINDOW, AudioAnalyzer, Features
+from .fields import MouthPose
+
+if TYPE_CHECKING:
+    from .engine import GeometricEngine
+
+Job = tuple[FrameSlot, BaseFrame, MouthPose, Features]
+
+
+class GeometricStream(LipSyncStream):
+    def __init__(self, engine: GeometricEngine, avatar: Avatar) -> None:
+        self.engine = engine
+        self.avatar = avatar
+        self.buf = UtteranceBuffer(engine.lookahead_frames)
+        self.analyzer = AudioAnalyzer()
+        self._utterance = 0
+        self._epoch = 0
+        self._ready = asyncio.Event()
+
+    def push_audio(self, pcm: np.ndarray) -> None:
+        self.buf.push(pcm)
+        if self.buf.ready():
+            self._ready.set()
+
+    def end_segment(self) -> None:
+        self.buf.end()
+        if self.buf.ready():
+            self._ready.set()
+
+    def interrupt(self) -> None:
+        self.buf.clear()
+        self._epoch += 1
+        self.analyzer.reset_mouth()
+        self._ready.set()  # wake a waiting render_next so it returns []
+
+    def buffered_samples(self) -> int:
+        return self.buf.buffered_samples()
+
+    def ready_frames(self) -> int:
+        return self.buf.ready()
+
+    async def render_next(self, take_base: Callable[[], BaseFrame],
+                          max_frames: int) -> list[SpeechFrame]:
+        epoch = self._epoch
+        while not self.buf.ready():
+            self._ready.clear()
+            await self._ready.wait()
+            if epoch != self._epoch:
+                return []
+        jobs = [(s, take_base(), *self._analyse(s)) for s in self.buf.take(max_frames)]
+        frames = await asyncio.to_thread(self._render_all, jobs)
+        return [] if epoch != self._epoch else frames
+
+    def _analyse(self, slot: FrameSlot) -> tuple[MouthPose, Features]:
+        """The slot's pose (cheap: one FFT), on the loop while its audio is still buffered."""
+        if slot.utterance_id != self._utterance:
+            self._utterance = slot.utterance_id
+            self.analyzer.reset_mouth()
+        start = slot.index * SAMPLES_PER_FRAME - SAMPLES_PER_FRAME // 2
+        return self.analyzer.step(self.buf.window(slot.utterance_id, start, start + WINDOW))
+
+    def _render_all(self, jobs: list[Job]) -> list[SpeechFrame]:
+        out = []
+        for slot, base, pose, feat in jobs:
+            image = self.engine.render(self.avatar, base, pose)
+            info = {"open": pose.opening, "shape": pose.shape, "level_db": feat.level_db,
+                    "voiced": float(feat.voiced)}
+            out.append(SpeechFrame(slot.utterance_id, slot.index, image, slot.pcm, slot.last,
+                                   base, info, slot.arrival))
+        return out
