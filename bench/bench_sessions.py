@@ -45,6 +45,7 @@ CLK_TCK = os.sysconf("SC_CLK_TCK")
 FPS = 25
 HOLD_FPS = 24.5
 HOLD_SKIP = 0.01
+RETRY_OTHER = 0.25  # a failing level is run again once if other processes used more CPU than this
 SAMPLE_DECODE = 25  # frames decoded per level (client 0), from its first keyframe
 
 
@@ -53,6 +54,13 @@ def proc_cpu_s(pid: int) -> float:
     with open(f"/proc/{pid}/stat") as f:
         fields = f.read().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / CLK_TCK  # utime, stime (fields 14, 15)
+
+
+def machine_busy_s() -> float:
+    """CPU seconds spent busy by the whole machine (all cores, all processes), from /proc/stat."""
+    with open("/proc/stat") as f:
+        v = [int(x) for x in f.readline().split()[1:]]
+    return (sum(v[:8]) - v[3] - v[4]) / CLK_TCK  # minus idle and iowait
 
 
 def pct(values: list[float], q: float) -> float | None:
@@ -220,9 +228,10 @@ async def run_level(server: Server, n: int, speaking: bool, chunks: list[bytes],
     async with httpx.AsyncClient(base_url=server.http, timeout=10) as http:
         await asyncio.gather(*(c.start() for c in clients))
         await asyncio.sleep(warmup)
-        s0, cpu0, me0, t0 = await sessions(http), server.cpu_s(), proc_cpu_s(os.getpid()), time.monotonic()
+        s0 = await sessions(http)
+        cpu0, me0, all0, t0 = server.cpu_s(), proc_cpu_s(os.getpid()), machine_busy_s(), time.monotonic()
         await asyncio.sleep(duration)
-        t1, cpu1, me1 = time.monotonic(), server.cpu_s(), proc_cpu_s(os.getpid())
+        t1, cpu1, me1, all1 = time.monotonic(), server.cpu_s(), proc_cpu_s(os.getpid()), machine_busy_s()
         s1 = await sessions(http)
         await asyncio.gather(*(c.stop() for c in clients))
         for _ in range(50):  # wait until the server has torn the sessions down
@@ -253,6 +262,7 @@ async def run_level(server: Server, n: int, speaking: bool, chunks: list[bytes],
         "dropped": sum(dropped), "underruns": sum(underruns),
         "speech_frames": sum(p["speech"] for p in per),
         "server_cpu": server_cpu, "cpu_per_session": server_cpu / n, "client_cpu": (me1 - me0) / wall,
+        "other_cpu": max(0.0, (all1 - all0 - (cpu1 - cpu0) - (me1 - me0)) / wall),
         "srv_lat_p50": median(srv_p50) if srv_p50 else None,
         "srv_lat_p95": median(srv_p95) if srv_p95 else None,
         "cli_lat_p50": pct(lat, 50), "cli_lat_p95": pct(lat, 95),
@@ -269,11 +279,16 @@ async def ramp(server: Server, levels: list[int], speaking: bool, chunks: list[b
     out = []
     for n in levels:
         r = await run_level(server, n, speaking, chunks, warmup, duration)
+        if not r["holds"] and r["other_cpu"] > RETRY_OTHER:  # the machine was busy: try once more
+            print(f"  N={n} failed with {100 * r['other_cpu']:.0f}% other load; retrying",
+                  file=sys.stderr)
+            r = await run_level(server, n, speaking, chunks, warmup, duration)
+            r["retried"] = True
         out.append(r)
         kind = "speaking" if speaking else "idle"
         print(f"  {kind:8s} N={n:3d} fps median {r['fps_median']:.2f} min {r['fps_min']:.2f} "
               f"skipped max {100 * r['skipped_max']:.1f}% server CPU {100 * r['server_cpu']:.0f}% "
-              f"client CPU {100 * r['client_cpu']:.0f}% -> {'holds' if r['holds'] else 'FAILS'}",
+              f"client CPU {100 * r['client_cpu']:.0f}% other {100 * r['other_cpu']:.0f}% -> {'holds' if r['holds'] else 'FAILS'}",
               file=sys.stderr)
         if not r["holds"]:
             break
@@ -302,15 +317,15 @@ def machine() -> dict[str, str]:
 
 def table(rows: list[dict[str, Any]]) -> list[str]:
     out = ["| N | client fps median (min) | frame_index gaps | skipped max | dropped | underruns "
-           "| server CPU | CPU / session | client CPU | server latency p50 / p95 ms "
+           "| server CPU | CPU / session | client CPU | other load | server latency p50 / p95 ms "
            "| client latency p50 / p95 ms | sample decoded | holds |",
-           "|---:|---|---:|---:|---:|---:|---:|---:|---:|---|---|---|---|"]
+           "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---|---|---|"]
     for r in rows:
         out.append(
-            f"| {r['n']} | {r['fps_median']:.2f} ({r['fps_min']:.2f}) | {r['gaps']} "
+            f"| {r['n']}{' (retry)' if r.get('retried') else ''} | {r['fps_median']:.2f} ({r['fps_min']:.2f}) | {r['gaps']} "
             f"| {100 * r['skipped_max']:.1f}% | {r['dropped']} | {r['underruns']} "
             f"| {100 * r['server_cpu']:.0f}% | {100 * r['cpu_per_session']:.1f}% "
-            f"| {100 * r['client_cpu']:.0f}% | {_f(r['srv_lat_p50'])} / {_f(r['srv_lat_p95'])} "
+            f"| {100 * r['client_cpu']:.0f}% | {100 * r['other_cpu']:.0f}% | {_f(r['srv_lat_p50'])} / {_f(r['srv_lat_p95'])} "
             f"| {_f(r['cli_lat_p50'])} / {_f(r['cli_lat_p95'])} | {r['decoded']} "
             f"| {'yes' if r['holds'] else '**no**'}{' ' + ','.join(r['errors']) if r['errors'] else ''} |")
     return out
@@ -342,9 +357,13 @@ def report(m: dict[str, str], args: argparse.Namespace, baseline: float, idle: l
         f"Clients: one asyncio process on the same cores ({'quick' if args.quick else 'full'} run: "
         f"{args.warmup:g} s warm-up, {args.duration:g} s measured per level).",
         f"- A level holds if the median client fps >= {HOLD_FPS} and no session skipped more "
-        f"than {100 * HOLD_SKIP:g}% of its frames; the ramp stops at the first level that fails.",
+        f"than {100 * HOLD_SKIP:g}% of its frames; a failing level is run once more if other processes used over "
+        f"{100 * RETRY_OTHER:.0f}% CPU meanwhile; the ramp stops at the first level that fails.",
         f"- CPU is % of one core (the machine has {m['cores']}00%); server with no session: "
-        f"{100 * baseline:.1f}%.", "",
+        f"{100 * baseline:.1f}%. 'other load' is the CPU that the rest of the machine used "
+        f"during the window (busy time from /proc/stat minus server and clients); the largest "
+        f"was {100 * max(r['other_cpu'] for r in idle + speak):.0f}%: a shared machine "
+        "lowers the numbers below.", "",
         "### Summary", "",
         f"- Idle sessions holding 25 fps: **{held_i}**"
         + (f" (fails at {idle[-1]['n']})" if idle and not idle[-1]["holds"] else " (highest level tried)"),
@@ -353,7 +372,8 @@ def report(m: dict[str, str], args: argparse.Namespace, baseline: float, idle: l
         f"- Server CPU per session (median over the levels N >= 2 that hold): idle **{100 * cpu_i:.1f}%**, "
         f"speaking **{100 * cpu_s:.1f}%** of a core (speaking / idle = {cpu_s / cpu_i:.2f}x); "
         f"the highest server CPU seen at any level was {100 * peak:.0f}% of the {m['cores']}00% "
-        "available.",
+        f"available. At these costs one fully available core carries about {1 / cpu_i:.0f} idle or "
+        f"{1 / cpu_s:.0f} speaking sessions (a projection, not a measurement).",
         f"- Latency, speaking, median over levels that hold: server (audio chunk in -> frame sent) "
         f"p50 **{_f(med([r['srv_lat_p50'] for r in lat_s]))} ms**, "
         f"p95 **{_f(med([r['srv_lat_p95'] for r in lat_s]))} ms**; "
