@@ -72,7 +72,13 @@ class ClientPeer:
         self.audio_frames = 0
         self.audio_peak = 0
         self._tasks: list[asyncio.Task[None]] = []
+        self._connected = asyncio.Event()
         self.pc.on("track", self._on_track)
+        self.pc.on("connectionstatechange", self._on_state)
+
+    def _on_state(self) -> None:
+        if self.pc.connectionState == "connected":
+            self._connected.set()
 
     def _on_track(self, track: MediaStreamTrack) -> None:
         self._tasks.append(asyncio.create_task(self._consume(track)))
@@ -99,9 +105,7 @@ class ClientPeer:
         await self.pc.setRemoteDescription(RTCSessionDescription(sdp=sdp, type="answer"))
 
     async def wait_connected(self, timeout: float = 10.0) -> None:
-        async with asyncio.timeout(timeout):
-            while self.pc.connectionState != "connected":
-                await asyncio.sleep(0.05)
+        await asyncio.wait_for(self._connected.wait(), timeout)
 
     async def close(self) -> None:
         await self.pc.close()
