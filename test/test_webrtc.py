@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
+import aioice.stun
 import httpx
 import pytest
 import websockets
@@ -153,6 +155,28 @@ async def test_signaling_websocket(base_url: str) -> None:
         assert changed["current_state"] == "action"
 
         await ws.send(json.dumps({"type": "bye"}))
+        gone = await _recv(ws, "disconnected")
+        assert gone["session_id"] == answer["session_id"]
+        await _wait_no_sessions(http)
+    await client.close()
+
+
+async def test_ice_failure_is_reported_on_the_signaling_socket(
+        base_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    # make aioice give up on a dead pair in well under a second instead of ~30 s
+    monkeypatch.setattr(aioice.stun, "RETRY_MAX", 1)
+    monkeypatch.setattr(aioice.stun, "RETRY_RTO", 0.05)
+    url = base_url.replace("http", "ws") + "/musetalk/v1/rtc/doomed"
+    client = ClientPeer()
+    offer = await client.offer()
+    # the client's only candidate now points at a port nobody answers on, and the client
+    # never applies the answer, so no check can succeed
+    dead = re.sub(r"(candidate:\S+ 1 udp \d+ 127\.0\.0\.1) \d+", r"\1 9", offer.sdp)
+    async with websockets.connect(url) as ws, httpx.AsyncClient(base_url=base_url) as http:
+        await ws.send(json.dumps({"type": "offer", "sdp": dead}))
+        answer = await _recv(ws, "answer")
+        err = await _recv(ws, "error", timeout=15)
+        assert err["code"] == "PROCESSING_ERROR" and err["details"]["reason"] == "ice_failed"
         gone = await _recv(ws, "disconnected")
         assert gone["session_id"] == answer["session_id"]
         await _wait_no_sessions(http)

@@ -150,7 +150,9 @@ class RtcPeer:
             self.session.stats.rtc["error"] = {"code": err.code, "message": err.message}
             self.notify({"type": "error", "code": err.code, "message": err.message,
                          "details": err.details})
-            self._spawn(self.close("ice failed", linger=FAILED_LINGER_S), "rtc-close")
+            # REST (/offer) clients only learn of it by polling the session: keep it a while
+            linger = FAILED_LINGER_S if self._notify is None else 0.0
+            self._spawn(self.close("ice failed", linger=linger), "rtc-close")
         elif state == "closed":
             self._spawn(self.close("peer closed"), "rtc-close")
 
