@@ -17,7 +17,7 @@ py=.venv/bin/python
 $py -m pip install -q --upgrade pip
 # torch first and pinned: a CPU build; an open range would pull a multi-GB CUDA build
 $py -m pip install -q torch==2.13.0
-$py -m pip install -q -e '.[musetalk,webrtc,test]'
+$py -m pip install -q -e '.[musetalk,test]'
 
 $py -m ruff check websocket_service test bench scripts run_server.py
 $py -m pytest "$@"

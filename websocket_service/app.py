@@ -16,9 +16,11 @@ from fastapi.staticfiles import StaticFiles
 
 from . import __version__
 from .api.rest import error_response, router
+from .api.session_control import router as control_router
 from .config import Settings, get_settings
 from .errors import ServiceError
 from .manager import Services
+from .transports import signaling
 from .transports.websocket import websocket_endpoint
 
 log = logging.getLogger(__name__)
@@ -71,6 +73,8 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
         return FileResponse(STATIC / "index.html")
 
     app.include_router(router)
+    app.include_router(control_router)
+    signaling.install(app)
     app.add_api_websocket_route("/musetalk/v1/ws/{user_id}", websocket_endpoint)
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
     return app

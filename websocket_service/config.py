@@ -6,6 +6,7 @@ which tests override with ``get_settings.cache_clear()`` after changing the envi
 
 from __future__ import annotations
 
+import ipaddress
 from functools import lru_cache
 from pathlib import Path
 from typing import Literal
@@ -74,6 +75,13 @@ class Settings(BaseSettings):
     @classmethod
     def _lower(cls, v: str) -> str:
         return v.lower()
+
+    @field_validator("rtc_host_addresses")
+    @classmethod
+    def _ip_addresses(cls, v: list[str]) -> list[str]:
+        for addr in v:
+            ipaddress.ip_address(addr)  # ValueError names the bad address
+        return v
 
     @model_validator(mode="after")
     def _even_size(self) -> Settings:

@@ -1,0 +1,84 @@
+"""The demo page in real headless Chromium: both transports decode, speak, and look right."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from playwright.sync_api import Browser, Page
+
+from websocket_service.config import Settings
+
+from .browser import chromium
+from .live_server import live_server
+
+DOCS = Path(__file__).resolve().parents[1] / "docs"
+
+
+@pytest.fixture(scope="module")
+def base_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    settings = Settings(avatars_dir=tmp_path_factory.mktemp("avatars"),
+                        rtc_host_addresses=["127.0.0.1"])
+    with live_server(settings) as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Browser]:
+    with chromium() as b:
+        yield b
+
+
+def _stats(page: Page) -> dict[str, Any]:
+    return page.evaluate("window.__stats")
+
+
+def _wait(page: Page, cond: str, timeout: float) -> dict[str, Any]:
+    page.wait_for_function(cond, timeout=timeout * 1000)
+    return _stats(page)
+
+
+def _run(page: Page, base_url: str, transport: str, counter: str, shot: str) -> dict[str, Any]:
+    errors: list[str] = []
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    page.goto(base_url + "/")
+    page.check(f"input[name=transport][value={transport}]")
+    page.click("#connect")
+    _wait(page, f"window.__stats.{counter} > 50", 15)
+    assert page.locator("#actions button[data-action=nod]").count() == 1
+    page.click("#speak")
+    st = _wait(page, "window.__stats.speakingSeen > 0 && window.__stats.g2gMs.length > 0", 15)
+    time.sleep(1.0)  # a mouthful of speech for the screenshot
+    page.screenshot(path=str(DOCS / shot))
+    page.click("#disconnect")
+    assert not errors, errors
+    assert not st["errors"], st["errors"]
+    assert st["ttffMs"] is not None and st["ttffMs"] > 0
+    return st
+
+
+def test_webrtc_mode(browser: Browser, base_url: str) -> None:
+    page = browser.new_page(viewport={"width": 1100, "height": 760})
+    st = _run(page, base_url, "webrtc", "webrtcFramesDecoded", "screenshot_webrtc.png")
+    assert st["transport"] == "webrtc" and st["webrtcFramesDecoded"] > 50
+    page.close()
+
+
+def test_websocket_webcodecs_mode(browser: Browser, base_url: str) -> None:
+    page = browser.new_page(viewport={"width": 1100, "height": 760})
+    st = _run(page, base_url, "ws", "wsFramesDecoded", "screenshot_ws.png")
+    assert st["transport"] == "ws" and st["wsFramesDecoded"] > 50
+    assert min(st["g2gMs"]) > 0
+    page.close()
+
+
+def test_page_is_phone_friendly(browser: Browser, base_url: str) -> None:
+    page = browser.new_page(viewport={"width": 390, "height": 844}, is_mobile=True)
+    page.goto(base_url + "/")
+    width = page.evaluate("document.documentElement.scrollWidth")
+    assert width <= 390, f"horizontal scroll on a phone: {width}px"
+    assert page.locator("#connect").is_visible()
+    page.close()

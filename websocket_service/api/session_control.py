@@ -1,0 +1,101 @@
+"""REST control of a running session, for clients whose media goes over WebRTC.
+
+``POST /sessions/{id}/audio`` takes speech (e.g. TTS output) as raw PCM s16le 16 kHz mono
+(``application/octet-stream``) or JSON ``{data: base64, end_of_speech}``; actions, interrupt
+and end-of-speech have their own routes. They work for WebSocket sessions too.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from fastapi import APIRouter, Query, Request
+from fastapi.responses import FileResponse
+from pydantic import BaseModel, Field, ValidationError
+
+from ..errors import InvalidMessage, ModelNotFound
+from ..manager import Services
+from ..session import Session
+
+router = APIRouter(tags=["session control"])
+SAMPLES = {"speech.wav": "speech_pauses_16k.wav", "short.wav": "short_16k.wav"}
+FIXTURES = Path(__file__).resolve().parents[2] / "fixtures"
+
+
+class AudioBody(BaseModel):
+    data: str = Field(..., description="base64 of PCM s16le, 16 kHz, mono")
+    end_of_speech: bool = False
+
+
+def _session(request: Request, session_id: str) -> Session:
+    services: Services = request.app.state.services
+    return services.sessions.get(session_id)
+
+
+def _ack(session: Session, **extra: Any) -> dict[str, Any]:
+    return {"session_id": session.session_id, "state": session.machine.state.value,
+            "buffered_audio_ms": round(session.stream.buffered_samples() / 16.0), **extra}
+
+
+def _pcm(raw: bytes, max_samples: int) -> np.ndarray:
+    if len(raw) % 2 or not raw:
+        raise InvalidMessage(f"PCM s16le needs a non-empty, even byte count, got {len(raw)} bytes")
+    if len(raw) // 2 > max_samples:
+        raise InvalidMessage(f"audio longer than {max_samples / 16000:g} s in one request",
+                             {"max_samples": max_samples})
+    return np.frombuffer(raw, dtype="<i2").astype(np.int16)
+
+
+@router.post("/sessions/{session_id}/audio", status_code=202)
+async def push_audio(request: Request, session_id: str,
+                     end_of_speech: bool = Query(False)) -> dict[str, Any]:
+    """Queue speech for the avatar to say; it is played on the session's own timeline."""
+    session = _session(request, session_id)
+    max_samples = int(session.settings.max_buffered_audio_s * 16000)
+    body = await request.body()
+    if request.headers.get("content-type", "").startswith("application/json"):
+        try:
+            msg = AudioBody.model_validate_json(body)
+            raw = base64.b64decode(msg.data, validate=True)
+        except (ValidationError, binascii.Error, ValueError):
+            raise InvalidMessage("expected JSON {data: base64 PCM s16le, end_of_speech}") from None
+        end_of_speech = msg.end_of_speech
+    else:
+        raw = body
+    pcm = _pcm(raw, max_samples)
+    session.push_audio(pcm, end_of_speech=end_of_speech)
+    return _ack(session, samples=len(pcm))
+
+
+@router.post("/sessions/{session_id}/action/{name}", status_code=202)
+async def action(request: Request, session_id: str, name: str) -> dict[str, Any]:
+    session = _session(request, session_id)
+    session.start_action(name)
+    return _ack(session, action=name)
+
+
+@router.post("/sessions/{session_id}/interrupt")
+async def interrupt(request: Request, session_id: str) -> dict[str, Any]:
+    session = _session(request, session_id)
+    session.interrupt()
+    return _ack(session)
+
+
+@router.post("/sessions/{session_id}/end_of_speech")
+async def end_of_speech(request: Request, session_id: str) -> dict[str, Any]:
+    session = _session(request, session_id)
+    session.end_of_speech()
+    return _ack(session)
+
+
+@router.get("/samples/{name}", include_in_schema=False)
+async def sample(name: str) -> FileResponse:
+    """Built-in speech samples for the demo page (16 kHz mono WAV)."""
+    path = FIXTURES / SAMPLES.get(name, "-")
+    if name not in SAMPLES or not path.is_file():
+        raise ModelNotFound(f"no sample {name!r}", {"available": sorted(SAMPLES)})
+    return FileResponse(path, media_type="audio/wav")

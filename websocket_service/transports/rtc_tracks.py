@@ -1,0 +1,126 @@
+"""Media tracks that play a session's output to a WebRTC peer.
+
+Both tracks are stamped from the session's single timeline, never from a wall clock:
+video frame n has pts ``n * 90000 / fps`` at 90 kHz and the audio for the same frame
+starts at ``n * 640`` at 16 kHz, so the browser's RTCP-based lip sync lines them up.
+``recv()`` only pulls from a tiny drop-oldest queue that the session's pacer fills; a peer
+that reads too slowly loses the oldest frames, counted in ``session.stats.frames_dropped``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from fractions import Fraction
+from typing import Generic, TypeVar
+
+import av
+import numpy as np
+from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
+
+from ..engines.base import SAMPLE_RATE, SAMPLES_PER_FRAME
+from ..session import OutputFrame, Session
+
+VIDEO_CLOCK = 90_000
+VIDEO_TIME_BASE = Fraction(1, VIDEO_CLOCK)
+AUDIO_TIME_BASE = Fraction(1, SAMPLE_RATE)
+# aiortc's Opus encoder stamps every packet of one encode() call with the first packet's
+# timestamp, so audio leaves here in 20 ms pieces: exactly one Opus packet each.
+AUDIO_PIECE = SAMPLE_RATE // 50
+VIDEO_QUEUE = 2
+AUDIO_QUEUE = 4 * SAMPLES_PER_FRAME // AUDIO_PIECE
+
+T = TypeVar("T")
+
+
+class DropOldestQueue(Generic[T]):
+    """A bounded single-consumer queue that discards its oldest item when full."""
+
+    def __init__(self, maxlen: int) -> None:
+        self._items: deque[T] = deque()
+        self._maxlen = maxlen
+        self._ready = asyncio.Event()
+        self._closed = False
+
+    def put(self, item: T) -> int:
+        """Append without blocking; returns how many items were dropped to make room."""
+        dropped = 0
+        while len(self._items) >= self._maxlen:
+            self._items.popleft()
+            dropped += 1
+        self._items.append(item)
+        self._ready.set()
+        return dropped
+
+    def close(self) -> None:
+        self._closed = True
+        self._ready.set()
+
+    async def get(self) -> T:
+        while not self._items:
+            if self._closed:
+                raise MediaStreamError
+            self._ready.clear()
+            await self._ready.wait()
+        return self._items.popleft()
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+
+class SessionVideoTrack(MediaStreamTrack):
+    """The avatar's video; aiortc encodes it (H.264 preferred, VP8 fallback)."""
+
+    kind = "video"
+
+    def __init__(self, session: Session) -> None:
+        super().__init__()
+        self.session = session
+        self.queue: DropOldestQueue[OutputFrame] = DropOldestQueue(VIDEO_QUEUE)
+        self._ticks = VIDEO_CLOCK // session.video.fps
+        self.frames_sent = 0
+
+    def push(self, frame: OutputFrame) -> None:
+        self.session.stats.frames_dropped += self.queue.put(frame)
+
+    async def recv(self) -> av.VideoFrame:
+        f = await self.queue.get()
+        vf = av.VideoFrame.from_ndarray(f.image, format="rgb24")
+        vf.pts = f.index * self._ticks
+        vf.time_base = VIDEO_TIME_BASE
+        self.frames_sent += 1
+        self.session.frame_sent(f, self.session.clock.now())
+        return vf
+
+    def stop(self) -> None:
+        self.queue.close()
+        super().stop()
+
+
+class SessionAudioTrack(MediaStreamTrack):
+    """The speech the avatar is lip-syncing (``OutputFrame.pcm``), silence otherwise."""
+
+    kind = "audio"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.queue: DropOldestQueue[tuple[int, np.ndarray]] = DropOldestQueue(AUDIO_QUEUE)
+        self.dropped = 0
+
+    def push(self, frame: OutputFrame) -> None:
+        start = frame.index * SAMPLES_PER_FRAME
+        for off in range(0, SAMPLES_PER_FRAME, AUDIO_PIECE):
+            self.dropped += self.queue.put((start + off, frame.pcm[off:off + AUDIO_PIECE]))
+
+    async def recv(self) -> av.AudioFrame:
+        pts, pcm = await self.queue.get()
+        af = av.AudioFrame.from_ndarray(np.ascontiguousarray(pcm).reshape(1, -1),
+                                        format="s16", layout="mono")
+        af.sample_rate = SAMPLE_RATE
+        af.pts = pts
+        af.time_base = AUDIO_TIME_BASE
+        return af
+
+    def stop(self) -> None:
+        self.queue.close()
+        super().stop()

@@ -1,0 +1,251 @@
+"""WebRTC signaling, both ways: ``POST /offer`` and the WebSocket ``/musetalk/v1/rtc/{user_id}``.
+
+Both end in :meth:`RtcHub.connect`; the answer always carries every server candidate
+(aiortc gathers completely before ``setLocalDescription`` returns), so trickle from the
+server is never needed. The message set is documented in ``docs/WEBRTC.md``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import uuid
+from typing import Annotated, Any, Literal
+
+from aiortc.sdp import candidate_from_sdp
+from fastapi import APIRouter, Request, WebSocket, WebSocketDisconnect
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+from starlette.websockets import WebSocketState
+
+from ..errors import InvalidMessage, InvalidSession, RateLimitExceeded, ServiceError
+from ..protocol import USER_ID_RE, VideoConfig
+from .webrtc import RtcHub, RtcPeer
+
+log = logging.getLogger(__name__)
+
+router = APIRouter(tags=["webrtc"])
+IDLE_TIMEOUT_S = 60.0  # a signaling socket with no message (not even a ping) this long is closed
+MAX_OUTBOX = 256
+MAX_SIGNAL_BYTES = 64 * 1024
+CLOSE_POLICY = 1008
+CLOSE_TRY_AGAIN = 1013
+
+ID = Field(None, pattern=r"^[A-Za-z0-9_-]{1,64}$")
+
+
+class _Msg(BaseModel):
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+
+class OfferRequest(_Msg):
+    """Body of ``POST /offer`` (the aiortc examples' convention plus who is asking)."""
+
+    sdp: str = Field(..., max_length=MAX_SIGNAL_BYTES)
+    type: Literal["offer"] = "offer"
+    user_id: str = Field(..., pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    avatar_id: str | None = ID
+    base_video: str | None = Field(None, max_length=64)
+
+
+class OfferAnswer(_Msg):
+    sdp: str
+    type: Literal["answer"] = "answer"
+    session_id: str
+
+
+class SigOffer(_Msg):
+    type: Literal["offer"]
+    sdp: str = Field(..., max_length=MAX_SIGNAL_BYTES)
+    avatar_id: str | None = ID
+    base_video: str | None = Field(None, max_length=64)
+
+
+class SigCandidate(_Msg):
+    type: Literal["ice-candidate"]
+    candidate: dict[str, Any] | None = None  # RTCIceCandidateInit; null = end of candidates
+
+
+class SigPing(_Msg):
+    type: Literal["ping"]
+    t: float | None = None
+
+
+class SigBye(_Msg):
+    type: Literal["bye"]
+
+
+SIGNAL_ADAPTER: TypeAdapter[Any] = TypeAdapter(
+    Annotated[SigOffer | SigCandidate | SigPing | SigBye, Field(discriminator="type")])
+
+
+def _hub(app: Any) -> RtcHub:
+    return app.state.rtc_hub
+
+
+@router.post("/offer", response_model=OfferAnswer)
+async def offer(request: Request, body: OfferRequest) -> OfferAnswer:
+    """Answer a WebRTC offer with a new session. Poll ``GET /sessions/{session_id}``
+    (``rtc.connection_state``) to learn about failures; the session closes with the peer."""
+    peer = await _hub(request.app).connect(
+        body.user_id, body.sdp, body.type,
+        VideoConfig(avatar_id=body.avatar_id, base_video=body.base_video))
+    desc = peer.pc.localDescription
+    return OfferAnswer(sdp=desc.sdp, type="answer", session_id=peer.session_id)
+
+
+def _error(err: ServiceError) -> dict[str, Any]:
+    return {"type": "error", "code": err.code, "message": err.message, "details": err.details}
+
+
+class SignalingConnection:
+    """One signaling socket: at most one peer at a time, one client slot throughout."""
+
+    def __init__(self, ws: WebSocket, hub: RtcHub, user_id: str) -> None:
+        self.ws = ws
+        self.hub = hub
+        self.user_id = user_id
+        self.key = f"sig-{uuid.uuid4()}"
+        self.peer: RtcPeer | None = None
+        self.outbox: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue(MAX_OUTBOX)
+        self._overflow = False
+
+    def send(self, msg: dict[str, Any]) -> None:
+        """Queue a message without blocking; a client that stops reading is dropped."""
+        try:
+            self.outbox.put_nowait(msg)
+        except asyncio.QueueFull:
+            self._overflow = True
+
+    async def _send_loop(self) -> None:
+        while not self._overflow:
+            msg = await self.outbox.get()
+            if msg is None:  # end marker from _flush
+                return
+            await self.ws.send_text(json.dumps(msg))
+
+    async def run(self) -> None:
+        if not USER_ID_RE.match(self.user_id):
+            await self._refuse(InvalidMessage("user_id must be 1-64 characters of letters, "
+                                              "digits, '-' and '_'"), CLOSE_POLICY)
+            return
+        try:
+            self.hub.reserve(self.key)
+        except RateLimitExceeded as err:
+            await self._refuse(err, CLOSE_TRY_AGAIN)
+            return
+        sender = asyncio.create_task(self._send_loop(), name=f"sig-send-{self.user_id}")
+        receiver = asyncio.create_task(self._receive_loop(), name=f"sig-recv-{self.user_id}")
+        try:
+            await asyncio.wait({sender, receiver}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            receiver.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await receiver
+            await self._drop_peer("signaling closed")
+            await self._flush(sender)
+            self.hub.release(self.key)
+            if self.ws.application_state is WebSocketState.CONNECTED:
+                with contextlib.suppress(Exception):
+                    await self.ws.close(1000)
+
+    async def _flush(self, sender: asyncio.Task[None]) -> None:
+        """Let the sender deliver what is queued (e.g. 'disconnected'), then stop it."""
+        with contextlib.suppress(asyncio.QueueFull):
+            self.outbox.put_nowait(None)
+        with contextlib.suppress(Exception):
+            await asyncio.wait({sender}, timeout=1.0)
+        sender.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await sender
+
+    async def _refuse(self, err: ServiceError, code: int) -> None:
+        with contextlib.suppress(Exception):
+            await self.ws.send_text(json.dumps(_error(err)))
+            await self.ws.close(code, err.code)
+
+    async def _receive_loop(self) -> None:
+        while True:
+            try:
+                async with asyncio.timeout(IDLE_TIMEOUT_S):
+                    text = await self.ws.receive_text()
+            except TimeoutError:
+                self.send(_error(InvalidSession(f"no message for {IDLE_TIMEOUT_S:g} s; send "
+                                                "'ping' to keep the connection", fatal=True)))
+                return
+            except (WebSocketDisconnect, RuntimeError, KeyError):
+                return
+            try:
+                await self._handle(text)
+            except ServiceError as err:
+                self.send(_error(err))
+                if err.fatal:
+                    return
+
+    async def _handle(self, text: str) -> None:
+        if len(text) > MAX_SIGNAL_BYTES:
+            raise InvalidMessage(f"signaling message over {MAX_SIGNAL_BYTES} bytes")
+        try:
+            msg = SIGNAL_ADAPTER.validate_json(text)
+        except ValidationError as exc:
+            first = exc.errors(include_url=False)[0]
+            raise InvalidMessage(f"invalid signaling message: {first.get('msg')}",
+                                 {"expected_types": ["offer", "ice-candidate", "ping", "bye"]}) from None
+        if isinstance(msg, SigPing):
+            loop = asyncio.get_running_loop()
+            self.send({"type": "pong", "t": msg.t, "server_time_ms": int(loop.time() * 1000)})
+        elif isinstance(msg, SigOffer):
+            await self._offer(msg)
+        elif isinstance(msg, SigCandidate):
+            await self._candidate(msg)
+        elif isinstance(msg, SigBye):
+            await self._drop_peer("client said bye")
+
+    async def _offer(self, msg: SigOffer) -> None:
+        await self._drop_peer("renegotiated with a new offer")
+        self.peer = await self.hub.connect(
+            self.user_id, msg.sdp, "offer",
+            VideoConfig(avatar_id=msg.avatar_id, base_video=msg.base_video),
+            notify=self.send, slot=self.key)
+        desc = self.peer.pc.localDescription
+        self.send({"type": "answer", "sdp": desc.sdp, "session_id": self.peer.session_id})
+
+    async def _candidate(self, msg: SigCandidate) -> None:
+        if self.peer is None:
+            raise InvalidSession("send an offer before ICE candidates")
+        c = msg.candidate
+        if not c or not c.get("candidate"):
+            return  # end of candidates: nothing to do for aioice
+        try:
+            cand = candidate_from_sdp(str(c["candidate"]).removeprefix("candidate:"))
+        except (ValueError, IndexError) as exc:
+            raise InvalidMessage(f"cannot parse ICE candidate: {exc}") from None
+        cand.sdpMid = c.get("sdpMid")
+        cand.sdpMLineIndex = c.get("sdpMLineIndex")
+        await self.peer.pc.addIceCandidate(cand)
+
+    async def _drop_peer(self, reason: str) -> None:
+        peer, self.peer = self.peer, None
+        if peer is not None:
+            await peer.close(reason)
+
+
+async def signaling_endpoint(ws: WebSocket, user_id: str) -> None:
+    await ws.accept()
+    await SignalingConnection(ws, _hub(ws.app), user_id).run()
+
+
+def install(app: Any) -> None:
+    """Mount the WebRTC signaling on ``app``; peers are closed before the sessions at shutdown."""
+
+    async def start(app: Any) -> None:
+        app.state.rtc_hub = RtcHub(app.state.services)
+
+    async def stop(app: Any) -> None:
+        await app.state.rtc_hub.close_all()
+
+    app.state.startup_hooks.append(start)
+    app.state.shutdown_hooks.append(stop)
+    app.include_router(router)
+    app.add_api_websocket_route("/musetalk/v1/rtc/{user_id}", signaling_endpoint)

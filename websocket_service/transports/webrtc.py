@@ -1,0 +1,242 @@
+"""The WebRTC transport: one aiortc peer connection bound to one session.
+
+The peer attaches a sink to the session that feeds the two output tracks, answers the
+client's offer (H.264 preferred, VP8 fallback), reads the client's audio track into the
+session, and polls ``pc.getStats()`` into ``session.stats.rtc``. It never calls an engine.
+Signaling (``/offer`` and the signaling WebSocket) lives in ``signaling.py``; the limit
+on concurrent clients and shutdown live in :class:`RtcHub`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+from aiortc import RTCPeerConnection, RTCRtpSender, RTCSessionDescription
+from aiortc.mediastreams import MediaStreamTrack
+from pydantic import BaseModel
+
+from ..config import Settings
+from ..errors import InvalidMessage, ProcessingError, RateLimitExceeded, ServiceError
+from ..manager import Services
+from ..protocol import ErrorMsg, VideoConfig
+from ..session import OutputFrame, Session
+from .rtc_audio_in import MicIngest
+from .rtc_network import host_addresses, rtc_configuration
+from .rtc_tracks import SessionAudioTrack, SessionVideoTrack
+
+log = logging.getLogger(__name__)
+
+Notify = Callable[[dict[str, Any]], None]
+STATS_PERIOD_S = 1.0
+FAILED_LINGER_S = 5.0  # keep a failed session visible in GET /sessions/{id} this long
+VIDEO_CODECS = ("video/H264", "video/VP8", "video/rtx")
+
+
+class RtcSink:
+    """Session sink: frames to both tracks, events to the peer's notifier."""
+
+    def __init__(self, peer: RtcPeer) -> None:
+        self.peer = peer
+
+    def on_frame(self, frame: OutputFrame) -> None:
+        self.peer.video.push(frame)
+        self.peer.audio.push(frame)
+
+    def on_event(self, event: BaseModel) -> None:
+        if isinstance(event, ErrorMsg):
+            self.peer.session.stats.errors_sent += 1
+        self.peer.notify(event.model_dump(mode="json", exclude_none=True))
+
+
+def _video_preferences() -> list[Any]:
+    caps = RTCRtpSender.getCapabilities("video").codecs
+    return [c for mime in VIDEO_CODECS for c in caps if c.mimeType == mime]
+
+
+def _stats_summary(report: Any) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for s in report.values():
+        kind = getattr(s, "kind", None)
+        if s.type == "remote-inbound-rtp":  # what the client reports about our streams
+            out[f"{kind}_out"] = {"rtt_ms": round(s.roundTripTime * 1000, 1),
+                                  "jitter": s.jitter, "packets_lost": s.packetsLost,
+                                  "fraction_lost": s.fractionLost}
+        elif s.type == "outbound-rtp":
+            out.setdefault(f"{kind}_sent", {}).update(packets=s.packetsSent, bytes=s.bytesSent)
+        elif s.type == "inbound-rtp":  # the client's microphone
+            out[f"{kind}_in"] = {"packets": s.packetsReceived, "packets_lost": s.packetsLost,
+                                 "jitter": s.jitter}
+    return out
+
+
+class RtcPeer:
+    """One client: a peer connection, its session, tracks and helper tasks."""
+
+    def __init__(self, hub: RtcHub, session: Session, notify: Notify | None) -> None:
+        self.hub = hub
+        self.session = session
+        self._notify = notify
+        self.pc = RTCPeerConnection(rtc_configuration(hub.settings.ice_servers))
+        self.video = SessionVideoTrack(session)
+        self.audio = SessionAudioTrack()
+        self.sink = RtcSink(self)
+        self.mic: MicIngest | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._closed = asyncio.Event()
+        self.closing = False
+        self.pc.on("connectionstatechange", self._on_state)
+        self.pc.on("track", self._on_track)
+
+    @property
+    def session_id(self) -> str:
+        return self.session.session_id
+
+    def notify(self, msg: dict[str, Any]) -> None:
+        if self._notify is not None:
+            self._notify(msg)
+
+    def _spawn(self, coro: Any, name: str) -> None:
+        task = asyncio.create_task(coro, name=f"{name}-{self.session_id[:8]}")
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # ---------------------------------------------------------------- negotiation
+    async def answer(self, sdp: str, type_: str) -> RTCSessionDescription:
+        """Apply the offer and return an answer that carries every candidate."""
+        if type_ != "offer":
+            raise InvalidMessage(f"expected an SDP offer, got type {type_!r}")
+        try:
+            with host_addresses(self.hub.settings.rtc_host_addresses):
+                await self.pc.setRemoteDescription(RTCSessionDescription(sdp=sdp, type=type_))
+                kinds = {t.kind: t for t in self.pc.getTransceivers()}
+                if "video" not in kinds:
+                    raise InvalidMessage("the offer has no video m-line; add a recvonly video "
+                                         "transceiver")
+                kinds["video"].setCodecPreferences(_video_preferences())
+                self.pc.addTrack(self.video)
+                if "audio" in kinds:
+                    self.pc.addTrack(self.audio)
+                await self.pc.setLocalDescription(await self.pc.createAnswer())
+        except ServiceError:
+            raise
+        except (ValueError, KeyError, AttributeError) as exc:  # aiortc's SDP parse errors
+            raise InvalidMessage(f"cannot use this SDP offer: {exc}") from None
+        self.session.stats.rtc["connection_state"] = self.pc.connectionState
+        self.session.add_sink(self.sink)
+        self._spawn(self._poll_stats(), "rtc-stats")
+        return self.pc.localDescription
+
+    # ---------------------------------------------------------------- events
+    def _on_track(self, track: MediaStreamTrack) -> None:
+        if track.kind == "audio" and self.mic is None:
+            self.mic = MicIngest(track, self.session)
+            self._spawn(self.mic.run(), "rtc-mic")
+
+    def _on_state(self) -> None:
+        state = self.pc.connectionState
+        self.session.stats.rtc["connection_state"] = state
+        log.info("session %s: peer connection %s", self.session_id, state)
+        if state == "connected":
+            self.notify({"type": "connected", "session_id": self.session_id})
+        elif state == "failed":
+            err = ProcessingError("the WebRTC connection failed (ICE found no working path); "
+                                  "check the ICE servers / TURN relay and firewalls",
+                                  {"reason": "ice_failed", "session_id": self.session_id})
+            self.session.stats.rtc["error"] = {"code": err.code, "message": err.message}
+            self.notify({"type": "error", "code": err.code, "message": err.message,
+                         "details": err.details})
+            # REST (/offer) clients only learn of it by polling the session: keep it a while
+            linger = FAILED_LINGER_S if self._notify is None else 0.0
+            self._spawn(self.close("ice failed", linger=linger), "rtc-close")
+        elif state == "closed":
+            self._spawn(self.close("peer closed"), "rtc-close")
+
+    async def _poll_stats(self) -> None:
+        while True:
+            await asyncio.sleep(STATS_PERIOD_S)
+            with contextlib.suppress(Exception):  # stats are best effort
+                summary = _stats_summary(await self.pc.getStats())
+                self.session.stats.rtc.update(summary)
+                if self.mic is not None:
+                    self.session.stats.rtc["mic_pushed_s"] = round(self.mic.pushed_samples / 16000, 3)
+
+    # ---------------------------------------------------------------- teardown
+    async def close(self, reason: str, linger: float = 0.0) -> None:
+        """Close the connection and free the session; idempotent, waits for the first close."""
+        if self.closing:
+            await self._closed.wait()
+            return
+        self.closing = True
+        try:
+            if linger:
+                await asyncio.sleep(linger)
+            self.session.remove_sink(self.sink)
+            current = asyncio.current_task()
+            for t in [t for t in self._tasks if t is not current]:
+                t.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await t
+            self.video.stop()
+            self.audio.stop()
+            await self.pc.close()
+            await self.hub.services.sessions.close(self.session_id)
+            self.notify({"type": "disconnected", "session_id": self.session_id, "reason": reason})
+        finally:
+            self.hub.release(self.session_id)
+            self._closed.set()
+
+
+class RtcHub:
+    """All WebRTC clients of the app: the ``max_rtc_clients`` limit and shutdown."""
+
+    def __init__(self, services: Services) -> None:
+        self.services = services
+        self.settings: Settings = services.settings
+        self.peers: dict[str, RtcPeer] = {}
+        self._slots: set[str] = set()
+
+    def reserve(self, key: str) -> None:
+        if len(self._slots) >= self.settings.max_rtc_clients:
+            raise RateLimitExceeded(
+                f"the server is at its limit of {self.settings.max_rtc_clients} WebRTC clients; "
+                "try again later", {"max_rtc_clients": self.settings.max_rtc_clients}, fatal=True)
+        self._slots.add(key)
+
+    def release(self, key: str) -> None:
+        self._slots.discard(key)
+        self.peers.pop(key, None)
+
+    async def connect(self, user_id: str, sdp: str, type_: str, config: VideoConfig,
+                      notify: Notify | None = None, slot: str | None = None) -> RtcPeer:
+        """Create a session and a peer for an offer. ``slot`` is an already reserved key."""
+        session_id = str(uuid.uuid4())
+        if slot is None:
+            self.reserve(session_id)
+        session = None
+        try:
+            session = await self.services.sessions.create(session_id, user_id, config,
+                                                          transport="webrtc")
+            peer = RtcPeer(self, session, notify)
+            self.peers[session_id] = peer
+            session.start()
+            await peer.answer(sdp, type_)
+            return peer
+        except BaseException:
+            peer = self.peers.pop(session_id, None)
+            if peer is not None:
+                with contextlib.suppress(Exception):
+                    await peer.pc.close()
+            if session is not None:
+                await self.services.sessions.close(session_id)
+            if slot is None:
+                self.release(session_id)
+            raise
+
+    async def close_all(self) -> None:
+        for peer in list(self.peers.values()):
+            await peer.close("server shutting down")
