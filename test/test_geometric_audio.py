@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
-from geometric_support import wav
+from .geometric_support import wav
 
 from websocket_service.engines.geometric.audio import WINDOW, AudioAnalyzer
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import av
 import cv2
 import numpy as np
-from geometric_support import builtin, engine, store
+from .geometric_support import builtin, engine, store
 from skimage import data
 
 from websocket_service.avatars.store import load_avatar

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 
 import numpy as np
-from geometric_support import builtin, engine, wav
+from .geometric_support import builtin, engine, wav
 
 from bench.mouth_metrics import evaluate, mouth_opening
 from bench.run_stream import base_cycle, speak

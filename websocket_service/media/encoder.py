@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from fractions import Fraction
 
 import av
+import cv2
 import numpy as np
 
 
@@ -57,7 +58,10 @@ class H264Encoder:
         """Encode one RGB frame; zerolatency gives exactly one access unit per frame."""
         if rgb.shape[0] != self.height or rgb.shape[1] != self.width:
             raise ValueError(f"frame is {rgb.shape[1]}x{rgb.shape[0]}, encoder is {self.width}x{self.height}")
-        frame = av.VideoFrame.from_ndarray(rgb, format="rgb24")
+        # OpenCV's BT.601 limited-range I420 conversion is ~10x faster than swscale's and
+        # releases the GIL; libx264 itself holds it (PyAV encodes without releasing it).
+        frame = av.VideoFrame.from_ndarray(cv2.cvtColor(rgb, cv2.COLOR_RGB2YUV_I420),
+                                           format="yuv420p")
         frame.pts = self._pts
         if self._force_key:
             frame.pict_type = av.video.frame.PictureType.I
