@@ -58,7 +58,11 @@ class MuseTalkEngine(LipSyncEngine):
     # -- loading
     def load(self) -> None:
         s = self.settings
-        b = load_bundle(Path(s.model_path), self.version, s.device, s.use_float16)
+        self.attach(load_bundle(Path(s.model_path), self.version, s.device, s.use_float16))
+
+    def attach(self, b: Bundle) -> None:
+        """Start on already-built models (``load`` from files, or the benchmark's in-memory ones)."""
+        s = self.settings
         d_model = int(b.whisper_config.d_model)
         cross = int(b.unet.config.cross_attention_dim)
         if cross != d_model:

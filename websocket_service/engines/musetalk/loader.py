@@ -178,11 +178,17 @@ def load_bundle(root: Path, version: str, device_setting: str, use_float16: bool
     vae, f2 = load_vae(root)
     encoder, wcfg, fe, f3 = load_whisper(root)
     parsing, f4 = load_parsing(root)
+    return make_bundle(unet, vae, encoder, wcfg, fe, parsing, device_setting, use_float16,
+                       {**files, **f2, **f3, **f4})
+
+
+def make_bundle(unet, vae, encoder, wcfg, fe, parsing, device_setting: str, use_float16: bool,
+                files: dict[str, str]) -> Bundle:
+    """Models moved to the device, in eval mode; fp16 on CUDA when ``use_float16``."""
     device = pick_device(device_setting)
     dtype = torch.float16 if (device.type == "cuda" and use_float16) else torch.float32
     for m in (unet, vae, encoder):
         m.to(device=device, dtype=dtype).eval().requires_grad_(False)
     if parsing is not None:
         parsing.to(device).eval().requires_grad_(False)
-    return Bundle(unet, vae, encoder, wcfg, fe, parsing, device, dtype,
-                  {**files, **f2, **f3, **f4})
+    return Bundle(unet, vae, encoder, wcfg, fe, parsing, device, dtype, files)
