@@ -34,6 +34,15 @@ class Settings(BaseSettings):
     musetalk_version: Literal["v15", "v10"] = "v15"
     batch_max: int = Field(16, ge=1, le=256)
     batch_wait_ms: float = Field(4.0, ge=0, le=100)
+    # MuseTalk only: audio-encoder hop (frames per Whisper pass), left audio context of each
+    # pass, Whisper window ("short": positional embedding cut to the window; "full": 30 s),
+    # crop margins (v1.5 extra_margin, v1.0 bbox_shift, avatar pixels), inference queue bound
+    musetalk_hop_frames: int = Field(2, ge=1, le=25)
+    musetalk_audio_context_ms: int = Field(1000, ge=0, le=20000)
+    musetalk_whisper_window: Literal["short", "full"] = "short"
+    musetalk_extra_margin: int = Field(10, ge=0, le=200)
+    musetalk_bbox_shift: int = Field(0, ge=-100, le=100)
+    musetalk_queue_frames: int = Field(512, ge=1)
 
     # --- avatars
     avatars_dir: Path = Path("data/avatars")

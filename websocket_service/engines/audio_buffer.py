@@ -121,6 +121,15 @@ class UtteranceBuffer:
         have = u.total // SAMPLES_PER_FRAME - self.lookahead
         return max(0, have - u.next_index)
 
+    def ready_final(self) -> int:
+        """Ready frames of utterances that have ended (no more audio will change them)."""
+        n = 0
+        for u in self._utts:
+            if not u.ended:
+                break
+            n += self._ready_in(u)
+        return n
+
     def ready(self) -> int:
         n = 0
         for u in self._utts:
@@ -164,6 +173,13 @@ class UtteranceBuffer:
             u.next_index += 1
             u.trim()
         return out
+
+    def received(self, utterance_id: int) -> tuple[int, bool]:
+        """(samples received so far, ended) of a buffered utterance; (0, True) if gone."""
+        for u in self._utts:
+            if u.uid == utterance_id:
+                return u.total, u.ended
+        return 0, True
 
     def window(self, utterance_id: int, start: int, end: int) -> np.ndarray:
         """Samples [start, end) of an utterance still buffered (zeros outside it)."""

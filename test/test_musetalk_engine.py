@@ -1,0 +1,330 @@
+"""The MuseTalk engine on a tiny random-weight model in the official layout (CPU, no downloads)."""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import os
+import sys
+from pathlib import Path
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+sys.path.insert(0, str(Path(__file__).parent))
+
+import cv2  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from musetalk_tiny import copy_without, write_tiny_model  # noqa: E402
+from skimage import data as skdata  # noqa: E402
+
+from websocket_service.avatars.model import Avatar, BaseFrame, Clip  # noqa: E402
+from websocket_service.avatars.store import build_avatar, save_avatar  # noqa: E402
+from websocket_service.config import Settings  # noqa: E402
+from websocket_service.engines import create_engine  # noqa: E402
+from websocket_service.engines.musetalk import MuseTalkEngine  # noqa: E402
+from websocket_service.engines.musetalk.audio import (  # noqa: E402
+    frame_window,
+    positional_encoding,
+    window_bounds,
+)
+from websocket_service.engines.musetalk.worker import Request  # noqa: E402
+from websocket_service.errors import ModelNotFound, RateLimitExceeded  # noqa: E402
+
+SIZE = 256
+
+
+def settings(model: Path, **kw) -> Settings:
+    return Settings(_env_file=None, engine="musetalk", model_path=model, device="cpu", **kw)
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory) -> Path:
+    return write_tiny_model(tmp_path_factory.mktemp("tiny"), ("v15", "v10"))
+
+
+@pytest.fixture(scope="module")
+def engine(model):
+    eng = create_engine(settings(model, batch_max=16, batch_wait_ms=30))
+    yield eng
+    asyncio.run(eng.aclose())
+
+
+def small_avatar(root: Path, frames: int = 3) -> Avatar:
+    av = build_avatar("tiny", [skdata.astronaut()], True, SIZE, SIZE)
+    av.clips = {n: Clip(n, c.kind, c.frames[:frames].copy()) for n, c in list(av.clips.items())[:2]}
+    save_avatar(av, root)
+    return av
+
+
+@pytest.fixture(scope="module")
+def avatar(engine, tmp_path_factory) -> Avatar:
+    av = small_avatar(tmp_path_factory.mktemp("avatars"))
+    engine.prepare_avatar(av)
+    return av
+
+
+def speech(n_frames: int, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    t = np.arange(n_frames * 640) / 16000
+    env = 0.5 + 0.5 * np.sin(2 * np.pi * 3 * t)
+    x = env * np.sin(2 * np.pi * 180 * t) + 0.05 * rng.standard_normal(len(t))
+    return (x * 12000).astype(np.int16)
+
+
+class Bases:
+    """take_base for one clip of the avatar, cycling, recording what it handed out."""
+
+    def __init__(self, avatar: Avatar, clip: str = "idle") -> None:
+        self.clip = avatar.clip(clip)
+        self.given: list[BaseFrame] = []
+
+    def __call__(self) -> BaseFrame:
+        i = len(self.given) % len(self.clip)
+        b = BaseFrame(self.clip.name, i, self.clip.frames[i])
+        self.given.append(b)
+        return b
+
+
+async def render_all(stream, bases, max_frames: int = 4) -> list:
+    out = []
+    while stream.ready_frames():
+        out += await stream.render_next(bases, max_frames)
+    return out
+
+
+# ------------------------------------------------------------------ loader
+
+def test_loads_both_layouts(model):
+    for version in ("v15", "v10"):
+        eng = MuseTalkEngine(settings(model, musetalk_version=version))
+        eng.load()
+        info = eng.info()
+        assert info["loaded"] and info["device"] == "cpu" and info["version"] == version
+        assert info["mask"].startswith("geometric")
+        assert ("unet.pth" if version == "v15" else "pytorch_model.bin") in info["files"]["unet"]
+        asyncio.run(eng.aclose())
+
+
+@pytest.mark.parametrize("missing", ["musetalkV15/unet.pth", "musetalkV15/musetalk.json",
+                                     "sd-vae/config.json", "sd-vae/diffusion_pytorch_model.bin",
+                                     "whisper/pytorch_model.bin", "whisper/config.json"])
+def test_missing_file_names_it(model, tmp_path, missing):
+    broken = copy_without(model, tmp_path / "m", missing)
+    with pytest.raises(ModelNotFound) as err:
+        create_engine(settings(broken))
+    assert missing in err.value.message and err.value.fatal
+
+
+def test_broken_file_names_it(model, tmp_path):
+    import shutil
+
+    shutil.copytree(model, tmp_path / "m")
+    (tmp_path / "m/musetalkV15/unet.pth").write_bytes(b"not a checkpoint")
+    with pytest.raises(ModelNotFound, match="musetalkV15/unet.pth"):
+        create_engine(settings(tmp_path / "m"))
+
+
+def test_missing_extra_is_a_clear_error(model, monkeypatch):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "diffusers" else real(name, *a))
+    with pytest.raises(ModelNotFound, match=r"musetalk.*extra.*diffusers"):
+        create_engine(settings(model))
+
+
+def test_parsing_net_loads_and_shapes_the_mask(model, tmp_path):
+    import shutil
+
+    shutil.copytree(model, tmp_path / "m")
+    write_tiny_model(tmp_path / "p", (), parsing=True)
+    shutil.copytree(tmp_path / "p/face-parse-bisent", tmp_path / "m/face-parse-bisent")
+    eng = create_engine(settings(tmp_path / "m"))
+    try:
+        assert eng.info()["mask"] == "face-parsing"
+        av = small_avatar(tmp_path / "av", frames=1)
+        eng.prepare_avatar(av)
+        clip = av.engine_data["musetalk"]["clips"]["idle"]
+        x1, y1, x2, y2 = clip.boxes[0]
+        assert clip.masks[0].shape == (y2 - y1, x2 - x1)
+        assert not clip.masks[0][: (y2 - y1) // 2].any()
+    finally:
+        asyncio.run(eng.aclose())
+
+
+# ------------------------------------------------------------------ audio features
+
+def test_frame_window_against_hand_made_features():
+    t, layers, dim = 30, 5, 3
+    # feature value encodes (absolute encoder frame k, layer l): 100 * (k + 1) + l
+    k = torch.arange(t)[:, None, None]
+    lay = torch.arange(layers)[None, :, None]
+    feats = (100 * (k + 1) + lay).float().expand(t, layers, dim).clone()
+
+    def expect(f: int, lo: int, hi: int) -> torch.Tensor:
+        rows = []
+        for j in range(10):  # padded frames [2f, 2f+10) = real frames [2f-4, 2f+6)
+            kk = 2 * f - 4 + j
+            for ll in range(layers):
+                v = 100 * (kk + 1) + ll if lo <= kk < hi else 0
+                rows.append([v] * dim)
+        return torch.tensor(rows, dtype=torch.float32)
+
+    assert torch.equal(frame_window(feats, 0), expect(0, 0, t))  # 4 zero frames on the left
+    assert torch.equal(frame_window(feats, 5), expect(5, 0, t))
+    assert torch.equal(frame_window(feats, 14), expect(14, 0, t))  # right edge: zeros past 30
+    assert frame_window(feats, 0).shape == (50, dim)
+    # a window that starts at encoder frame 8 of the utterance, which is 20 frames long
+    part = feats[8:]
+    shifted = (part - 0).clone()
+    got = frame_window(shifted, 6, offset=8, n_valid=20)
+    ref = expect(6, 8, 20)
+    # values in ``part`` are those of frames 8.. of ``feats``, so the expectation is unchanged
+    assert torch.equal(got, ref)
+
+
+def test_positional_encoding_is_sin_even_cos_odd():
+    pe = positional_encoding(50, 384)
+    assert pe.shape == (50, 384)
+    p, i = 7, 10
+    assert pe[p, 2 * i] == pytest.approx(np.sin(p / 10000 ** (2 * i / 384)), abs=1e-6)
+    assert pe[p, 2 * i + 1] == pytest.approx(np.cos(p / 10000 ** (2 * i / 384)), abs=1e-6)
+    assert torch.equal(pe[0, 0::2], torch.zeros(192)) and torch.equal(pe[0, 1::2], torch.ones(192))
+
+
+def test_window_bounds_cover_the_lookahead():
+    start, end = window_bounds(10, 11, received=20 * 640, ended=False, context_samples=16000,
+                               max_samples=480000)
+    assert start == 0 and end == (11 + 1 + 3) * 640
+    start, end = window_bounds(40, 41, received=60 * 640, ended=False, context_samples=16000,
+                               max_samples=480000)
+    assert start == 40 * 640 - 16000 and start % 320 == 0
+    _, end = window_bounds(5, 6, received=6 * 640 + 100, ended=True, context_samples=0,
+                           max_samples=480000)
+    assert end == 7 * 640  # an ended utterance: up to the last frame's own slot, no further
+    _, end = window_bounds(2, 3, received=6 * 640 + 100, ended=True, context_samples=0,
+                           max_samples=480000)
+    assert end == 6 * 640 + 320  # the utterance's end, rounded up to an encoder frame
+
+
+# ------------------------------------------------------------------ avatar cache
+
+def test_latent_cache_round_trip(engine, avatar):
+    first = avatar.engine_data.pop("musetalk")
+    assert (avatar.path / "musetalk_v15.pt").is_file()
+    again = MuseTalkEngine(engine.settings)
+    again.bundle, again.worker = engine.bundle, engine.worker  # a restarted engine, same weights
+    again.prepare_avatar(avatar)
+    second = avatar.engine_data["musetalk"]
+    assert second["source"] == "disk" and second["key"] == first["key"]
+    for name, clip in first["clips"].items():
+        other = second["clips"][name]
+        assert torch.equal(clip.latents, other.latents)
+        assert np.array_equal(clip.boxes, other.boxes)
+        assert all(np.array_equal(a, b) for a, b in zip(clip.masks, other.masks, strict=True))
+        assert clip.latents.shape[1:] == (8, 32, 32)
+
+
+# ------------------------------------------------------------------ streaming
+
+def test_stream_renders_exactly_n_frames_touching_only_the_lower_face(engine, avatar):
+    n = 7
+    stream = engine.open_stream(avatar)
+    bases = Bases(avatar)
+    pcm = speech(n)
+
+    async def run():
+        for piece in np.array_split(pcm, [500, 1900, 2000, 3333]):  # uneven chunks
+            stream.push_audio(piece)
+        stream.end_segment()
+        return await render_all(stream, bases)
+
+    frames = asyncio.run(run())
+    assert [f.index for f in frames] == list(range(n))
+    assert [f.last for f in frames] == [False] * (n - 1) + [True]
+    clips = avatar.engine_data["musetalk"]["clips"]
+    changed = 0
+    for f in frames:
+        assert f.image.shape == (SIZE, SIZE, 3) and f.image.dtype == np.uint8
+        ok, jpg = cv2.imencode(".jpg", f.image)
+        assert ok and cv2.imdecode(jpg, cv2.IMREAD_COLOR).shape == (SIZE, SIZE, 3)
+        base = f.base.image
+        x1, y1, x2, y2 = clips[f.base.clip].boxes[f.base.index]
+        mid = (y1 + y2) // 2
+        assert np.array_equal(f.image[:mid], base[:mid])  # everything above the mouth half
+        outside = np.ones(base.shape[:2], bool)
+        outside[y1:y2, x1:x2] = False
+        assert np.array_equal(f.image[outside], base[outside])
+        changed += int(np.abs(f.image[mid:y2, x1:x2].astype(int) - base[mid:y2, x1:x2]).sum() > 0)
+    assert changed == n
+    assert stream.buffered_samples() == 0 and stream.ready_frames() == 0
+
+
+def test_hop_gates_rendering_until_lookahead_is_there(engine, avatar):
+    stream = engine.open_stream(avatar)
+    hop = engine.hop
+    # frame 0 needs its own slot + 3 frames of audio, and its hop's last frame hop - 1 more:
+    # 1 + lookahead_frames frames in all; one short of that, nothing renders
+    stream.push_audio(speech(engine.lookahead_frames))
+    assert stream.ready_frames() == 0
+    stream.push_audio(speech(1))
+    assert stream.ready_frames() == hop
+    assert engine.lookahead_frames == 3 + hop - 1
+
+
+def test_interrupt_returns_empty(engine, avatar):
+    stream = engine.open_stream(avatar)
+
+    async def run():
+        waiting = asyncio.create_task(stream.render_next(Bases(avatar), 4))
+        await asyncio.sleep(0.05)
+        stream.interrupt()
+        first = await waiting
+        stream.push_audio(speech(12))
+        in_flight = asyncio.create_task(stream.render_next(Bases(avatar), 4))
+        await asyncio.sleep(0)  # let it take the slots and start working
+        stream.interrupt()
+        second = await in_flight
+        return first, second
+
+    first, second = asyncio.run(run())
+    assert first == [] and second == []
+    assert stream.buffered_samples() == 0 and stream.ready_frames() == 0
+
+
+def test_frames_of_several_sessions_share_one_forward_pass(engine, avatar):
+    before = engine.stats()
+    n, sessions = 8, 3
+
+    async def one(k: int):
+        stream = engine.open_stream(avatar)
+        stream.push_audio(speech(n, seed=k))
+        stream.end_segment()
+        return await render_all(stream, Bases(avatar), max_frames=8)
+
+    async def run():
+        return await asyncio.gather(*(one(k) for k in range(sessions)))
+
+    results = asyncio.run(run())
+    assert [len(r) for r in results] == [n] * sessions
+    after = engine.stats()
+    frames = after["frames"] - before["frames"]
+    batches = after["batches"] - before["batches"]
+    assert frames == n * sessions
+    assert after["sessions_per_batch_max"] >= 2
+    assert batches < frames / max(1, n // 2)  # merged: fewer passes than per-session requests
+    assert after["fps_capacity"] > 0 and after["realtime_factor"] > 0
+
+
+def test_worker_queue_is_bounded(model):
+    eng = MuseTalkEngine(settings(model, musetalk_queue_frames=4, batch_max=1))
+    eng.load()
+    try:
+        lat = torch.zeros(3, 8, 32, 32)
+        audio = torch.zeros(3, 50, 384)
+        eng.worker.submit(Request(1, lat, audio))
+        with pytest.raises(RateLimitExceeded):
+            eng.worker.submit(Request(2, lat, audio))
+        assert eng.stats()["rejected"] == 3
+    finally:
+        asyncio.run(eng.aclose())
