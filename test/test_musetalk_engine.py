@@ -5,17 +5,15 @@ from __future__ import annotations
 import asyncio
 import importlib.util
 import os
-import sys
 from pathlib import Path
 
 os.environ["HF_HUB_OFFLINE"] = "1"
-sys.path.insert(0, str(Path(__file__).parent))
 
 import cv2  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
-from musetalk_tiny import copy_without, write_tiny_model  # noqa: E402
+from .musetalk_tiny import copy_without, write_tiny_model  # noqa: E402
 from skimage import data as skdata  # noqa: E402
 
 from websocket_service.avatars.model import Avatar, BaseFrame, Clip  # noqa: E402

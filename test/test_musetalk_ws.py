@@ -1,0 +1,109 @@
+"""ENGINE=musetalk through the real service and socket, on a tiny random-weight model."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from skimage import data as skdata
+
+from websocket_service.avatars.model import Clip
+from websocket_service.avatars.store import build_avatar, save_avatar
+
+from .musetalk_tiny import write_tiny_model
+from .wsclient import Client, chunk_msg
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+SIZE = 256
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory) -> Path:
+    return write_tiny_model(tmp_path_factory.mktemp("tiny-model"))
+
+
+@pytest.fixture
+def avatars_dir(tmp_path) -> Path:
+    """A built-in avatar with static 2-frame clips (so idle frames equal the base exactly)."""
+    av = build_avatar("default", [skdata.astronaut()], True, SIZE, SIZE)
+    still = av.clips["idle"].frames[:1]
+    av.clips = {n: Clip(n, c.kind, np.repeat(still, 2, axis=0)) for n, c in av.clips.items()}
+    save_avatar(av, tmp_path)
+    return tmp_path
+
+
+@pytest.fixture
+def mt_server(make_server, tiny_model, avatars_dir):
+    return make_server(engine="musetalk", model_path=tiny_model, avatars_dir=avatars_dir,
+                       device="cpu", default_width=SIZE, default_height=SIZE,
+                       batch_wait_ms=40, max_buffered_audio_s=5)
+
+
+def speech(n_frames: int, seed: int = 0) -> bytes:
+    rng = np.random.default_rng(seed)
+    t = np.arange(n_frames * 640) / 16000
+    x = (0.5 + 0.5 * np.sin(2 * np.pi * 3 * t)) * np.sin(2 * np.pi * 180 * t)
+    return ((x + 0.05 * rng.standard_normal(len(t))) * 12000).astype("<i2").tobytes()
+
+
+async def test_musetalk_speaks_one_frame_per_chunk_touching_only_the_lower_face(mt_server):
+    health = mt_server.get("/health").json()
+    assert health["engine"] == "musetalk" and health["model_loaded"]
+    client, reply = await Client.connect(mt_server.ws)
+    assert reply["type"] == "INIT_SUCCESS" and reply["engine"] == "musetalk"
+    await client.recv_for(0.3)
+    idle = client.images[-1].astype(int)
+    pcm = speech(10)
+    for i in range(0, len(pcm), 1280):  # ten 40 ms chunks
+        await client.send(chunk_msg(client.session_id, pcm[i : i + 1280]))
+    await client.msg("END_OF_SPEECH")
+    ended = await client.recv_until(lambda m: m["type"] == "SPEECH_ENDED", timeout=60)
+    assert ended["frames"] == 10
+    speaking = client.speaking()
+    assert [f["utterance_frame"] for f in speaking] == list(range(10))
+    imgs = [client.images[client.frames.index(f)].astype(int) for f in speaking]
+    diff = np.mean([np.abs(im - idle).mean(axis=2) for im in imgs], axis=0)
+    face = mt_server.services.store.cached("default").meta["face_box"]
+    mid = face[1] + face[3] // 2
+    assert diff[: face[1]].mean() < 1.5, "pixels above the face changed"
+    assert diff[mid:].max() > 20, "the lower face did not change"
+    await client.close()
+
+
+async def test_two_sessions_share_forward_passes(mt_server):
+    a, _ = await Client.connect(mt_server.ws, "a")
+    b, _ = await Client.connect(mt_server.ws, "b")
+    a.decode = b.decode = False
+    for c, seed in ((a, 1), (b, 2)):
+        await c.send(chunk_msg(c.session_id, speech(8, seed)))
+        await c.msg("END_OF_SPEECH")
+    done = await asyncio.gather(
+        a.recv_until(lambda m: m["type"] == "SPEECH_ENDED", timeout=60),
+        b.recv_until(lambda m: m["type"] == "SPEECH_ENDED", timeout=60))
+    assert [d["frames"] for d in done] == [8, 8]
+    stats = mt_server.services.engine.stats()
+    assert stats["sessions_per_batch_max"] >= 2, stats
+    sessions = mt_server.get("/sessions").json()["sessions"]
+    assert len(sessions) == 2
+    await a.close()
+    await b.close()
+
+
+def test_musetalk_demanded_without_weights_fails_fast(tmp_path, avatars_dir):
+    from websocket_service.app import create_app
+    from websocket_service.config import Settings
+    from websocket_service.errors import ModelNotFound
+    from websocket_service.manager import Services
+
+    settings = Settings(_env_file=None, engine="musetalk", model_path=tmp_path / "nothing",
+                        avatars_dir=avatars_dir)
+    with pytest.raises(ModelNotFound) as exc:
+        Services(settings)
+    assert "nothing" in exc.value.message or exc.value.details
+    auto = Services(Settings(_env_file=None, engine="auto", model_path=tmp_path / "nothing",
+                             avatars_dir=avatars_dir))
+    assert auto.engine.name == "geometric"
+    assert create_app(auto.settings, auto) is not None
