@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,7 +17,8 @@ from websocket_service.config import Settings
 from .browser import chromium
 from .live_server import live_server
 
-DOCS = Path(__file__).resolve().parents[1] / "docs"
+# screenshots go to a temporary folder unless SCREENSHOT_DIR names one (e.g. docs/)
+SHOTS = Path(os.environ.get("SCREENSHOT_DIR") or tempfile.mkdtemp(prefix="shots-"))
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +55,7 @@ def _run(page: Page, base_url: str, transport: str, counter: str, shot: str) -> 
     page.click("#speak")
     st = _wait(page, "window.__stats.speakingSeen > 0 && window.__stats.g2gMs.length > 0", 15)
     time.sleep(1.0)  # a mouthful of speech for the screenshot
-    page.screenshot(path=str(DOCS / shot))
+    page.screenshot(path=str(SHOTS / shot))
     page.click("#disconnect")
     assert not errors, errors
     assert not st["errors"], st["errors"]

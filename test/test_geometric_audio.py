@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import numpy as np
-from .geometric_support import wav
 
 from websocket_service.engines.geometric.audio import WINDOW, AudioAnalyzer
+
+from .geometric_support import wav
 
 HOP = 640
 

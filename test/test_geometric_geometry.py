@@ -8,7 +8,6 @@ from pathlib import Path
 import av
 import cv2
 import numpy as np
-from .geometric_support import builtin, engine, store
 from skimage import data
 
 from websocket_service.avatars.store import load_avatar
@@ -22,6 +21,8 @@ from websocket_service.engines.geometric.geometry import (
     analyse_clip,
 )
 from websocket_service.engines.geometric.prepare import CACHE_NAME
+
+from .geometric_support import builtin, engine, store
 
 
 def _assert_mouth_in_face(rows: np.ndarray, face_box) -> None:

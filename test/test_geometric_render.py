@@ -5,13 +5,14 @@ from __future__ import annotations
 import asyncio
 
 import numpy as np
-from .geometric_support import builtin, engine, wav
 
 from bench.mouth_metrics import evaluate, mouth_opening
 from bench.run_stream import base_cycle, speak
 from websocket_service.avatars.model import BaseFrame
 from websocket_service.engines.geometric.fields import MouthPose
 from websocket_service.engines.geometric.geometry import CX, CY, NOSE_Y, WIDTH
+
+from .geometric_support import builtin, engine, wav
 
 POSES = [MouthPose(1.0, 0.0), MouthPose(1.0, 1.0), MouthPose(1.0, -1.0), MouthPose(0.4, 0.5)]
 

@@ -13,7 +13,6 @@ import cv2  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
-from .musetalk_tiny import copy_without, write_tiny_model  # noqa: E402
 from skimage import data as skdata  # noqa: E402
 
 from websocket_service.avatars.model import Avatar, BaseFrame, Clip  # noqa: E402
@@ -28,6 +27,8 @@ from websocket_service.engines.musetalk.audio import (  # noqa: E402
 )
 from websocket_service.engines.musetalk.worker import Request  # noqa: E402
 from websocket_service.errors import ModelNotFound, RateLimitExceeded  # noqa: E402
+
+from .musetalk_tiny import copy_without, write_tiny_model  # noqa: E402
 
 SIZE = 256
 
