@@ -2,7 +2,7 @@
 
 Both end in :meth:`RtcHub.connect`; the answer always carries every server candidate
 (aiortc gathers completely before ``setLocalDescription`` returns), so trickle from the
-server is never needed. The message set is documented in ``docs/WEBRTC.md``.
+server is never needed. The message set is documented in ``musetalk_websocket_spec.md`` (section 9).
 """
 
 from __future__ import annotations
