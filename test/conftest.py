@@ -14,6 +14,8 @@ import uvicorn
 
 from websocket_service.app import create_app
 from websocket_service.config import Settings
+from websocket_service.engines.base import LipSyncEngine
+from websocket_service.manager import Services
 
 collect_ignore = ["test_client.py"]  # the CLI test client, not a test module
 
@@ -30,9 +32,10 @@ def free_port() -> int:
 class LiveServer:
     """uvicorn serving the real app in a background thread."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, engine: LipSyncEngine | None = None) -> None:
         self.settings = settings
-        self.app = create_app(settings)
+        services = Services(settings, engine=engine) if engine is not None else None
+        self.app = create_app(settings, services)
         config = uvicorn.Config(self.app, host="127.0.0.1", port=settings.port, log_level="warning",
                                 ws_max_size=4 * settings.max_message_bytes, lifespan="on")
         self.server = uvicorn.Server(config)
@@ -77,10 +80,12 @@ def avatars_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def make_server(avatars_root: Path) -> Iterator[Callable[..., LiveServer]]:
     servers: list[LiveServer] = []
 
-    def _make(**overrides: object) -> LiveServer:
+    def _make(engine_factory: Callable[[Settings], LipSyncEngine] | None = None,
+              **overrides: object) -> LiveServer:
         values = {"avatars_dir": avatars_root, "port": free_port(), "init_timeout_s": 5.0}
         values.update(overrides)
-        server = LiveServer(Settings(**values)).start()
+        settings = Settings(**values)
+        server = LiveServer(settings, engine_factory(settings) if engine_factory else None).start()
         servers.append(server)
         return server
 

@@ -196,6 +196,7 @@ class SpeechEnded(_Msg):
     session_id: str
     utterance_id: int
     frames: int
+    skipped: int = 0
     interrupted: bool = False
 
 

@@ -85,8 +85,9 @@ class VideoSettings:
 class _Playback:
     utterance_id: int | None = None
     last_image: np.ndarray | None = None
-    frames: int = 0
-    waiting: bool = False  # prebuffering before the first frame of an utterance
+    frames: int = 0  # frames of the utterance shown
+    skipped: int = 0  # frames of the utterance dropped because they were too late
+    start_tick: int = 0  # the tick that showed frame 0: frame k is due at start_tick + k
 
 
 @dataclass
@@ -183,7 +184,8 @@ class Session:
         uid = self._play.utterance_id
         if uid is not None:
             self._event(SpeechEnded(session_id=self.session_id, utterance_id=uid,
-                                    frames=self._play.frames, interrupted=True))
+                                    frames=self._play.frames, skipped=self._play.skipped,
+                                    interrupted=True))
         self._play = _Playback()
         self._await_speech_until = 0.0
         self.stats.interrupts += 1
@@ -280,7 +282,7 @@ class Session:
             self._event(event)
         self._after_frame.clear()
 
-    def _next_speech(self) -> SpeechFrame | None:
+    def _next_speech(self, n: int) -> SpeechFrame | None:
         if not self._speech:
             return None
         head = self._speech[0]
@@ -289,13 +291,31 @@ class Session:
             complete = any(f.last for f in self._speech)
             if len(self._speech) < self.settings.prebuffer_frames and not complete:
                 return None
+            self._play.start_tick = n - head.index
+        else:
+            self._drop_late(n)
         frame = self._speech.popleft()
         self._space.set()
         return frame
 
+    def _drop_late(self, n: int) -> None:
+        """Keep video within ``max_speech_lag_frames`` of the utterance's schedule.
+
+        Underruns (frames rendered late) push every later frame back by a tick; past the
+        bound, queued frames that are already overdue are dropped (never the last one), so
+        video neither drifts from the audio clock nor accumulates latency.
+        """
+        max_lag = self.settings.max_speech_lag_frames
+        q = self._speech
+        while len(q) > 1 and not q[0].last and q[0].utterance_id == self._play.utterance_id \
+                and n - (self._play.start_tick + q[0].index) > max_lag:
+            q.popleft()
+            self._play.skipped += 1
+            self.stats.speech_frames_skipped += 1
+
     def _compose(self, n: int, now: float) -> OutputFrame:
         ts = int(round(n * 1000 / self.video.fps))
-        sf = self._next_speech()
+        sf = self._next_speech(n)
         if sf is not None:
             return self._speech_output(sf, n, ts, now)
         if self._play.utterance_id is not None:  # underrun in the middle of an utterance
@@ -326,7 +346,7 @@ class Session:
                           sf.utterance_id, sf.index, sf.audio_arrival, now)
         if sf.last:
             self._after_frame.append(SpeechEnded(session_id=self.session_id, utterance_id=sf.utterance_id,
-                                    frames=self._play.frames))
+                                                 frames=self._play.frames, skipped=self._play.skipped))
             self._play = _Playback()
         return out
 

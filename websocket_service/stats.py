@@ -31,6 +31,7 @@ class SessionStats:
     skipped_frames: int = 0  # pacer fell behind and skipped ahead
     speech_frames: int = 0
     underruns: int = 0
+    speech_frames_skipped: int = 0
     audio_samples: int = 0
     audio_rejected_chunks: int = 0
     interrupts: int = 0
@@ -77,6 +78,7 @@ class SessionStats:
             "skipped_frames": self.skipped_frames,
             "speech_frames": self.speech_frames,
             "underruns": self.underruns,
+            "speech_frames_skipped": self.speech_frames_skipped,
             "audio_seconds_received": round(self.audio_samples / 16000.0, 3),
             "audio_chunks_rejected": self.audio_rejected_chunks,
             "interrupts": self.interrupts,

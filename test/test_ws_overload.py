@@ -1,0 +1,69 @@
+"""Under overload the stream degrades visibly but never drifts: a fault-injecting engine.
+
+``StallingEngine`` subclasses the real weight-free engine; its stream stalls every few
+renders the way an overloaded CPU or GPU does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from websocket_service.engines.geometric import GeometricEngine
+from websocket_service.engines.geometric.stream import GeometricStream
+
+from .conftest import FIXTURES
+from .wsclient import Client, read_wav
+
+
+class StallingStream(GeometricStream):
+    calls = 0
+
+    async def render_next(self, take_base, max_frames):  # noqa: ANN001, ANN201
+        StallingStream.calls += 1
+        if StallingStream.calls % 10 == 5:
+            await asyncio.sleep(0.25)  # a 6-frame stall
+        return await super().render_next(take_base, 1)
+
+
+class StallingEngine(GeometricEngine):
+    def open_stream(self, avatar):  # noqa: ANN001, ANN201
+        return StallingStream(self, avatar)
+
+
+async def test_stalls_drop_overdue_frames_instead_of_accumulating_latency(make_server):
+    server = make_server(engine_factory=StallingEngine, max_speech_lag_frames=2)
+    pcm = read_wav(FIXTURES / "speech_pauses_16k.wav")[: 32000 * 3]  # 3 s = 75 frames
+    client, _ = await Client.connect(server.ws)
+    client.decode = False
+    await client.stream_audio(pcm)
+    ended = await client.recv_until(lambda m: m["type"] == "SPEECH_ENDED", timeout=15)
+    speaking = client.speaking()
+    assert ended["skipped"] > 0 and ended["frames"] + ended["skipped"] == 75
+    assert len(speaking) == ended["frames"]
+    shown = [f["utterance_frame"] for f in speaking]
+    assert shown == sorted(shown) and shown[-1] == 74
+    # lag behind the schedule (frame k due at start + k): a stall shows while it lasts, but
+    # then the stream catches up to within the bound instead of staying late
+    start = speaking[0]["frame_index"]
+    lags = [f["frame_index"] - start - f["utterance_frame"] for f in speaking]
+    assert sorted(lags)[len(lags) // 2] <= 2, lags  # median: on schedule within the bound
+    assert max(lags) <= 6 + 2, lags  # never more than one stall (6 frames) behind
+    info = server.get("/sessions").json()["sessions"][0]
+    assert info["speech_frames_skipped"] == ended["skipped"] and info["underruns"] > 0
+    await client.close()
+
+
+async def test_without_the_bound_latency_accumulates(make_server):
+    """The counter-factual: with no lag bound a stall's delay stays for the whole utterance."""
+    server = make_server(engine_factory=StallingEngine, max_speech_lag_frames=10_000)
+    pcm = read_wav(FIXTURES / "speech_pauses_16k.wav")[: 32000 * 3]
+    client, _ = await Client.connect(server.ws)
+    client.decode = False
+    await client.stream_audio(pcm)
+    ended = await client.recv_until(lambda m: m["type"] == "SPEECH_ENDED", timeout=15)
+    assert ended["skipped"] == 0 and ended["frames"] == 75
+    speaking = client.speaking()
+    start = speaking[0]["frame_index"]
+    lags = [f["frame_index"] - start - f["utterance_frame"] for f in speaking]
+    assert sorted(lags)[len(lags) // 2] > 2 and lags == sorted(lags), lags  # never recovered
+    await client.close()
