@@ -57,6 +57,9 @@ async def test_speaking_frames_match_audio_and_return_to_idle(server):
                if e["type"] == "STATE_CHANGED"]
     assert changes == [("idle", "speaking"), ("speaking", "idle")]
     assert client.frames[-1]["state"] == "idle"
+    info = server.get("/sessions").json()
+    assert info["engine"]["name"] == "geometric"
+    assert 0 < info["sessions"][0]["realtime_factor"] < 1.0  # the CPU engine keeps up
     # frames of the whole session are still one continuous, decodable stream
     idx = [f["frame_index"] for f in client.frames]
     assert idx == list(range(len(idx)))

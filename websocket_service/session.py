@@ -227,6 +227,7 @@ class Session:
         while True:
             await self._space.wait()
             epoch = self._epoch
+            called = self.clock.now()
             try:
                 frames = await self.stream.render_next(self._take_base, max(1, cap - len(self._speech)))
             except asyncio.CancelledError:
@@ -234,11 +235,18 @@ class Session:
             except Exception as exc:  # noqa: BLE001 - one bad render must not end the session
                 self._render_failed(exc)
                 continue
-            if epoch != self._epoch:
+            if epoch != self._epoch or not frames:
                 continue
+            self._account_render(frames, called)
             self._speech.extend(frames)
             if len(self._speech) >= cap:
                 self._space.clear()
+
+    def _account_render(self, frames: list[SpeechFrame], called: float) -> None:
+        """Time from when the frames' audio was there (or the call began) to rendered."""
+        arrivals = [f.audio_arrival for f in frames if f.audio_arrival is not None]
+        ready = max(called, min(arrivals)) if arrivals else called
+        self.stats.render_done(len(frames), self.clock.now() - ready)
 
     def _render_failed(self, exc: Exception) -> None:
         log.exception("session %s: rendering failed", self.session_id, exc_info=exc)

@@ -40,6 +40,8 @@ class SessionStats:
     render_errors: int = 0
     errors_sent: int = 0
     bytes_sent: int = 0
+    rendered_frames: int = 0
+    render_busy_s: float = 0.0
     _emit_times: deque[float] = field(default_factory=lambda: deque(maxlen=FPS_WINDOW))
     _latency: deque[float] = field(default_factory=lambda: deque(maxlen=LATENCY_SAMPLES))
     _pipeline: deque[float] = field(default_factory=lambda: deque(maxlen=LATENCY_SAMPLES))
@@ -56,6 +58,16 @@ class SessionStats:
         self._pipeline.append(now - created)
         if audio_arrival is not None:
             self._latency.append(now - audio_arrival)
+
+    def render_done(self, frames: int, busy_s: float) -> None:
+        self.rendered_frames += frames
+        self.render_busy_s += busy_s
+
+    def realtime_factor(self) -> float | None:
+        """Seconds of rendering per second of speech video: above 1.0 speech cannot keep up."""
+        if not self.rendered_frames:
+            return None
+        return round(self.render_busy_s / (self.rendered_frames * 0.040), 3)
 
     def fps(self) -> float | None:
         t = self._emit_times
@@ -87,6 +99,7 @@ class SessionStats:
             "errors_sent": self.errors_sent,
             "bytes_sent": self.bytes_sent,
             "latency_ms": self.latency_ms(),
+            "realtime_factor": self.realtime_factor(),
             "send_pipeline_ms": {"p50": _ms(percentile(self._pipeline, 50)),
                                  "p95": _ms(percentile(self._pipeline, 95))},
             **({"rtc": self.rtc} if self.rtc else {}),

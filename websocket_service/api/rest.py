@@ -71,9 +71,11 @@ async def health(request: Request) -> dict[str, Any]:
 @router.get("/sessions", tags=["service"])
 async def sessions(request: Request) -> dict[str, Any]:
     """Every active session with its counters and latency percentiles."""
-    mgr = _services(request).sessions
+    svc = _services(request)
+    mgr = svc.sessions
     items = [s.describe() for s in mgr.sessions.values()]
-    return {"count": len(items), "max_sessions": mgr.settings.max_sessions, "sessions": items}
+    return {"count": len(items), "max_sessions": mgr.settings.max_sessions,
+            "engine": {"name": svc.engine.name, **svc.engine.stats()}, "sessions": items}
 
 
 @router.get("/sessions/{session_id}", tags=["service"], responses=ERRORS)

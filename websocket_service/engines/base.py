@@ -101,5 +101,9 @@ class LipSyncEngine(ABC):
     def open_stream(self, avatar: Avatar) -> LipSyncStream:
         """A new per-session stream on a prepared avatar."""
 
+    def stats(self) -> dict[str, Any]:
+        """Engine-wide counters for /sessions (e.g. batching); empty by default."""
+        return {}
+
     async def aclose(self) -> None:  # noqa: B027 - optional hook
         """Stop workers, free memory."""
