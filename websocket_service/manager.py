@@ -59,6 +59,9 @@ class SessionManager:
             self.sessions[session_id] = session
         finally:
             self._reserved.discard(session_id)
+        log.info("session %s opened: user=%s transport=%s avatar=%s %dx%d (%d/%d sessions)",
+                 session_id, user_id, transport, avatar.avatar_id, video.width, video.height,
+                 len(self.sessions), self.settings.max_sessions)
         return session
 
     async def _avatar(self, avatar_id: str) -> Avatar:
@@ -80,6 +83,10 @@ class SessionManager:
         session = self.sessions.pop(session_id, None)
         if session is not None:
             await session.close()
+            st = session.stats
+            log.info("session %s closed: frames sent %d, dropped %d, skipped %d, speech frames %d, "
+                     "audio %.1f s", session_id, st.frames_sent, st.frames_dropped,
+                     st.skipped_frames, st.speech_frames, st.audio_samples / 16000)
 
     async def close_all(self) -> None:
         for sid in list(self.sessions):

@@ -363,6 +363,7 @@ class Connection:
             await self.services.sessions.close(self.session.session_id)
 
 
+
 async def websocket_endpoint(ws: WebSocket, user_id: str) -> None:
     services: Services = ws.app.state.services
     await ws.accept()
