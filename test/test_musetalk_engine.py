@@ -327,3 +327,21 @@ def test_worker_queue_is_bounded(model):
         assert eng.stats()["rejected"] == 3
     finally:
         asyncio.run(eng.aclose())
+
+
+def test_logmel_matches_the_whisper_feature_extractor():
+    """Our torch log-mel must equal transformers' WhisperFeatureExtractor, or real weights
+    would see different inputs than they were trained on."""
+    from transformers import WhisperFeatureExtractor
+
+    from websocket_service.engines.musetalk.audio import LogMel
+
+    fe = WhisperFeatureExtractor(feature_size=80)
+    audio = (speech(50).astype(np.float32) / 32768.0)
+    ref = fe(audio, sampling_rate=16000, return_tensors="np").input_features[0]  # padded to 30 s
+    padded = np.zeros(fe.n_samples, np.float32)
+    padded[: len(audio)] = audio
+    ours = LogMel(fe.mel_filters, fe.n_fft, fe.hop_length, fe.n_samples, torch.device("cpu"))(
+        torch.from_numpy(padded)).numpy()
+    assert ours.shape == ref.shape == (80, 3000)
+    assert np.abs(ours - ref).max() < 1e-3
