@@ -156,6 +156,7 @@ class _Worker:
         try:
             self.conn.send((op, req, eid, *args))
         except OSError:
+            self._died(self.generation)
             raise ProcessingError("encoder process is gone; retry", {"worker": self.index}) from None
         fut.add_done_callback(_retrieve)  # an abandoned request's error is not worth a warning
         self.pending[req] = fut
