@@ -20,10 +20,8 @@ import asyncio
 import contextlib
 import itertools
 import logging
-import mmap
 import multiprocessing as mp
 import os
-import signal
 import threading
 from multiprocessing.connection import Connection
 from multiprocessing.shared_memory import SharedMemory
@@ -34,63 +32,11 @@ import numpy as np
 
 from ..errors import ProcessingError
 from .encoder import EncodedFrame, H264Encoder
+from .encoder_worker import worker_main
 
 log = logging.getLogger(__name__)
 MAX_PENDING = 256
 _ids = itertools.count(1)
-
-
-# ---------------------------------------------------------------------------- worker process
-
-def _attach(name: str, size: int) -> tuple[mmap.mmap, np.ndarray]:
-    # map /dev/shm directly: SharedMemory() would register the segment with the shared
-    # resource tracker a second time, and the parent owns (and unlinks) it
-    fd = os.open(f"/dev/shm/{name}", os.O_RDWR)
-    try:
-        buf = mmap.mmap(fd, size)
-    finally:
-        os.close(fd)
-    return buf, np.frombuffer(buf, np.uint8)
-
-
-def _serve(encoders: dict[int, Any], msg: tuple) -> Any:
-    op, eid = msg[0], msg[2]
-    if op == "enc":
-        enc, _, view = encoders[eid]
-        if msg[3]:
-            enc.request_keyframe()
-        out = enc.encode_i420(view.reshape(enc.height * 3 // 2, enc.width))
-        return out.data, out.keyframe, out.pts
-    if op == "open":
-        _, _, _, w, h, fps, bitrate, gop, shm_name, pts = msg
-        enc = H264Encoder(w, h, fps, bitrate, gop, start_pts=pts)
-        encoders[eid] = (enc, *_attach(shm_name, w * h * 3 // 2))
-        return None
-    if op == "close":
-        enc, buf, view = encoders.pop(eid)
-        enc.close()
-        del view
-        buf.close()
-        return None
-    raise ValueError(f"unknown request {op!r}")
-
-
-def _worker_main(conn: Connection) -> None:
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when workers stop
-    encoders: dict[int, Any] = {}
-    while True:
-        try:
-            msg = conn.recv()
-        except (EOFError, OSError):
-            return
-        try:
-            reply = (msg[1], True, _serve(encoders, msg))
-        except Exception as exc:  # reported to the caller, the worker keeps serving
-            reply = (msg[1], False, f"{type(exc).__name__}: {exc}")
-        try:
-            conn.send(reply)
-        except OSError:  # the parent closed the pool
-            return
 
 
 # ---------------------------------------------------------------------------- parent side
@@ -121,7 +67,7 @@ class _Worker:
     def spawn(self, ctx: Any) -> Connection:
         """Start the process (blocking: the first one waits for the forkserver's imports)."""
         parent, child = ctx.Pipe()
-        self.proc = ctx.Process(target=_worker_main, args=(child,), daemon=True,
+        self.proc = ctx.Process(target=worker_main, args=(child,), daemon=True,
                                 name=f"h264-encoder-{self.index}")
         self.proc.start()
         child.close()
@@ -190,7 +136,8 @@ class _Worker:
         """End the process; its reader thread then sees EOF and closes the pipe."""
         self.conn = None
         for fut in self.pending.values():
-            fut.cancel()
+            if not fut.done():
+                fut.set_exception(ProcessingError("the encoder pool is closed"))
         self.pending.clear()
         if self.proc is not None:
             self.proc.terminate()
@@ -206,7 +153,7 @@ class EncoderPool:
     def __init__(self, processes: int | None = None) -> None:
         self.processes = processes or os.cpu_count() or 1
         self._ctx = mp.get_context("forkserver")
-        self._ctx.set_forkserver_preload([__name__])
+        self._ctx.set_forkserver_preload([worker_main.__module__])  # av, cv2 imported once
         self._workers = [_Worker(i) for i in range(self.processes)]
         self._started = False
         self._lock = asyncio.Lock()
@@ -222,8 +169,9 @@ class EncoderPool:
                 self._started = True
 
     async def _alive(self, w: _Worker) -> None:
-        if w.conn is None:  # died: start a replacement
-            w.attach(await asyncio.to_thread(w.spawn, self._ctx), asyncio.get_running_loop())
+        async with self._lock:  # several encoders may find the same worker dead
+            if w.conn is None:  # died: start a replacement
+                w.attach(await asyncio.to_thread(w.spawn, self._ctx), asyncio.get_running_loop())
 
     async def open(self, width: int, height: int, fps: int = 25, bitrate: int = 1_000_000,
                    gop_frames: int = 25) -> PoolEncoder:
