@@ -1,8 +1,9 @@
 """The WebSocket transport: parse client messages, serialise session output.
 
-It never touches an engine. Frames are H.264-encoded here (one encoder per connection,
-off the event loop) and sent as base64 JSON; a slow reader loses the oldest *raw* frames
-before they are encoded, so every frame that is sent still decodes.
+It never touches an engine. Frames are H.264-encoded here (one encoder per connection, off the
+event loop: in the encoder process pool, or in a thread with ``encoder_processes=0``) and sent
+as base64 JSON; a slow reader loses the oldest *raw* frames before they are encoded, so every
+frame that is sent still decodes.
 """
 
 from __future__ import annotations
