@@ -13,7 +13,9 @@ import pytest
 
 from websocket_service.errors import ProcessingError
 from websocket_service.media.encoder import H264Encoder
-from websocket_service.media.encoder_pool import EncoderPool
+from websocket_service.media.encoder_pool import EncoderPool, PoolEncoder
+
+from .wsclient import Client
 
 W, H = 128, 96
 
@@ -139,3 +141,24 @@ async def test_aclose_frees_what_is_left_open():
 async def test_odd_size_is_refused(pool):
     with pytest.raises(ValueError, match="even"):
         await pool.open(W + 1, H)
+
+
+async def test_websocket_stream_through_the_pool(make_server):
+    server = make_server(encoder_processes=2)
+    client, reply = await Client.connect(server.ws)
+    assert reply["type"] == "INIT_SUCCESS"
+    await client.recv_for(1.2)
+    frames = client.frames
+    assert len(frames) >= 25 and frames[0]["keyframe"]
+    assert [f["frame_index"] for f in frames if f["keyframe"]][:2] == [0, 25]
+    assert len(client.images) == len(frames)  # every frame decoded
+    conn_encoders = list(server.services.encoders._handles)
+    assert len(conn_encoders) == 1 and isinstance(conn_encoders[0], PoolEncoder)
+    before = shm_names()
+    await client.close()
+    for _ in range(50):  # the server frees the encoder once it sees the close
+        if not server.services.encoders._handles:
+            break
+        await asyncio.sleep(0.05)
+    assert not server.services.encoders._handles
+    assert len(before - shm_names()) == 1
