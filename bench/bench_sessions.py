@@ -56,6 +56,28 @@ def proc_cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / CLK_TCK  # utime, stime (fields 14, 15)
 
 
+def tree_cpu_s(pid: int) -> float:
+    """CPU seconds of a process and its live descendants (e.g. the server's encoder workers)."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                continue
+            children.setdefault(ppid, []).append(int(entry))
+    total, todo = 0.0, [pid]
+    while todo:
+        p = todo.pop()
+        try:
+            total += proc_cpu_s(p)
+        except OSError:  # exited meanwhile
+            continue
+        todo.extend(children.get(p, []))
+    return total
+
+
 def machine_busy_s() -> float:
     """CPU seconds spent busy by the whole machine (all cores, all processes), from /proc/stat."""
     with open("/proc/stat") as f:
@@ -105,7 +127,7 @@ class Server:
         raise RuntimeError("server did not become ready")
 
     def cpu_s(self) -> float:
-        return proc_cpu_s(self.proc.pid)
+        return tree_cpu_s(self.proc.pid)  # with ENCODER_PROCESSES the encoding runs in children
 
     def stop(self) -> None:
         self.proc.terminate()
@@ -359,7 +381,8 @@ def report(m: dict[str, str], args: argparse.Namespace, baseline: float, idle: l
         f"- A level holds if the median client fps >= {HOLD_FPS} and no session skipped more "
         f"than {100 * HOLD_SKIP:g}% of its frames; a failing level is run once more if other processes used over "
         f"{100 * RETRY_OTHER:.0f}% CPU meanwhile; the ramp stops at the first level that fails.",
-        f"- CPU is % of one core (the machine has {m['cores']}00%); server with no session: "
+        f"- CPU is % of one core (the machine has {m['cores']}00%); server CPU includes its child "
+        f"processes (ENCODER_PROCESSES={os.environ.get('ENCODER_PROCESSES', 'default')}); server with no session: "
         f"{100 * baseline:.1f}%. 'other load' is the CPU that the rest of the machine used "
         f"during the window (busy time from /proc/stat minus server and clients); the largest "
         f"was {100 * max(r['other_cpu'] for r in idle + speak):.0f}%: a shared machine "

@@ -39,6 +39,8 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         svc = services or await asyncio.to_thread(Services, settings or get_settings())
         await asyncio.to_thread(svc.ensure_default_avatar)
+        if svc.encoders is not None:
+            await svc.encoders.start()
         app.state.services = svc
         for hook in app.state.startup_hooks:
             await hook(app)

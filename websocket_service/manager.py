@@ -15,6 +15,7 @@ from .config import Settings
 from .engines import create_engine
 from .engines.base import LipSyncEngine
 from .errors import InvalidSession, ModelNotFound, RateLimitExceeded
+from .media.encoder_pool import EncoderPool
 from .protocol import VideoConfig
 from .session import Session, VideoSettings
 
@@ -106,6 +107,8 @@ class Services:
                                  self.engine.prepare_avatar,
                                  max_seconds=settings.max_prepare_seconds)
         self.sessions = SessionManager(settings, self.engine, self.store, clock)
+        #: WebSocket H.264 encoders run here when set; started in the app's lifespan
+        self.encoders = EncoderPool(settings.encoder_processes) if settings.encoder_processes else None
         self.extras: dict[str, Any] = {}
 
     def ensure_default_avatar(self) -> Avatar:
@@ -122,3 +125,5 @@ class Services:
     async def aclose(self) -> None:
         await self.sessions.close_all()
         await self.engine.aclose()
+        if self.encoders is not None:
+            await self.encoders.aclose()

@@ -25,7 +25,7 @@ class H264Encoder:
     """One encoder per output stream. Not thread-safe; call ``encode`` from one thread at a time."""
 
     def __init__(self, width: int, height: int, fps: int = 25, bitrate: int = 1_000_000,
-                 gop_frames: int = 25) -> None:
+                 gop_frames: int = 25, start_pts: int = 0) -> None:
         if width % 2 or height % 2:
             raise ValueError("H.264 4:2:0 needs even width and height")
         self.width, self.height, self.fps = width, height, fps
@@ -48,7 +48,7 @@ class H264Encoder:
             "threads": "1",
         }
         self._ctx = ctx
-        self._pts = 0
+        self._pts = start_pts
         self._force_key = True
 
     def request_keyframe(self) -> None:
@@ -60,8 +60,11 @@ class H264Encoder:
             raise ValueError(f"frame is {rgb.shape[1]}x{rgb.shape[0]}, encoder is {self.width}x{self.height}")
         # OpenCV's BT.601 limited-range I420 conversion is ~10x faster than swscale's and
         # releases the GIL; libx264 itself holds it (PyAV encodes without releasing it).
-        frame = av.VideoFrame.from_ndarray(cv2.cvtColor(rgb, cv2.COLOR_RGB2YUV_I420),
-                                           format="yuv420p")
+        return self.encode_i420(cv2.cvtColor(rgb, cv2.COLOR_RGB2YUV_I420))
+
+    def encode_i420(self, yuv: np.ndarray) -> EncodedFrame:
+        """Encode one I420 frame (``height * 3 / 2`` rows of ``width`` bytes, as cv2 makes it)."""
+        frame = av.VideoFrame.from_ndarray(yuv, format="yuv420p")
         frame.pts = self._pts
         if self._force_key:
             frame.pict_type = av.video.frame.PictureType.I

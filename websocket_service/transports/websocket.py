@@ -1,8 +1,9 @@
 """The WebSocket transport: parse client messages, serialise session output.
 
-It never touches an engine. Frames are H.264-encoded here (one encoder per connection,
-off the event loop) and sent as base64 JSON; a slow reader loses the oldest *raw* frames
-before they are encoded, so every frame that is sent still decodes.
+It never touches an engine. Frames are H.264-encoded here (one encoder per connection, off the
+event loop: in the encoder process pool, or in a thread with ``encoder_processes=0``) and sent
+as base64 JSON; a slow reader loses the oldest *raw* frames before they are encoded, so every
+frame that is sent still decodes.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from ..errors import (
     ServiceError,
 )
 from ..manager import Services
-from ..media.encoder import H264Encoder
+from ..media.encoder_pool import EncoderPool, InProcessEncoder, PoolEncoder, open_encoder
 from ..protocol import (
     CLIENT_ADAPTER,
     CLIENT_TYPES,
@@ -72,8 +73,16 @@ class WebSocketSink:
         self._frames = 0
         self._events = 0
         self._wake = asyncio.Event()
-        v = session.video
-        self.encoder = H264Encoder(v.width, v.height, v.fps, v.bitrate, v.gop_frames)
+        self.encoder: PoolEncoder | InProcessEncoder | None = None
+
+    async def open_encoder(self, pool: EncoderPool | None) -> None:
+        """Open this connection's encoder: in ``pool``'s processes, or in-process without one."""
+        v = self.session.video
+        self.encoder = await open_encoder(pool, v.width, v.height, v.fps, v.bitrate, v.gop_frames)
+
+    async def close(self) -> None:
+        if self.encoder is not None:
+            await self.encoder.close()
 
     def on_frame(self, frame: OutputFrame) -> None:
         if self._frames >= self.max_frames:
@@ -112,7 +121,13 @@ class WebSocketSink:
                 await ws.send_text(item.model_dump_json(exclude_none=True))
 
     async def _send_frame(self, ws: WebSocket, f: OutputFrame) -> None:
-        enc = await asyncio.to_thread(self.encoder.encode, f.image)
+        assert self.encoder is not None
+        try:
+            enc = await self.encoder.encode(f.image)
+        except ProcessingError as err:  # e.g. an encoder process died: skip, the next is a keyframe
+            log.warning("session %s: %s", self.session.session_id, err.message)
+            self.on_event(_error_msg(err, self.session.session_id))
+            return
         data = base64.b64encode(enc.data).decode("ascii")
         sid = self.session.session_id
         msg: BaseModel
@@ -323,20 +338,29 @@ class Connection:
             raise AuthFailed("auth_token is missing or wrong")
         session = await self.services.sessions.create(msg.session_id, self.user_id, msg.video_config)
         self.session = session
-        try:
-            sink = WebSocketSink(session, self.settings.send_queue_frames)
-        except ValueError as exc:
-            raise ProcessingError(f"cannot encode this video size: {exc}") from None
+        sink = await self._open_sink(session)
         avatar = session.avatar
-        await self._send_direct(InitSuccess(
-            session_id=session.session_id, model_status=self.services.engine.info(),
-            engine=self.services.engine.name, avatar=avatar.avatar_id,
-            base_videos=avatar.base_videos, actions=avatar.actions,
-            video_config={**session.video.as_dict(), "base_video": session.cursor.base_video}))
+        try:
+            await self._send_direct(InitSuccess(
+                session_id=session.session_id, model_status=self.services.engine.info(),
+                engine=self.services.engine.name, avatar=avatar.avatar_id,
+                base_videos=avatar.base_videos, actions=avatar.actions,
+                video_config={**session.video.as_dict(), "base_video": session.cursor.base_video}))
+        except BaseException:
+            await sink.close()  # frees the encoder's worker slot and shared memory
+            raise
         self.sink = sink
         session.add_sink(sink)
         session.start()
         self._sender = asyncio.create_task(self._send_loop(), name=f"ws-send-{session.session_id[:8]}")
+
+    async def _open_sink(self, session: Session) -> WebSocketSink:
+        sink = WebSocketSink(session, self.settings.send_queue_frames)
+        try:
+            await sink.open_encoder(self.services.encoders)
+        except ValueError as exc:
+            raise ProcessingError(f"cannot encode this video size: {exc}") from None
+        return sink
 
     async def _send_loop(self) -> None:
         assert self.sink is not None
@@ -359,6 +383,8 @@ class Connection:
             self._sender.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._sender
+        if self.sink is not None:
+            await self.sink.close()
         if self.session is not None:
             await self.services.sessions.close(self.session.session_id)
 

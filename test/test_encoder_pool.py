@@ -1,0 +1,164 @@
+"""The encoder process pool: real worker processes, real H.264 decoding of what comes back."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+from pathlib import Path
+
+import av
+import numpy as np
+import pytest
+
+from websocket_service.errors import ProcessingError
+from websocket_service.media.encoder import H264Encoder
+from websocket_service.media.encoder_pool import EncoderPool, PoolEncoder
+
+from .wsclient import Client
+
+W, H = 128, 96
+
+
+def frames(n: int) -> list[np.ndarray]:
+    """A moving gradient, so P-frames carry real motion."""
+    y, x = np.mgrid[0:H, 0:W]
+    out = []
+    for i in range(n):
+        r = (x * 2 + i * 3) % 256
+        g = (y * 2 + i * 5) % 256
+        b = ((x + y) + i * 7) % 256
+        out.append(np.dstack([r, g, b]).astype(np.uint8))
+    return out
+
+
+def decode(units: list[bytes]) -> list[np.ndarray]:
+    codec = av.CodecContext.create("h264", "r")
+    out = []
+    for data in units:  # one access unit per packet, as the client feeds them
+        out.extend(f.to_ndarray(format="rgb24") for f in codec.decode(av.Packet(data)))
+    out.extend(f.to_ndarray(format="rgb24") for f in codec.decode(None))
+    return out
+
+
+def shm_names() -> set[str]:
+    return {p.name for p in Path("/dev/shm").iterdir() if p.name.startswith("psm_")}
+
+
+@pytest.fixture
+async def pool():
+    p = EncoderPool(2)
+    await p.start()
+    yield p
+    await p.aclose()
+
+
+async def test_pool_output_decodes_like_in_process(pool):
+    src = frames(30)
+    handle = await pool.open(W, H, 25, 500_000, 10)
+    ref = H264Encoder(W, H, 25, 500_000, 10)
+    got = [await handle.encode(f) for f in src]
+    want = [ref.encode(f) for f in src]
+    assert [e.pts for e in got] == list(range(30))
+    assert [e.keyframe for e in got] == [i % 10 == 0 for i in range(30)]
+    for e in got:
+        if e.keyframe:  # SPS and PPS repeated on every keyframe
+            assert b"\x00\x00\x01\x67" in e.data or b"\x00\x00\x00\x01\x67" in e.data
+            assert b"\x00\x00\x01\x68" in e.data
+    a, b = decode([e.data for e in got]), decode([e.data for e in want])
+    assert len(a) == len(b) == 30
+    for x, y in zip(a, b, strict=True):
+        assert np.abs(x.astype(int) - y.astype(int)).mean() < 1.0
+    await handle.close()
+
+
+async def test_request_keyframe(pool):
+    handle = await pool.open(W, H, 25, 500_000, 50)
+    src = frames(6)
+    keys = [(await handle.encode(f)).keyframe for f in src[:3]]
+    handle.request_keyframe()
+    keys += [(await handle.encode(f)).keyframe for f in src[3:]]
+    assert keys == [True, False, False, True, False, False]
+    await handle.close()
+
+
+async def test_many_encoders_across_workers(pool):
+    handles = [await pool.open(W, H, 25, 300_000, 25) for _ in range(8)]
+    assert sorted(w.encoders for w in pool._workers) == [4, 4]  # least-loaded assignment
+    src = frames(5)
+    results = await asyncio.gather(*(_seq(h, src) for h in handles))
+    for units in results:
+        assert len(decode(units)) == 5
+    for h in handles:
+        await h.close()
+    assert [w.encoders for w in pool._workers] == [0, 0]
+
+
+async def _seq(handle, src: list[np.ndarray]) -> list[bytes]:
+    return [(await handle.encode(f)).data for f in src]
+
+
+async def test_killed_worker_gives_clear_error_then_recovers(pool):
+    handle = await pool.open(W, H, 25, 500_000, 25)
+    src = frames(6)
+    for f in src[:3]:
+        await handle.encode(f)
+    worker = handle._worker
+    os.kill(worker.proc.pid, signal.SIGKILL)
+    with pytest.raises(ProcessingError, match="encoder process"):
+        for _ in range(50):  # the death may be noticed on this frame or the next
+            await handle.encode(src[3])
+            await asyncio.sleep(0.02)
+    after = [await handle.encode(f) for f in src[3:]]
+    assert after[0].keyframe  # a fresh encoder starts with a keyframe
+    assert worker.proc.is_alive()
+    assert len(decode([e.data for e in after])) == 3
+    await handle.close()
+
+
+async def test_close_frees_shared_memory(pool):
+    before = shm_names()
+    handles = [await pool.open(W, H) for _ in range(3)]
+    assert len(shm_names() - before) == 3
+    await handles[0].encode(frames(1)[0])
+    for h in handles:
+        await h.close()
+    assert shm_names() - before == set()
+    with pytest.raises(ProcessingError):
+        await handles[0].encode(frames(1)[0])
+
+
+async def test_aclose_frees_what_is_left_open():
+    before = shm_names()
+    p = EncoderPool(1)
+    handle = await p.open(W, H)
+    await handle.encode(frames(1)[0])
+    await p.aclose()
+    assert shm_names() - before == set()
+    assert not p._workers[0].proc.is_alive()
+
+
+async def test_odd_size_is_refused(pool):
+    with pytest.raises(ValueError, match="even"):
+        await pool.open(W + 1, H)
+
+
+async def test_websocket_stream_through_the_pool(make_server):
+    server = make_server(encoder_processes=2)
+    client, reply = await Client.connect(server.ws)
+    assert reply["type"] == "INIT_SUCCESS"
+    await client.recv_for(1.2)
+    frames = client.frames
+    assert len(frames) >= 25 and frames[0]["keyframe"]
+    assert [f["frame_index"] for f in frames if f["keyframe"]][:2] == [0, 25]
+    assert len(client.images) == len(frames)  # every frame decoded
+    conn_encoders = list(server.services.encoders._handles)
+    assert len(conn_encoders) == 1 and isinstance(conn_encoders[0], PoolEncoder)
+    before = shm_names()
+    await client.close()
+    for _ in range(50):  # the server frees the encoder once it sees the close
+        if not server.services.encoders._handles:
+            break
+        await asyncio.sleep(0.05)
+    assert not server.services.encoders._handles
+    assert len(before - shm_names()) == 1
