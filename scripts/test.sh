@@ -20,4 +20,5 @@ $py -m pip install -q torch==2.13.0
 $py -m pip install -q -e '.[musetalk,test]'
 
 $py -m ruff check websocket_service test bench scripts run_server.py
+$py -m mypy websocket_service
 $py -m pytest "$@"

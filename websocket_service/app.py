@@ -37,7 +37,8 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        svc = services or await asyncio.to_thread(Services, settings or get_settings())
+        svc = services if services is not None else await asyncio.to_thread(
+            Services, settings or get_settings())
         await asyncio.to_thread(svc.ensure_default_avatar)
         if svc.encoders is not None:
             await svc.encoders.start()

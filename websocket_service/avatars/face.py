@@ -12,7 +12,7 @@ Box = tuple[int, int, int, int]  # x, y, w, h
 
 @cache
 def _cascade(name: str) -> cv2.CascadeClassifier:
-    path = cv2.data.haarcascades + name
+    path = cv2.data.haarcascades + name  # type: ignore[attr-defined]
     clf = cv2.CascadeClassifier(path)
     if clf.empty():
         raise RuntimeError(f"OpenCV cascade {path} did not load (OpenCV 4.x wheels ship it)")

@@ -80,7 +80,7 @@ class LipSyncEngine(ABC):
 
     name: ClassVar[str]
     #: frames of audio after a frame's own 40 ms slot that it needs before it can render
-    lookahead_frames: ClassVar[int] = 0
+    lookahead_frames: int = 0
 
     @abstractmethod
     def load(self) -> None:

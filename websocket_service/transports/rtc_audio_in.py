@@ -78,6 +78,8 @@ class MicIngest:
                 frame = await self.track.recv()
             except MediaStreamError:
                 return
+            if not isinstance(frame, av.AudioFrame):
+                continue
             pcm = self._to_pcm(frame)
             if pcm.size == 0:
                 continue

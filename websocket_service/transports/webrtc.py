@@ -227,10 +227,10 @@ class RtcHub:
             await peer.answer(sdp, type_)
             return peer
         except BaseException:
-            peer = self.peers.pop(session_id, None)
-            if peer is not None:
+            failed = self.peers.pop(session_id, None)
+            if failed is not None:
                 with contextlib.suppress(Exception):
-                    await peer.pc.close()
+                    await failed.pc.close()
             if session is not None:
                 await self.services.sessions.close(session_id)
             if slot is None:

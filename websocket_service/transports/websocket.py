@@ -14,6 +14,7 @@ import contextlib
 import json
 import logging
 from collections import deque
+from collections.abc import Mapping
 from typing import Any
 
 from fastapi import WebSocket, WebSocketDisconnect
@@ -159,7 +160,7 @@ def _error_msg(err: ServiceError, session_id: str | None) -> ErrorMsg:
 
 def _validation_error(exc: ValidationError, raw: Any) -> InvalidMessage:
     errors = exc.errors(include_url=False, include_input=False, include_context=False)
-    first = errors[0] if errors else {}
+    first: dict[str, Any] = dict(errors[0]) if errors else {}
     if first.get("type") == "union_tag_invalid" or first.get("type") == "union_tag_not_found":
         got = raw.get("type") if isinstance(raw, dict) else None
         return InvalidMessage(f"unknown message type {got!r}" if got else "message has no 'type' field",
@@ -253,7 +254,7 @@ class Connection:
                     await self._close(code, err.code)
                     return
 
-    async def _handle(self, message: dict[str, Any]) -> None:
+    async def _handle(self, message: Mapping[str, Any]) -> None:
         text, data = message.get("text"), message.get("bytes")
         if data is not None:
             size = len(data)

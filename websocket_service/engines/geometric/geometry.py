@@ -118,7 +118,7 @@ def _mouth_mask(lab: np.ndarray, cx: float, cy: float, width: float) -> np.ndarr
     ell = np.zeros(a.shape, np.uint8)
     cv2.ellipse(ell, (int(cx), int(cy)), (max(2, int(0.7 * width)), max(2, int(0.25 * width))),
                 0, 0, 360, 1, -1)
-    mask = ((lips | dark) & (ell > 0)).astype(np.uint8)
+    mask: np.ndarray = ((lips | dark) & (ell > 0)).astype(np.uint8)
     kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (3, 3))
     mask = cv2.morphologyEx(mask, cv2.MORPH_OPEN, kernel)
     return cv2.morphologyEx(mask, cv2.MORPH_CLOSE, kernel, iterations=2)
@@ -150,7 +150,7 @@ def _lip_line(lab: np.ndarray, x0: int, x1: int, y0: int,
     lum, red = box[..., 0], box[..., 1]
     skin_l, skin_a = float(np.median(lab[..., 0])), float(np.median(lab[..., 1]))
     teeth = (lum > skin_l + 12) & (red < skin_a - 3)  # brighter and less red than skin
-    cols = teeth.any(axis=0)
+    cols: np.ndarray = np.asarray(teeth.any(axis=0))
     has_teeth = bool(cols[len(cols) // 4: -len(cols) // 4].mean() > 0.6)
     if has_teeth:  # the lower lip starts under the first run of teeth from the top
         below = (np.cumsum(teeth, axis=0) > 0) & ~teeth

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import inspect
 import math
+from typing import Any
 
 import numpy as np
 import torch
@@ -84,7 +85,7 @@ class WhisperStates:
     the encoder's ``max_source_positions`` (the positional table is sliced).
     """
 
-    def __init__(self, encoder: torch.nn.Module, logmel: LogMel, mode: str) -> None:
+    def __init__(self, encoder: Any, logmel: LogMel, mode: str) -> None:
         self.encoder = encoder
         self.logmel = logmel
         self.mode = mode

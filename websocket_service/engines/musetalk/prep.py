@@ -153,10 +153,10 @@ def encode_latents(vae, crops: np.ndarray, device: torch.device, dtype: torch.dt
     return torch.cat(out)
 
 
-def cache_key(avatar_meta: dict, files: dict[str, str], vae_config: dict, settings: dict) -> str:
+def cache_key(avatar_meta: dict, files: dict[str, int], vae_config: dict, settings: dict) -> str:
     """Changes whenever anything that shapes the cached data changes."""
     blob = json.dumps({"face": avatar_meta.get("face_box"), "created": avatar_meta.get("created"),
-                       "files": sorted(files), "vae": {k: v for k, v in vae_config.items()
+                       "files": sorted(files.items()), "vae": {k: v for k, v in vae_config.items()
                                                         if not k.startswith("_")},
                        "settings": settings, "format": 1}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from ...avatars.model import Avatar, BaseFrame
+from ...errors import ProcessingError
 from ..audio_buffer import FrameSlot, UtteranceBuffer
 from ..base import SAMPLES_PER_FRAME, LipSyncStream, SpeechFrame
 from .audio import AUDIO_LOOKAHEAD_FRAMES, WHISPER_HOP, window_bounds
@@ -126,7 +127,10 @@ class MuseTalkStream(LipSyncStream):
         lat = torch.stack([latents[b.clip][b.index] for b in bases])
         audio = torch.stack(tokens)
         step = self.engine.settings.batch_max
-        futures = [self.engine.worker.submit(Request(self.session, lat[i: i + step], audio[i: i + step]))
+        worker = self.engine.worker
+        if worker is None:
+            raise ProcessingError("MuseTalk engine is closed")
+        futures = [worker.submit(Request(self.session, lat[i: i + step], audio[i: i + step]))
                    for i in range(0, len(bases), step)]
         parts = await asyncio.gather(*(asyncio.wrap_future(f) for f in futures))
         return np.concatenate(parts)
