@@ -247,7 +247,6 @@ class PoolEncoder:
             return
         await self._settle()
         self._worker.encoders -= 1
-        self._pool._handles.discard(self)
         if self._worker.conn is not None and self._generation == self._worker.generation:
             with contextlib.suppress(ProcessingError):
                 self._worker.request("close", self.id)  # the reply needs no waiting for
@@ -255,6 +254,7 @@ class PoolEncoder:
         self._shm.close()
         self._shm.unlink()
         self._shm = None
+        self._pool._handles.discard(self)  # last: a handle listed still owns its memory
 
 
 class InProcessEncoder:
