@@ -16,6 +16,7 @@ def main() -> None:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     uvicorn.run(create_app(settings), host=settings.host, port=settings.port,
                 log_level=settings.log_level, ws_max_size=4 * settings.max_message_bytes,
+                ws_per_message_deflate=settings.ws_per_message_deflate,
                 ws_ping_interval=20, ws_ping_timeout=20)
 
 

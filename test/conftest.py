@@ -37,7 +37,8 @@ class LiveServer:
         services = Services(settings, engine=engine) if engine is not None else None
         self.app = create_app(settings, services)
         config = uvicorn.Config(self.app, host="127.0.0.1", port=settings.port, log_level="warning",
-                                ws_max_size=4 * settings.max_message_bytes, lifespan="on")
+                                ws_max_size=4 * settings.max_message_bytes, lifespan="on",
+                                ws_per_message_deflate=settings.ws_per_message_deflate)
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 

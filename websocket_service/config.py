@@ -61,6 +61,7 @@ class Settings(BaseSettings):
     default_bitrate: int = Field(1_000_000, ge=50_000, le=20_000_000)
     init_timeout_s: float = Field(10.0, gt=0)
     max_message_bytes: int = Field(256 * 1024, ge=4096)
+    ws_per_message_deflate: bool = False
     max_chunk_ms: int = Field(2000, ge=40)
     max_buffered_audio_s: float = Field(30.0, gt=0)
     speech_queue_frames: int = Field(25, ge=1)
