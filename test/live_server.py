@@ -2,34 +2,75 @@
 
 from __future__ import annotations
 
+import socket
 import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
+import httpx
 import uvicorn
 
 from websocket_service.app import create_app
 from websocket_service.config import Settings
+from websocket_service.engines.base import LipSyncEngine
+from websocket_service.manager import Services
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class LiveServer:
+    """uvicorn serving the real app in a background thread."""
+
+    def __init__(self, settings: Settings, engine: LipSyncEngine | None = None) -> None:
+        self.settings = settings
+        services = Services(settings, engine=engine) if engine is not None else None
+        self.app = create_app(settings, services)
+        config = uvicorn.Config(self.app, host="127.0.0.1", port=settings.port, log_level="warning",
+                                ws_max_size=4 * settings.max_message_bytes, lifespan="on",
+                                ws_per_message_deflate=settings.ws_per_message_deflate)
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    @property
+    def http(self) -> str:
+        return f"http://127.0.0.1:{self.settings.port}"
+
+    @property
+    def ws(self) -> str:
+        return f"ws://127.0.0.1:{self.settings.port}"
+
+    def start(self) -> LiveServer:
+        self.thread.start()
+        deadline = time.monotonic() + 60
+        while not self.server.started:
+            if not self.thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("server did not start")
+            time.sleep(0.05)
+        return self
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=15)
+
+    @property
+    def services(self) -> Any:
+        return self.app.state.services
+
+    def get(self, path: str) -> httpx.Response:
+        return httpx.get(self.http + path, timeout=10)
 
 
 @contextmanager
-def live_server(settings: Settings, start_timeout: float = 30.0) -> Iterator[str]:
-    """Yield ``http://127.0.0.1:PORT`` while the app runs; shut it down (lifespan too) after."""
-    app = create_app(settings)
-    config = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning",
-                            lifespan="on", ws="websockets-sansio")
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, name="live-server", daemon=True)
-    thread.start()
-    deadline = time.monotonic() + start_timeout
-    while not server.started:
-        if not thread.is_alive() or time.monotonic() > deadline:
-            raise RuntimeError("the server did not start")
-        time.sleep(0.05)
-    port = server.servers[0].sockets[0].getsockname()[1]
+def live_server(settings: Settings) -> Iterator[str]:
+    """Yield ``http://127.0.0.1:PORT`` (a free port) while the app runs; shut it down after."""
+    server = LiveServer(settings.model_copy(update={"port": free_port()})).start()
     try:
-        yield f"http://127.0.0.1:{port}"
+        yield server.http
     finally:
-        server.should_exit = True
-        thread.join(15)
+        server.stop()

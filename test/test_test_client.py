@@ -3,45 +3,21 @@
 from __future__ import annotations
 
 import json
-import socket
-import threading
-import time
-from collections.abc import Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import av
 import pytest
-import uvicorn
 
-from websocket_service.app import create_app
-from websocket_service.config import Settings
-
+from .live_server import LiveServer, free_port
 from .test_client import main as client_main
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture
-def server(tmp_path: Path) -> Iterator[str]:
-    port = _free_port()
-    app = create_app(Settings(avatars_dir=tmp_path / "avatars", port=port))
-    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning",
-                                        lifespan="on"))
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 15
-    while not srv.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "server did not start"
-        time.sleep(0.05)
-    yield f"ws://127.0.0.1:{port}"
-    srv.should_exit = True
-    thread.join(10)
+def server(make_server: Callable[..., LiveServer]) -> str:
+    return make_server().ws
 
 
 def test_client_streams_short_wav_and_writes_mp4(server: str, tmp_path: Path,
@@ -65,7 +41,7 @@ def test_client_streams_short_wav_and_writes_mp4(server: str, tmp_path: Path,
 
 
 def test_client_reports_unreachable_server(tmp_path: Path) -> None:
-    port = _free_port()  # nothing listens there
+    port = free_port()  # nothing listens there
     code = client_main(["--server", f"ws://127.0.0.1:{port}", "--audio-file",
                         str(ROOT / "fixtures" / "short_16k.wav"), "--quiet"])
     assert code == 3
