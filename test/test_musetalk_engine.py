@@ -345,3 +345,20 @@ def test_logmel_matches_the_whisper_feature_extractor():
         torch.from_numpy(padded)).numpy()
     assert ours.shape == ref.shape == (80, 3000)
     assert np.abs(ours - ref).max() < 1e-3
+
+
+def test_unloadable_parsing_weights_fall_back_to_the_geometric_mask(model, tmp_path):
+    """The parser only refines the mask: a file that does not load must not stop start-up."""
+    import shutil
+
+    root = tmp_path / "m"
+    shutil.copytree(model, root)
+    bad = root / "face-parse-bisent" / "79999_iter.pth"
+    bad.parent.mkdir(exist_ok=True)
+    torch.save({"unexpected.weight": torch.zeros(3)}, bad)
+    eng = MuseTalkEngine(settings(root))
+    eng.load()
+    info = eng.info()
+    assert info["loaded"] and info["mask"].startswith("geometric")
+    assert "79999_iter.pth" in info["warnings"][0]
+    asyncio.run(eng.aclose())

@@ -83,6 +83,8 @@ class MuseTalkEngine(LipSyncEngine):
     def mask_kind(self) -> str:
         if self.bundle is not None and self.bundle.parsing is not None:
             return "face-parsing"
+        if self.bundle is not None and self.bundle.warnings:
+            return "geometric (face-parse-bisent/79999_iter.pth did not load)"
         return "geometric (face-parse-bisent/79999_iter.pth not found)"
 
     def info(self) -> dict[str, Any]:
@@ -92,6 +94,7 @@ class MuseTalkEngine(LipSyncEngine):
         if b is None:
             return out
         out.update({"dtype": str(b.dtype).replace("torch.", ""), "files": b.files,
+                    "warnings": b.warnings,
                     "mask": self.mask_kind, "hop_frames": self.hop,
                     "lookahead_ms": 40 * self.lookahead_frames,
                     "whisper_window": self.settings.musetalk_whisper_window,

@@ -40,6 +40,7 @@ class Bundle:
     device: torch.device
     dtype: torch.dtype
     files: dict[str, str] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
 
 
 def pick_device(setting: str) -> torch.device:
@@ -156,17 +157,24 @@ def load_whisper(root: Path) -> tuple[Any, Any, Any, dict[str, str]]:
     return encoder, config, fe, {"whisper": str(w_path)}
 
 
-def load_parsing(root: Path) -> tuple[BiSeNet | None, dict[str, str]]:
+def load_parsing(root: Path) -> tuple[BiSeNet | None, dict[str, str], list[str]]:
+    """The optional face parser. It only refines the blending mask, so a file that does not
+    load is reported (``parsing_error`` in /health) and the geometric mask is used instead of
+    failing start-up."""
     path = root / PARSING_FILE
     if not path.is_file():
-        return None, {}
-    state = _state_dict(path)
+        return None, {}, []
     try:
-        net = BiSeNet(n_classes_of(state))
-    except KeyError as exc:
-        raise _broken(path, exc) from exc
-    _load_strict(net, state, path)
-    return net, {"parsing": str(path)}
+        state = _state_dict(path)
+        try:
+            net = BiSeNet(n_classes_of(state))
+        except KeyError as exc:
+            raise _broken(path, exc) from exc
+        _load_strict(net, state, path)
+    except ModelNotFound as exc:
+        log.warning("face parsing disabled, using the geometric mask: %s", exc.message)
+        return None, {}, [f"face parsing disabled: {exc.message[:300]}"]
+    return net, {"parsing": str(path)}, []
 
 
 def load_bundle(root: Path, version: str, device_setting: str, use_float16: bool) -> Bundle:
@@ -177,9 +185,11 @@ def load_bundle(root: Path, version: str, device_setting: str, use_float16: bool
     unet, files = load_unet(root, version)
     vae, f2 = load_vae(root)
     encoder, wcfg, fe, f3 = load_whisper(root)
-    parsing, f4 = load_parsing(root)
-    return make_bundle(unet, vae, encoder, wcfg, fe, parsing, device_setting, use_float16,
-                       {**files, **f2, **f3, **f4})
+    parsing, f4, warnings = load_parsing(root)
+    bundle = make_bundle(unet, vae, encoder, wcfg, fe, parsing, device_setting, use_float16,
+                         {**files, **f2, **f3, **f4})
+    bundle.warnings.extend(warnings)
+    return bundle
 
 
 def make_bundle(unet, vae, encoder, wcfg, fe, parsing, device_setting: str, use_float16: bool,
