@@ -175,3 +175,14 @@ def test_env_example_documents_every_setting(monkeypatch):
         monkeypatch.setenv(k, v)
     parsed = Settings(_env_file=None)
     assert parsed.model_dump() == Settings.model_construct().model_dump()
+
+
+def test_spec_documents_every_error_code_and_message_type():
+    from websocket_service.errors import ERROR_CODES
+    from websocket_service.protocol import CLIENT_TYPES
+
+    from .conftest import ROOT
+
+    spec = (ROOT / "musetalk_websocket_spec.md").read_text()
+    missing = [c for c in ERROR_CODES + CLIENT_TYPES if f"`{c}`" not in spec]
+    assert not missing, f"undocumented in the spec: {missing}"

@@ -101,10 +101,6 @@ class Settings(BaseSettings):
             raise ValueError("DEFAULT_WIDTH and DEFAULT_HEIGHT must be even (H.264 4:2:0)")
         return self
 
-    @property
-    def frame_ms(self) -> float:
-        return 1000.0 / self.fps
-
 
 @lru_cache
 def get_settings() -> Settings:

@@ -80,9 +80,6 @@ class Cursor:
             self.action = None
         return frame
 
-    def frame_size(self) -> tuple[int, int]:
-        return self.avatar.width, self.avatar.height
-
 
 def resize_to(img: np.ndarray, width: int, height: int) -> np.ndarray:
     if img.shape[1] == width and img.shape[0] == height:

@@ -109,7 +109,6 @@ class Services:
         self.sessions = SessionManager(settings, self.engine, self.store, clock)
         #: WebSocket H.264 encoders run here when set; started in the app's lifespan
         self.encoders = EncoderPool(settings.encoder_processes) if settings.encoder_processes else None
-        self.extras: dict[str, Any] = {}
 
     def ensure_default_avatar(self) -> Avatar:
         return self.store.ensure_builtin(self.settings.default_avatar)

@@ -19,7 +19,6 @@ import asyncio
 import contextlib
 import logging
 from collections import deque
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -371,5 +370,3 @@ class Session:
                 "buffered_audio_ms": round(self.stream.buffered_samples() / 16.0),
                 **self.stats.snapshot(now)}
 
-
-ErrorCallback = Callable[[ServiceError], None]

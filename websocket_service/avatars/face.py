@@ -31,7 +31,7 @@ def detect_face(rgb: np.ndarray) -> Box | None:
     return None
 
 
-def crop_box_for_face(face: Box, image_shape: tuple[int, ...], scale: float = 2.2) -> Box:
+def crop_box_for_face(face: Box, scale: float = 2.2) -> Box:
     """A square crop centred a little below the face centre, so chin and neck are in view."""
     x, y, w, h = face
     side = int(round(max(w, h) * scale))

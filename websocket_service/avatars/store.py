@@ -118,7 +118,7 @@ def build_avatar(avatar_id: str, frames: list[np.ndarray], still: bool, width: i
         side = min(h, w) // 2
         face = (w // 2 - side // 2, h // 3 - side // 2, side, side)
         report["warning"] = "no face found; using a centred crop"
-    crop = crop_box_for_face(face, frames[0].shape)  # type: ignore[arg-type]
+    crop = crop_box_for_face(face)  # type: ignore[arg-type]
     progress(0.15, "cropping")
     cropped = [cut(f, crop, width, height) for f in frames]
     still_img = cropped[0]

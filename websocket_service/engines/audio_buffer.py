@@ -31,7 +31,6 @@ class _Utterance:
     def __init__(self, uid: int, history: int) -> None:
         self.uid = uid
         self.history = history
-        self.chunks: list[np.ndarray] = []
         self.samples = np.zeros(0, np.int16)
         self.offset = 0  # absolute sample index of samples[0]
         self.total = 0  # samples received so far
