@@ -171,11 +171,12 @@ async def test_auth_token(make_server):
 
 
 async def test_too_much_buffered_audio_is_rate_limited(make_server):
-    server = make_server(max_buffered_audio_s=1.0)
+    # 1 s of audio may wait, plus 5 rendered frames; 3.2 s sent at once must trip the limit
+    # however fast the engine renders meanwhile
+    server = make_server(max_buffered_audio_s=1.0, speech_queue_frames=5)
     client, _ = await Client.connect(server.ws)
     client.decode = False
-    # 1.6 s at once: the first second is accepted, then the limit answers
-    for _ in range(8):
+    for _ in range(16):
         await client.send(chunk_msg(client.session_id, b"\x00\x01" * 3200))
     err = await client.error()
     assert err["code"] == "RATE_LIMIT_EXCEEDED"
