@@ -15,6 +15,7 @@ from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 
 from . import __version__
+from .api.metrics import router as metrics_router
 from .api.rest import error_response, router
 from .api.session_control import router as control_router
 from .config import Settings, get_settings
@@ -76,6 +77,7 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
         return FileResponse(STATIC / "index.html")
 
     app.include_router(router)
+    app.include_router(metrics_router)
     app.include_router(control_router)
     signaling.install(app)
     app.add_api_websocket_route("/musetalk/v1/ws/{user_id}", websocket_endpoint)

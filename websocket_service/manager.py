@@ -16,6 +16,7 @@ from .engines import create_engine
 from .engines.base import LipSyncEngine
 from .errors import InvalidSession, ModelNotFound, RateLimitExceeded
 from .media.encoder_pool import EncoderPool
+from .metrics import ServiceMetrics
 from .protocol import VideoConfig
 from .session import Session, VideoSettings
 
@@ -31,6 +32,7 @@ class SessionManager:
         self.clock = clock or Clock()
         self.sessions: dict[str, Session] = {}
         self._reserved: set[str] = set()
+        self.metrics = ServiceMetrics()
 
     def _reserve(self, session_id: str) -> None:
         if session_id in self.sessions or session_id in self._reserved:
@@ -58,6 +60,7 @@ class SessionManager:
             session = Session(session_id, user_id, avatar, self.engine, self.settings, video,
                               base_video, clock=self.clock, transport=transport)
             self.sessions[session_id] = session
+            self.metrics.session_opened(session.stats)
         finally:
             self._reserved.discard(session_id)
         log.info("session %s opened: user=%s transport=%s avatar=%s %dx%d (%d/%d sessions)",
@@ -85,6 +88,7 @@ class SessionManager:
         if session is not None:
             await session.close()
             st = session.stats
+            self.metrics.session_closed(st)
             log.info("session %s closed: frames sent %d, dropped %d, skipped %d, speech frames %d, "
                      "audio %.1f s", session_id, st.frames_sent, st.frames_dropped,
                      st.skipped_frames, st.speech_frames, st.audio_samples / 16000)

@@ -46,6 +46,7 @@ class SessionStats:
     _latency: deque[float] = field(default_factory=lambda: deque(maxlen=LATENCY_SAMPLES))
     _pipeline: deque[float] = field(default_factory=lambda: deque(maxlen=LATENCY_SAMPLES))
     rtc: dict[str, Any] = field(default_factory=dict)
+    latency_hist: Any = None  # the process-wide metrics.Histogram, when attached
 
     def frame_emitted(self, now: float) -> None:
         self.frames_emitted += 1
@@ -58,6 +59,8 @@ class SessionStats:
         self._pipeline.append(now - created)
         if audio_arrival is not None:
             self._latency.append(now - audio_arrival)
+            if self.latency_hist is not None:
+                self.latency_hist.observe(now - audio_arrival)
 
     def render_done(self, frames: int, busy_s: float) -> None:
         self.rendered_frames += frames

@@ -1,0 +1,20 @@
+"""``GET /metrics``: Prometheus text exposition of the service's counters."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request
+from fastapi.responses import PlainTextResponse
+
+router = APIRouter()
+
+
+@router.get("/metrics", tags=["service"], response_class=PlainTextResponse)
+async def metrics(request: Request) -> PlainTextResponse:
+    """Sessions, frames sent/dropped/skipped, speech underruns, audio received, errors, and a
+    histogram of the speech latency (audio chunk arrival -> its frame sent)."""
+    svc = request.app.state.services
+    mgr = svc.sessions
+    text = mgr.metrics.render((s.stats for s in mgr.sessions.values()),
+                              svc.settings.max_sessions, {"name": svc.engine.name,
+                                                          **svc.engine.stats()})
+    return PlainTextResponse(text, media_type="text/plain; version=0.0.4")
