@@ -57,7 +57,30 @@ def test_ee_is_spread_and_oo_rounder():
     ee_shape = ee[ee[:, 2] > 0, 1].mean()
     oo_shape = oo[oo[:, 2] > 0, 1].mean()
     assert ee_shape > 0.4
-    assert ee_shape > oo_shape + 0.4
+    assert oo_shape < -0.2  # rounded, not merely less spread
+    assert ee_shape > oo_shape + 0.8
+
+
+def _vowel(f1: float, f2: float, f0: float = 120.0, seconds: float = 0.08) -> np.ndarray:
+    """A glottal pulse train through two resonators: a vowel with known formants."""
+    from scipy.signal import lfilter
+
+    n = int(16000 * seconds)
+    x = np.zeros(n)
+    x[:: int(16000 / f0)] = 1.0
+    for f, bw in ((f1, 80.0), (f2, 120.0)):
+        r = np.exp(-np.pi * bw / 16000)
+        theta = 2 * np.pi * f / 16000
+        x = lfilter([1.0], [1.0, -2 * r * np.cos(theta), r * r], x)
+    return (x / np.abs(x).max() * 12000).astype(np.int16)
+
+
+def test_lpc_finds_the_second_formant_of_synthetic_vowels():
+    from websocket_service.engines.geometric.audio import WINDOW, second_formant
+
+    for f1, f2 in ((300, 2300), (350, 900), (500, 1500), (700, 1200)):
+        est = second_formant(_vowel(f1, f2)[:WINDOW])
+        assert est is not None and abs(est - f2) < 0.1 * f2, (f1, f2, est)
 
 
 def test_closes_within_three_frames_after_speech():

@@ -8,8 +8,10 @@ Per frame: in-band (100-4000 Hz) level in dBFS; a noise floor (minimum level of 
 floor and above an absolute gate); the opening target (level between a slowly decaying
 speech peak minus 28 dB and the peak minus 4 dB, so quiet and loud voices both use the
 full range); and the
-mouth shape from the pre-emphasised spectral centroid (high = spread "ee", low = rounded
-"oo"). Attack/release smoothing keeps the mouth from flickering; after speech it closes
+mouth shape from the second formant, estimated by linear prediction (LPC): a high F2 is a
+spread front vowel ("ee", F2 ~2300 Hz), a low F2 a rounded back vowel ("oo", F2 ~900-1400 Hz);
+the spectral centroid, which lip rounding hardly moves, is only the fallback when no formant
+pair is found. Attack/release smoothing keeps the mouth from flickering; after speech it closes
 within three frames and snaps exactly shut.
 """
 
@@ -19,6 +21,7 @@ from collections import deque
 from dataclasses import dataclass
 
 import numpy as np
+from scipy.linalg import solve_toeplitz
 
 from .fields import MouthPose
 
@@ -35,8 +38,12 @@ PEAK_START_DB = -18.0  # assumed loudest speech level until louder speech is hea
 PEAK_DECAY_DB = 0.05  # per frame (1.25 dB/s): the peak follows a speaker who gets quieter
 RANGE_DB = 28.0  # opening 0 -> 1 from this far below the peak ...
 HEADROOM_DB = 4.0  # ... to this far below it
-CENTROID_MID_HZ = 2300.0  # spectral centroid of a neutral mouth shape
+CENTROID_MID_HZ = 2300.0  # spectral centroid of a neutral mouth shape (fallback)
 CENTROID_SPAN_HZ = 700.0
+LPC_ORDER = 18  # poles for 16 kHz speech: ~2 per kHz plus a few for the source
+F2_MID_HZ = 1650.0  # F2 of a neutral vowel (schwa), between rounded and spread
+F2_SPAN_HZ = 550.0
+FORMANT_MAX_BW_HZ = 400.0
 
 ATTACK = 0.75  # fraction of the way to a higher target per frame
 RELEASE = 0.5  # fraction of the way to a lower target per frame
@@ -57,6 +64,7 @@ _HANN = np.hanning(WINDOW).astype(np.float32)
 _FREQS = np.fft.rfftfreq(WINDOW, 1.0 / SAMPLE_RATE).astype(np.float32)
 _IN_BAND = (_FREQS >= BAND[0]) & (_FREQS <= BAND[1])
 _NORM = 2.0 / (WINDOW * float(np.sum(_HANN**2)))
+_HAMMING = np.hamming(WINDOW)
 
 
 def spectrum_features(samples: np.ndarray) -> tuple[float, float]:
@@ -69,6 +77,34 @@ def spectrum_features(samples: np.ndarray) -> tuple[float, float]:
     emph = band * (f / 1000.0) ** 2  # +6 dB/octave, like a pre-emphasis filter
     centroid = float((emph * f).sum() / (emph.sum() + 1e-20))
     return level, centroid
+
+
+def second_formant(samples: np.ndarray) -> float | None:
+    """F2 in Hz from the roots of an LPC polynomial (autocorrelation method), or None."""
+    x = samples.astype(np.float64) / 32768.0
+    x = np.append(x[0], x[1:] - 0.63 * x[:-1]) * _HAMMING
+    n = len(x)
+    r = np.array([x[: n - k] @ x[k:] for k in range(LPC_ORDER + 1)])
+    if r[0] <= 1e-10:
+        return None
+    try:
+        a = solve_toeplitz(r[:LPC_ORDER], -r[1 : LPC_ORDER + 1])
+    except np.linalg.LinAlgError:
+        return None
+    roots = np.roots(np.concatenate([[1.0], a]))
+    roots = roots[np.imag(roots) > 0]
+    freqs = np.angle(roots) * SAMPLE_RATE / (2 * np.pi)
+    bandwidths = -SAMPLE_RATE / np.pi * np.log(np.abs(roots))
+    formants = np.sort(freqs[(freqs > 200) & (freqs < 4000) & (bandwidths < FORMANT_MAX_BW_HZ)])
+    return float(formants[1]) if len(formants) >= 2 else None
+
+
+def shape_of(samples: np.ndarray, centroid: float) -> float:
+    """-1 rounded .. +1 spread, from F2 (or the spectral centroid when LPC finds no F2)."""
+    f2 = second_formant(samples)
+    if f2 is None:
+        return float(np.clip((centroid - CENTROID_MID_HZ) / CENTROID_SPAN_HZ, -1.0, 1.0))
+    return float(np.clip((f2 - F2_MID_HZ) / F2_SPAN_HZ, -1.0, 1.0))
 
 
 class AudioAnalyzer:
@@ -92,8 +128,7 @@ class AudioAnalyzer:
         snr = level - floor
         voiced = level > GATE_DB and snr > VOICE_SNR_DB
         target = self._target(level, floor) if voiced else 0.0
-        shape = (float(np.clip((centroid - CENTROID_MID_HZ) / CENTROID_SPAN_HZ, -1.0, 1.0))
-                 if voiced else 0.0)
+        shape = shape_of(window, centroid) if voiced else 0.0
         return Features(level, floor, voiced, target, shape)
 
     def _target(self, level: float, floor: float) -> float:
