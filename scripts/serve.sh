@@ -8,7 +8,10 @@ cd "$(dirname "$0")/.."
 [ -x .venv/bin/python ] || python3 -m venv .venv
 py=.venv/bin/python
 $py -m pip install -q --upgrade pip
-engine="${ENGINE:-$(sed -n 's/^ENGINE=//p' .env 2>/dev/null | tail -n 1)}"
+engine="${ENGINE:-}"
+if [ -z "$engine" ] && [ -f .env ]; then
+  engine=$(sed -n 's/^ENGINE=//p' .env | tail -n 1)
+fi
 case "${engine,,}" in
   musetalk|auto)
     $py -m pip install -q torch==2.13.0   # pinned first: an open range pulls another build
