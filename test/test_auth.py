@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -167,6 +168,18 @@ async def test_signaling_needs_the_token_in_the_url_or_the_first_offer(make_serv
         await _expect_refusal(ws)
     async with websockets.connect(url) as ws:  # silence is refused after INIT's timeout
         await _expect_refusal(ws)
+    async with websockets.connect(url) as ws:  # and so is garbage: it does not extend the wait
+        async with asyncio.timeout(4):
+            while True:
+                with contextlib.suppress(websockets.ConnectionClosed):
+                    await ws.send(json.dumps({"type": "hello"}))
+                err = await _next(ws, "error")
+                if err["code"] == "AUTH_FAILED":
+                    break
+                assert err["code"] == "INVALID_MESSAGE"
+                await asyncio.sleep(0.4)
+        await asyncio.wait_for(ws.wait_closed(), 5)
+        assert ws.close_code == 1008
     assert server.services.sessions.sessions == {}
 
     async with websockets.connect(url) as ws:

@@ -187,15 +187,19 @@ class SignalingConnection:
             await self.ws.close(code, err.code)
 
     async def _receive_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        # an unauthenticated socket gets INIT's time in all to send its offer, so that one
+        # without the token cannot hold a client slot by sending anything else
+        auth_deadline = loop.time() + self.hub.settings.init_timeout_s
         while True:
-            # an unauthenticated socket gets INIT's time to send its offer, not the idle timeout
-            wait = IDLE_TIMEOUT_S if self.authed else self.hub.settings.init_timeout_s
+            wait = IDLE_TIMEOUT_S if self.authed else max(0.0, auth_deadline - loop.time())
             try:
                 async with asyncio.timeout(wait):
                     text = await self.ws.receive_text()
             except TimeoutError:
                 if not self.authed:
-                    self._fail(AuthFailed(f"no authenticated offer within {wait:g} s"))
+                    self._fail(AuthFailed("no authenticated offer within "
+                                          f"{self.hub.settings.init_timeout_s:g} s"))
                     return
                 self.send(_error(InvalidSession(f"no message for {IDLE_TIMEOUT_S:g} s; send "
                                                 "'ping' to keep the connection", fatal=True)))
