@@ -15,11 +15,9 @@ from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 
 from . import __version__
-from .api.metrics import router as metrics_router
-from .api.rest import error_response, router
-from .api.session_control import router as control_router
+from .api import metrics, rest, session_control
 from .config import Settings, get_settings
-from .errors import ServiceError
+from .errors import AuthFailed, ServiceError
 from .manager import Services
 from .transports import signaling
 from .transports.websocket import websocket_endpoint
@@ -64,21 +62,23 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
 
     @app.exception_handler(ServiceError)
     async def _service_error(_: Request, exc: ServiceError) -> JSONResponse:
-        return error_response(exc.code, exc.message, exc.details, exc.http_status)
+        headers = {"WWW-Authenticate": "Bearer"} if isinstance(exc, AuthFailed) else None
+        return rest.error_response(exc.code, exc.message, exc.details, exc.http_status, headers)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
         errs = [{"field": ".".join(str(p) for p in e.get("loc", ())), "problem": e.get("msg")}
                 for e in exc.errors()[:10]]
-        return error_response("INVALID_MESSAGE", "invalid request", {"errors": errs}, 422)
+        return rest.error_response("INVALID_MESSAGE", "invalid request", {"errors": errs}, 422)
 
     @app.get("/", include_in_schema=False)
     async def index() -> FileResponse:
         return FileResponse(STATIC / "index.html")
 
-    app.include_router(router)
-    app.include_router(metrics_router)
-    app.include_router(control_router)
+    # open routers (health, metrics, OpenAPI, samples) and those behind AUTH_TOKEN (api.auth)
+    for r in (rest.public, metrics.router, rest.router, session_control.public,
+              session_control.router):
+        app.include_router(r)
     signaling.install(app)
     app.add_api_websocket_route("/musetalk/v1/ws/{user_id}", websocket_endpoint)
     app.mount("/static", StaticFiles(directory=STATIC), name="static")

@@ -8,15 +8,17 @@ from pathlib import Path
 from typing import Annotated, Any, BinaryIO
 
 import yaml
-from fastapi import APIRouter, File, Form, Query, Request, UploadFile
+from fastapi import APIRouter, Depends, File, Form, Query, Request, UploadFile
 from fastapi.responses import JSONResponse, PlainTextResponse
 from pydantic import BaseModel, Field
 
 from ..avatars.store import IMAGE_SUFFIXES, validate_avatar_id
 from ..errors import InvalidMessage, InvalidSession, ModelNotFound, RateLimitExceeded
 from ..manager import Services
+from .auth import UNAUTHORIZED, require_token
 
-router = APIRouter()
+public = APIRouter()  # open even when AUTH_TOKEN is set
+router = APIRouter(dependencies=[Depends(require_token)], responses=UNAUTHORIZED)
 
 MAX_RUNNING_JOBS = 2
 VIDEO_SUFFIXES = {".mp4", ".mov", ".mkv", ".webm", ".avi"}
@@ -62,7 +64,7 @@ def _services(request: Request) -> Services:
     return request.app.state.services
 
 
-@router.get("/health", response_model=Health, tags=["service"])
+@public.get("/health", response_model=Health, tags=["service"])
 async def health(request: Request) -> dict[str, Any]:
     """Liveness plus what the engine loaded."""
     return _services(request).health()
@@ -167,7 +169,7 @@ async def prepare_avatar(
     return {**job.as_dict(), "status_url": f"/jobs/{job.job_id}"}
 
 
-@router.get("/openapi.yaml", include_in_schema=False)
+@public.get("/openapi.yaml", include_in_schema=False)
 async def openapi_yaml(request: Request) -> PlainTextResponse:
     return PlainTextResponse(openapi_text(request.app.openapi()), media_type="application/yaml")
 
@@ -176,8 +178,10 @@ def openapi_text(schema: dict[str, Any]) -> str:
     return yaml.safe_dump(schema, sort_keys=False, allow_unicode=True)
 
 
-def error_response(code: str, message: str, details: dict[str, Any], status: int) -> JSONResponse:
-    return JSONResponse(ErrorBody(code=code, message=message, details=details).model_dump(), status)
+def error_response(code: str, message: str, details: dict[str, Any], status: int,
+                   headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse(ErrorBody(code=code, message=message, details=details).model_dump(), status,
+                        headers=headers)
 
 
-__all__ = ["error_response", "openapi_text", "router"]
+__all__ = ["error_response", "openapi_text", "public", "router"]

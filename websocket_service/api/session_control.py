@@ -2,7 +2,8 @@
 
 ``POST /sessions/{id}/audio`` takes speech (e.g. TTS output) as raw PCM s16le 16 kHz mono
 (``application/octet-stream``) or JSON ``{data: base64, end_of_speech}``; actions, interrupt
-and end-of-speech have their own routes. They work for WebSocket sessions too.
+and end-of-speech have their own routes. They work for WebSocket sessions too. All but the
+demo page's speech samples need the bearer token when ``AUTH_TOKEN`` is set.
 """
 
 from __future__ import annotations
@@ -13,15 +14,18 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from fastapi import APIRouter, Query, Request
+from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import FileResponse
 from pydantic import BaseModel, Field, ValidationError
 
 from ..errors import InvalidMessage, ModelNotFound
 from ..manager import Services
 from ..session import Session
+from .auth import UNAUTHORIZED, require_token
 
-router = APIRouter(tags=["session control"])
+router = APIRouter(tags=["session control"], dependencies=[Depends(require_token)],
+                   responses=UNAUTHORIZED)
+public = APIRouter()  # the demo page's samples, open even when AUTH_TOKEN is set
 SAMPLES = {"speech.wav": "speech_pauses_16k.wav", "short.wav": "short_16k.wav"}
 FIXTURES = Path(__file__).resolve().parents[2] / "fixtures"
 
@@ -92,7 +96,7 @@ async def end_of_speech(request: Request, session_id: str) -> dict[str, Any]:
     return _ack(session)
 
 
-@router.get("/samples/{name}", include_in_schema=False)
+@public.get("/samples/{name}", include_in_schema=False)
 async def sample(name: str) -> FileResponse:
     """Built-in speech samples for the demo page (16 kHz mono WAV)."""
     path = FIXTURES / SAMPLES.get(name, "-")

@@ -2,6 +2,7 @@
 // window.__stats for tests and benchmarks.
 
 import { loadWav } from "./audio.js";
+import { authFetch } from "./auth.js";
 import { RtcClient } from "./rtc.js";
 import { WsClient } from "./ws.js";
 
@@ -82,9 +83,9 @@ function onEvent(msg) {
 }
 
 async function actionsFor(sessionId) {
-  const s = await (await fetch(`/sessions/${sessionId}`)).json();
+  const s = await (await authFetch(`/sessions/${sessionId}`)).json();
   if (stats.state === "connecting") setState(s.state);
-  const a = await (await fetch(`/avatars/${s.avatar}`)).json();
+  const a = await (await authFetch(`/avatars/${s.avatar}`)).json();
   return Object.entries(a.clips || {}).filter(([, c]) => c.kind === "action").map(([n]) => n);
 }
 

@@ -2,6 +2,7 @@
 // one audio sender whose track is swapped between nothing, a speech sample and the mic.
 
 import { firstLoudSample, RATE, toAudioBuffer } from "./audio.js";
+import { authFetch, withToken } from "./auth.js";
 
 export class RtcClient {
   constructor({ video, userId, log, onEvent, onClose }) {
@@ -32,7 +33,7 @@ export class RtcClient {
     await pc.setLocalDescription(await pc.createOffer());
     await this._gathered(pc, 2000);
     this.answered = new Promise((ok, fail) => { this._answer = ok; this._fail = fail; });
-    this._send({ type: "offer", sdp: pc.localDescription.sdp });
+    this._send(withToken({ type: "offer", sdp: pc.localDescription.sdp }));
     await this.answered;
     this._watchFrames();
   }
@@ -117,7 +118,7 @@ export class RtcClient {
   }
 
   async _rest(path) {
-    const r = await fetch(`/sessions/${this.sessionId}/${path}`, { method: "POST" });
+    const r = await authFetch(`/sessions/${this.sessionId}/${path}`, { method: "POST" });
     if (!r.ok) { const e = await r.json(); this.log(`${e.code}: ${e.message}`, "error"); }
   }
 

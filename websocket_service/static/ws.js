@@ -3,6 +3,7 @@
 // back in sync with the frames that lip-sync it.
 
 import { FRAME_SAMPLES, RATE, UtterancePlayer } from "./audio.js";
+import { withToken } from "./auth.js";
 
 const CODEC = "avc1.42E01F"; // constrained baseline, level 3.1
 
@@ -44,8 +45,8 @@ export class WsClient {
     this.ws = new WebSocket(url);
     this._newDecoder();
     return new Promise((resolve, reject) => {
-      this.ws.onopen = () => this.ws.send(JSON.stringify({
-        type: "INIT", session_id: this.sessionId, user_id: this.userId, video_config: {} }));
+      this.ws.onopen = () => this.ws.send(JSON.stringify(withToken({
+        type: "INIT", session_id: this.sessionId, user_id: this.userId, video_config: {} })));
       this.ws.onmessage = (e) => {
         const msg = JSON.parse(e.data);
         if (msg.type === "INIT_SUCCESS") resolve(msg);

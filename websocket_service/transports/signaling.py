@@ -3,6 +3,10 @@
 Both end in :meth:`RtcHub.connect`; the answer always carries every server candidate
 (aiortc gathers completely before ``setLocalDescription`` returns), so trickle from the
 server is never needed. The message set is documented in ``musetalk_websocket_spec.md`` (section 9).
+
+With ``AUTH_TOKEN`` set, ``POST /offer`` takes the token as a Bearer header or ``auth_token``
+in its body; the signaling socket as ``?token=`` or ``auth_token`` in its first message, which
+must then be an offer (browsers cannot set headers on a WebSocket).
 """
 
 from __future__ import annotations
@@ -19,7 +23,8 @@ from fastapi import APIRouter, Request, WebSocket, WebSocketDisconnect
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 from starlette.websockets import WebSocketState
 
-from ..errors import InvalidMessage, InvalidSession, RateLimitExceeded, ServiceError
+from ..api.auth import UNAUTHORIZED, Credentials, bearer_token, check_token, token_matches
+from ..errors import AuthFailed, InvalidMessage, InvalidSession, RateLimitExceeded, ServiceError
 from ..protocol import USER_ID_RE, VideoConfig
 from .webrtc import RtcHub, RtcPeer
 
@@ -33,6 +38,7 @@ CLOSE_POLICY = 1008
 CLOSE_TRY_AGAIN = 1013
 
 ID = Field(None, pattern=r"^[A-Za-z0-9_-]{1,64}$")
+TOKEN = Field(None, max_length=1024, description="the server's AUTH_TOKEN, when one is set")
 
 
 class _Msg(BaseModel):
@@ -47,6 +53,7 @@ class OfferRequest(_Msg):
     user_id: str = Field(..., pattern=r"^[A-Za-z0-9_-]{1,64}$")
     avatar_id: str | None = ID
     base_video: str | None = Field(None, max_length=64)
+    auth_token: str | None = TOKEN
 
 
 class OfferAnswer(_Msg):
@@ -60,6 +67,7 @@ class SigOffer(_Msg):
     sdp: str = Field(..., max_length=MAX_SIGNAL_BYTES)
     avatar_id: str | None = ID
     base_video: str | None = Field(None, max_length=64)
+    auth_token: str | None = TOKEN
 
 
 class SigCandidate(_Msg):
@@ -84,11 +92,14 @@ def _hub(app: Any) -> RtcHub:
     return app.state.rtc_hub
 
 
-@router.post("/offer", response_model=OfferAnswer)
-async def offer(request: Request, body: OfferRequest) -> OfferAnswer:
+@router.post("/offer", response_model=OfferAnswer, responses=UNAUTHORIZED)
+async def offer(request: Request, body: OfferRequest, credentials: Credentials) -> OfferAnswer:
     """Answer a WebRTC offer with a new session. Poll ``GET /sessions/{session_id}``
-    (``rtc.connection_state``) to learn about failures; the session closes with the peer."""
-    peer = await _hub(request.app).connect(
+    (``rtc.connection_state``) to learn about failures; the session closes with the peer.
+    With ``AUTH_TOKEN`` set, send it as a Bearer header or as ``auth_token`` in the body."""
+    hub = _hub(request.app)
+    check_token(hub.settings.auth_token, bearer_token(credentials), body.auth_token)
+    peer = await hub.connect(
         body.user_id, body.sdp, body.type,
         VideoConfig(avatar_id=body.avatar_id, base_video=body.base_video))
     desc = peer.pc.localDescription
@@ -108,6 +119,8 @@ class SignalingConnection:
         self.user_id = user_id
         self.key = f"sig-{uuid.uuid4()}"
         self.peer: RtcPeer | None = None
+        self.authed = token_matches(hub.settings.auth_token)  # True when no token is set
+        self.close_code = 1000
         self.outbox: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue(MAX_OUTBOX)
         self._overflow = False
 
@@ -130,6 +143,14 @@ class SignalingConnection:
             await self._refuse(InvalidMessage("user_id must be 1-64 characters of letters, "
                                               "digits, '-' and '_'"), CLOSE_POLICY)
             return
+        url_token = self.ws.query_params.get("token")
+        if url_token is not None and not self.authed:
+            try:
+                check_token(self.hub.settings.auth_token, url_token)
+            except AuthFailed as err:
+                await self._refuse(err, CLOSE_POLICY)
+                return
+            self.authed = True
         try:
             self.hub.reserve(self.key)
         except RateLimitExceeded as err:
@@ -148,7 +169,7 @@ class SignalingConnection:
             self.hub.release(self.key)
             if self.ws.application_state is WebSocketState.CONNECTED:
                 with contextlib.suppress(Exception):
-                    await self.ws.close(1000)
+                    await self.ws.close(self.close_code)
 
     async def _flush(self, sender: asyncio.Task[None]) -> None:
         """Let the sender deliver what is queued (e.g. 'disconnected'), then stop it."""
@@ -166,11 +187,20 @@ class SignalingConnection:
             await self.ws.close(code, err.code)
 
     async def _receive_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        # an unauthenticated socket gets INIT's time in all to send its offer, so that one
+        # without the token cannot hold a client slot by sending anything else
+        auth_deadline = loop.time() + self.hub.settings.init_timeout_s
         while True:
+            wait = IDLE_TIMEOUT_S if self.authed else max(0.0, auth_deadline - loop.time())
             try:
-                async with asyncio.timeout(IDLE_TIMEOUT_S):
+                async with asyncio.timeout(wait):
                     text = await self.ws.receive_text()
             except TimeoutError:
+                if not self.authed:
+                    self._fail(AuthFailed("no authenticated offer within "
+                                          f"{self.hub.settings.init_timeout_s:g} s"))
+                    return
                 self.send(_error(InvalidSession(f"no message for {IDLE_TIMEOUT_S:g} s; send "
                                                 "'ping' to keep the connection", fatal=True)))
                 return
@@ -179,9 +209,14 @@ class SignalingConnection:
             try:
                 await self._handle(text)
             except ServiceError as err:
-                self.send(_error(err))
+                self._fail(err)
                 if err.fatal:
                     return
+
+    def _fail(self, err: ServiceError) -> None:
+        self.send(_error(err))
+        if isinstance(err, AuthFailed):
+            self.close_code = CLOSE_POLICY
 
     async def _handle(self, text: str) -> None:
         if len(text) > MAX_SIGNAL_BYTES:
@@ -192,6 +227,11 @@ class SignalingConnection:
             first = exc.errors(include_url=False)[0]
             raise InvalidMessage(f"invalid signaling message: {first.get('msg')}",
                                  {"expected_types": ["offer", "ice-candidate", "ping", "bye"]}) from None
+        if not self.authed:
+            if not isinstance(msg, SigOffer):
+                raise AuthFailed("send the auth token as ?token= or in the first message, an offer")
+            check_token(self.hub.settings.auth_token, msg.auth_token)
+            self.authed = True
         if isinstance(msg, SigPing):
             loop = asyncio.get_running_loop()
             self.send({"type": "pong", "t": msg.t, "server_time_ms": int(loop.time() * 1000)})

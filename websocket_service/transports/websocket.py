@@ -21,8 +21,8 @@ from fastapi import WebSocket, WebSocketDisconnect
 from pydantic import BaseModel, ValidationError
 from starlette.websockets import WebSocketState
 
+from ..api.auth import check_token
 from ..errors import (
-    AuthFailed,
     InvalidMessage,
     InvalidSession,
     ProcessingError,
@@ -334,9 +334,7 @@ class Connection:
         if msg.user_id != self.user_id:
             raise InvalidMessage("INIT user_id does not match the URL's user_id",
                                  {"url_user_id": self.user_id})
-        token = self.settings.auth_token
-        if token and msg.auth_token != token:
-            raise AuthFailed("auth_token is missing or wrong")
+        check_token(self.settings.auth_token, msg.auth_token)
         session = await self.services.sessions.create(msg.session_id, self.user_id, msg.video_config)
         self.session = session
         sink = await self._open_sink(session)
