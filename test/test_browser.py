@@ -85,3 +85,23 @@ def test_page_is_phone_friendly(browser: Browser, base_url: str) -> None:
     assert width <= 390, f"horizontal scroll on a phone: {width}px"
     assert page.locator("#connect").is_visible()
     page.close()
+
+
+@pytest.mark.parametrize("transport", ["webrtc", "ws"])
+def test_microphone_drives_the_lips(browser: Browser, base_url: str, transport: str) -> None:
+    """Chromium's fake capture device (a periodic beep) through the page's mic button."""
+    page = browser.new_page()
+    errors: list[str] = []
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    page.goto(base_url + "/")
+    page.check(f"input[name=transport][value={transport}]")
+    page.click("#connect")
+    counter = "webrtcFramesDecoded" if transport == "webrtc" else "wsFramesDecoded"
+    _wait(page, f"window.__stats.{counter} > 10", 15)
+    assert _stats(page)["speakingSeen"] == 0  # nothing said yet
+    page.click("#mic")
+    st = _wait(page, "window.__stats.speakingSeen > 0", 20)
+    page.click("#mic")
+    page.click("#disconnect")
+    assert not errors and not st["errors"], (errors, st["errors"])
+    page.close()
