@@ -10,7 +10,7 @@ from pathlib import Path
 
 import av
 import numpy as np
-from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
+from aiortc import RTCConfiguration, RTCPeerConnection, RTCRtpReceiver, RTCSessionDescription
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 
 from websocket_service.transports.rtc_network import host_addresses
@@ -60,9 +60,13 @@ class WavTrack(MediaStreamTrack):
 class ClientPeer:
     """Receives the avatar's video and audio; optionally sends a microphone track."""
 
-    def __init__(self, mic: MediaStreamTrack | None = None) -> None:
+    def __init__(self, mic: MediaStreamTrack | None = None,
+                 video_codecs: tuple[str, ...] | None = None) -> None:
         self.pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
-        self.pc.addTransceiver("video", direction="recvonly")
+        video = self.pc.addTransceiver("video", direction="recvonly")
+        if video_codecs is not None:  # e.g. ("video/VP8",): a client that cannot take H.264
+            caps = RTCRtpReceiver.getCapabilities("video").codecs
+            video.setCodecPreferences([c for c in caps if c.mimeType in video_codecs])
         if mic is not None:
             self.pc.addTrack(mic)
         else:

@@ -77,6 +77,23 @@ async def test_offer_streams_video_and_audio_and_lip_syncs_the_mic(base_url: str
         await _wait_no_sessions(http)
 
 
+async def test_vp8_fallback_for_a_client_without_h264(base_url: str) -> None:
+    client = ClientPeer(video_codecs=("video/VP8",))
+    async with httpx.AsyncClient(base_url=base_url, timeout=20) as http:
+        offer = await client.offer()
+        assert "H264" not in offer.sdp.split("m=video")[1].split("m=")[0]
+        r = await http.post("/offer", json={"sdp": offer.sdp, "type": offer.type, "user_id": "vp8"})
+        assert r.status_code == 200, r.text
+        video = r.json()["sdp"].split("m=video")[1].split("m=")[0]
+        assert "VP8" in video and "H264" not in video
+        await client.accept(r.json()["sdp"])
+        await client.wait_connected()
+        await asyncio.sleep(2.0)
+        assert client.video_frames > 25, client.video_frames
+        await client.close()
+        await _wait_no_sessions(http)
+
+
 async def test_rest_audio_action_interrupt_for_an_offer_session(base_url: str) -> None:
     client = ClientPeer()
     async with httpx.AsyncClient(base_url=base_url, timeout=20) as http:
