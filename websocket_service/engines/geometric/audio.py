@@ -83,8 +83,8 @@ def second_formant(samples: np.ndarray) -> float | None:
     """F2 in Hz from the roots of an LPC polynomial (autocorrelation method), or None."""
     x = samples.astype(np.float64) / 32768.0
     x = np.append(x[0], x[1:] - 0.63 * x[:-1]) * _HAMMING
-    n = len(x)
-    r = np.array([x[: n - k] @ x[k:] for k in range(LPC_ORDER + 1)])
+    spec = np.fft.rfft(x, 2 * len(x))  # zero-padded: a linear, not circular, correlation
+    r = np.fft.irfft(spec.real**2 + spec.imag**2)[: LPC_ORDER + 1]
     if r[0] <= 1e-10:
         return None
     try:
