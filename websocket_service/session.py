@@ -31,7 +31,7 @@ from .config import Settings
 from .cursor import Cursor, resize_to
 from .engines.base import SAMPLE_RATE, SAMPLES_PER_FRAME, LipSyncEngine, SpeechFrame
 from .errors import ProcessingError, RateLimitExceeded, ServiceError
-from .protocol import SpeechEnded, StateChanged
+from .protocol import ErrorMsg, SpeechEnded, StateChanged
 from .states import CLIENT_ALLOWED, AvatarState, StateChange, StateMachine
 from .stats import SessionStats
 
@@ -252,8 +252,6 @@ class Session:
         self.stats.render_errors += 1
         self.interrupt()
         err = exc if isinstance(exc, ServiceError) else ProcessingError("rendering failed; speech dropped")
-        from .protocol import ErrorMsg  # noqa: PLC0415 - avoid a cycle at import time
-
         self._event(ErrorMsg(code=err.code, message=err.message, details=err.details,
                              session_id=self.session_id))
 
