@@ -67,3 +67,37 @@ async def test_without_the_bound_latency_accumulates(make_server):
     lags = [f["frame_index"] - start - f["utterance_frame"] for f in speaking]
     assert sorted(lags)[len(lags) // 2] > 2 and lags == sorted(lags), lags  # never recovered
     await client.close()
+
+
+class FailingOnceStream(GeometricStream):
+    failed = False
+
+    async def render_next(self, take_base, max_frames):  # noqa: ANN001, ANN201
+        if not FailingOnceStream.failed:
+            await super().render_next(take_base, max_frames)
+            FailingOnceStream.failed = True
+            raise RuntimeError("simulated engine crash with /secret/internal/path")
+        return await super().render_next(take_base, max_frames)
+
+
+class FailingOnceEngine(GeometricEngine):
+    def open_stream(self, avatar):  # noqa: ANN001, ANN201
+        return FailingOnceStream(self, avatar)
+
+
+async def test_an_engine_failure_costs_one_utterance_not_the_session(make_server):
+    server = make_server(engine_factory=FailingOnceEngine)
+    pcm = read_wav(FIXTURES / "short_16k.wav")
+    client, _ = await Client.connect(server.ws)
+    client.decode = False
+    await client.stream_audio(pcm, realtime=False, chunk=6400)
+    err = await client.error()
+    assert err["code"] == "PROCESSING_ERROR" and "secret" not in str(err)  # no internals leak
+    await client.recv_for(0.5)
+    n = len(client.frames)
+    # the session still streams, and the next utterance is spoken in full
+    await client.stream_audio(pcm, realtime=False, chunk=6400)
+    ended = await client.recv_until(lambda m: m["type"] == "SPEECH_ENDED" and not m["interrupted"])
+    assert ended["frames"] == 30 and len(client.frames) > n
+    assert server.get("/sessions").json()["sessions"][0]["render_errors"] == 1
+    await client.close()
