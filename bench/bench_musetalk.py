@@ -18,7 +18,6 @@ import platform
 import sys
 import tempfile
 import time
-import wave
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -28,6 +27,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "test")]
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from bench.run_stream import read_wav  # noqa: E402
 from websocket_service.avatars.model import Avatar, BaseFrame, Clip, ClipKind  # noqa: E402
 from websocket_service.config import Settings  # noqa: E402
 from websocket_service.engines.musetalk import MuseTalkEngine  # noqa: E402
@@ -146,11 +146,6 @@ async def stream_latency(engine: MuseTalkEngine, avatar: Avatar, sessions: int, 
     ms = np.array(lat) * 1000
     return {"sessions": sessions, "frames": len(lat), "p50_ms": float(np.percentile(ms, 50)),
             "p95_ms": float(np.percentile(ms, 95)), "fps_out": len(lat) / wall}
-
-
-def read_wav(path: Path) -> np.ndarray:
-    with wave.open(str(path)) as w:
-        return np.frombuffer(w.readframes(w.getnframes()), np.int16).copy()
 
 
 def feature_drift(engine: MuseTalkEngine, pcm: np.ndarray, mode: str, context_ms: int,

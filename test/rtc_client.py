@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import wave
 from fractions import Fraction
 from pathlib import Path
 
@@ -13,6 +12,7 @@ import numpy as np
 from aiortc import RTCConfiguration, RTCPeerConnection, RTCRtpReceiver, RTCSessionDescription
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 
+from bench import run_stream
 from websocket_service.transports.rtc_network import host_addresses
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
@@ -20,9 +20,7 @@ PIECE = 320  # 20 ms at 16 kHz
 
 
 def read_wav(name: str) -> np.ndarray:
-    with wave.open(str(FIXTURES / name)) as w:
-        assert w.getframerate() == 16000 and w.getnchannels() == 1 and w.getsampwidth() == 2
-        return np.frombuffer(w.readframes(w.getnframes()), "<i2").astype(np.int16)
+    return run_stream.read_wav(FIXTURES / name)
 
 
 class WavTrack(MediaStreamTrack):

@@ -7,7 +7,6 @@ import base64
 import json
 import time
 import uuid
-import wave
 from pathlib import Path
 from typing import Any
 
@@ -15,13 +14,14 @@ import av
 import numpy as np
 import websockets
 
+from bench import run_stream
+
 FRAME_TYPES = ("VIDEO_FRAME", "ACTION_FRAME")
 
 
 def read_wav(path: Path) -> bytes:
-    with wave.open(str(path)) as w:
-        assert w.getframerate() == 16000 and w.getnchannels() == 1 and w.getsampwidth() == 2
-        return w.readframes(w.getnframes())
+    """The fixture's PCM s16le bytes, as a client sends them."""
+    return run_stream.read_wav(path).astype("<i2").tobytes()
 
 
 def chunk_msg(session_id: str, pcm: bytes, **extra: Any) -> str:

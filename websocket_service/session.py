@@ -141,10 +141,6 @@ class Session:
         self._speech.clear()
         self.sinks.clear()
 
-    @property
-    def closed(self) -> bool:
-        return self._closed
-
     def add_sink(self, sink: SessionSink) -> None:
         self.sinks.append(sink)
 

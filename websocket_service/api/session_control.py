@@ -20,6 +20,7 @@ from pydantic import BaseModel, Field, ValidationError
 
 from ..errors import InvalidMessage, ModelNotFound
 from ..manager import Services
+from ..protocol import pcm_from_bytes
 from ..session import Session
 from .auth import UNAUTHORIZED, require_token
 
@@ -45,13 +46,11 @@ def _ack(session: Session, **extra: Any) -> dict[str, Any]:
             "buffered_audio_ms": round(session.stream.buffered_samples() / 16.0), **extra}
 
 
-def _pcm(raw: bytes, max_samples: int) -> np.ndarray:
-    if len(raw) % 2 or not raw:
-        raise InvalidMessage(f"PCM s16le needs a non-empty, even byte count, got {len(raw)} bytes")
-    if len(raw) // 2 > max_samples:
-        raise InvalidMessage(f"audio longer than {max_samples / 16000:g} s in one request",
-                             {"max_samples": max_samples})
-    return np.frombuffer(raw, dtype="<i2").astype(np.int16)
+def _pcm(raw: bytes, max_ms: int) -> np.ndarray:
+    try:
+        return pcm_from_bytes(raw, max_ms)  # the same checks as the WebSocket protocol
+    except ValueError as exc:
+        raise InvalidMessage(str(exc), {"max_ms": max_ms}) from None
 
 
 @router.post("/sessions/{session_id}/audio", status_code=202)
@@ -59,7 +58,7 @@ async def push_audio(request: Request, session_id: str,
                      end_of_speech: bool = Query(False)) -> dict[str, Any]:
     """Queue speech for the avatar to say; it is played on the session's own timeline."""
     session = _session(request, session_id)
-    max_samples = int(session.settings.max_buffered_audio_s * 16000)
+    max_ms = int(session.settings.max_buffered_audio_s * 1000)
     body = await request.body()
     if request.headers.get("content-type", "").startswith("application/json"):
         try:
@@ -70,7 +69,7 @@ async def push_audio(request: Request, session_id: str,
         end_of_speech = msg.end_of_speech
     else:
         raw = body
-    pcm = _pcm(raw, max_samples)
+    pcm = _pcm(raw, max_ms)
     session.push_audio(pcm, end_of_speech=end_of_speech)
     return _ack(session, samples=len(pcm))
 
