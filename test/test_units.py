@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import av
 import numpy as np
 import pytest
@@ -69,7 +71,7 @@ def test_cursor_splices_action_with_crossfade_and_keeps_the_loop_running():
 
 # ---------------------------------------------------------------- utterance buffer
 def test_utterance_buffer_lookahead_end_and_bounded_history():
-    b = UtteranceBuffer(lookahead_frames=1, history_samples=1280)
+    b = UtteranceBuffer(lookahead_frames=1, clock=time.monotonic, history_samples=1280)
     b.push(np.ones(640 * 3, np.int16))
     assert b.ready() == 2  # frame 2 waits for its look-ahead
     slots = b.take(10)

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 import shutil
 import threading
 import time
@@ -30,13 +29,14 @@ import cv2
 import numpy as np
 
 from ..errors import InvalidMessage, ModelNotFound, ProcessingError
+from ..units import ID_RE
 from .face import crop_box_for_face, cut, detect_face
 from .model import Avatar, Clip, ClipKind
 from .synth import BUILTIN_ACTIONS, BUILTIN_BASES, render_motion
 
 log = logging.getLogger(__name__)
 
-AVATAR_ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+AVATAR_ID_RE = ID_RE
 FORMAT_VERSION = 1
 JPEG_QUALITY = 95
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp"}

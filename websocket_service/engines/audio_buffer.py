@@ -9,13 +9,13 @@ before the next slot, so a long utterance does not grow memory.
 from __future__ import annotations
 
 import math
-import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 
-SAMPLES_PER_FRAME = 640
+from ..units import SAMPLES_PER_FRAME
 
 
 @dataclass
@@ -77,8 +77,8 @@ class UtteranceBuffer:
     ``history`` is how many samples before the next slot stay available to ``window``.
     """
 
-    def __init__(self, lookahead_frames: int, history_samples: int = 16000,
-                 clock=time.monotonic) -> None:
+    def __init__(self, lookahead_frames: int, clock: Callable[[], float],
+                 history_samples: int = 16000) -> None:
         self.lookahead = lookahead_frames
         self.history = history_samples
         self.clock = clock

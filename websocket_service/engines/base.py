@@ -9,6 +9,7 @@ Audio is 16 kHz mono int16. Frame ``n`` of an utterance covers samples ``[640 n,
 
 from __future__ import annotations
 
+import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -17,9 +18,9 @@ from typing import Any, ClassVar
 import numpy as np
 
 from ..avatars.model import Avatar, BaseFrame
+from ..units import SAMPLE_RATE, SAMPLES_PER_FRAME
 
-SAMPLE_RATE = 16_000
-SAMPLES_PER_FRAME = 640  # 40 ms at 16 kHz: one video frame at 25 fps
+__all__ = ["SAMPLES_PER_FRAME", "SAMPLE_RATE", "LipSyncEngine", "LipSyncStream", "SpeechFrame"]
 
 ProgressFn = Callable[[float, str], None]
 
@@ -98,8 +99,9 @@ class LipSyncEngine(ABC):
         """
 
     @abstractmethod
-    def open_stream(self, avatar: Avatar) -> LipSyncStream:
-        """A new per-session stream on a prepared avatar."""
+    def open_stream(self, avatar: Avatar, clock: Callable[[], float] = time.monotonic
+                    ) -> LipSyncStream:
+        """A new per-session stream on a prepared avatar; ``clock`` is the session's."""
 
     def stats(self) -> dict[str, Any]:
         """Engine-wide counters for /sessions (e.g. batching); empty by default."""

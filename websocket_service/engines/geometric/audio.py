@@ -23,10 +23,10 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.linalg import solve_toeplitz
 
+from ...units import SAMPLE_RATE, SAMPLES_PER_FRAME
 from .fields import MouthPose
 
-SAMPLE_RATE = 16_000
-HOP = 640
+HOP = SAMPLES_PER_FRAME
 WINDOW = 2 * HOP
 BAND = (100.0, 4000.0)
 

@@ -7,7 +7,10 @@
 
 from __future__ import annotations
 
+import functools
 import logging
+import time
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -59,10 +62,12 @@ class GeometricEngine(LipSyncEngine):
         if data["report"].get("warning"):
             log.warning("avatar %s: %s", avatar.avatar_id, data["report"]["warning"])
 
-    def open_stream(self, avatar: Avatar) -> LipSyncStream:
+    def open_stream(self, avatar: Avatar, clock: Callable[[], float] = time.monotonic
+                    ) -> LipSyncStream:
         if self.name not in avatar.engine_data:
             self.prepare_avatar(avatar)
-        return GeometricStream(self, avatar)
+        return GeometricStream(functools.partial(self.render, avatar), self.lookahead_frames,
+                               clock)
 
     def geometry(self, avatar: Avatar, base: BaseFrame) -> np.ndarray:
         """The geometry row of ``base``'s (clip, index); the nearest known frame otherwise."""

@@ -4,27 +4,27 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
-from typing import TYPE_CHECKING
 
 import numpy as np
 
-from ...avatars.model import Avatar, BaseFrame
+from ...avatars.model import BaseFrame
 from ..audio_buffer import FrameSlot, UtteranceBuffer
 from ..base import SAMPLES_PER_FRAME, LipSyncStream, SpeechFrame
 from .audio import WINDOW, AudioAnalyzer, Features
 from .fields import MouthPose
 
-if TYPE_CHECKING:
-    from .engine import GeometricEngine
-
 Job = tuple[FrameSlot, BaseFrame, MouthPose, Features]
 
 
+Render = Callable[[BaseFrame, MouthPose], np.ndarray]
+
+
 class GeometricStream(LipSyncStream):
-    def __init__(self, engine: GeometricEngine, avatar: Avatar) -> None:
-        self.engine = engine
-        self.avatar = avatar
-        self.buf = UtteranceBuffer(engine.lookahead_frames)
+    """``render`` draws a pose on a base frame (the engine's, injected: no import cycle)."""
+
+    def __init__(self, render: Render, lookahead_frames: int, clock: Callable[[], float]) -> None:
+        self.render = render
+        self.buf = UtteranceBuffer(lookahead_frames, clock)
         self.analyzer = AudioAnalyzer()
         self._utterance = 0
         self._epoch = 0
@@ -75,7 +75,7 @@ class GeometricStream(LipSyncStream):
     def _render_all(self, jobs: list[Job]) -> list[SpeechFrame]:
         out = []
         for slot, base, pose, feat in jobs:
-            image = self.engine.render(self.avatar, base, pose)
+            image = self.render(base, pose)
             info = {"open": pose.opening, "shape": pose.shape, "level_db": feat.level_db,
                     "voiced": float(feat.voiced)}
             out.append(SpeechFrame(slot.utterance_id, slot.index, image, slot.pcm, slot.last,

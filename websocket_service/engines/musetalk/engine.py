@@ -6,6 +6,8 @@ import asyncio
 import logging
 import os
 import threading
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +30,7 @@ from .audio import (
 )
 from .loader import Bundle, load_bundle
 from .prep import ClipData
-from .stream import MuseTalkStream
+from .stream import MuseTalkStream, StreamDeps
 from .worker import InferenceWorker
 
 log = logging.getLogger(__name__)
@@ -201,12 +203,15 @@ class MuseTalkEngine(LipSyncEngine):
         return out
 
     # -- streams
-    def open_stream(self, avatar: Avatar) -> LipSyncStream:
+    def open_stream(self, avatar: Avatar, clock: Callable[[], float] = time.monotonic
+                    ) -> LipSyncStream:
         if self.worker is None:
             raise ProcessingError("MuseTalk engine is not loaded")
         if self.name not in avatar.engine_data:
             raise ProcessingError(f"avatar {avatar.avatar_id!r} is not prepared for MuseTalk")
-        return MuseTalkStream(self, avatar)
+        deps = StreamDeps(self.hop, self.context_samples, self.max_window_samples,
+                          self.settings.batch_max, self.features, lambda: self.worker)
+        return MuseTalkStream(deps, avatar, avatar.engine_data[self.name], clock)
 
     async def aclose(self) -> None:
         if self.worker is not None:

@@ -6,7 +6,8 @@ import asyncio
 import itertools
 from collections import deque
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
+from typing import Any
 
 import cv2
 import numpy as np
@@ -17,10 +18,7 @@ from ...errors import ProcessingError
 from ..audio_buffer import FrameSlot, UtteranceBuffer
 from ..base import SAMPLES_PER_FRAME, LipSyncStream, SpeechFrame
 from .audio import AUDIO_LOOKAHEAD_FRAMES, WHISPER_HOP, window_bounds
-from .worker import Request
-
-if TYPE_CHECKING:
-    from .engine import MuseTalkEngine
+from .worker import InferenceWorker, Request
 
 MAX_TAKE = 32  # slots per encoder pass (bounds the audio history the buffer keeps)
 _ids = itertools.count(1)
@@ -40,14 +38,27 @@ def blend(image: np.ndarray, face: np.ndarray, box: np.ndarray, mask: np.ndarray
     return out
 
 
+@dataclass(frozen=True)
+class StreamDeps:
+    """What a stream needs from the engine (injected, so this module never imports it)."""
+
+    hop: int  # frames per audio-encoder pass
+    context_samples: int  # left audio context of each pass
+    max_window_samples: int
+    batch_max: int
+    features: Callable[[list[tuple]], list[torch.Tensor]]  # audio windows -> frame tokens
+    worker: Callable[[], InferenceWorker | None]  # None once the engine is closed
+
+
 class MuseTalkStream(LipSyncStream):
-    def __init__(self, engine: MuseTalkEngine, avatar: Avatar) -> None:
+    def __init__(self, engine: StreamDeps, avatar: Avatar, data: dict[str, Any],
+                 clock: Callable[[], float]) -> None:
         self.engine = engine
         self.avatar = avatar
-        self.data = avatar.engine_data[engine.name]
+        self.data = data
         self.session = next(_ids)
         history = engine.context_samples + SAMPLES_PER_FRAME * (MAX_TAKE + 8)
-        self.buf = UtteranceBuffer(AUDIO_LOOKAHEAD_FRAMES, history_samples=history)
+        self.buf = UtteranceBuffer(AUDIO_LOOKAHEAD_FRAMES, clock, history_samples=history)
         self._pending: deque[tuple[FrameSlot, torch.Tensor]] = deque()
         self._epoch = 0
         self._ready = asyncio.Event()
@@ -126,8 +137,8 @@ class MuseTalkStream(LipSyncStream):
         latents = self.data["latents_dev"]
         lat = torch.stack([latents[b.clip][b.index] for b in bases])
         audio = torch.stack(tokens)
-        step = self.engine.settings.batch_max
-        worker = self.engine.worker
+        step = self.engine.batch_max
+        worker = self.engine.worker()
         if worker is None:
             raise ProcessingError("MuseTalk engine is closed")
         futures = [worker.submit(Request(self.session, lat[i: i + step], audio[i: i + step]))
