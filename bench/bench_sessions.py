@@ -167,11 +167,11 @@ class Client:
     async def start(self) -> None:
         self.ws = await websockets.connect(self.url, max_size=16 << 20)
         await self.ws.send(json.dumps({"type": "INIT", "session_id": self.session_id,
-                                       "user_id": "bench"}))
+                                       "data": {"user_id": "bench"}}))
         reply = json.loads(await asyncio.wait_for(self.ws.recv(), 20))
         if reply.get("type") != "INIT_SUCCESS":
             raise RuntimeError(f"INIT failed: {reply}")
-        self.video = reply["video_config"]
+        self.video = reply["data"]["video_config"]
         self._decoder = av.CodecContext.create("h264", "r") if self.decode_sample else None
         self.tasks = [asyncio.create_task(self._receive())]
         if self.speaking:
@@ -181,8 +181,8 @@ class Client:
         try:
             async for raw in self.ws:
                 now = time.monotonic()
-                msg = json.loads(raw)
-                kind = msg.get("type")
+                env = json.loads(raw)
+                kind, msg = env.get("type"), env.get("data") or {}
                 if kind in ("VIDEO_FRAME", "ACTION_FRAME"):
                     uid = msg.get("utterance_id")
                     if uid is not None and uid not in self._offset:
@@ -191,7 +191,7 @@ class Client:
                     if self._decoder is not None and self.decoded + self.decode_errors < SAMPLE_DECODE:
                         try:
                             self.decoded += len(self._decoder.decode(
-                                av.Packet(base64.b64decode(msg["data"]))))
+                                av.Packet(base64.b64decode(msg["frame_data"]))))
                         except av.FFmpegError:
                             self.decode_errors += 1
                 elif kind == "SPEECH_ENDED":
@@ -203,10 +203,11 @@ class Client:
 
     async def _stream(self) -> None:
         """Loop the WAV in real time on absolute deadlines; END_OF_SPEECH after every pass."""
-        msgs = [json.dumps({"type": "GENERATE", "session_id": self.session_id, "audio_chunk": {
-            "data": base64.b64encode(c).decode(), "format": "pcm_s16le", "sample_rate": 16000,
-            "channels": 1, "duration_ms": len(c) / 32}}) for c in self.chunks]
-        eos = json.dumps({"type": "END_OF_SPEECH", "session_id": self.session_id})
+        msgs = [json.dumps({"type": "GENERATE", "session_id": self.session_id, "data": {
+            "audio_chunk": {"data": base64.b64encode(c).decode(), "format": "pcm_s16le",
+                            "sample_rate": 16000, "channels": 1, "duration_ms": len(c) / 32}}})
+                for c in self.chunks]
+        eos = json.dumps({"type": "END_OF_SPEECH", "session_id": self.session_id, "data": {}})
         t0, k = time.monotonic(), 0
         while True:
             for text in msgs:

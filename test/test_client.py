@@ -75,12 +75,22 @@ def chunk_messages(pcm: np.ndarray, session_id: str) -> list[str]:
     out = []
     for start in range(0, len(pcm), CHUNK):
         part = pcm[start:start + CHUNK]
-        out.append(json.dumps({
-            "type": "GENERATE", "session_id": session_id,
-            "audio_chunk": {"data": base64.b64encode(part.astype("<i2").tobytes()).decode("ascii"),
-                            "format": "pcm_s16le", "sample_rate": RATE, "channels": 1,
-                            "duration_ms": len(part) / 16.0}}))
+        out.append(envelope("GENERATE", session_id, audio_chunk={
+            "data": base64.b64encode(part.astype("<i2").tobytes()).decode("ascii"),
+            "format": "pcm_s16le", "sample_rate": RATE, "channels": 1,
+            "duration_ms": len(part) / 16.0}))
     return out
+
+
+def envelope(type_: str, session_id: str, **data: Any) -> str:
+    """A protocol message: ``{"type", "session_id", "data"}``."""
+    return json.dumps({"type": type_, "session_id": session_id, "data": data})
+
+
+def unwrap(raw: str | bytes) -> dict[str, Any]:
+    """A server message as ``{"type", "session_id", **data}``."""
+    msg = json.loads(raw)
+    return {"type": msg.get("type"), "session_id": msg.get("session_id"), **(msg.get("data") or {})}
 
 
 # ---------------------------------------------------------------------------- results
@@ -170,9 +180,11 @@ class StreamClient:
 
     # -- receiving
     def _on_frame(self, msg: dict[str, Any], now: float) -> None:
-        data = base64.b64decode(msg["data"])
+        data = base64.b64decode(msg["frame_data"])
         state = "action" if msg["type"] == "ACTION_FRAME" else msg.get("state", "?")
-        rec = Received(msg["frame_index"], msg["timestamp_ms"], state, bool(msg.get("keyframe")),
+        # the session clock (frame_timestamp of a speech frame is its audio's time instead)
+        rec = Received(msg["frame_index"], msg["frame_index"] * FRAME_MS, state,
+                       bool(msg.get("keyframe")),
                        now, data, msg.get("utterance_id"), msg.get("utterance_frame"))
         self._speaking += rec.utterance_frame is not None
         try:
@@ -197,7 +209,7 @@ class StreamClient:
     async def _receive(self, ws: Any) -> None:
         async for raw in ws:
             now = time.monotonic()
-            msg = json.loads(raw)
+            msg = unwrap(raw)
             kind = msg.get("type")
             if kind in ("VIDEO_FRAME", "ACTION_FRAME"):
                 self._on_frame(msg, now)
@@ -222,13 +234,16 @@ class StreamClient:
         except (OSError, TimeoutError, websockets.exceptions.WebSocketException) as exc:
             raise ClientError(f"cannot connect to {url}: {exc}", EXIT_UNREACHABLE) from None
         async with ws:
-            vc = {k: v for k, v in (("avatar_id", self.cfg.avatar_id), ("width", self.cfg.width),
-                                    ("height", self.cfg.height)) if v is not None}
+            vc: dict[str, Any] = {"fps": 25}
+            if self.cfg.avatar_id:
+                vc["avatar_id"] = self.cfg.avatar_id
+            if self.cfg.width and self.cfg.height:
+                vc["resolution"] = f"{self.cfg.width}x{self.cfg.height}"
             self.t_init = time.monotonic()
-            await ws.send(json.dumps({"type": "INIT", "session_id": self.session_id,
-                                      "user_id": self.cfg.user_id, "video_config": vc}))
+            await ws.send(envelope("INIT", self.session_id, user_id=self.cfg.user_id,
+                                   video_config=vc))
             try:
-                reply = json.loads(await asyncio.wait_for(ws.recv(), 15))
+                reply = unwrap(await asyncio.wait_for(ws.recv(), 15))
             except (TimeoutError, websockets.exceptions.ConnectionClosed) as exc:
                 raise ClientError(f"no INIT_SUCCESS from the server: {exc!r}") from None
             if reply.get("type") != "INIT_SUCCESS":
@@ -239,8 +254,7 @@ class StreamClient:
             try:
                 await self._stream(ws)
                 server = await fetch_session(self.cfg.server, self.session_id)
-                await ws.send(json.dumps({"type": "CLOSE", "session_id": self.session_id,
-                                          "reason": "test client done"}))
+                await ws.send(envelope("CLOSE", self.session_id))
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._close_ack.wait(), 3)
             except websockets.exceptions.ConnectionClosed as exc:
@@ -254,8 +268,7 @@ class StreamClient:
     async def _stream(self, ws: Any) -> None:
         await asyncio.sleep(self.cfg.lead_s)
         if self.cfg.action:
-            await ws.send(json.dumps({"type": "ACTION", "session_id": self.session_id,
-                                      "action_name": self.cfg.action}))
+            await ws.send(envelope("ACTION", self.session_id, action_type=self.cfg.action))
         messages = chunk_messages(self.pcm, self.session_id)
         t0 = time.monotonic()
         for k, text in enumerate(messages):  # absolute deadlines: no drift
@@ -264,7 +277,7 @@ class StreamClient:
                 await asyncio.sleep(delay)
             self.send_times.append(time.monotonic())
             await ws.send(text)
-        await ws.send(json.dumps({"type": "END_OF_SPEECH", "session_id": self.session_id}))
+        await ws.send(envelope("END_OF_SPEECH", self.session_id))
         try:
             await asyncio.wait_for(self._speech_done.wait(), 10 + len(self.pcm) / RATE)
         except TimeoutError:

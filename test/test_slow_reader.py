@@ -48,8 +48,9 @@ def open_non_reading_client(port: int, user_id: str) -> socket.socket:
     assert b" 101 " in head.split(b"\r\n")[0]
     # big all-keyframe frames (~100 KB each), so kernel socket buffers fill within seconds
     s.sendall(ws_text_frame(json.dumps({
-        "type": "INIT", "session_id": str(uuid.uuid4()), "user_id": user_id,
-        "video_config": {"width": 1024, "height": 1024, "gop_seconds": 0.04, "bitrate": 20_000_000}})))
+        "type": "INIT", "session_id": str(uuid.uuid4()), "data": {
+            "user_id": user_id, "video_config": {"resolution": "1024x1024", "gop_seconds": 0.04,
+                                                 "bitrate": 20_000_000}}})))
     return s  # and never read again
 
 

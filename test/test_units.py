@@ -22,16 +22,15 @@ from websocket_service.states import ALLOWED, CLIENT_ALLOWED, AvatarState, State
 
 # ---------------------------------------------------------------- state machine
 def test_state_table_moves_and_events():
-    seen = []
-    m = StateMachine(seen.append)
-    assert m.move(AvatarState.IDLE) is False and seen == []  # same state: no-op
-    assert m.move(AvatarState.SPEAKING) and m.move(AvatarState.ACTION) and m.move(AvatarState.IDLE)
-    assert [(c.previous.value, c.current.value) for c in seen] == [
+    m = StateMachine()
+    assert m.move(AvatarState.IDLE) is None  # same state: no-op
+    seen = [m.move(AvatarState.SPEAKING), m.move(AvatarState.ACTION), m.move(AvatarState.IDLE)]
+    assert [(c.previous.value, c.current.value) for c in seen if c] == [
         ("idle", "speaking"), ("speaking", "action"), ("action", "idle")]
 
 
 def test_client_table_refuses_illegal_moves_with_details():
-    m = StateMachine(lambda c: None, AvatarState.ACTION)
+    m = StateMachine(AvatarState.ACTION)
     with pytest.raises(InvalidStateTransition) as exc:
         m.check(AvatarState.IDLE, CLIENT_ALLOWED)
     assert exc.value.details == {"from": "action", "to": "idle", "allowed": []}
@@ -126,16 +125,26 @@ def test_protocol_parses_by_type_and_checks_fields():
     import uuid
 
     sid = str(uuid.uuid4())
-    m = CLIENT_ADAPTER.validate_python({"type": "INIT", "session_id": sid, "user_id": "a"})
-    assert isinstance(m, InitMsg) and m.video_config.width is None
+    m = CLIENT_ADAPTER.validate_python({"type": "INIT", "session_id": sid,
+                                        "data": {"user_id": "a",
+                                                 "video_config": {"resolution": "640x360"}}})
+    assert isinstance(m, InitMsg) and m.data.video_config.size() == (640, 360)
     g = CLIENT_ADAPTER.validate_python({"type": "GENERATE", "session_id": sid,
-                                        "audio_chunk": {"data": "AAABAA=="}})
-    assert isinstance(g, GenerateMsg) and g.audio_chunk.pcm(2000).tolist() == [0, 1]
+                                        "data": {"audio_chunk": {"data": "AAABAA=="}}})
+    assert isinstance(g, GenerateMsg) and g.data.audio_chunk.pcm(2000).tolist() == [0, 1]
+    assert g.data.audio_chunk.mislabelled(2) is False
     with pytest.raises(ValidationError):
-        CLIENT_ADAPTER.validate_python({"type": "INIT", "session_id": sid, "user_id": "a b"})
+        CLIENT_ADAPTER.validate_python({"type": "INIT", "session_id": sid,
+                                        "data": {"user_id": "a b"}})
+    with pytest.raises(ValidationError):  # odd width
+        CLIENT_ADAPTER.validate_python({"type": "INIT", "data": {
+            "user_id": "a", "video_config": {"resolution": "641x360"}}})
     with pytest.raises(ValueError, match="even byte count"):
-        CLIENT_ADAPTER.validate_python({"type": "GENERATE", "session_id": sid,
-                                        "audio_chunk": {"data": "AAAA"}}).audio_chunk.pcm(2000)
+        CLIENT_ADAPTER.validate_python({"type": "GENERATE", "session_id": sid, "data": {
+            "audio_chunk": {"data": "AAAA"}}}).data.audio_chunk.pcm(2000)
+    # messages without a payload need no data; session_id may be left out after INIT
+    c = CLIENT_ADAPTER.validate_python({"type": "CLOSE"})
+    assert c.session_id is None and c.data.reason is None
 
 
 def test_settings_validate(monkeypatch):
@@ -152,7 +161,8 @@ def test_builtin_avatar_is_cached_and_reused_after_restart(tmp_path):
     calls = []
     store = AvatarStore(tmp_path, 256, 256, 25, lambda a, p: calls.append(a.avatar_id))
     first = store.ensure_builtin("default")
-    assert set(first.base_videos) == {"idle", "listening"} and {"nod", "tilt"} <= set(first.actions)
+    assert set(first.base_videos) == {"idle", "listening", "speaking"}
+    assert {"nod", "tilt"} <= set(first.actions)
     assert first.meta["report"]["face_found_in"] == 1
     mtime = (tmp_path / "default" / "meta.json").stat().st_mtime
     again = AvatarStore(tmp_path, 256, 256, 25, lambda a, p: calls.append(a.avatar_id))

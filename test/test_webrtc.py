@@ -168,8 +168,10 @@ async def test_signaling_websocket(base_url: str) -> None:
 
         r = await http.post(f"/sessions/{answer['session_id']}/action/nod")
         assert r.status_code == 202
-        changed = await _recv(ws, "STATE_CHANGED")
-        assert changed["current_state"] == "action"
+        changed = await _recv(ws, "STATE_CHANGED")  # the session's events: protocol envelopes
+        assert changed["session_id"] == answer["session_id"]
+        assert changed["data"]["current_state"] == "action"
+        assert changed["data"]["current_video"] == "action_1"
 
         await ws.send(json.dumps({"type": "bye"}))
         gone = await _recv(ws, "disconnected")

@@ -18,45 +18,59 @@ def b64(raw: bytes) -> str:
     return base64.b64encode(raw).decode()
 
 
+def env(type_: str, sid: str | None, **data: object) -> str:
+    return json.dumps({"type": type_, "session_id": sid, "data": data})
+
+
 def bad_inputs(sid: str) -> list[tuple[str, str | bytes, str]]:
     """(case, message, expected code) — every class of bad input after INIT."""
-    gen = {"type": "GENERATE", "session_id": sid}
+    def gen(**chunk: object) -> str:
+        return env("GENERATE", sid, audio_chunk=chunk)
+
     return [
         ("not json", "{not json", "INVALID_MESSAGE"),
         ("json but not an object", "[1, 2]", "INVALID_MESSAGE"),
-        ("unknown type", json.dumps({"type": "DANCE", "session_id": sid}), "INVALID_MESSAGE"),
-        ("no type", json.dumps({"session_id": sid}), "INVALID_MESSAGE"),
-        ("missing field", json.dumps(gen), "INVALID_MESSAGE"),
+        ("unknown type", env("DANCE", sid), "INVALID_MESSAGE"),
+        ("no type", json.dumps({"session_id": sid, "data": {}}), "INVALID_MESSAGE"),
+        ("flat (unwrapped) message", json.dumps({"type": "GENERATE", "session_id": sid,
+                                                 "audio_chunk": {"data": b64(PCM_40MS)}}),
+         "INVALID_MESSAGE"),
+        ("data not an object", json.dumps({"type": "GENERATE", "session_id": sid, "data": [1]}),
+         "INVALID_MESSAGE"),
+        ("missing field", env("GENERATE", sid), "INVALID_MESSAGE"),
         ("wrong session_id", chunk_msg(str(uuid.uuid4()), PCM_40MS), "INVALID_SESSION"),
-        ("bad base64", json.dumps({**gen, "audio_chunk": {"data": "@@not base64@@"}}), "INVALID_MESSAGE"),
-        ("odd byte count", json.dumps({**gen, "audio_chunk": {"data": b64(b"\x00" * 1279)}}),
-         "INVALID_MESSAGE"),
-        ("empty audio", json.dumps({**gen, "audio_chunk": {"data": ""}}), "INVALID_MESSAGE"),
-        ("wrong sample rate", json.dumps({**gen, "audio_chunk": {"data": b64(PCM_40MS),
-                                                                 "sample_rate": 44100}}),
-         "INVALID_MESSAGE"),
-        ("wrong format", json.dumps({**gen, "audio_chunk": {"data": b64(PCM_40MS), "format": "mp3"}}),
-         "INVALID_MESSAGE"),
-        ("stereo", json.dumps({**gen, "audio_chunk": {"data": b64(PCM_40MS), "channels": 2}}),
-         "INVALID_MESSAGE"),
-        ("duration mismatch", json.dumps({**gen, "audio_chunk": {"data": b64(PCM_40MS),
-                                                                 "duration_ms": 400}}),
-         "INVALID_MESSAGE"),
-        ("chunk over the maximum", json.dumps({**gen, "audio_chunk": {"data": b64(b"\x00" * 96000)}}),
-         "INVALID_MESSAGE"),
-        ("oversized message", json.dumps({**gen, "pad": "x" * 300_000}), "INVALID_MESSAGE"),
+        ("bad session_id syntax", chunk_msg("no spaces allowed", PCM_40MS), "INVALID_MESSAGE"),
+        ("bad base64", gen(data="@@not base64@@"), "INVALID_MESSAGE"),
+        ("odd byte count", gen(data=b64(b"\x00" * 1279)), "INVALID_MESSAGE"),
+        ("empty audio", gen(data=""), "INVALID_MESSAGE"),
+        ("wrong sample rate", gen(data=b64(PCM_40MS), sample_rate=44100), "INVALID_MESSAGE"),
+        ("wrong format", gen(data=b64(PCM_40MS), format="mp3"), "INVALID_MESSAGE"),
+        ("stereo", gen(data=b64(PCM_40MS), channels=2), "INVALID_MESSAGE"),
+        ("negative duration", gen(data=b64(PCM_40MS), duration_ms=-5), "INVALID_MESSAGE"),
+        ("chunk over the maximum", gen(data=b64(b"\x00" * 96000)), "INVALID_MESSAGE"),
+        ("oversized message", env("GENERATE", sid, pad="x" * 300_000), "INVALID_MESSAGE"),
         ("odd binary PCM", b"\x00" * 641, "INVALID_MESSAGE"),
-        ("unknown action", json.dumps({"type": "ACTION", "session_id": sid, "action_name": "fly"}),
-         "MODEL_NOT_FOUND"),
-        ("unknown base video", json.dumps({"type": "STATE_CHANGE", "session_id": sid,
-                                           "target_state": "idle", "base_video": "nope"}),
-         "MODEL_NOT_FOUND"),
-        ("unknown state", json.dumps({"type": "STATE_CHANGE", "session_id": sid,
-                                      "target_state": "dancing"}), "INVALID_MESSAGE"),
-        ("illegal transition", json.dumps({"type": "STATE_CHANGE", "session_id": sid,
-                                           "target_state": "action"}), "INVALID_STATE_TRANSITION"),
-        ("second INIT", json.dumps({"type": "INIT", "session_id": str(uuid.uuid4()), "user_id": "u1"}),
+        ("unknown base video in video_state",
+         env("GENERATE", sid, audio_chunk={"data": b64(PCM_40MS)},
+             video_state={"type": "speaking", "base_video": "speaking_9"}), "MODEL_NOT_FOUND"),
+        ("unknown video_state type",
+         env("GENERATE", sid, audio_chunk={"data": b64(PCM_40MS)}, video_state={"type": "x"}),
          "INVALID_MESSAGE"),
+        ("unknown action index", env("ACTION", sid, action_index=9), "MODEL_NOT_FOUND"),
+        ("action index zero", env("ACTION", sid, action_index=0), "INVALID_MESSAGE"),
+        ("unknown action type", env("ACTION", sid, action_type="fly"), "MODEL_NOT_FOUND"),
+        ("a base video as action", env("ACTION", sid, action_type="idle_0"), "MODEL_NOT_FOUND"),
+        ("action with both forms", env("ACTION", sid, action_index=1, action_type="action_1"),
+         "INVALID_MESSAGE"),
+        ("action with neither form", env("ACTION", sid), "INVALID_MESSAGE"),
+        ("unknown base video", env("STATE_CHANGE", sid, target_state="idle", base_video="nope"),
+         "MODEL_NOT_FOUND"),
+        ("an action as base video", env("STATE_CHANGE", sid, target_state="idle",
+                                        base_video="action_1"), "MODEL_NOT_FOUND"),
+        ("unknown state", env("STATE_CHANGE", sid, target_state="dancing"), "INVALID_MESSAGE"),
+        ("illegal transition", env("STATE_CHANGE", sid, target_state="action"),
+         "INVALID_STATE_TRANSITION"),
+        ("second INIT", env("INIT", str(uuid.uuid4()), user_id="u1"), "INVALID_MESSAGE"),
     ]
 
 
@@ -97,20 +111,20 @@ async def test_messages_before_init_are_refused(server):
     await client.close()
 
 
-@pytest.mark.parametrize("init, code", [
-    ({"session_id": "not-a-uuid", "user_id": "u1"}, "INVALID_MESSAGE"),
-    ({"session_id": "6f1c1d34-6d5e-11ee-b962-0242ac120002", "user_id": "u1"}, "INVALID_MESSAGE"),  # v1
-    ({"session_id": str(uuid.uuid4()), "user_id": "someone-else"}, "INVALID_MESSAGE"),
-    ({"session_id": str(uuid.uuid4()), "user_id": "u1", "video_config": {"avatar_id": "ghost"}},
-     "MODEL_NOT_FOUND"),
-    ({"session_id": str(uuid.uuid4()), "user_id": "u1", "video_config": {"width": 333}},
-     "INVALID_MESSAGE"),
-    ({"session_id": str(uuid.uuid4()), "user_id": "u1", "video_config": {"base_video": "nope"}},
-     "MODEL_NOT_FOUND"),
+@pytest.mark.parametrize("sid, data, code", [
+    ("not a valid id!", {"user_id": "u1"}, "INVALID_MESSAGE"),
+    (None, {}, "INVALID_MESSAGE"),  # no user_id
+    (None, {"user_id": "someone-else"}, "INVALID_MESSAGE"),
+    (None, {"user_id": "u1", "video_config": {"avatar_id": "ghost"}}, "MODEL_NOT_FOUND"),
+    (None, {"user_id": "u1", "video_config": {"resolution": "333x333"}}, "INVALID_MESSAGE"),
+    (None, {"user_id": "u1", "video_config": {"resolution": "big"}}, "INVALID_MESSAGE"),
+    (None, {"user_id": "u1", "video_config": {"fps": 30}}, "INVALID_MESSAGE"),
+    (None, {"user_id": "u1", "video_config": {"base_video": "nope"}}, "MODEL_NOT_FOUND"),
+    (None, {"user_id": "u1", "video_config": {"gop_seconds": 2.0}}, "INVALID_MESSAGE"),
 ])
-async def test_bad_init(server, init, code):
+async def test_bad_init(server, sid, data, code):
     client, _ = await Client.connect(server.ws, init=False)
-    await client.send({"type": "INIT", **init})
+    await client.send({"type": "INIT", "session_id": sid, "data": data})
     err = await client.error()
     assert err["code"] == code, err
     assert server.get("/sessions").json()["count"] == 0
@@ -121,8 +135,8 @@ async def test_bad_init(server, init, code):
 async def test_invalid_user_id_is_refused_with_a_reason(server, user_id):
     async with websockets.connect(f"{server.ws}/musetalk/v1/ws/{user_id}") as ws:
         err = json.loads(await ws.recv())
-        assert err["type"] == "ERROR" and err["code"] == "INVALID_MESSAGE"
-        assert "user_id" in err["message"]
+        assert err["type"] == "ERROR" and err["session_id"] is None
+        assert err["data"]["code"] == "INVALID_MESSAGE" and "user_id" in err["data"]["message"]
         with pytest.raises(websockets.ConnectionClosed):
             await ws.recv()
         assert ws.close_code == 1008
@@ -145,7 +159,7 @@ async def test_session_limit(make_server):
 async def test_duplicate_session_id_is_refused(server):
     a, _ = await Client.connect(server.ws, "a")
     b, _ = await Client.connect(server.ws, "b", init=False)
-    await b.send({"type": "INIT", "session_id": a.session_id, "user_id": "b"})
+    await b.send({"type": "INIT", "session_id": a.session_id, "data": {"user_id": "b"}})
     assert (await b.error())["code"] == "INVALID_SESSION"
     await a.close()
     await b.close()
@@ -182,4 +196,29 @@ async def test_too_much_buffered_audio_is_rate_limited(make_server):
     assert err["code"] == "RATE_LIMIT_EXCEEDED"
     await client.recv_for(0.2)
     assert server.get("/sessions").json()["sessions"][0]["audio_chunks_rejected"] >= 1
+    await client.close()
+
+
+async def test_flat_init_is_told_how_to_wrap(server):
+    """The old flat form gets INVALID_MESSAGE whose message says how to wrap it."""
+    client, _ = await Client.connect(server.ws, init=False)
+    await client.send({"type": "INIT", "session_id": client.session_id, "user_id": "u1"})
+    err = await client.error()
+    assert err["code"] == "INVALID_MESSAGE" and '"data"' in err["message"]
+    assert err["details"]["move_into_data"] == ["user_id"]
+    await client.close()
+
+
+async def test_mislabelled_chunks_are_accepted_and_counted(server):
+    """The spec's own example: 640 bytes (20 ms) labelled duration_ms 40. The bytes win."""
+    client, _ = await Client.connect(server.ws)
+    for _ in range(10):  # 10 x 320 samples = 200 ms = 5 frames
+        await client.msg("GENERATE", audio_chunk={"data": b64(b"\x01\x00" * 320),
+                                                  "format": "pcm_s16le", "sample_rate": 16000,
+                                                  "channels": 1, "duration_ms": 40})
+    await client.msg("END_OF_SPEECH")
+    ended = await client.recv_until(lambda m: m["type"] in ("SPEECH_ENDED", "ERROR"))
+    assert ended["type"] == "SPEECH_ENDED" and ended["frames"] == 5
+    info = server.get(f"/sessions/{client.session_id}").json()
+    assert info["duration_mismatches"] == 10 and info["audio_seconds_received"] == 0.2
     await client.close()

@@ -7,6 +7,8 @@ renders the way an overloaded CPU or GPU does.
 from __future__ import annotations
 
 import asyncio
+import functools
+import time
 
 from websocket_service.engines.geometric import GeometricEngine
 from websocket_service.engines.geometric.stream import GeometricStream
@@ -16,18 +18,20 @@ from .wsclient import Client, read_wav
 
 
 class StallingStream(GeometricStream):
-    calls = 0
+    def __init__(self, *args, **kwargs) -> None:  # noqa: ANN002, ANN003
+        super().__init__(*args, **kwargs)
+        self.calls = 0  # per stream: no state shared between tests
 
     async def render_next(self, take_base, max_frames):  # noqa: ANN001, ANN201
-        StallingStream.calls += 1
-        if StallingStream.calls % 10 == 5:
-            await asyncio.sleep(0.25)  # a 6-frame stall
+        self.calls += 1
+        if self.calls % 10 == 5:
+            await asyncio.sleep(0.25)  # a 6-frame stall (this fault is a delay by design)
         return await super().render_next(take_base, 1)
 
 
 class StallingEngine(GeometricEngine):
-    def open_stream(self, avatar):  # noqa: ANN001, ANN201
-        return StallingStream(self, avatar)
+    def open_stream(self, avatar, clock=time.monotonic):  # noqa: ANN001, ANN201
+        return StallingStream(functools.partial(self.render, avatar), self.lookahead_frames, clock)
 
 
 async def test_stalls_drop_overdue_frames_instead_of_accumulating_latency(make_server):
@@ -70,19 +74,22 @@ async def test_without_the_bound_latency_accumulates(make_server):
 
 
 class FailingOnceStream(GeometricStream):
-    failed = False
+    def __init__(self, *args, **kwargs) -> None:  # noqa: ANN002, ANN003
+        super().__init__(*args, **kwargs)
+        self.failed = False
 
     async def render_next(self, take_base, max_frames):  # noqa: ANN001, ANN201
-        if not FailingOnceStream.failed:
+        if not self.failed:
             await super().render_next(take_base, max_frames)
-            FailingOnceStream.failed = True
+            self.failed = True
             raise RuntimeError("simulated engine crash with /secret/internal/path")
         return await super().render_next(take_base, max_frames)
 
 
 class FailingOnceEngine(GeometricEngine):
-    def open_stream(self, avatar):  # noqa: ANN001, ANN201
-        return FailingOnceStream(self, avatar)
+    def open_stream(self, avatar, clock=time.monotonic):  # noqa: ANN001, ANN201
+        return FailingOnceStream(functools.partial(self.render, avatar), self.lookahead_frames,
+                                 clock)
 
 
 async def test_an_engine_failure_costs_one_utterance_not_the_session(make_server):

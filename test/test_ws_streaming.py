@@ -14,15 +14,20 @@ async def test_idle_stream_is_25fps_and_every_frame_decodes(server):
     client, reply = await Client.connect(server.ws)
     assert reply["type"] == "INIT_SUCCESS"
     assert reply["engine"] == "geometric" and reply["avatar"] == "default"
-    assert {"idle", "listening"} <= set(reply["base_videos"])
-    assert {"nod", "tilt"} <= set(reply["actions"])
+    assert reply["available_videos"] == ["idle_0", "idle_1", "speaking_0", "action_1", "action_2",
+                                         "action_3"]
+    assert reply["default_video"] == "idle_0" and reply["streaming_started"] is True
+    assert reply["model_loaded"] is True
+    clips = {v["name"]: (v["clip"], v["kind"]) for v in reply["videos"]}
+    assert clips["idle_1"] == ("listening", "idle") and clips["action_1"] == ("nod", "action")
     await client.recv_for(4.0)
     frames = client.frames
     # pacing: ~100 frames in 4 s, consecutive indices, timestamps exactly 40 ms apart
     assert 92 <= len(frames) <= 104, len(frames)
     idx = [f["frame_index"] for f in frames]
     assert idx == list(range(idx[0], idx[0] + len(idx))), "frames skipped or reordered"
-    assert all(f["timestamp_ms"] == 40 * f["frame_index"] for f in frames)
+    assert all(f["frame_timestamp"] == 40 * f["frame_index"] for f in frames)
+    assert all(f["base_video"] == "idle_0" for f in frames)
     # no bursts: the receive clock follows the frame clock within a few frames
     t = np.array(client.arrivals) - client.arrivals[0]
     expected = (np.array(idx) - idx[0]) * 0.040
@@ -109,14 +114,15 @@ async def test_interrupt_stops_speech_at_once(server):
 async def test_action_splices_clip_with_progress_and_returns(server):
     client, reply = await Client.connect(server.ws)
     await client.recv_for(0.3)
-    await client.msg("ACTION", action_name="nod")
+    await client.msg("ACTION", action_type="nod")  # v1.0 form, by the clip's own name
     await client.recv_until(lambda m: m["type"] == "STATE_CHANGED" and m["current_state"] == "action")
     await client.recv_until(lambda m: m["type"] == "STATE_CHANGED" and m["previous_state"] == "action")
     await client.recv_for(0.2)
     acts = [f for f in client.frames if f["type"] == "ACTION_FRAME"]
     assert len(acts) == 25  # the nod clip's length
-    prog = [f["progress"] for f in acts]
-    assert prog == sorted(prog) and prog[-1] == 1.0 and all(a["action_name"] == "nod" for a in acts)
+    prog = [f["action_progress"] for f in acts]
+    assert prog == sorted(prog) and prog[-1] == 1.0
+    assert all(a["action_type"] == "action_1" for a in acts)
     assert client.frames[-1]["state"] == "idle"
     # crossfade: no hard cut at the splice points (neighbouring frames stay close)
     i0 = client.frames.index(acts[0])
@@ -131,7 +137,7 @@ async def test_action_with_audio_is_lip_synced(server):
     client, _ = await Client.connect(server.ws)
     import base64
 
-    await client.msg("ACTION", action_name="tilt",
+    await client.msg("ACTION", action_type="action_2",
                      audio_chunk={"data": base64.b64encode(pcm).decode(), "duration_ms": 400})
     await client.recv_until(lambda m: m["type"] == "SPEECH_ENDED")
     acts = [f for f in client.frames if f["type"] == "ACTION_FRAME"]
@@ -141,17 +147,22 @@ async def test_action_with_audio_is_lip_synced(server):
 
 
 async def test_base_video_switch(server):
-    client, _ = await Client.connect(server.ws, video_config={"base_video": "listening"})
+    client, reply = await Client.connect(server.ws, video_config={"base_video": "listening"})
+    assert reply["default_video"] == "idle_1"
     await client.recv_for(0.2)
-    await client.msg("STATE_CHANGE", target_state="idle", base_video="idle")
+    assert client.frames[-1]["base_video"] == "idle_1"
+    await client.msg("STATE_CHANGE", target_state="idle", base_video="idle_0")
     ev = await client.recv_until(lambda m: m["type"] == "STATE_CHANGED")
-    assert ev["base_video"] == "idle" and ev["current_state"] == "idle"
+    assert ev["current_video"] == "idle_0" and ev["current_state"] == "idle"
+    await client.recv_for(0.2)
+    assert client.frames[-1]["base_video"] == "idle_0"
     await client.close()
 
 
 async def test_output_size_from_video_config(server):
-    client, reply = await Client.connect(server.ws, video_config={"width": 256, "height": 320})
-    assert reply["video_config"]["width"] == 256
+    client, reply = await Client.connect(server.ws, video_config={"resolution": "256x320",
+                                                                  "fps": 25})
+    assert reply["video_config"]["resolution"] == "256x320"
     await client.recv_for(0.5)
     assert client.images[0].shape == (320, 256, 3)
     await client.close()
@@ -171,8 +182,8 @@ async def test_disconnect_frees_the_session(server):
 
 async def test_close_is_acknowledged(server):
     client, _ = await Client.connect(server.ws)
-    await client.msg("CLOSE", reason="bye")
+    await client.msg("CLOSE")
     ack = await client.recv_until(lambda m: m["type"] == "CLOSE_ACK")
-    assert ack["reason"] == "bye"
+    assert ack["reason"] == "client_request" and ack["session_id"] == client.session_id
     await client.ws.wait_closed()
     assert client.ws.close_code == 1000

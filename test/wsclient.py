@@ -1,4 +1,8 @@
-"""A small protocol client for tests: real socket, real H.264 decoding of every frame."""
+"""A small protocol client for tests: real socket, real H.264 decoding of every frame.
+
+It speaks the envelope ``{"type", "session_id", "data"}``; what it records is flattened to
+``{"type", "session_id", **data}`` so that tests read fields directly.
+"""
 
 from __future__ import annotations
 
@@ -24,11 +28,23 @@ def read_wav(path: Path) -> bytes:
     return run_stream.read_wav(path).astype("<i2").tobytes()
 
 
+def audio_chunk(pcm: bytes) -> dict[str, Any]:
+    return {"data": base64.b64encode(pcm).decode(), "format": "pcm_s16le", "sample_rate": 16000,
+            "channels": 1, "duration_ms": len(pcm) / 32.0}
+
+
+def envelope(type_: str, session_id: str | None, **data: Any) -> dict[str, Any]:
+    return {"type": type_, "session_id": session_id, "data": data}
+
+
 def chunk_msg(session_id: str, pcm: bytes, **extra: Any) -> str:
-    return json.dumps({"type": "GENERATE", "session_id": session_id,
-                       "audio_chunk": {"data": base64.b64encode(pcm).decode(), "format": "pcm_s16le",
-                                       "sample_rate": 16000, "channels": 1,
-                                       "duration_ms": len(pcm) / 32.0}, **extra})
+    return json.dumps(envelope("GENERATE", session_id, audio_chunk=audio_chunk(pcm), **extra))
+
+
+def flatten(m: dict[str, Any]) -> dict[str, Any]:
+    """``{"type", "session_id", **data}`` of a server envelope."""
+    assert set(m) == {"type", "session_id", "data"}, f"not an envelope: {sorted(m)}"
+    return {"type": m["type"], "session_id": m["session_id"], **m["data"]}
 
 
 class Client:
@@ -49,27 +65,28 @@ class Client:
         client = cls(ws, str(uuid.uuid4()))
         reply = None
         if init:
-            await client.send({"type": "INIT", "session_id": client.session_id, "user_id": user_id,
-                               **init_fields})
-            reply = json.loads(await ws.recv())
+            await client.send(envelope("INIT", client.session_id, user_id=user_id, **init_fields))
+            reply = flatten(json.loads(await ws.recv()))
         return client, reply
 
     async def send(self, msg: dict[str, Any] | str | bytes) -> None:
         await self.ws.send(msg if isinstance(msg, str | bytes) else json.dumps(msg))
 
-    async def msg(self, type_: str, **fields: Any) -> None:
-        await self.send({"type": type_, "session_id": self.session_id, **fields})
+    async def msg(self, type_: str, **data: Any) -> None:
+        await self.send(envelope(type_, self.session_id, **data))
 
-    def _take(self, m: dict[str, Any]) -> None:
+    def _take(self, raw: dict[str, Any]) -> dict[str, Any]:
+        m = flatten(raw)
         if m["type"] in FRAME_TYPES:
             self.frames.append(m)
             self.arrivals.append(time.monotonic())
             if self.decode:
-                out = self.decoder.decode(av.Packet(base64.b64decode(m["data"])))
+                out = self.decoder.decode(av.Packet(base64.b64decode(m["frame_data"])))
                 assert len(out) == 1, f"frame {m['frame_index']} did not decode to one picture"
                 self.images.append(out[0].to_ndarray(format="rgb24"))
         else:
             self.events.append(m)
+        return m
 
     async def recv_for(self, seconds: float) -> None:
         end = time.monotonic() + seconds
@@ -87,8 +104,7 @@ class Client:
             left = end - time.monotonic()
             if left <= 0:
                 raise TimeoutError(f"no matching message within {timeout} s; events: {self.events[-5:]}")
-            m = json.loads(await asyncio.wait_for(self.ws.recv(), left))
-            self._take(m)
+            m = self._take(json.loads(await asyncio.wait_for(self.ws.recv(), left)))
             if m["type"] not in FRAME_TYPES and pred(m):
                 return m
 

@@ -38,35 +38,59 @@ class Cursor:
         self.avatar = avatar
         self.crossfade = crossfade
         self.base_video = self._check_base(base_video)
+        self.speech_video: str | None = None  # the base for speech; None: ``base_video``
         self.pos = 0
         self.action: _Action | None = None
 
     def _check_base(self, name: str) -> str:
-        if name not in self.avatar.base_videos:
-            raise ModelNotFound(f"unknown base video {name!r}",
-                                {"base_video": name[:64], "available": self.avatar.base_videos})
-        return name
+        """The base clip called ``name`` (upstream name like ``idle_0`` or the clip's own)."""
+        clip = self.avatar.names.clip(name)
+        if clip is None or clip not in self.avatar.base_videos:
+            names = self.avatar.names
+            raise ModelNotFound(f"unknown base video {name[:64]!r}",
+                                {"base_video": name[:64],
+                                 "available": [names.public(c) for c in self.avatar.base_videos]})
+        return clip
 
     def set_base_video(self, name: str) -> None:
         self.base_video = self._check_base(name)
 
-    def start_action(self, name: str) -> None:
-        if name not in self.avatar.actions:
-            raise ModelNotFound(f"unknown action {name!r}",
-                                {"action_name": name[:64], "available": self.avatar.actions})
+    def set_speech_video(self, name: str) -> None:
+        self.speech_video = self._check_base(name)
+
+    @property
+    def speaking_clip(self) -> str:
+        return self.speech_video or self.base_video
+
+    def action_clip(self, name: str) -> str:
+        """The action clip called ``name`` (``action_1`` or the clip's own name)."""
+        clip = self.avatar.names.clip(name)
+        if clip is None or clip not in self.avatar.actions:
+            names = self.avatar.names
+            raise ModelNotFound(f"unknown action {name[:64]!r}",
+                                {"action": name[:64],
+                                 "available": [names.public(c) for c in self.avatar.actions]})
+        return clip
+
+    def start_action(self, name: str) -> str:
+        """Splice in the action clip ``name``; returns its clip name."""
+        clip = self.action_clip(name)
         if self.action is not None:
             raise InvalidStateTransition(f"action {self.action.name!r} is still playing",
                                          {"from": "action", "to": "action"})
-        self.action = _Action(name, 0, len(self.avatar.clip(name)))
+        self.action = _Action(clip, 0, len(self.avatar.clip(clip)))
+        return clip
 
-    def next(self) -> BaseFrame:
-        clip = self.avatar.clip(self.base_video)
+    def next(self, speech: bool = False) -> BaseFrame:
+        """The next frame of the loop (of the speech base when ``speech``), or of the action."""
+        name = self.speaking_clip if speech else self.base_video
+        clip = self.avatar.clip(name)
         idx = pingpong(self.pos, len(clip))
         self.pos += 1
         base_img = clip.frames[idx]
         act = self.action
         if act is None:
-            return BaseFrame(self.base_video, idx, base_img)
+            return BaseFrame(name, idx, base_img)
         frames = self.avatar.clip(act.name).frames
         img = frames[act.i]
         k = self.crossfade

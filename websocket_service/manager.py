@@ -49,12 +49,12 @@ class SessionManager:
         self._reserve(session_id)
         try:
             avatar = await self._avatar(config.avatar_id or self.settings.default_avatar)
-            base_video = config.base_video or ("idle" if "idle" in avatar.base_videos
-                                               else avatar.base_videos[0])
+            base_video = config.base_video or avatar.base_videos[0]
             fps = self.settings.fps
             gop = config.gop_seconds or self.settings.gop_seconds
+            width, height = config.size() or (avatar.width, avatar.height)
             video = VideoSettings(
-                width=config.width or avatar.width, height=config.height or avatar.height,
+                width=width, height=height,
                 bitrate=config.bitrate or self.settings.default_bitrate,
                 gop_frames=max(1, round(gop * fps)), fps=fps)
             session = Session(session_id, user_id, avatar, self.engine, self.settings, video,
@@ -113,6 +113,8 @@ class Services:
         self.sessions = SessionManager(settings, self.engine, self.store, clock)
         #: WebSocket H.264 encoders run here when set; started in the app's lifespan
         self.encoders = EncoderPool(settings.encoder_processes) if settings.encoder_processes else None
+        #: the serving replica when the service runs scaled out (reported in INIT_SUCCESS)
+        self.replica_id: str | None = None
 
     def ensure_default_avatar(self) -> Avatar:
         return self.store.ensure_builtin(self.settings.default_avatar)

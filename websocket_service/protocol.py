@@ -1,48 +1,59 @@
-"""Protocol messages, one Pydantic model each, parsed through a discriminated union.
+"""The MuseTalk WebSocket protocol: one envelope, one Pydantic model per message.
 
-The wire format is documented in ``musetalk_websocket_spec.md``; keep both in step.
+Every message, both directions, is ``{"type": T, "session_id": S, "data": {...}}`` as in the
+public MuseTalk WebSocket spec (v1.0 and v1.1); our additions live inside ``data``. Client
+messages are parsed through one discriminated union (:data:`CLIENT_ADAPTER`); server messages
+are built by :mod:`.wire`. The wire format is documented in ``musetalk_websocket_spec.md``;
+keep both in step.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
-import re
-import uuid
+import json
 from typing import Annotated, Any, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, field_validator
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, model_validator
 
 from .states import AvatarState
+from .units import BYTES_PER_SAMPLE, ID_PATTERN, SAMPLE_RATE
 
-USER_ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
-SAMPLE_RATE = 16_000
+#: a client's timestamps and durations may differ from the bytes by this much before we count it
+DURATION_TOLERANCE_MS = 1.0
 
 
 class _Msg(BaseModel):
     model_config = ConfigDict(extra="ignore", frozen=True)
 
 
-def _uuid4(v: str) -> str:
-    try:
-        u = uuid.UUID(v)
-    except (ValueError, AttributeError, TypeError) as exc:
-        raise ValueError("session_id must be a UUID v4 string") from exc
-    if u.version != 4:
-        raise ValueError("session_id must be a UUID version 4")
-    return str(u)
-
-
-# ------------------------------------------------------------------ client -> server
+# ------------------------------------------------------------------ client -> server: data
 
 class VideoConfig(_Msg):
-    avatar_id: str | None = Field(None, pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    """``INIT.data.video_config``: upstream fields, then our optional extras."""
+
+    resolution: str | None = Field(None, pattern=r"^[0-9]{2,4}x[0-9]{2,4}$",
+                                   description='"WxH", e.g. "512x512"; even, 64..1920')
+    fps: int | None = Field(None, ge=1, le=60)
+    avatar_id: str | None = Field(None, pattern=ID_PATTERN)
     base_video: str | None = Field(None, max_length=64)
-    width: int | None = Field(None, ge=64, le=1920, multiple_of=2)
-    height: int | None = Field(None, ge=64, le=1920, multiple_of=2)
     bitrate: int | None = Field(None, ge=50_000, le=20_000_000)
-    gop_seconds: float | None = Field(None, gt=0, le=10)
+    gop_seconds: float | None = Field(None, gt=0, le=1.0)
+
+    @model_validator(mode="after")
+    def _size(self) -> VideoConfig:
+        if self.resolution is not None:
+            for v in self.size() or ():
+                if not 64 <= v <= 1920 or v % 2:
+                    raise ValueError("resolution: width and height must be even, 64..1920")
+        return self
+
+    def size(self) -> tuple[int, int] | None:
+        if self.resolution is None:
+            return None
+        w, h = self.resolution.split("x")
+        return int(w), int(h)
 
 
 class AudioChunk(_Msg):
@@ -50,171 +61,247 @@ class AudioChunk(_Msg):
     format: Literal["pcm_s16le"] = "pcm_s16le"
     sample_rate: Literal[16000] = 16000
     channels: Literal[1] = 1
-    duration_ms: float | None = Field(None, ge=0)
+    duration_ms: float | None = Field(None, ge=0, le=3_600_000)
 
     def pcm(self, max_ms: int) -> np.ndarray:
-        """Decoded int16 samples; raises ValueError with a readable reason."""
-        max_b64 = (max_ms * SAMPLE_RATE // 1000 * 2 + 2) * 4 // 3 + 4
+        """Decoded int16 samples; raises ValueError with a readable reason.
+
+        The bytes are the truth: ``duration_ms`` is informational (see :meth:`mislabelled`).
+        """
+        max_b64 = (max_ms * SAMPLE_RATE // 1000 * BYTES_PER_SAMPLE + 2) * 4 // 3 + 4
         if len(self.data) > max_b64:
             raise ValueError(f"audio_chunk longer than the maximum of {max_ms} ms")
         try:
             raw = base64.b64decode(self.data, validate=True)
         except (binascii.Error, ValueError) as exc:
             raise ValueError("audio_chunk.data is not valid base64") from exc
-        return pcm_from_bytes(raw, max_ms, self.duration_ms)
+        return pcm_from_bytes(raw, max_ms)
+
+    def mislabelled(self, samples: int) -> bool:
+        """``duration_ms`` disagrees with the samples (e.g. 640 bytes labelled 40 ms)."""
+        return self.duration_ms is not None and \
+            abs(self.duration_ms - samples * 1000 / SAMPLE_RATE) > DURATION_TOLERANCE_MS
 
 
-def pcm_from_bytes(raw: bytes, max_ms: int, duration_ms: float | None = None) -> np.ndarray:
-    if len(raw) % 2:
+def pcm_from_bytes(raw: bytes, max_ms: int) -> np.ndarray:
+    """int16 samples from PCM s16le bytes: any even, non-zero length up to ``max_ms``."""
+    if len(raw) % BYTES_PER_SAMPLE:
         raise ValueError(f"PCM s16le needs an even byte count, got {len(raw)} bytes")
-    n = len(raw) // 2
+    n = len(raw) // BYTES_PER_SAMPLE
     if n == 0:
         raise ValueError("audio chunk is empty")
     if n > max_ms * SAMPLE_RATE // 1000:
         raise ValueError(f"audio chunk of {n} samples exceeds the maximum of {max_ms} ms")
-    if duration_ms is not None and abs(duration_ms - n / 16.0) > 1.0:
-        raise ValueError(f"duration_ms={duration_ms} does not match {n} samples ({n / 16.0} ms at 16 kHz)")
     return np.frombuffer(raw, dtype="<i2").astype(np.int16)
 
 
-class InitMsg(_Msg):
-    type: Literal["INIT"]
-    session_id: str
-    user_id: str = Field(..., pattern=r"^[A-Za-z0-9_-]{1,64}$")
-    auth_token: str | None = None
+class InitData(_Msg):
+    user_id: str = Field(..., pattern=ID_PATTERN)
+    auth_token: str | None = Field(None, max_length=8192)
     video_config: VideoConfig = Field(default_factory=VideoConfig)
 
-    @field_validator("session_id")
-    @classmethod
-    def _sid(cls, v: str) -> str:
-        return _uuid4(v)
+
+class VideoState(_Msg):
+    type: AvatarState = AvatarState.SPEAKING
+    base_video: str | None = Field(None, max_length=64)
 
 
-class GenerateMsg(_Msg):
-    type: Literal["GENERATE"]
-    session_id: str
+class GenerateData(_Msg):
     audio_chunk: AudioChunk
-    video_state: AvatarState | None = None
+    video_state: VideoState | None = None
     end_of_speech: bool = False
 
 
-class StateChangeMsg(_Msg):
-    type: Literal["STATE_CHANGE"]
-    session_id: str
+class StateChangeData(_Msg):
     target_state: AvatarState
     base_video: str | None = Field(None, max_length=64)
 
 
-class ActionMsg(_Msg):
-    type: Literal["ACTION"]
-    session_id: str
-    action_name: str = Field(..., min_length=1, max_length=64)
+class ActionData(_Msg):
+    """v1.1 ``{action_index: 1}`` or v1.0 ``{action_type: "action_1", audio_chunk?}``."""
+
+    action_index: int | None = Field(None, ge=1, le=999)
+    action_type: str | None = Field(None, min_length=1, max_length=64)
     audio_chunk: AudioChunk | None = None
 
+    @model_validator(mode="after")
+    def _one_form(self) -> ActionData:
+        if (self.action_index is None) == (self.action_type is None):
+            raise ValueError("give exactly one of action_index (v1.1) or action_type (v1.0)")
+        return self
 
-class InterruptMsg(_Msg):
-    type: Literal["INTERRUPT"]
-    session_id: str
+
+class CloseData(_Msg):
+    reason: str | None = Field(None, max_length=256)
 
 
-class EndOfSpeechMsg(_Msg):
-    type: Literal["END_OF_SPEECH"]
-    session_id: str
+class PingData(_Msg):
+    t: float | None = None
+
+
+class NoData(_Msg):
+    pass
+
+
+# ------------------------------------------------------------------ client -> server: envelopes
+
+SessionId = Annotated[str | None, Field(None, pattern=ID_PATTERN)]
+
+
+class InitMsg(_Msg):
+    type: Literal["INIT"]
+    session_id: SessionId = None  # kept and echoed; None: the server picks one
+    data: InitData
+
+
+class GenerateMsg(_Msg):
+    type: Literal["GENERATE"]
+    session_id: SessionId = None
+    data: GenerateData
+
+
+class StateChangeMsg(_Msg):
+    type: Literal["STATE_CHANGE"]
+    session_id: SessionId = None
+    data: StateChangeData
+
+
+class ActionMsg(_Msg):
+    type: Literal["ACTION"]
+    session_id: SessionId = None
+    data: ActionData
 
 
 class CloseMsg(_Msg):
     type: Literal["CLOSE"]
-    session_id: str
-    reason: str | None = Field(None, max_length=256)
+    session_id: SessionId = None
+    data: CloseData = Field(default_factory=CloseData)
+
+
+class InterruptMsg(_Msg):
+    type: Literal["INTERRUPT"]
+    session_id: SessionId = None
+    data: NoData = Field(default_factory=NoData)
+
+
+class EndOfSpeechMsg(_Msg):
+    type: Literal["END_OF_SPEECH"]
+    session_id: SessionId = None
+    data: NoData = Field(default_factory=NoData)
+
+
+class KeyframeRequestMsg(_Msg):
+    type: Literal["REQUEST_KEYFRAME"]
+    session_id: SessionId = None
+    data: NoData = Field(default_factory=NoData)
 
 
 class PingMsg(_Msg):
     type: Literal["PING"]
-    session_id: str | None = None
-    t: float | None = None
+    session_id: SessionId = None
+    data: PingData = Field(default_factory=PingData)
 
 
 ClientMessage = Annotated[
-    InitMsg | GenerateMsg | StateChangeMsg | ActionMsg | InterruptMsg | EndOfSpeechMsg
-    | CloseMsg | PingMsg,
+    InitMsg | GenerateMsg | StateChangeMsg | ActionMsg | CloseMsg | InterruptMsg
+    | EndOfSpeechMsg | KeyframeRequestMsg | PingMsg,
     Field(discriminator="type"),
 ]
 CLIENT_ADAPTER: TypeAdapter[Any] = TypeAdapter(ClientMessage)
-CLIENT_TYPES = ["INIT", "GENERATE", "STATE_CHANGE", "ACTION", "INTERRUPT", "END_OF_SPEECH",
-                "CLOSE", "PING"]
+CLIENT_TYPES = ["INIT", "GENERATE", "STATE_CHANGE", "ACTION", "CLOSE", "INTERRUPT",
+                "END_OF_SPEECH", "REQUEST_KEYFRAME", "PING"]
+ENVELOPE_KEYS = frozenset({"type", "session_id", "data"})
 
 
-# ------------------------------------------------------------------ server -> client
+# ------------------------------------------------------------------ server -> client: data
 
-class InitSuccess(_Msg):
-    type: Literal["INIT_SUCCESS"] = "INIT_SUCCESS"
-    session_id: str
-    model_status: dict[str, Any]
+class VideoInfo(_Msg):
+    name: str  # the upstream name: idle_0, speaking_0, action_1 ...
+    clip: str  # the avatar's own clip name
+    kind: Literal["idle", "speaking", "action"]
+    frames: int
+
+
+class InitSuccessData(_Msg):
+    model_loaded: bool
+    available_videos: list[str]
+    default_video: str
+    streaming_started: bool = True
     engine: str
     avatar: str
-    base_videos: list[str]
-    actions: list[str]
+    videos: list[VideoInfo]
     video_config: dict[str, Any]
+    model_status: dict[str, Any]
+    replica_id: str | None = None
 
 
-class VideoFrame(_Msg):
-    type: Literal["VIDEO_FRAME"] = "VIDEO_FRAME"
-    session_id: str
+class VideoFrameData(_Msg):
+    frame_data: str  # base64 of one H.264 access unit (Annex B)
+    frame_timestamp: int  # ms: session clock; for speech, the audio time of its chunk
     frame_index: int
-    timestamp_ms: int
+    keyframe: bool
     state: AvatarState
-    keyframe: bool
-    data: str
-    utterance_id: int | None = None
-    utterance_frame: int | None = None
-
-
-class ActionFrame(_Msg):
-    type: Literal["ACTION_FRAME"] = "ACTION_FRAME"
-    session_id: str
-    action_name: str
-    progress: float
-    frame_index: int
-    timestamp_ms: int
-    keyframe: bool
-    data: str
-    utterance_id: int | None = None
-    utterance_frame: int | None = None
-
-
-class StateChanged(_Msg):
-    type: Literal["STATE_CHANGED"] = "STATE_CHANGED"
-    session_id: str
-    previous_state: AvatarState
-    current_state: AvatarState
     base_video: str
-    action_name: str | None = None
+    utterance_id: int | None = None
+    utterance_frame: int | None = None
 
 
-class SpeechEnded(_Msg):
-    type: Literal["SPEECH_ENDED"] = "SPEECH_ENDED"
-    session_id: str
+class ActionFrameData(_Msg):
+    frame_data: str
+    frame_timestamp: int
+    action_progress: float
+    action_type: str
+    frame_index: int
+    keyframe: bool
+    state: AvatarState = AvatarState.ACTION
+    utterance_id: int | None = None
+    utterance_frame: int | None = None
+
+
+class StateChangedData(_Msg):
+    current_state: AvatarState
+    current_video: str
+    previous_state: AvatarState
+
+
+class ActionTriggeredData(_Msg):
+    action_index: int
+    inserted: bool = True
+    action_type: str
+    frames: int
+
+
+class SpeechEndedData(_Msg):
     utterance_id: int
     frames: int
     skipped: int = 0
     interrupted: bool = False
 
 
-class CloseAck(_Msg):
-    type: Literal["CLOSE_ACK"] = "CLOSE_ACK"
-    session_id: str
+class CloseAckData(_Msg):
     reason: str
 
 
-class Pong(_Msg):
-    type: Literal["PONG"] = "PONG"
+class PongData(_Msg):
     t: float | None = None
     server_time_ms: int
 
 
-class ErrorMsg(_Msg):
-    type: Literal["ERROR"] = "ERROR"
+class ErrorData(_Msg):
     code: str
     message: str
     details: dict[str, Any] = Field(default_factory=dict)
+
+
+class ServerMessage(_Msg):
+    """An envelope from the server; ``data`` is one of the ``*Data`` models above."""
+
+    type: Literal["INIT_SUCCESS", "VIDEO_FRAME", "ACTION_FRAME", "STATE_CHANGED",
+                  "ACTION_TRIGGERED", "SPEECH_ENDED", "CLOSE_ACK", "PONG", "ERROR"]
     session_id: str | None = None
+    data: BaseModel
+
+    def to_json(self) -> str:
+        """The envelope as text; ``session_id`` is always present (null before INIT)."""
+        head = json.dumps({"type": self.type, "session_id": self.session_id})
+        return f'{head[:-1]}, "data": {self.data.model_dump_json(exclude_none=True)}}}'

@@ -1,12 +1,12 @@
 """The avatar's visual state and the table of allowed moves.
 
 A move to the current state is a no-op; a move not in the table raises
-InvalidStateTransition; every real move is reported to the listener as a typed event.
+InvalidStateTransition; every real move returns a typed :class:`StateChange` for the caller to
+report (no callback, so the machine holds no reference back to its owner).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
 
@@ -40,10 +40,8 @@ class StateChange:
 
 
 class StateMachine:
-    def __init__(self, on_change: Callable[[StateChange], None],
-                 initial: AvatarState = AvatarState.IDLE) -> None:
+    def __init__(self, initial: AvatarState = AvatarState.IDLE) -> None:
         self.state = initial
-        self._on_change = on_change
 
     def can(self, target: AvatarState, table: dict[AvatarState, frozenset[AvatarState]] = ALLOWED) -> bool:
         return target is self.state or target in table[self.state]
@@ -56,11 +54,10 @@ class StateMachine:
                 {"from": self.state.value, "to": target.value,
                  "allowed": sorted(s.value for s in table[self.state])})
 
-    def move(self, target: AvatarState) -> bool:
-        """Move (validated against ALLOWED); returns whether the state changed."""
+    def move(self, target: AvatarState) -> StateChange | None:
+        """Move (validated against ALLOWED); the change, or None if already there."""
         if target is self.state:
-            return False
+            return None
         self.check(target)
         prev, self.state = self.state, target
-        self._on_change(StateChange(prev, target))
-        return True
+        return StateChange(prev, target)

@@ -34,6 +34,7 @@ class SessionStats:
     speech_frames_skipped: int = 0
     audio_samples: int = 0
     audio_rejected_chunks: int = 0
+    duration_mismatches: int = 0  # chunks whose duration_ms disagreed with their bytes
     interrupts: int = 0
     actions: int = 0
     state_changes: int = 0
@@ -96,6 +97,7 @@ class SessionStats:
             "speech_frames_skipped": self.speech_frames_skipped,
             "audio_seconds_received": round(self.audio_samples / 16000.0, 3),
             "audio_chunks_rejected": self.audio_rejected_chunks,
+            "duration_mismatches": self.duration_mismatches,
             "interrupts": self.interrupts,
             "actions": self.actions,
             "render_errors": self.render_errors,

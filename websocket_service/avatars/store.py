@@ -128,8 +128,8 @@ def build_avatar(avatar_id: str, frames: list[np.ndarray], still: bool, width: i
             clips[name] = Clip(name, ClipKind.BASE, render_motion(still_img, motion))
     else:
         clips["idle"] = Clip("idle", ClipKind.BASE, np.stack(cropped))
-        clips["listening"] = Clip("listening", ClipKind.BASE,
-                                  render_motion(still_img, BUILTIN_BASES["listening"]))
+        for name in ("listening", "speaking"):
+            clips[name] = Clip(name, ClipKind.BASE, render_motion(still_img, BUILTIN_BASES[name]))
     progress(0.3, "making action clips")
     for name, motion in BUILTIN_ACTIONS.items():
         clips[name] = Clip(name, ClipKind.ACTION, render_motion(still_img, motion))
@@ -267,7 +267,10 @@ class AvatarStore:
         """The embedded default avatar, built from scikit-image's astronaut photo once."""
         if self.exists(avatar_id):
             try:
-                return self.get(avatar_id)
+                avatar = self.get(avatar_id)
+                if set(BUILTIN_BASES) <= set(avatar.base_videos):
+                    return avatar
+                log.info("rebuilding built-in avatar %s: it lacks new base videos", avatar_id)
             except ProcessingError:
                 log.warning("rebuilding unreadable built-in avatar %s", avatar_id)
         from skimage import data  # noqa: PLC0415 - ships the public-domain photo

@@ -27,6 +27,8 @@ class Motion:
 BUILTIN_BASES = {
     "idle": Motion(frames=50, dy=2.0, scale=0.008, angle=0.6),
     "listening": Motion(frames=50, dx=-3.0, dy=3.0, angle=2.5, scale=0.012),
+    # the base for speech: livelier, small nods as people make while talking
+    "speaking": Motion(frames=40, dx=2.0, dy=5.0, angle=-1.5, scale=0.01),
 }
 BUILTIN_ACTIONS = {
     "nod": Motion(frames=25, dy=14.0, scale=0.01, profile="bump"),

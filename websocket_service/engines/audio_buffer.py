@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..units import SAMPLES_PER_FRAME
+from ..units import SAMPLE_RATE, SAMPLES_PER_FRAME
 
 
 @dataclass
@@ -25,11 +25,13 @@ class FrameSlot:
     pcm: np.ndarray  # the slot's own 640 samples (zero-padded past the end)
     last: bool
     arrival: float  # monotonic time the slot became ready
+    audio_ms: int = 0  # where the slot starts in all the audio the buffer has received
 
 
 class _Utterance:
-    def __init__(self, uid: int, history: int) -> None:
+    def __init__(self, uid: int, history: int, start: int) -> None:
         self.uid = uid
+        self.start = start  # samples the buffer had received before this utterance
         self.history = history
         self.samples = np.zeros(0, np.int16)
         self.offset = 0  # absolute sample index of samples[0]
@@ -85,6 +87,7 @@ class UtteranceBuffer:
         self._utts: deque[_Utterance] = deque()
         self._next_uid = 1
         self._end_time = 0.0
+        self._received = 0
 
     # -- input
     def push(self, pcm: np.ndarray) -> None:
@@ -93,9 +96,10 @@ class UtteranceBuffer:
         if len(pcm) == 0:
             return
         if not self._utts or self._utts[-1].ended:
-            self._utts.append(_Utterance(self._next_uid, self.history))
+            self._utts.append(_Utterance(self._next_uid, self.history, self._received))
             self._next_uid += 1
         self._utts[-1].push(pcm, self.clock())
+        self._received += len(pcm)
 
     def end(self) -> None:
         if self._utts and not self._utts[-1].ended:
@@ -168,6 +172,7 @@ class UtteranceBuffer:
                 utterance_id=u.uid, index=n,
                 pcm=u.window(n * SAMPLES_PER_FRAME, (n + 1) * SAMPLES_PER_FRAME),
                 last=last, arrival=u.arrival_for(need, fallback),
+                audio_ms=(u.start + n * SAMPLES_PER_FRAME) * 1000 // SAMPLE_RATE,
             ))
             u.next_index += 1
             u.trim()

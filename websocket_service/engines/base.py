@@ -37,6 +37,7 @@ class SpeechFrame:
     base: BaseFrame | None = None
     info: dict[str, float] = field(default_factory=dict)  # e.g. engine's mouth parameters
     audio_arrival: float | None = None  # monotonic time its last needed audio arrived
+    audio_ms: int | None = None  # where its audio starts in all the session's audio so far
 
 
 class LipSyncStream(ABC):

@@ -4,6 +4,11 @@
 import { firstLoudSample, RATE, toAudioBuffer } from "./audio.js";
 import { authFetch, withToken } from "./auth.js";
 
+/** Signaling messages are flat; the session's own events are protocol envelopes. */
+function flatten(m) {
+  return m.data && typeof m.data === "object" ? { type: m.type, session_id: m.session_id, ...m.data } : m;
+}
+
 export class RtcClient {
   constructor({ video, userId, log, onEvent, onClose }) {
     Object.assign(this, { video, userId, log, onEvent, onClose });
@@ -13,7 +18,7 @@ export class RtcClient {
   async connect() {
     const proto = location.protocol === "https:" ? "wss" : "ws";
     this.ws = new WebSocket(`${proto}://${location.host}/musetalk/v1/rtc/${this.userId}`);
-    this.ws.onmessage = (e) => this._onSignal(JSON.parse(e.data));
+    this.ws.onmessage = (e) => this._onSignal(flatten(JSON.parse(e.data)));
     this.ws.onclose = (e) => this._lost(`signaling closed (${e.code})`);
     await new Promise((ok, fail) => {
       this.ws.onopen = ok;

@@ -1,6 +1,7 @@
 // The WebSocket protocol client: INIT, VIDEO_FRAME/ACTION_FRAME decoded with WebCodecs
 // (H.264 Annex B, no description) onto a canvas, speech sent as 40 ms PCM chunks and played
-// back in sync with the frames that lip-sync it.
+// back in sync with the frames that lip-sync it. Every message is an envelope
+// {type, session_id, data}; what reaches the page is flattened to {type, session_id, ...data}.
 
 import { FRAME_SAMPLES, RATE, UtterancePlayer } from "./audio.js";
 import { withToken } from "./auth.js";
@@ -28,6 +29,16 @@ function pcmToB64(pcm) {
   return btoa(s);
 }
 
+/** A protocol message. */
+function envelope(type, sessionId, data = {}) {
+  return { type, session_id: sessionId, data };
+}
+
+/** A server envelope as {type, session_id, ...data}. */
+export function unwrap(env) {
+  return { type: env.type, session_id: env.session_id, ...(env.data || {}) };
+}
+
 export class WsClient {
   constructor({ canvas, userId, log, onEvent, onClose }) {
     Object.assign(this, { canvas, userId, log, onEvent, onClose });
@@ -45,10 +56,10 @@ export class WsClient {
     this.ws = new WebSocket(url);
     this._newDecoder();
     return new Promise((resolve, reject) => {
-      this.ws.onopen = () => this.ws.send(JSON.stringify(withToken({
-        type: "INIT", session_id: this.sessionId, user_id: this.userId, video_config: {} })));
+      this.ws.onopen = () => this.ws.send(JSON.stringify(envelope("INIT", this.sessionId,
+        withToken({ user_id: this.userId, video_config: { resolution: "512x512", fps: 25 } }))));
       this.ws.onmessage = (e) => {
-        const msg = JSON.parse(e.data);
+        const msg = unwrap(JSON.parse(e.data));
         if (msg.type === "INIT_SUCCESS") resolve(msg);
         if (msg.type === "ERROR" && !this.info) reject(new Error(`${msg.code}: ${msg.message}`));
         this._onMessage(msg, e.data.length);
@@ -70,6 +81,10 @@ export class WsClient {
     if (msg.type === "INIT_SUCCESS") {
       this.info = msg;
       this.canvas.width = msg.video_config.width; this.canvas.height = msg.video_config.height;
+      // action buttons show the clips' own names; ACTION goes out in the v1.1 form (by index)
+      const acts = msg.videos.filter((v) => v.kind === "action");
+      msg.actions = acts.map((v) => v.clip);
+      this.actionIndex = new Map(acts.map((v) => [v.clip, Number(v.name.split("_").pop())]));
     }
     if (msg.type === "SPEECH_ENDED" && msg.interrupted) this.player.stop();
     this.onEvent(msg);
@@ -88,7 +103,7 @@ export class WsClient {
     this.meta.set(timestamp, { state: msg.type === "ACTION_FRAME" ? "action" : msg.state,
       uid: msg.utterance_id, n: msg.utterance_frame });
     this.decoder.decode(new EncodedVideoChunk({ type: msg.keyframe ? "key" : "delta",
-      timestamp, data: b64ToBytes(msg.data) }));
+      timestamp, data: b64ToBytes(msg.frame_data) }));
   }
 
   _draw(frame) {
@@ -120,10 +135,10 @@ export class WsClient {
       if (this.ws?.readyState !== WebSocket.OPEN || this.sendTimes !== times) return;
       const chunk = pcm.subarray(k * FRAME_SAMPLES, (k + 1) * FRAME_SAMPLES);
       times[k] = performance.now();
-      this._send({ type: "GENERATE", session_id: this.sessionId,
-        audio_chunk: { data: pcmToB64(chunk), duration_ms: chunk.length / 16 } });
+      this._send(envelope("GENERATE", this.sessionId, { audio_chunk: { data: pcmToB64(chunk),
+        format: "pcm_s16le", sample_rate: RATE, channels: 1, duration_ms: chunk.length / 16 } }));
     }
-    this._send({ type: "END_OF_SPEECH", session_id: this.sessionId });
+    this._send(envelope("END_OF_SPEECH", this.sessionId));
   }
 
   /** Microphone in: 16 kHz capture (the context resamples), sent while loud. */
@@ -153,18 +168,20 @@ export class WsClient {
     this.micNodes = this.micStream = null;
   }
 
-  action(name) { this._send({ type: "ACTION", session_id: this.sessionId, action_name: name }); }
+  action(name) {
+    this._send(envelope("ACTION", this.sessionId, { action_index: this.actionIndex.get(name) }));
+  }
 
   interrupt() {
     this.sendTimes = null; this.player.reset();
-    this._send({ type: "INTERRUPT", session_id: this.sessionId });
+    this._send(envelope("INTERRUPT", this.sessionId));
   }
 
-  ping() { this._send({ type: "PING", t: performance.now() }); }
+  ping() { this._send(envelope("PING", this.sessionId, { t: performance.now() })); }
 
   close() {
     this.closing = true;
-    this._send({ type: "CLOSE", session_id: this.sessionId });
+    this._send(envelope("CLOSE", this.sessionId));
     this.ws?.close(1000);
     this._teardown();
   }

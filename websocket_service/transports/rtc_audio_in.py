@@ -31,7 +31,11 @@ def dbfs(pcm: np.ndarray) -> float:
 
 
 class EnergyGate:
-    """Decides per piece of audio whether it belongs to an utterance."""
+    """Decides per piece of audio whether it is speech (loud, or the quiet tail just after).
+
+    It does not end utterances: a microphone that stops being pushed is, to the session, a
+    client gone quiet, and the session's one rule (``speech_gap_ms``) ends the utterance.
+    """
 
     def __init__(self, threshold_dbfs: float = -45.0, hangover_ms: int = 300) -> None:
         self.threshold = threshold_dbfs
@@ -39,21 +43,19 @@ class EnergyGate:
         self.talking = False
         self._quiet = 0
 
-    def feed(self, pcm: np.ndarray) -> tuple[bool, bool]:
-        """Returns (push this piece, the utterance ended after it)."""
-        loud = dbfs(pcm) > self.threshold
-        if loud:
+    def feed(self, pcm: np.ndarray) -> bool:
+        """Whether to push this piece."""
+        if dbfs(pcm) > self.threshold:
             self.talking = True
             self._quiet = 0
-            return True, False
+            return True
         if not self.talking:
-            return False, False
+            return False
         self._quiet += len(pcm)
         if self._quiet >= self.hangover:
             self.talking = False
             self._quiet = 0
-            return True, True
-        return True, False
+        return True
 
 
 class MicIngest:
@@ -83,14 +85,13 @@ class MicIngest:
             pcm = self._to_pcm(frame)
             if pcm.size == 0:
                 continue
-            push, ended = self.gate.feed(pcm)
-            if push:
-                self._push(pcm, ended)
+            if self.gate.feed(pcm):
+                self._push(pcm)
             await asyncio.sleep(0)
 
-    def _push(self, pcm: np.ndarray, ended: bool) -> None:
+    def _push(self, pcm: np.ndarray) -> None:
         try:
-            self.session.push_audio(pcm, end_of_speech=ended)
+            self.session.push_audio(pcm)
             self.pushed_samples += len(pcm)
         except RateLimitExceeded:
             self.dropped_samples += len(pcm)  # the session counts the rejection too

@@ -25,7 +25,9 @@ from starlette.websockets import WebSocketState
 
 from ..api.auth import UNAUTHORIZED, Credentials, bearer_token, check_token, token_matches
 from ..errors import AuthFailed, InvalidMessage, InvalidSession, RateLimitExceeded, ServiceError
-from ..protocol import USER_ID_RE, VideoConfig
+from ..protocol import VideoConfig
+from ..units import ID_PATTERN, ID_RE
+from ..wire import signaling_error
 from .webrtc import RtcHub, RtcPeer
 
 log = logging.getLogger(__name__)
@@ -37,7 +39,7 @@ MAX_SIGNAL_BYTES = 64 * 1024
 CLOSE_POLICY = 1008
 CLOSE_TRY_AGAIN = 1013
 
-ID = Field(None, pattern=r"^[A-Za-z0-9_-]{1,64}$")
+ID = Field(None, pattern=ID_PATTERN)
 TOKEN = Field(None, max_length=1024, description="the server's AUTH_TOKEN, when one is set")
 
 
@@ -50,7 +52,7 @@ class OfferRequest(_Msg):
 
     sdp: str = Field(..., max_length=MAX_SIGNAL_BYTES)
     type: Literal["offer"] = "offer"
-    user_id: str = Field(..., pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    user_id: str = Field(..., pattern=ID_PATTERN)
     avatar_id: str | None = ID
     base_video: str | None = Field(None, max_length=64)
     auth_token: str | None = TOKEN
@@ -106,10 +108,6 @@ async def offer(request: Request, body: OfferRequest, credentials: Credentials) 
     return OfferAnswer(sdp=desc.sdp, type="answer", session_id=peer.session_id)
 
 
-def _error(err: ServiceError) -> dict[str, Any]:
-    return {"type": "error", "code": err.code, "message": err.message, "details": err.details}
-
-
 class SignalingConnection:
     """One signaling socket: at most one peer at a time, one client slot throughout."""
 
@@ -139,7 +137,7 @@ class SignalingConnection:
             await self.ws.send_text(json.dumps(msg))
 
     async def run(self) -> None:
-        if not USER_ID_RE.match(self.user_id):
+        if not ID_RE.match(self.user_id):
             await self._refuse(InvalidMessage("user_id must be 1-64 characters of letters, "
                                               "digits, '-' and '_'"), CLOSE_POLICY)
             return
@@ -183,7 +181,7 @@ class SignalingConnection:
 
     async def _refuse(self, err: ServiceError, code: int) -> None:
         with contextlib.suppress(Exception):
-            await self.ws.send_text(json.dumps(_error(err)))
+            await self.ws.send_text(json.dumps(signaling_error(err)))
             await self.ws.close(code, err.code)
 
     async def _receive_loop(self) -> None:
@@ -201,7 +199,7 @@ class SignalingConnection:
                     self._fail(AuthFailed("no authenticated offer within "
                                           f"{self.hub.settings.init_timeout_s:g} s"))
                     return
-                self.send(_error(InvalidSession(f"no message for {IDLE_TIMEOUT_S:g} s; send "
+                self.send(signaling_error(InvalidSession(f"no message for {IDLE_TIMEOUT_S:g} s; send "
                                                 "'ping' to keep the connection", fatal=True)))
                 return
             except (WebSocketDisconnect, RuntimeError, KeyError):
@@ -214,7 +212,7 @@ class SignalingConnection:
                     return
 
     def _fail(self, err: ServiceError) -> None:
-        self.send(_error(err))
+        self.send(signaling_error(err))
         if isinstance(err, AuthFailed):
             self.close_code = CLOSE_POLICY
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import uuid
 from collections.abc import Callable
@@ -18,13 +19,14 @@ from typing import Any
 
 from aiortc import RTCPeerConnection, RTCRtpSender, RTCSessionDescription
 from aiortc.mediastreams import MediaStreamTrack
-from pydantic import BaseModel
 
 from ..config import Settings
 from ..errors import InvalidMessage, ProcessingError, RateLimitExceeded, ServiceError
+from ..events import SessionEvent
 from ..manager import Services
-from ..protocol import ErrorMsg, VideoConfig
+from ..protocol import VideoConfig
 from ..session import OutputFrame, Session
+from ..wire import event_message
 from .rtc_audio_in import MicIngest
 from .rtc_network import host_addresses, rtc_configuration
 from .rtc_tracks import SessionAudioTrack, SessionVideoTrack
@@ -47,10 +49,12 @@ class RtcSink:
         self.peer.video.push(frame)
         self.peer.audio.push(frame)
 
-    def on_event(self, event: BaseModel) -> None:
-        if isinstance(event, ErrorMsg):
+    def on_event(self, event: SessionEvent | ServiceError) -> None:
+        if isinstance(event, ServiceError):
             self.peer.session.stats.errors_sent += 1
-        self.peer.notify(event.model_dump(mode="json", exclude_none=True))
+        session = self.peer.session
+        msg = event_message(session.session_id, event, session.avatar.names)
+        self.peer.notify(json.loads(msg.to_json()))
 
 
 def _video_preferences() -> list[Any]:

@@ -9,49 +9,49 @@ frame that is sent still decodes.
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
 import json
 import logging
+import uuid
 from collections import deque
 from collections.abc import Mapping
 from typing import Any
 
 from fastapi import WebSocket, WebSocketDisconnect
-from pydantic import BaseModel, ValidationError
+from pydantic import ValidationError
 from starlette.websockets import WebSocketState
 
 from ..api.auth import check_token
 from ..errors import (
+    InternalError,
     InvalidMessage,
     InvalidSession,
     ProcessingError,
     ServiceError,
 )
+from ..events import ClosedByClient, SessionEvent
 from ..manager import Services
 from ..media.encoder_pool import EncoderPool, InProcessEncoder, PoolEncoder, open_encoder
 from ..protocol import (
     CLIENT_ADAPTER,
-    CLIENT_TYPES,
-    USER_ID_RE,
-    ActionFrame,
     ActionMsg,
-    CloseAck,
     CloseMsg,
     EndOfSpeechMsg,
-    ErrorMsg,
     GenerateMsg,
     InitMsg,
-    InitSuccess,
+    InitSuccessData,
     InterruptMsg,
+    KeyframeRequestMsg,
     PingMsg,
-    Pong,
+    PongData,
+    ServerMessage,
     StateChangeMsg,
-    VideoFrame,
+    VideoInfo,
     pcm_from_bytes,
 )
 from ..session import OutputFrame, Session
-from ..states import AvatarState
+from ..units import ID_RE
+from ..wire import check_envelope, error_message, event_message, frame_message, validation_error
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +70,7 @@ class WebSocketSink:
     def __init__(self, session: Session, max_frames: int) -> None:
         self.session = session
         self.max_frames = max_frames
-        self._items: deque[OutputFrame | BaseModel] = deque()
+        self._items: deque[OutputFrame | ServerMessage] = deque()
         self._frames = 0
         self._events = 0
         self._wake = asyncio.Event()
@@ -85,6 +85,10 @@ class WebSocketSink:
         if self.encoder is not None:
             await self.encoder.close()
 
+    def request_keyframe(self) -> None:
+        if self.encoder is not None:
+            self.encoder.request_keyframe()
+
     def on_frame(self, frame: OutputFrame) -> None:
         if self._frames >= self.max_frames:
             for i, item in enumerate(self._items):
@@ -97,7 +101,9 @@ class WebSocketSink:
         self._frames += 1
         self._wake.set()
 
-    def on_event(self, event: BaseModel) -> None:
+    def on_event(self, event: SessionEvent | ServiceError | ServerMessage) -> None:
+        if not isinstance(event, ServerMessage):
+            event = event_message(self.session.session_id, event, self.session.avatar.names)
         self._items.append(event)
         self._events += 1
         self._wake.set()
@@ -117,9 +123,9 @@ class WebSocketSink:
                 await self._send_frame(ws, item)
             else:
                 self._events -= 1
-                if isinstance(item, ErrorMsg):
+                if item.type == "ERROR":
                     self.session.stats.errors_sent += 1
-                await ws.send_text(item.model_dump_json(exclude_none=True))
+                await ws.send_text(item.to_json())
 
     async def _send_frame(self, ws: WebSocket, f: OutputFrame) -> None:
         assert self.encoder is not None
@@ -127,49 +133,21 @@ class WebSocketSink:
             enc = await self.encoder.encode(f.image)
         except ProcessingError as err:  # e.g. an encoder process died: skip, the next is a keyframe
             log.warning("session %s: %s", self.session.session_id, err.message)
-            self.on_event(_error_msg(err, self.session.session_id))
+            self.on_event(err)
             return
-        data = base64.b64encode(enc.data).decode("ascii")
-        sid = self.session.session_id
-        msg: BaseModel
-        if f.state is AvatarState.ACTION and f.action:
-            msg = ActionFrame(session_id=sid, action_name=f.action, progress=round(f.progress, 4),
-                              frame_index=f.index, timestamp_ms=f.timestamp_ms, keyframe=enc.keyframe,
-                              data=data, utterance_id=f.utterance_id, utterance_frame=f.utterance_frame)
-        else:
-            msg = VideoFrame(session_id=sid, frame_index=f.index, timestamp_ms=f.timestamp_ms,
-                             state=f.state, keyframe=enc.keyframe, data=data,
-                             utterance_id=f.utterance_id, utterance_frame=f.utterance_frame)
-        text = msg.model_dump_json(exclude_none=True)
+        s = self.session
+        text = frame_message(s.session_id, f, enc.data, enc.keyframe, s.avatar.names)
         await ws.send_text(text)
-        self.session.stats.frame_sent(f.audio_arrival, f.created, self.session.clock.now(), len(text))
+        s.stats.frame_sent(f.audio_arrival, f.created, s.clock.now(), len(text))
 
     async def drain(self, ws: WebSocket, timeout: float = 2.0) -> None:
         """Send the control events still queued (frames are dropped), e.g. before closing."""
-        events = [i for i in self._items if not isinstance(i, OutputFrame)]
+        events = [i for i in self._items if isinstance(i, ServerMessage)]
         self._items.clear()
         with contextlib.suppress(Exception):
             async with asyncio.timeout(timeout):
                 for ev in events:
-                    await ws.send_text(ev.model_dump_json(exclude_none=True))
-
-
-def _error_msg(err: ServiceError, session_id: str | None) -> ErrorMsg:
-    return ErrorMsg(code=err.code, message=err.message, details=err.details, session_id=session_id)
-
-
-def _validation_error(exc: ValidationError, raw: Any) -> InvalidMessage:
-    errors = exc.errors(include_url=False, include_input=False, include_context=False)
-    first: dict[str, Any] = dict(errors[0]) if errors else {}
-    if first.get("type") == "union_tag_invalid" or first.get("type") == "union_tag_not_found":
-        got = raw.get("type") if isinstance(raw, dict) else None
-        return InvalidMessage(f"unknown message type {got!r}" if got else "message has no 'type' field",
-                              {"expected_types": CLIENT_TYPES})
-    fields = [{"field": ".".join(str(p) for p in e.get("loc", ())), "problem": e.get("msg", "")}
-              for e in errors[:10]]
-    where = fields[0]["field"] if fields else "message"
-    return InvalidMessage(f"invalid {where}: {fields[0]['problem'] if fields else 'bad value'}",
-                          {"errors": fields})
+                    await ws.send_text(ev.to_json())
 
 
 class Connection:
@@ -187,17 +165,18 @@ class Connection:
         self._closing = False
 
     # ---------------------------------------------------------------- sending
-    async def _send_direct(self, msg: BaseModel) -> None:
+    async def _send_direct(self, msg: ServerMessage) -> None:
         if self.ws.application_state is WebSocketState.CONNECTED:
-            await self.ws.send_text(msg.model_dump_json(exclude_none=True))
+            await self.ws.send_text(msg.to_json())
 
-    async def report(self, err: ServiceError) -> None:
-        sid = self.session.session_id if self.session else None
-        msg = _error_msg(err, sid)
+    async def report(self, event: ServiceError | SessionEvent | ServerMessage) -> None:
+        """Send in order with the frames once streaming, directly before."""
         if self.sink is not None:
-            self.sink.on_event(msg)
+            self.sink.on_event(event)
+        elif isinstance(event, ServerMessage):
+            await self._send_direct(event)
         else:
-            await self._send_direct(msg)
+            await self._send_direct(event_message(None, event, None))
 
     async def _close(self, code: int, reason: str) -> None:
         self._closing = True
@@ -214,8 +193,8 @@ class Connection:
 
     # ---------------------------------------------------------------- main loop
     async def run(self) -> None:
-        if not USER_ID_RE.match(self.user_id):
-            await self._send_direct(_error_msg(InvalidMessage(
+        if not ID_RE.match(self.user_id):
+            await self._send_direct(error_message(InvalidMessage(
                 "user_id must be 1-64 characters of letters, digits, '-' and '_'",
                 {"user_id": self.user_id[:80]}), None))
             await self._close(CLOSE_POLICY, "invalid user_id")
@@ -244,7 +223,7 @@ class Connection:
                 await self._close(CLOSE_POLICY, "INIT timeout")
                 return
             if message["type"] == "websocket.disconnect":
-                raise WebSocketDisconnect(message.get("code", 1000))
+                return  # the client went away: nothing to report, the caller tears down
             try:
                 await self._handle(message)
             except ServiceError as err:
@@ -253,6 +232,9 @@ class Connection:
                     code = CLOSE_TRY_AGAIN if err.code == "RATE_LIMIT_EXCEEDED" else CLOSE_POLICY
                     await self._close(code, err.code)
                     return
+            except Exception:  # a bug must cost one request, not the connection
+                log.exception("connection %s: request failed", self.user_id)
+                await self.report(InternalError("internal error; the request was dropped"))
 
     async def _handle(self, message: Mapping[str, Any]) -> None:
         text, data = message.get("text"), message.get("bytes")
@@ -269,12 +251,13 @@ class Connection:
             return
         try:
             raw = json.loads(text or "")
-        except (json.JSONDecodeError, TypeError) as exc:
-            raise InvalidMessage("message is not valid JSON", {"position": getattr(exc, "pos", None)}) from None
+        except (json.JSONDecodeError, TypeError):
+            raise InvalidMessage("message is not valid JSON") from None
+        check_envelope(raw)
         try:
             msg = CLIENT_ADAPTER.validate_python(raw)
         except ValidationError as exc:
-            raise _validation_error(exc, raw) from None
+            raise validation_error(exc, raw) from None
         await self._dispatch(msg)
 
     def _pcm_bytes(self, data: bytes) -> Any:
@@ -291,60 +274,77 @@ class Connection:
                                  {"session_id": session_id[:64]})
         return self.session
 
-    def _chunk(self, chunk: Any) -> Any:
+    def _chunk(self, session: Session, chunk: Any) -> Any:
         try:
-            return chunk.pcm(self.settings.max_chunk_ms)
+            pcm = chunk.pcm(self.settings.max_chunk_ms)
         except ValueError as exc:
             raise InvalidMessage(str(exc)) from None
+        if chunk.mislabelled(len(pcm)):
+            session.stats.duration_mismatches += 1  # the bytes are the truth
+        return pcm
 
-    async def _dispatch(self, msg: Any) -> None:  # noqa: C901 - a flat switch over message types
+    async def _dispatch(self, msg: Any) -> None:
         if isinstance(msg, InitMsg):
             await self._init(msg)
             return
         if isinstance(msg, PingMsg):
             now_ms = int(self.services.sessions.clock.now() * 1000)
-            await self.report_event(Pong(t=msg.t, server_time_ms=now_ms))
+            sid = self.session.session_id if self.session else None
+            await self.report(ServerMessage(type="PONG", session_id=sid,
+                                            data=PongData(t=msg.data.t, server_time_ms=now_ms)))
             return
         session = self._require_session(msg.session_id)
         if isinstance(msg, GenerateMsg):
-            session.push_audio(self._chunk(msg.audio_chunk), msg.end_of_speech)
+            await self._generate(session, msg)
         elif isinstance(msg, StateChangeMsg):
-            session.change_state(msg.target_state, msg.base_video)
+            session.change_state(msg.data.target_state, msg.data.base_video)
         elif isinstance(msg, ActionMsg):
-            pcm = self._chunk(msg.audio_chunk) if msg.audio_chunk else None
-            session.start_action(msg.action_name, pcm)
+            await self._action(session, msg)
         elif isinstance(msg, InterruptMsg):
             session.interrupt()
         elif isinstance(msg, EndOfSpeechMsg):
             session.end_of_speech()
+        elif isinstance(msg, KeyframeRequestMsg):
+            assert self.sink is not None
+            self.sink.request_keyframe()
         elif isinstance(msg, CloseMsg):
-            reason = msg.reason or "client closed"
-            await self.report_event(CloseAck(session_id=session.session_id, reason=reason))
+            await self.report(ClosedByClient())
             await self._close(1000, "closed")
 
-    async def report_event(self, event: BaseModel) -> None:
-        if self.sink is not None:
-            self.sink.on_event(event)
-        else:
-            await self._send_direct(event)
+    async def _generate(self, session: Session, msg: GenerateMsg) -> None:
+        d = msg.data
+        pcm = self._chunk(session, d.audio_chunk)
+        if d.video_state is not None and d.video_state.base_video is not None:
+            session.set_speech_video(d.video_state.base_video)
+        session.push_audio(pcm, d.end_of_speech)
+
+    async def _action(self, session: Session, msg: ActionMsg) -> None:
+        d = msg.data
+        if d.action_index is not None:  # v1.1: acknowledged, then the clip in the stream
+            await self.report(session.start_action(f"action_{d.action_index}"))
+            return
+        assert d.action_type is not None  # v1.0: the clip's frames come as ACTION_FRAME
+        pcm = self._chunk(session, d.audio_chunk) if d.audio_chunk else None
+        session.start_action(d.action_type, pcm, legacy=True)
 
     async def _init(self, msg: InitMsg) -> None:
         if self.session is not None:
-            raise InvalidMessage("this connection already has a session", {"session_id": self.session.session_id})
-        if msg.user_id != self.user_id:
+            raise InvalidMessage("this connection already has a session",
+                                 {"session_id": self.session.session_id})
+        d = msg.data
+        if d.user_id != self.user_id:
             raise InvalidMessage("INIT user_id does not match the URL's user_id",
                                  {"url_user_id": self.user_id})
-        check_token(self.settings.auth_token, msg.auth_token)
-        session = await self.services.sessions.create(msg.session_id, self.user_id, msg.video_config)
+        check_token(self.settings.auth_token, d.auth_token)
+        if d.video_config.fps is not None and d.video_config.fps != self.settings.fps:
+            raise InvalidMessage(f"this server streams at {self.settings.fps} fps",
+                                 {"fps": self.settings.fps})
+        session_id = msg.session_id or str(uuid.uuid4())
+        session = await self.services.sessions.create(session_id, self.user_id, d.video_config)
         self.session = session
         sink = await self._open_sink(session)
-        avatar = session.avatar
         try:
-            await self._send_direct(InitSuccess(
-                session_id=session.session_id, model_status=self.services.engine.info(),
-                engine=self.services.engine.name, avatar=avatar.avatar_id,
-                base_videos=avatar.base_videos, actions=avatar.actions,
-                video_config={**session.video.as_dict(), "base_video": session.cursor.base_video}))
+            await self._send_direct(self._init_success(session))
         except BaseException:
             await sink.close()  # frees the encoder's worker slot and shared memory
             raise
@@ -352,6 +352,18 @@ class Connection:
         session.add_sink(sink)
         session.start()
         self._sender = asyncio.create_task(self._send_loop(), name=f"ws-send-{session.session_id[:8]}")
+
+    def _init_success(self, session: Session) -> ServerMessage:
+        names = session.avatar.names
+        info = self.services.engine.info()
+        data = InitSuccessData(
+            model_loaded=bool(info.get("loaded")), available_videos=names.available(),
+            default_video=names.public(session.cursor.base_video), streaming_started=True,
+            engine=self.services.engine.name, avatar=session.avatar.avatar_id,
+            videos=[VideoInfo(**v) for v in names.describe()],
+            video_config=session.video.as_dict(), model_status=info,
+            replica_id=self.services.replica_id)
+        return ServerMessage(type="INIT_SUCCESS", session_id=session.session_id, data=data)
 
     async def _open_sink(self, session: Session) -> WebSocketSink:
         sink = WebSocketSink(session, self.settings.send_queue_frames)
@@ -386,7 +398,6 @@ class Connection:
             await self.sink.close()
         if self.session is not None:
             await self.services.sessions.close(self.session.session_id)
-
 
 
 async def websocket_endpoint(ws: WebSocket, user_id: str) -> None:

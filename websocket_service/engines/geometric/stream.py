@@ -79,5 +79,5 @@ class GeometricStream(LipSyncStream):
             info = {"open": pose.opening, "shape": pose.shape, "level_db": feat.level_db,
                     "voiced": float(feat.voiced)}
             out.append(SpeechFrame(slot.utterance_id, slot.index, image, slot.pcm, slot.last,
-                                   base, info, slot.arrival))
+                                   base, info, slot.arrival, slot.audio_ms))
         return out

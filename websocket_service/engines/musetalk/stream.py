@@ -118,7 +118,8 @@ class MuseTalkStream(LipSyncStream):
         images = await asyncio.to_thread(self._blend_all, bases, faces)
         if epoch != self._epoch:
             return []
-        return [SpeechFrame(s.utterance_id, s.index, img, s.pcm, s.last, b, {}, s.arrival)
+        return [SpeechFrame(s.utterance_id, s.index, img, s.pcm, s.last, b, {}, s.arrival,
+                            s.audio_ms)
                 for (s, _), b, img in zip(picked, bases, images, strict=True)]
 
     def _feature_jobs(self, slots: list[FrameSlot]) -> list[tuple]:

@@ -1,0 +1,196 @@
+"""The playout: exactly one frame per period on absolute deadlines, speech when due, else the loop.
+
+Frame ``n`` is due at ``t0 + n * period`` on the session's clock. If the pacer falls more than
+``resync_after_frames`` behind, it skips ahead (counted) instead of bursting. Each tick takes
+the next speech frame when one is due (after a small prebuffer at an utterance's start),
+repeats the last speech picture on an underrun inside an utterance, and otherwise shows the
+idle loop or the action clip from the :class:`~.cursor.Cursor`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+from .clock import Clock
+from .config import Settings
+from .cursor import Cursor, resize_to
+from .engines.base import SpeechFrame
+from .events import SpeechEnded
+from .producer import SpeechQueue
+from .states import AvatarState
+from .stats import SessionStats
+from .units import SAMPLES_PER_FRAME
+
+SILENCE = np.zeros(SAMPLES_PER_FRAME, np.int16)
+
+
+@dataclass
+class OutputFrame:
+    """One frame of the session's timeline, before any transport encodes it."""
+
+    index: int
+    timestamp_ms: int
+    state: AvatarState
+    image: np.ndarray  # (H, W, 3) uint8 RGB at the session's output size
+    pcm: np.ndarray  # the 640 samples of audio that play with this frame (silence if idle)
+    clip: str = ""  # the base clip (or action clip) this frame shows
+    action: str | None = None
+    progress: float = 0.0
+    utterance_id: int | None = None
+    utterance_frame: int | None = None
+    audio_arrival: float | None = None
+    created: float = 0.0
+    audio_ms: int | None = None  # speech: where its audio starts in the session's audio
+    legacy_action: bool = False  # an action started in the v1.0 form: sent as ACTION_FRAME
+
+
+@dataclass
+class _Playback:
+    utterance_id: int | None = None
+    last: OutputFrame | None = None  # the utterance's last frame shown (repeated on underruns)
+    frames: int = 0  # frames of the utterance shown
+    skipped: int = 0  # frames of the utterance dropped because they were too late
+    start_tick: int = 0  # the tick that showed frame 0: frame k is due at start_tick + k
+
+
+class Playout:
+    def __init__(self, settings: Settings, fps: int, size: tuple[int, int], cursor: Cursor,
+                 queue: SpeechQueue, clock: Clock, stats: SessionStats,
+                 emit: Callable[[OutputFrame, list[SpeechEnded]], None],
+                 before_tick: Callable[[float], None],
+                 speech_pending: Callable[[], bool]) -> None:
+        self.settings = settings
+        self.period = 1.0 / fps
+        self.fps = fps
+        self.width, self.height = size
+        self.cursor = cursor
+        self.queue = queue
+        self.clock = clock
+        self.stats = stats
+        self.emit = emit
+        self.before_tick = before_tick
+        self.speech_pending = speech_pending
+        self.last: OutputFrame | None = None
+        self.play = _Playback()
+        self.await_speech_until = 0.0  # STATE_CHANGE speaking: speaking frames before audio
+        self.legacy_action: str | None = None
+
+    async def run(self) -> None:
+        period = self.period
+        t0 = self.clock.now()
+        n = 0
+        while True:
+            deadline = t0 + n * period
+            await self.clock.sleep_until(deadline)
+            late = self.clock.now() - deadline
+            if late > self.settings.resync_after_frames * period:
+                skip = int(late // period)
+                n += skip
+                self.stats.skipped_frames += skip
+            self.tick(n)
+            n += 1
+
+    def tick(self, n: int) -> None:
+        now = self.clock.now()
+        self.before_tick(now)
+        ended: list[SpeechEnded] = []
+        frame = self._compose(n, now, ended)
+        self.last = frame
+        self.stats.frame_emitted(now)
+        self.emit(frame, ended)
+
+    def interrupted(self) -> SpeechEnded | None:
+        """Forget the utterance in play; its SPEECH_ENDED (interrupted) if there was one."""
+        p, self.play = self.play, _Playback()
+        self.await_speech_until = 0.0
+        if p.utterance_id is None:
+            return None
+        return SpeechEnded(p.utterance_id, p.frames, p.skipped, interrupted=True)
+
+    # ------------------------------------------------------------------ speech
+    def _next_speech(self, n: int) -> SpeechFrame | None:
+        q = self.queue.frames
+        if not q:
+            return None
+        head = q[0]
+        if self.play.utterance_id != head.utterance_id:
+            # prebuffer a little before starting an utterance, unless it is already complete
+            complete = any(f.last for f in q)
+            if len(q) < self.settings.prebuffer_frames and not complete:
+                return None
+            self.play.start_tick = n - head.index
+        else:
+            self._drop_late(n)
+        return self.queue.popleft()
+
+    def _drop_late(self, n: int) -> None:
+        """Keep video within ``max_speech_lag_frames`` of the utterance's schedule.
+
+        Underruns (frames rendered late) push every later frame back by a tick; past the
+        bound, queued frames that are already overdue are dropped (never the last one), so
+        video neither drifts from the audio clock nor accumulates latency.
+        """
+        max_lag = self.settings.max_speech_lag_frames
+        q = self.queue.frames
+        while len(q) > 1 and not q[0].last and q[0].utterance_id == self.play.utterance_id \
+                and n - (self.play.start_tick + q[0].index) > max_lag:
+            self.queue.popleft()
+            self.play.skipped += 1
+            self.stats.speech_frames_skipped += 1
+
+    # ------------------------------------------------------------------ composing
+    def _compose(self, n: int, now: float, ended: list[SpeechEnded]) -> OutputFrame:
+        ts = int(round(n * 1000 / self.fps))
+        sf = self._next_speech(n)
+        if sf is not None:
+            return self._speech_output(sf, n, ts, now, ended)
+        last = self.play.last
+        if last is not None:  # underrun in the middle of an utterance: hold the last picture
+            self.stats.underruns += 1
+            return OutputFrame(n, ts, last.state, last.image, SILENCE, last.clip, last.action,
+                               last.progress, created=now, legacy_action=last.legacy_action)
+        if self.cursor.action is not None and self.last is not None and self.speech_pending():
+            # the producer is drawing this action's next frames for speech: hold the picture
+            # rather than advance the clip here and show its frames out of order
+            last = self.last
+            return OutputFrame(n, ts, last.state, last.image, SILENCE, last.clip, last.action,
+                               last.progress, created=now, legacy_action=last.legacy_action)
+        speaking = now < self.await_speech_until
+        base = self.cursor.next(speech=speaking)
+        if base.action is not None:
+            state = AvatarState.ACTION
+        elif speaking:
+            state = AvatarState.SPEAKING
+        else:
+            state = AvatarState.IDLE
+        img = resize_to(base.image, self.width, self.height)
+        return OutputFrame(n, ts, state, img, SILENCE, base.clip, base.action, base.progress,
+                           created=now, legacy_action=self._legacy(base.action, base.progress))
+
+    def _legacy(self, action: str | None, progress: float) -> bool:
+        legacy = action is not None and action == self.legacy_action
+        if legacy and progress >= 1.0:
+            self.legacy_action = None
+        return legacy
+
+    def _speech_output(self, sf: SpeechFrame, n: int, ts: int, now: float,
+                       ended: list[SpeechEnded]) -> OutputFrame:
+        img = resize_to(sf.image, self.width, self.height)
+        self.play.utterance_id = sf.utterance_id
+        self.play.frames += 1
+        self.stats.speech_frames += 1
+        base = sf.base
+        action = base.action if base is not None else None
+        progress = base.progress if base is not None else 0.0
+        state = AvatarState.ACTION if action else AvatarState.SPEAKING
+        out = OutputFrame(n, ts, state, img, sf.pcm, base.clip if base else "", action, progress,
+                          sf.utterance_id, sf.index, sf.audio_arrival, now, sf.audio_ms,
+                          self._legacy(action, progress))
+        self.play.last = out
+        if sf.last:  # SPEECH_ENDED follows the utterance's last frame
+            ended.append(SpeechEnded(sf.utterance_id, self.play.frames, self.play.skipped))
+            self.play = _Playback()
+        return out

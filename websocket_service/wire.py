@@ -1,0 +1,116 @@
+"""The one place where domain frames, events and errors become protocol messages.
+
+Transports call these and only move the text (WebSocket) or the dict (signaling socket).
+"""
+
+from __future__ import annotations
+
+import base64
+from typing import Any
+
+from pydantic import ValidationError
+
+from .avatars.model import VideoNames
+from .errors import InvalidMessage, ServiceError
+from .events import ActionTriggered, ClosedByClient, SessionEvent, SpeechEnded, StateChanged
+from .playout import OutputFrame
+from .protocol import (
+    CLIENT_TYPES,
+    ENVELOPE_KEYS,
+    ActionFrameData,
+    ActionTriggeredData,
+    CloseAckData,
+    ErrorData,
+    ServerMessage,
+    SpeechEndedData,
+    StateChangedData,
+    VideoFrameData,
+)
+
+
+def frame_message(session_id: str, frame: OutputFrame, packet: bytes, keyframe: bool,
+                  names: VideoNames) -> str:
+    """VIDEO_FRAME, or ACTION_FRAME for an action requested in the v1.0 form."""
+    data = base64.b64encode(packet).decode("ascii")
+    speech_ts = frame.audio_ms if frame.utterance_id is not None else None
+    ts = speech_ts if speech_ts is not None else frame.timestamp_ms
+    body: ActionFrameData | VideoFrameData
+    if frame.legacy_action and frame.action:
+        body = ActionFrameData(frame_data=data, frame_timestamp=ts,
+                               action_progress=round(frame.progress, 4),
+                               action_type=names.public(frame.action), frame_index=frame.index,
+                               keyframe=keyframe, utterance_id=frame.utterance_id,
+                               utterance_frame=frame.utterance_frame)
+        return ServerMessage(type="ACTION_FRAME", session_id=session_id, data=body).to_json()
+    body = VideoFrameData(frame_data=data, frame_timestamp=ts, frame_index=frame.index,
+                          keyframe=keyframe, state=frame.state,
+                          base_video=names.public(frame.clip),
+                          utterance_id=frame.utterance_id, utterance_frame=frame.utterance_frame)
+    return ServerMessage(type="VIDEO_FRAME", session_id=session_id, data=body).to_json()
+
+
+def event_message(session_id: str | None, event: SessionEvent | ServiceError,
+                  names: VideoNames | None) -> ServerMessage:
+    """The message for a session event or an error."""
+    if isinstance(event, ServiceError):
+        return error_message(event, session_id)
+    public = names.public if names is not None else str
+    if isinstance(event, StateChanged):
+        return ServerMessage(type="STATE_CHANGED", session_id=session_id, data=StateChangedData(
+            current_state=event.current, current_video=public(event.clip),
+            previous_state=event.previous))
+    if isinstance(event, SpeechEnded):
+        return ServerMessage(type="SPEECH_ENDED", session_id=session_id, data=SpeechEndedData(
+            utterance_id=event.utterance_id, frames=event.frames, skipped=event.skipped,
+            interrupted=event.interrupted))
+    if isinstance(event, ActionTriggered):
+        name = public(event.clip)
+        return ServerMessage(type="ACTION_TRIGGERED", session_id=session_id, data=ActionTriggeredData(
+            action_index=int(name.rsplit("_", 1)[-1]) if name.startswith("action_") else 0,
+            action_type=name, frames=event.frames))
+    if isinstance(event, ClosedByClient):
+        return ServerMessage(type="CLOSE_ACK", session_id=session_id,
+                             data=CloseAckData(reason=event.reason))
+    raise TypeError(f"no message for {type(event).__name__}")
+
+
+def error_message(err: ServiceError, session_id: str | None) -> ServerMessage:
+    return ServerMessage(type="ERROR", session_id=session_id,
+                         data=ErrorData(code=err.code, message=err.message, details=err.details))
+
+
+def signaling_error(err: ServiceError) -> dict[str, Any]:
+    """An error on the signaling socket (its own flat, lower-case protocol)."""
+    return {"type": "error", "code": err.code, "message": err.message, "details": err.details}
+
+
+# ------------------------------------------------------------------ client input errors
+
+def check_envelope(raw: Any) -> None:
+    """Refuse what is not an envelope, with a message that says how to wrap it."""
+    if not isinstance(raw, dict):
+        raise InvalidMessage("a message is a JSON object {\"type\", \"session_id\", \"data\"}",
+                             {"expected_types": CLIENT_TYPES})
+    stray = sorted(k for k in raw if k not in ENVELOPE_KEYS)
+    if stray and "data" not in raw:
+        raise InvalidMessage(
+            f"messages are envelopes {{\"type\", \"session_id\", \"data\": {{...}}}}: move "
+            f"{', '.join(stray[:8])} into \"data\"",
+            {"move_into_data": stray[:8], "example": {"type": raw.get("type"),
+                                                      "session_id": "<session id>",
+                                                      "data": {k: "..." for k in stray[:3]}}})
+
+
+def validation_error(exc: ValidationError, raw: Any) -> InvalidMessage:
+    """An InvalidMessage naming the first bad field (at most ten in ``details``)."""
+    errors = exc.errors(include_url=False, include_input=False, include_context=False)
+    first: dict[str, Any] = dict(errors[0]) if errors else {}
+    if first.get("type") in ("union_tag_invalid", "union_tag_not_found"):
+        got = raw.get("type") if isinstance(raw, dict) else None
+        return InvalidMessage(f"unknown message type {str(got)[:40]!r}" if got
+                              else "message has no 'type' field", {"expected_types": CLIENT_TYPES})
+    fields = [{"field": ".".join(str(p) for p in e.get("loc", ())[1:]) or "message",
+               "problem": e.get("msg", "")} for e in errors[:10]]
+    where = fields[0]["field"] if fields else "message"
+    return InvalidMessage(f"invalid {where}: {fields[0]['problem'] if fields else 'bad value'}",
+                          {"errors": fields})
