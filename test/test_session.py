@@ -1,0 +1,194 @@
+"""The session's playout, speech input and control on a fake clock: no sockets, no pacer task.
+
+Each test drives ticks by hand (``playout.tick(n)``) and renders speech by awaiting the real
+weight-free engine's stream, so every step is deterministic.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pytest
+
+from websocket_service.clock import Clock
+from websocket_service.config import Settings
+from websocket_service.errors import InvalidStateTransition, ProcessingError, ServiceError
+from websocket_service.events import SpeechEnded, StateChanged
+from websocket_service.playout import OutputFrame
+from websocket_service.session import Session, VideoSettings
+from websocket_service.states import AvatarState
+
+from .geometric_support import builtin, engine, wav
+
+
+class FakeClock(Clock):
+    """Time moves only when a test says so."""
+
+    def __init__(self) -> None:
+        self.t = 1000.0
+
+    def now(self) -> float:
+        return self.t
+
+    async def sleep_until(self, deadline: float) -> None:
+        raise AssertionError("these tests drive the playout with tick(), not the pacer task")
+
+
+class Sink:
+    def __init__(self) -> None:
+        self.frames: list[OutputFrame] = []
+        self.events: list[Any] = []
+
+    def on_frame(self, frame: OutputFrame) -> None:
+        self.frames.append(frame)
+
+    def on_event(self, event: Any) -> None:
+        self.events.append(event)
+
+
+@pytest.fixture
+def session() -> tuple[Session, Sink, FakeClock]:
+    clock = FakeClock()
+    settings = Settings(max_speech_lag_frames=2, speech_gap_ms=300)
+    video = VideoSettings(width=512, height=512, bitrate=1_000_000, gop_frames=25, fps=25)
+    s = Session("s1", "u1", builtin(), engine(), settings, video, "idle", clock=clock)
+    sink = Sink()
+    s.add_sink(sink)
+    return s, sink, clock
+
+
+async def render_ready(s: Session) -> int:
+    """Render every frame the stream can render now onto the speech queue."""
+    n = 0
+    while s.stream.ready_frames():
+        frames = await s.stream.render_next(s.producer.take_base, 64)
+        s.queue.extend(frames)
+        n += len(frames)
+    return n
+
+
+def tick(s: Session, clock: FakeClock, start: int, count: int) -> None:
+    for n in range(start, start + count):
+        clock.t += 0.04
+        s.playout.tick(n)
+
+
+def states(sink: Sink) -> list[tuple[str, str]]:
+    return [(e.previous.value, e.current.value) for e in sink.events if isinstance(e, StateChanged)]
+
+
+async def test_idle_ticks_show_the_loop_with_exact_timestamps(session):
+    s, sink, clock = session
+    tick(s, clock, 0, 10)
+    assert [f.index for f in sink.frames] == list(range(10))
+    assert [f.timestamp_ms for f in sink.frames] == [40 * n for n in range(10)]
+    assert {f.state for f in sink.frames} == {AvatarState.IDLE}
+    assert {f.clip for f in sink.frames} == {"idle"}
+    assert all(f.pcm.shape == (640,) and not f.pcm.any() for f in sink.frames)
+    assert sink.events == []
+    await s.close()
+
+
+async def test_an_utterance_plays_one_frame_per_40ms_then_returns_to_idle(session):
+    s, sink, clock = session
+    pcm = wav("short_16k.wav")  # 1.2 s
+    s.push_audio(pcm, end_of_speech=True)
+    assert await render_ready(s) == 30
+    tick(s, clock, 0, 32)
+    speech = [f for f in sink.frames if f.utterance_id is not None]
+    assert [f.utterance_frame for f in speech] == list(range(30))
+    assert [f.audio_ms for f in speech] == [40 * k for k in range(30)]
+    assert np.array_equal(np.concatenate([f.pcm for f in speech]), pcm)  # the audio in sync
+    assert sink.frames[30].state is AvatarState.IDLE
+    ended = [e for e in sink.events if isinstance(e, SpeechEnded)]
+    assert ended == [SpeechEnded(1, 30, 0, False)]
+    assert states(sink) == [("idle", "speaking"), ("speaking", "idle")]
+    # SPEECH_ENDED comes after the utterance's last frame: events are emitted in tick order
+    assert s.stats.speech_frames == 30 and s.stats.underruns == 0
+    await s.close()
+
+
+async def test_a_quiet_client_ends_the_utterance_after_the_gap(session):
+    s, sink, clock = session
+    s.push_audio(wav("short_16k.wav")[:640 * 5])  # no end: 4 frames ready (1 of look-ahead)
+    assert await render_ready(s) == 4
+    tick(s, clock, 0, 7)  # 0.28 s after the audio: still open
+    assert s.stream.ready_frames() == 0 and s.speech.last_audio
+    clock.t += 0.01
+    tick(s, clock, 7, 1)  # 0.33 s: past SPEECH_GAP_MS, the one rule ends it
+    assert s.speech.last_audio == 0.0 and await render_ready(s) == 1
+    tick(s, clock, 8, 2)
+    assert [e for e in sink.events if isinstance(e, SpeechEnded)] == [SpeechEnded(1, 5, 0, False)]
+    await s.close()
+
+
+async def test_underruns_hold_the_picture_and_late_frames_are_dropped(session):
+    s, sink, clock = session
+    s.push_audio(wav("short_16k.wav")[:640 * 12], end_of_speech=True)
+    assert await render_ready(s) == 12
+    tick(s, clock, 0, 2)  # frames 0 and 1 shown
+    # a stall: the next tick comes 6 periods late; frames overdue by more than 2 are dropped
+    clock.t += 0.2
+    tick(s, clock, 7, 12)
+    speech = [f.utterance_frame for f in sink.frames if f.utterance_frame is not None]
+    assert speech[:2] == [0, 1] and speech == sorted(speech) and speech[-1] == 11
+    ended = next(e for e in sink.events if isinstance(e, SpeechEnded))
+    assert ended.skipped == 12 - len(speech) > 0 and ended.frames == len(speech)
+    await s.close()
+
+
+async def test_interrupt_drops_queued_speech_and_reports_it(session):
+    s, sink, clock = session
+    s.push_audio(wav("short_16k.wav"), end_of_speech=True)
+    await render_ready(s)
+    tick(s, clock, 0, 5)
+    s.interrupt()
+    tick(s, clock, 5, 2)
+    assert len(s.queue) == 0 and s.queue.drawn == 0
+    assert [e for e in sink.events if isinstance(e, SpeechEnded)] == [SpeechEnded(1, 5, 0, True)]
+    assert sink.frames[-1].state is AvatarState.IDLE
+    await s.close()
+
+
+async def test_state_change_to_speaking_waits_for_audio_two_seconds(session):
+    s, sink, clock = session
+    s.change_state(AvatarState.SPEAKING, "speaking")
+    assert states(sink) == [("idle", "speaking")]
+    assert sink.events[0].clip == "speaking"
+    tick(s, clock, 0, 40)  # 1.6 s: speaking frames on the speaking clip, mouth closed
+    assert {(f.state, f.clip) for f in sink.frames} == {(AvatarState.SPEAKING, "speaking")}
+    tick(s, clock, 40, 20)  # past 2 s without audio: back to idle
+    assert sink.frames[-1].state is AvatarState.IDLE and sink.frames[-1].clip == "idle"
+    assert states(sink) == [("idle", "speaking"), ("speaking", "idle")]
+    await s.close()
+
+
+async def test_requests_for_the_current_state_confirm_and_illegal_ones_raise(session):
+    s, sink, _ = session
+    s.change_state(AvatarState.IDLE, "listening")
+    assert sink.events == [StateChanged(AvatarState.IDLE, AvatarState.IDLE, "listening")]
+    with pytest.raises(InvalidStateTransition):
+        s.change_state(AvatarState.ACTION)
+    await s.close()
+
+
+async def test_an_action_plays_through_and_returns(session):
+    s, sink, clock = session
+    trig = s.start_action("action_1", legacy=True)
+    assert (trig.clip, trig.frames) == ("nod", 25)
+    tick(s, clock, 0, 27)
+    acts = [f for f in sink.frames if f.state is AvatarState.ACTION]
+    assert len(acts) == 25 and all(f.legacy_action and f.action == "nod" for f in acts)
+    assert [round(f.progress, 2) for f in acts] == [round((i + 1) / 25, 2) for i in range(25)]
+    assert states(sink) == [("idle", "action"), ("action", "idle")]
+    await s.close()
+
+
+async def test_a_render_failure_is_reported_and_costs_the_utterance(session):
+    s, sink, _ = session
+    s.push_audio(wav("short_16k.wav"))
+    s._render_failed(ProcessingError("rendering failed; speech dropped"))
+    assert isinstance(sink.events[-1], ServiceError) and sink.events[-1].code == "PROCESSING_ERROR"
+    assert s.stream.buffered_samples() == 0 and s.stats.interrupts == 1
+    await s.close()
