@@ -55,7 +55,7 @@ class Settings(BaseSettings):
     max_sessions: int = Field(32, ge=1)
     auth_token: str | None = None
     fps: int = Field(25, ge=1, le=60)
-    gop_seconds: float = Field(1.0, gt=0, le=10)
+    gop_seconds: float = Field(1.0, gt=0, le=1.0)  # the protocol: an I-frame at least every second
     default_width: int = Field(512, ge=64, le=1920)
     default_height: int = Field(512, ge=64, le=1920)
     default_bitrate: int = Field(1_000_000, ge=50_000, le=20_000_000)
