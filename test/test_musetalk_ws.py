@@ -73,7 +73,12 @@ async def test_musetalk_speaks_one_frame_per_chunk_touching_only_the_lower_face(
     await client.close()
 
 
-async def test_two_sessions_share_forward_passes(mt_server):
+async def test_two_sessions_share_forward_passes(make_server, tiny_model, avatars_dir):
+    # the worker waits up to 100 ms (the most it may) for a full batch (16 frames: both
+    # sessions' 8), so on a loaded machine the second request still joins the first pass
+    mt_server = make_server(engine="musetalk", model_path=tiny_model, avatars_dir=avatars_dir,
+                            device="cpu", default_width=SIZE, default_height=SIZE,
+                            batch_wait_ms=100, batch_max=16, max_buffered_audio_s=5)
     a, _ = await Client.connect(mt_server.ws, "a")
     b, _ = await Client.connect(mt_server.ws, "b")
     a.decode = b.decode = False
