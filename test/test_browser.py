@@ -56,6 +56,8 @@ def _run(page: Page, base_url: str, transport: str, counter: str, shot: str) -> 
     st = _wait(page, "window.__stats.speakingSeen > 0 && window.__stats.g2gMs.length > 0", 15)
     time.sleep(1.0)  # a mouthful of speech for the screenshot
     page.screenshot(path=str(SHOTS / shot))
+    page.click("#actions button[data-action=nod]")  # ACTION over the page's transport
+    st = _wait(page, "window.__stats.actionSeen > 0", 10)
     page.click("#disconnect")
     assert not errors, errors
     assert not st["errors"], st["errors"]

@@ -9,7 +9,7 @@ import { WsClient } from "./ws.js";
 const $ = (id) => document.getElementById(id);
 const stats = (window.__stats = {
   transport: null, connected: false, state: "offline", webrtcFramesDecoded: 0, wsFramesDecoded: 0,
-  ttffMs: null, g2gMs: [], speakingSeen: 0, reconnects: 0, errors: [],
+  ttffMs: null, g2gMs: [], speakingSeen: 0, actionSeen: 0, reconnects: 0, errors: [],
 });
 const userId = "demo-" + Math.random().toString(36).slice(2, 8);
 let client = null, connectClickedAt = 0, wanted = false, backoff = 1000, retryTimer = null;
@@ -32,6 +32,7 @@ function transport() { return document.querySelector("input[name=transport]:chec
 function setState(state) {
   stats.state = state;
   if (state === "speaking") stats.speakingSeen++;
+  if (state === "action") stats.actionSeen++;
   const b = $("badge");
   b.dataset.state = state; b.textContent = state;
 }
