@@ -27,8 +27,10 @@ STATIC = Path(__file__).parent / "static"
 
 DESCRIPTION = """Real-time talking-avatar streaming.
 
-Connect a WebSocket to `/musetalk/v1/ws/{user_id}` (protocol: `musetalk_websocket_spec.md`)
-and receive a continuous 25 fps H.264 stream. REST covers health, sessions and avatars."""
+Connect a WebSocket to `/musetalk/v1/ws/{user_id}` and speak the public MuseTalk protocol
+(v1.0/v1.1; every message an envelope `{"type", "session_id", "data"}`, specified in
+`musetalk_websocket_spec.md`) to receive a continuous 25 fps H.264 stream. REST covers
+health, sessions and avatars."""
 
 
 def create_app(settings: Settings | None = None, services: Services | None = None) -> FastAPI:
