@@ -19,6 +19,7 @@ from .media.encoder_pool import EncoderPool
 from .metrics import ServiceMetrics
 from .protocol import VideoConfig
 from .session import Session, VideoSettings
+from .units import SAMPLE_RATE
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +92,7 @@ class SessionManager:
             self.metrics.session_closed(st)
             log.info("session %s closed: frames sent %d, dropped %d, skipped %d, speech frames %d, "
                      "audio %.1f s", session_id, st.frames_sent, st.frames_dropped,
-                     st.skipped_frames, st.speech_frames, st.audio_samples / 16000)
+                     st.skipped_frames, st.speech_frames, st.audio_samples / SAMPLE_RATE)
 
     async def close_all(self) -> None:
         for sid in list(self.sessions):

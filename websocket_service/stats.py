@@ -8,6 +8,8 @@ from typing import Any
 
 import numpy as np
 
+from .units import SAMPLE_RATE
+
 LATENCY_SAMPLES = 500
 FPS_WINDOW = 50
 
@@ -95,7 +97,7 @@ class SessionStats:
             "speech_frames": self.speech_frames,
             "underruns": self.underruns,
             "speech_frames_skipped": self.speech_frames_skipped,
-            "audio_seconds_received": round(self.audio_samples / 16000.0, 3),
+            "audio_seconds_received": round(self.audio_samples / SAMPLE_RATE, 3),
             "audio_chunks_rejected": self.audio_rejected_chunks,
             "duration_mismatches": self.duration_mismatches,
             "interrupts": self.interrupts,

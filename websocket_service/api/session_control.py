@@ -22,6 +22,7 @@ from ..errors import InvalidMessage, ModelNotFound
 from ..manager import Services
 from ..protocol import pcm_from_bytes
 from ..session import Session
+from ..units import SAMPLE_RATE
 from .auth import UNAUTHORIZED, require_token
 
 router = APIRouter(tags=["session control"], dependencies=[Depends(require_token)],
@@ -43,7 +44,7 @@ def _session(request: Request, session_id: str) -> Session:
 
 def _ack(session: Session, **extra: Any) -> dict[str, Any]:
     return {"session_id": session.session_id, "state": session.machine.state.value,
-            "buffered_audio_ms": round(session.stream.buffered_samples() / 16.0), **extra}
+            "buffered_audio_ms": round(session.stream.buffered_samples() * 1000 / SAMPLE_RATE), **extra}
 
 
 def _pcm(raw: bytes, max_ms: int) -> np.ndarray:

@@ -80,7 +80,7 @@ class UtteranceBuffer:
     """
 
     def __init__(self, lookahead_frames: int, clock: Callable[[], float],
-                 history_samples: int = 16000) -> None:
+                 history_samples: int = SAMPLE_RATE) -> None:
         self.lookahead = lookahead_frames
         self.history = history_samples
         self.clock = clock

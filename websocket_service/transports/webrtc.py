@@ -26,6 +26,7 @@ from ..events import SessionEvent
 from ..manager import Services
 from ..protocol import VideoConfig
 from ..session import OutputFrame, Session
+from ..units import SAMPLE_RATE
 from ..wire import event_message
 from .rtc_audio_in import MicIngest
 from .rtc_network import host_addresses, rtc_configuration
@@ -167,7 +168,7 @@ class RtcPeer:
                 summary = _stats_summary(await self.pc.getStats())
                 self.session.stats.rtc.update(summary)
                 if self.mic is not None:
-                    self.session.stats.rtc["mic_pushed_s"] = round(self.mic.pushed_samples / 16000, 3)
+                    self.session.stats.rtc["mic_pushed_s"] = round(self.mic.pushed_samples / SAMPLE_RATE, 3)
 
     # ---------------------------------------------------------------- teardown
     async def close(self, reason: str, linger: float = 0.0) -> None:

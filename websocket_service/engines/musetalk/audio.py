@@ -20,6 +20,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ...units import SAMPLES_PER_FRAME
+
 WHISPER_HOP = 320  # samples per encoder frame (mel hop 160, conv stride 2)
 LEFT_PAD = 4  # zero Whisper frames before the first one
 WINDOW = 10  # Whisper frames per video frame
@@ -132,10 +134,10 @@ def window_bounds(first_frame: int, last_frame: int, received: int, ended: bool,
     Starts ``context_samples`` before the first frame (aligned to 320 samples) and ends where the
     last frame's look-ahead ends, or at the utterance's end; never longer than ``max_samples``.
     """
-    need_end = (last_frame + 1 + AUDIO_LOOKAHEAD_FRAMES) * 640
+    need_end = (last_frame + 1 + AUDIO_LOOKAHEAD_FRAMES) * SAMPLES_PER_FRAME
     end = min(received, need_end) if ended else need_end
-    end = max(end, (last_frame + 1) * 640)
-    start = max(0, first_frame * 640 - context_samples)
+    end = max(end, (last_frame + 1) * SAMPLES_PER_FRAME)
+    start = max(0, first_frame * SAMPLES_PER_FRAME - context_samples)
     start -= start % WHISPER_HOP
     if end - start > max_samples:
         start = end - max_samples
