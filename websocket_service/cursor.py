@@ -11,6 +11,11 @@ from .avatars.model import Avatar, BaseFrame
 from .errors import InvalidStateTransition, ModelNotFound
 
 
+def loop_period(n: int) -> int:
+    """Frames in one ping-pong period of an ``n``-frame clip."""
+    return max(1, 2 * n - 2)
+
+
 def pingpong(pos: int, n: int) -> int:
     """Frame index for loop position ``pos`` over frames 0..n-1..1 (period 2n-2, no seam)."""
     if n <= 1:

@@ -16,6 +16,7 @@ from .engines import create_engine
 from .engines.base import LipSyncEngine
 from .errors import InvalidSession, ModelNotFound, RateLimitExceeded
 from .media.encoder_pool import EncoderPool
+from .media.loops import LoopCache
 from .metrics import ServiceMetrics
 from .protocol import VideoConfig
 from .session import Session, VideoSettings
@@ -114,6 +115,8 @@ class Services:
         self.sessions = SessionManager(settings, self.engine, self.store, clock)
         #: WebSocket H.264 encoders run here when set; started in the app's lifespan
         self.encoders = EncoderPool(settings.encoder_processes) if settings.encoder_processes else None
+        #: idle loops encoded once, shared by every WebSocket session (None: encode live)
+        self.loops = LoopCache() if settings.shared_idle_loops else None
         #: the serving replica when the service runs scaled out (reported in INIT_SUCCESS)
         self.replica_id: str | None = None
 
@@ -133,3 +136,5 @@ class Services:
         await self.engine.aclose()
         if self.encoders is not None:
             await self.encoders.aclose()
+        if self.loops is not None:
+            await asyncio.to_thread(self.loops.close)

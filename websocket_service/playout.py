@@ -16,7 +16,7 @@ import numpy as np
 
 from .clock import Clock
 from .config import Settings
-from .cursor import Cursor, resize_to
+from .cursor import Cursor, loop_period, resize_to
 from .engines.base import SpeechFrame
 from .events import SpeechEnded
 from .producer import SpeechQueue
@@ -45,6 +45,7 @@ class OutputFrame:
     created: float = 0.0
     audio_ms: int | None = None  # speech: where its audio starts in the session's audio
     legacy_action: bool = False  # an action started in the v1.0 form: sent as ACTION_FRAME
+    loop_pos: int | None = None  # a plain loop frame: its position in the clip's loop period
 
 
 @dataclass
@@ -167,8 +168,12 @@ class Playout:
         else:
             state = AvatarState.IDLE
         img = resize_to(base.image, self.width, self.height)
+        pos = None
+        if base.action is None:
+            pos = (self.cursor.pos - 1) % loop_period(len(self.cursor.avatar.clip(base.clip)))
         return OutputFrame(n, ts, state, img, SILENCE, base.clip, base.action, base.progress,
-                           created=now, legacy_action=self._legacy(base.action, base.progress))
+                           created=now, legacy_action=self._legacy(base.action, base.progress),
+                           loop_pos=pos)
 
     def _legacy(self, action: str | None, progress: float) -> bool:
         legacy = action is not None and action == self.legacy_action

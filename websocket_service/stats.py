@@ -43,6 +43,7 @@ class SessionStats:
     render_errors: int = 0
     errors_sent: int = 0
     bytes_sent: int = 0
+    loop_frames: int = 0  # frames sent from a shared pre-encoded loop (no encode)
     rendered_frames: int = 0
     render_busy_s: float = 0.0
     _emit_times: deque[float] = field(default_factory=lambda: deque(maxlen=FPS_WINDOW))
@@ -105,6 +106,7 @@ class SessionStats:
             "render_errors": self.render_errors,
             "errors_sent": self.errors_sent,
             "bytes_sent": self.bytes_sent,
+            "loop_frames": self.loop_frames,
             "latency_ms": self.latency_ms(),
             "realtime_factor": self.realtime_factor(),
             "send_pipeline_ms": {"p50": _ms(percentile(self._pipeline, 50)),

@@ -28,10 +28,12 @@ from .protocol import (
 )
 
 
-def frame_message(session_id: str, frame: OutputFrame, packet: bytes, keyframe: bool,
+def frame_message(session_id: str, frame: OutputFrame, data: str, keyframe: bool,
                   names: VideoNames) -> str:
-    """VIDEO_FRAME, or ACTION_FRAME for an action requested in the v1.0 form."""
-    data = base64.b64encode(packet).decode("ascii")
+    """VIDEO_FRAME, or ACTION_FRAME for an action requested in the v1.0 form.
+
+    ``data`` is the access unit in base64 (see :func:`b64`), as a shared loop keeps it.
+    """
     speech_ts = frame.audio_ms if frame.utterance_id is not None else None
     ts = speech_ts if speech_ts is not None else frame.timestamp_ms
     body: ActionFrameData | VideoFrameData
@@ -47,6 +49,10 @@ def frame_message(session_id: str, frame: OutputFrame, packet: bytes, keyframe: 
                           base_video=names.public(frame.clip),
                           utterance_id=frame.utterance_id, utterance_frame=frame.utterance_frame)
     return ServerMessage(type="VIDEO_FRAME", session_id=session_id, data=body).to_json()
+
+
+def b64(packet: bytes) -> str:
+    return base64.b64encode(packet).decode("ascii")
 
 
 def event_message(session_id: str | None, event: SessionEvent | ServiceError,

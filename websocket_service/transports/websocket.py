@@ -32,6 +32,7 @@ from ..errors import (
 from ..events import ClosedByClient, SessionEvent
 from ..manager import Services
 from ..media.encoder_pool import EncoderPool, InProcessEncoder, PoolEncoder, open_encoder
+from ..media.loops import LoopCache, LoopKey
 from ..protocol import (
     CLIENT_ADAPTER,
     ActionMsg,
@@ -51,7 +52,14 @@ from ..protocol import (
 )
 from ..session import OutputFrame, Session
 from ..units import ID_RE
-from ..wire import check_envelope, error_message, event_message, frame_message, validation_error
+from ..wire import (
+    b64,
+    check_envelope,
+    error_message,
+    event_message,
+    frame_message,
+    validation_error,
+)
 
 log = logging.getLogger(__name__)
 
@@ -65,11 +73,19 @@ class _Overflow(Exception):
 
 
 class WebSocketSink:
-    """Bounded outbox for one connection: drop-oldest for frames, never for events."""
+    """Bounded outbox for one connection: drop-oldest for frames, never for events.
 
-    def __init__(self, session: Session, max_frames: int) -> None:
+    Plain idle-loop frames are served from the shared pre-encoded loop (``loops``) when it is
+    ready: entered at one of its IDRs, left by forcing an IDR on the live encoder, and left
+    too whenever a frame is missing (dropped for a slow reader), so every packet sent still
+    decodes in order.
+    """
+
+    def __init__(self, session: Session, max_frames: int, loops: LoopCache | None = None) -> None:
         self.session = session
         self.max_frames = max_frames
+        self.loops = loops
+        self._copying: tuple[LoopKey, int] | None = None  # (loop, last position sent)
         self._items: deque[OutputFrame | ServerMessage] = deque()
         self._frames = 0
         self._events = 0
@@ -127,16 +143,43 @@ class WebSocketSink:
                     self.session.stats.errors_sent += 1
                 await ws.send_text(item.to_json())
 
+    def _from_loop(self, f: OutputFrame) -> tuple[str, bool] | None:
+        """The shared loop's packet for ``f`` when it may be copied (base64, keyframe)."""
+        if self.loops is None or f.loop_pos is None:
+            return None
+        s, v = self.session, self.session.video
+        key = LoopKey(s.avatar.avatar_id, f.clip, v.width, v.height, v.fps, v.bitrate,
+                      v.gop_frames)
+        loop = self.loops.get(key, s.avatar.clip(f.clip).frames)
+        if loop is None:
+            return None
+        p = f.loop_pos % loop.period
+        prev = self._copying
+        if loop.keyframe[p] or (prev is not None and prev[0] == key
+                                and (prev[1] + 1) % loop.period == p):
+            self._copying = (key, p)
+            return loop.b64[p], loop.keyframe[p]
+        return None
+
     async def _send_frame(self, ws: WebSocket, f: OutputFrame) -> None:
         assert self.encoder is not None
-        try:
-            enc = await self.encoder.encode(f.image)
-        except ProcessingError as err:  # e.g. an encoder process died: skip, the next is a keyframe
-            log.warning("session %s: %s", self.session.session_id, err.message)
-            self.on_event(err)
-            return
         s = self.session
-        text = frame_message(s.session_id, f, enc.data, enc.keyframe, s.avatar.names)
+        copied = self._from_loop(f)
+        if copied is not None:
+            data, keyframe = copied
+            s.stats.loop_frames += 1
+        else:
+            if self._copying is not None:  # back to live: a fresh closed GOP
+                self._copying = None
+                self.encoder.request_keyframe()
+            try:
+                enc = await self.encoder.encode(f.image)
+            except ProcessingError as err:  # e.g. an encoder process died: the next is a keyframe
+                log.warning("session %s: %s", s.session_id, err.message)
+                self.on_event(err)
+                return
+            data, keyframe = b64(enc.data), enc.keyframe
+        text = frame_message(s.session_id, f, data, keyframe, s.avatar.names)
         await ws.send_text(text)
         s.stats.frame_sent(f.audio_arrival, f.created, s.clock.now(), len(text))
 
@@ -366,7 +409,7 @@ class Connection:
         return ServerMessage(type="INIT_SUCCESS", session_id=session.session_id, data=data)
 
     async def _open_sink(self, session: Session) -> WebSocketSink:
-        sink = WebSocketSink(session, self.settings.send_queue_frames)
+        sink = WebSocketSink(session, self.settings.send_queue_frames, self.services.loops)
         try:
             await sink.open_encoder(self.services.encoders)
         except ValueError as exc:

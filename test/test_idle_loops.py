@@ -1,0 +1,76 @@
+"""Shared pre-encoded idle loops: what they contain, and splicing them with live speech."""
+
+from __future__ import annotations
+
+import base64
+
+import av
+import numpy as np
+
+from websocket_service.cursor import loop_period, pingpong
+from websocket_service.media.loops import LoopKey, encode_loop
+
+from .conftest import FIXTURES
+from .geometric_support import builtin
+from .wsclient import Client, read_wav
+
+
+def _decode(b64s: list[str]) -> list[np.ndarray]:
+    dec = av.CodecContext.create("h264", "r")
+    out = []
+    for s in b64s:
+        pics = dec.decode(av.Packet(base64.b64decode(s)))
+        assert len(pics) == 1
+        out.append(pics[0].to_ndarray(format="rgb24"))
+    return out
+
+
+def test_a_loop_is_one_pingpong_period_of_closed_gops():
+    frames = builtin().clip("idle").frames
+    key = LoopKey("default", "idle", 256, 256, 25, 800_000, 25)
+    loop = encode_loop(frames, key)
+    assert loop.period == loop_period(len(frames)) == 98
+    assert [p for p, k in enumerate(loop.keyframe) if k] == [0, 25, 50, 75]
+    # enter at any IDR and play round the loop twice: every packet decodes, and shows the
+    # clip frame of its position
+    for start in (25, 75):
+        order = [(start + i) % loop.period for i in range(2 * loop.period)]
+        pics = _decode([loop.b64[p] for p in order])
+        for p, pic in zip(order, pics, strict=True):
+            want = np.asarray(av.VideoFrame.from_ndarray(frames[pingpong(p, len(frames))])
+                              .reformat(256, 256).to_ndarray(format="rgb24"), int)
+            assert np.abs(pic.astype(int) - want).mean() < 6.0, p
+
+
+async def test_idle_speech_idle_action_splices_decode_in_order(server):
+    client, _ = await Client.connect(server.ws)  # decodes every frame, one picture each
+    session = server.services.sessions.get(client.session_id)
+    async def until_copied(n: int) -> None:
+        """Receive (and decode) frames until ``n`` of them came from the shared loop."""
+        for _ in range(100):
+            if session.stats.loop_frames >= n:
+                return
+            await client.recv_for(0.2)
+        raise AssertionError(f"only {session.stats.loop_frames} loop frames, wanted {n}")
+
+    await until_copied(30)  # the loop is encoded on first use; then idle frames are copies
+    copied_before_speech = session.stats.loop_frames
+    await client.stream_audio(read_wav(FIXTURES / "short_16k.wav"))  # idle -> speech
+    await client.recv_until(lambda m: m["type"] == "SPEECH_ENDED")
+    assert session.stats.loop_frames - copied_before_speech < 5  # speech is encoded live
+    await until_copied(session.stats.loop_frames + 30)  # speech -> idle: back on the loop
+    await client.msg("ACTION", action_index=1)  # idle -> action -> idle
+    await client.recv_until(lambda m: m["type"] == "STATE_CHANGED" and m["previous_state"] == "action")
+    await until_copied(session.stats.loop_frames + 30)
+    # every frame decoded to one picture (checked as received) and the indices are gapless
+    idx = [f["frame_index"] for f in client.frames]
+    assert idx == list(range(len(idx)))
+    assert len(client.images) == len(client.frames)
+    # no jump anywhere: neighbouring pictures stay close, across every splice
+    steps = [np.abs(a.astype(int) - b.astype(int)).mean()
+             for a, b in zip(client.images, client.images[1:], strict=False)]
+    assert max(steps) < 12.0, max(steps)
+    # keyframes at least once a second throughout
+    keys = [f["frame_index"] for f in client.frames if f["keyframe"]]
+    assert keys[0] == 0 and max(np.diff(keys)) <= 25
+    await client.close()
