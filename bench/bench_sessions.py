@@ -244,6 +244,17 @@ class Client:
 
 # ---------------------------------------------------------------------------- one level
 
+async def probe_health(http: httpx.AsyncClient, seconds: float) -> list[float]:
+    """GET /health every 0.5 s for ``seconds``: response times in ms."""
+    out, end = [], time.monotonic() + seconds
+    while time.monotonic() < end:
+        t = time.monotonic()
+        await http.get("/health")
+        out.append((time.monotonic() - t) * 1000)
+        await asyncio.sleep(0.5)
+    return out
+
+
 async def run_level(server: Server, n: int, speaking: bool, chunks: list[bytes],
                     warmup: float, duration: float) -> dict[str, Any]:
     url = f"{server.ws}/musetalk/v1/ws/bench"
@@ -253,7 +264,7 @@ async def run_level(server: Server, n: int, speaking: bool, chunks: list[bytes],
         await asyncio.sleep(warmup)
         s0 = await sessions(http)
         cpu0, me0, all0, t0 = server.cpu_s(), proc_cpu_s(os.getpid()), machine_busy_s(), time.monotonic()
-        await asyncio.sleep(duration)
+        health = await probe_health(http, duration)
         t1, cpu1, me1, all1 = time.monotonic(), server.cpu_s(), proc_cpu_s(os.getpid()), machine_busy_s()
         s1 = await sessions(http)
         await asyncio.gather(*(c.stop() for c in clients))
@@ -263,7 +274,7 @@ async def run_level(server: Server, n: int, speaking: bool, chunks: list[bytes],
             await asyncio.sleep(0.1)
     wall = t1 - t0
     per = [c.window(t0, t1) for c in clients]
-    skipped, dropped, underruns, srv_p50, srv_p95 = [], [], [], [], []
+    skipped, dropped, underruns, srv_p50, srv_p95, copied, sent = [], [], [], [], [], [], []
     for c in clients:
         a, b = s0.get(c.session_id), s1.get(c.session_id)
         if a is None or b is None:
@@ -272,6 +283,8 @@ async def run_level(server: Server, n: int, speaking: bool, chunks: list[bytes],
         skipped.append((b["skipped_frames"] - a["skipped_frames"]) / frames)
         dropped.append(b["dropped_frames"] - a["dropped_frames"])
         underruns.append(b["underruns"] - a["underruns"])
+        copied.append(b.get("loop_frames", 0) - a.get("loop_frames", 0))
+        sent.append(b["frames_sent"] - a["frames_sent"])
         if b["latency_ms"]["p50"] is not None:
             srv_p50.append(b["latency_ms"]["p50"])
             srv_p95.append(b["latency_ms"]["p95"])
@@ -284,6 +297,8 @@ async def run_level(server: Server, n: int, speaking: bool, chunks: list[bytes],
         "gaps": sum(p["gaps"] for p in per), "skipped_max": max(skipped, default=0.0),
         "dropped": sum(dropped), "underruns": sum(underruns),
         "speech_frames": sum(p["speech"] for p in per),
+        "loop_share": sum(copied) / max(1, sum(sent)),
+        "health_p95": pct(health, 95), "health_max": max(health, default=None),
         "server_cpu": server_cpu, "cpu_per_session": server_cpu / n, "client_cpu": (me1 - me0) / wall,
         "other_cpu": max(0.0, (all1 - all0 - (cpu1 - cpu0) - (me1 - me0)) / wall),
         "srv_lat_p50": median(srv_p50) if srv_p50 else None,
@@ -341,15 +356,17 @@ def machine() -> dict[str, str]:
 def table(rows: list[dict[str, Any]]) -> list[str]:
     out = ["| N | client fps median (min) | frame_index gaps | skipped max | dropped | underruns "
            "| server CPU | CPU / session | client CPU | other load | server latency p50 / p95 ms "
-           "| client latency p50 / p95 ms | sample decoded | holds |",
-           "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---|---|---|"]
+           "| client latency p50 / p95 ms | frames from shared loops | /health p95 / max ms "
+           "| sample decoded | holds |",
+           "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---|---:|---|---|---|"]
     for r in rows:
         out.append(
             f"| {r['n']}{' (retry)' if r.get('retried') else ''} | {r['fps_median']:.2f} ({r['fps_min']:.2f}) | {r['gaps']} "
             f"| {100 * r['skipped_max']:.1f}% | {r['dropped']} | {r['underruns']} "
             f"| {100 * r['server_cpu']:.0f}% | {100 * r['cpu_per_session']:.1f}% "
             f"| {100 * r['client_cpu']:.0f}% | {100 * r['other_cpu']:.0f}% | {_f(r['srv_lat_p50'])} / {_f(r['srv_lat_p95'])} "
-            f"| {_f(r['cli_lat_p50'])} / {_f(r['cli_lat_p95'])} | {r['decoded']} "
+            f"| {_f(r['cli_lat_p50'])} / {_f(r['cli_lat_p95'])} | {100 * r['loop_share']:.0f}% "
+            f"| {_f(r['health_p95'])} / {_f(r['health_max'])} | {r['decoded']} "
             f"| {'yes' if r['holds'] else '**no**'}{' ' + ','.join(r['errors']) if r['errors'] else ''} |")
     return out
 
@@ -424,14 +441,15 @@ async def amain(args: argparse.Namespace) -> str:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     tmp = Path(tempfile.mkdtemp(prefix="bench-sessions-"))
-    server = Server(port, tmp / "server.log", tmp / "avatars", max_sessions=max(args.levels) + 4)
+    top = max(args.idle_levels + args.speaking_levels)
+    server = Server(port, tmp / "server.log", tmp / "avatars", max_sessions=top + 4)
     try:
         server.wait_ready()
         c0, t0 = server.cpu_s(), time.monotonic()
         await asyncio.sleep(2)
         baseline = (server.cpu_s() - c0) / (time.monotonic() - t0)
-        idle = await ramp(server, args.levels, False, chunks, args.warmup, args.duration)
-        speak = await ramp(server, args.levels, True, chunks, args.warmup, args.duration)
+        idle = await ramp(server, args.idle_levels, False, chunks, args.warmup, args.duration)
+        speak = await ramp(server, args.speaking_levels, True, chunks, args.warmup, args.duration)
     finally:
         server.stop()
     return report(machine(), args, baseline, idle, speak, server.log_problems())
@@ -440,12 +458,15 @@ async def amain(args: argparse.Namespace) -> str:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="fewer levels, shorter windows (~1 min)")
-    ap.add_argument("--levels", help="comma-separated session counts (default: a ramp)")
+    ap.add_argument("--idle-levels", help="comma-separated idle session counts (default: a ramp)")
+    ap.add_argument("--speaking-levels", help="comma-separated speaking session counts")
     ap.add_argument("--duration", type=float, help="measured seconds per level")
     ap.add_argument("--out", default=str(ROOT / "docs" / "bench_sessions.md"))
     args = ap.parse_args(argv)
-    default = "1,4,8,16" if args.quick else "1,2,4,6,8,10,12,16,24,32,48,64"
-    args.levels = sorted({int(x) for x in (args.levels or default).split(",")})
+    idle = "1,8,16,32" if args.quick else "1,8,16,32,48,64,80,96,128"
+    speaking = "1,4,8" if args.quick else "1,4,8,10,12,14,16,20,24"
+    args.idle_levels = sorted({int(x) for x in (args.idle_levels or idle).split(",")})
+    args.speaking_levels = sorted({int(x) for x in (args.speaking_levels or speaking).split(",")})
     args.duration = args.duration or (3.0 if args.quick else 6.0)
     args.warmup = 0.5 if args.quick else 1.0
     text = asyncio.run(amain(args))
