@@ -32,8 +32,10 @@ def make_server(avatars_root: Path) -> Iterator[Callable[..., LiveServer]]:
               **overrides: object) -> LiveServer:
         # Tests assert exact speech frame counts, so a stall of the shared CI machine must not
         # trigger the drop-overdue-frames policy; test_ws_overload tests that policy itself.
+        # Likewise a client stalled by a busy machine must not end its utterance by the
+        # 300 ms gap rule (test_session.py tests that rule on a fake clock).
         values = {"avatars_dir": avatars_root, "port": free_port(), "init_timeout_s": 5.0,
-                  "max_speech_lag_frames": 10_000}
+                  "max_speech_lag_frames": 10_000, "speech_gap_ms": 1000}
         values.update(overrides)
         settings = Settings(**values)
         server = LiveServer(settings, engine_factory(settings) if engine_factory else None).start()

@@ -19,8 +19,7 @@ from .api import metrics, rest, session_control
 from .config import Settings, get_settings
 from .errors import AuthFailed, ServiceError
 from .manager import Services
-from .transports import signaling
-from .transports.websocket import websocket_endpoint
+from .transports import signaling, websocket
 
 log = logging.getLogger(__name__)
 STATIC = Path(__file__).parent / "static"
@@ -82,6 +81,6 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
               session_control.router):
         app.include_router(r)
     signaling.install(app)
-    app.add_api_websocket_route("/musetalk/v1/ws/{user_id}", websocket_endpoint)
+    websocket.install(app)
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
     return app

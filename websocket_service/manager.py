@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from . import __version__
@@ -35,6 +36,8 @@ class SessionManager:
         self.sessions: dict[str, Session] = {}
         self._reserved: set[str] = set()
         self.metrics = ServiceMetrics()
+        #: called with a session's id before it closes (transports release what they hold)
+        self.on_close: list[Callable[[str], Awaitable[None]]] = []
 
     def _reserve(self, session_id: str) -> None:
         if session_id in self.sessions or session_id in self._reserved:
@@ -88,6 +91,8 @@ class SessionManager:
     async def close(self, session_id: str) -> None:
         session = self.sessions.pop(session_id, None)
         if session is not None:
+            for hook in self.on_close:
+                await hook(session_id)
             await session.close()
             st = session.stats
             self.metrics.session_closed(st)
@@ -117,6 +122,8 @@ class Services:
         self.encoders = EncoderPool(settings.encoder_processes) if settings.encoder_processes else None
         #: idle loops encoded once, shared by every WebSocket session (None: encode live)
         self.loops = LoopCache() if settings.shared_idle_loops else None
+        #: each WebSocket-watched session's encoded output, shared by its connections
+        self.ws_feeds: dict[str, Any] = {}
         #: the serving replica when the service runs scaled out (reported in INIT_SUCCESS)
         self.replica_id: str | None = None
 

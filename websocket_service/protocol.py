@@ -99,6 +99,7 @@ class InitData(_Msg):
     user_id: str = Field(..., pattern=ID_PATTERN)
     auth_token: str | None = Field(None, max_length=8192)
     video_config: VideoConfig = Field(default_factory=VideoConfig)
+    viewer: bool = False  # ours: watch the existing session ``session_id``, receive-only
 
 
 class VideoState(_Msg):
@@ -233,6 +234,7 @@ class InitSuccessData(_Msg):
     video_config: dict[str, Any]
     model_status: dict[str, Any]
     replica_id: str | None = None
+    viewer: bool | None = None
 
 
 class VideoFrameData(_Msg):

@@ -44,6 +44,7 @@ class SessionStats:
     errors_sent: int = 0
     bytes_sent: int = 0
     loop_frames: int = 0  # frames sent from a shared pre-encoded loop (no encode)
+    viewers: int = 0  # receive-only WebSocket connections on this session
     rendered_frames: int = 0
     render_busy_s: float = 0.0
     _emit_times: deque[float] = field(default_factory=lambda: deque(maxlen=FPS_WINDOW))
@@ -107,6 +108,7 @@ class SessionStats:
             "errors_sent": self.errors_sent,
             "bytes_sent": self.bytes_sent,
             "loop_frames": self.loop_frames,
+            "viewers": self.viewers,
             "latency_ms": self.latency_ms(),
             "realtime_factor": self.realtime_factor(),
             "send_pipeline_ms": {"p50": _ms(percentile(self._pipeline, 50)),

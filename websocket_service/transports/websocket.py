@@ -1,9 +1,9 @@
-"""The WebSocket transport: parse client messages, serialise session output.
+"""The WebSocket transport: parse client messages, move the session's output to the socket.
 
-It never touches an engine. Frames are H.264-encoded here (one encoder per connection, off the
-event loop: in the encoder process pool, or in a thread with ``encoder_processes=0``) and sent
-as base64 JSON; a slow reader loses the oldest *raw* frames before they are encoded, so every
-frame that is sent still decodes.
+It never touches an engine. The session's frames are encoded once in its
+:class:`~.ws_feed.SessionFeed` (off the event loop: in the encoder process pool, or in a thread
+with ``encoder_processes=0``) and the same messages go to the owner's connection and to every
+viewer's (``INIT.data.viewer``), each through its own bounded :class:`~.ws_feed.Outbox`.
 """
 
 from __future__ import annotations
@@ -13,7 +13,6 @@ import contextlib
 import json
 import logging
 import uuid
-from collections import deque
 from collections.abc import Mapping
 from typing import Any
 
@@ -26,13 +25,10 @@ from ..errors import (
     InternalError,
     InvalidMessage,
     InvalidSession,
-    ProcessingError,
     ServiceError,
 )
 from ..events import ClosedByClient, SessionEvent
 from ..manager import Services
-from ..media.encoder_pool import EncoderPool, InProcessEncoder, PoolEncoder, open_encoder
-from ..media.loops import LoopCache, LoopKey
 from ..protocol import (
     CLIENT_ADAPTER,
     ActionMsg,
@@ -50,147 +46,20 @@ from ..protocol import (
     VideoInfo,
     pcm_from_bytes,
 )
-from ..session import OutputFrame, Session
+from ..session import Session
 from ..units import ID_RE
 from ..wire import (
-    b64,
     check_envelope,
     error_message,
     event_message,
-    frame_message,
     validation_error,
 )
+from .ws_feed import Outbox, Overflow, SessionFeed
 
 log = logging.getLogger(__name__)
 
-MAX_PENDING_EVENTS = 256
 CLOSE_POLICY = 1008
 CLOSE_TRY_AGAIN = 1013
-
-
-class _Overflow(Exception):
-    """The client is so far behind that even control events pile up."""
-
-
-class WebSocketSink:
-    """Bounded outbox for one connection: drop-oldest for frames, never for events.
-
-    Plain idle-loop frames are served from the shared pre-encoded loop (``loops``) when it is
-    ready: entered at one of its IDRs, left by forcing an IDR on the live encoder, and left
-    too whenever a frame is missing (dropped for a slow reader), so every packet sent still
-    decodes in order.
-    """
-
-    def __init__(self, session: Session, max_frames: int, loops: LoopCache | None = None) -> None:
-        self.session = session
-        self.max_frames = max_frames
-        self.loops = loops
-        self._copying: tuple[LoopKey, int] | None = None  # (loop, last position sent)
-        self._items: deque[OutputFrame | ServerMessage] = deque()
-        self._frames = 0
-        self._events = 0
-        self._wake = asyncio.Event()
-        self.encoder: PoolEncoder | InProcessEncoder | None = None
-
-    async def open_encoder(self, pool: EncoderPool | None) -> None:
-        """Open this connection's encoder: in ``pool``'s processes, or in-process without one."""
-        v = self.session.video
-        self.encoder = await open_encoder(pool, v.width, v.height, v.fps, v.bitrate, v.gop_frames)
-
-    async def close(self) -> None:
-        if self.encoder is not None:
-            await self.encoder.close()
-
-    def request_keyframe(self) -> None:
-        if self.encoder is not None:
-            self.encoder.request_keyframe()
-
-    def on_frame(self, frame: OutputFrame) -> None:
-        if self._frames >= self.max_frames:
-            for i, item in enumerate(self._items):
-                if isinstance(item, OutputFrame):
-                    del self._items[i]
-                    self._frames -= 1
-                    self.session.stats.frames_dropped += 1
-                    break
-        self._items.append(frame)
-        self._frames += 1
-        self._wake.set()
-
-    def on_event(self, event: SessionEvent | ServiceError | ServerMessage) -> None:
-        if not isinstance(event, ServerMessage):
-            event = event_message(self.session.session_id, event, self.session.avatar.names)
-        self._items.append(event)
-        self._events += 1
-        self._wake.set()
-
-    async def run(self, ws: WebSocket) -> None:
-        """Send until cancelled. Raises _Overflow if events pile up past their bound."""
-        while True:
-            if not self._items:
-                self._wake.clear()
-                await self._wake.wait()
-                continue
-            if self._events > MAX_PENDING_EVENTS:
-                raise _Overflow
-            item = self._items.popleft()
-            if isinstance(item, OutputFrame):
-                self._frames -= 1
-                await self._send_frame(ws, item)
-            else:
-                self._events -= 1
-                if item.type == "ERROR":
-                    self.session.stats.errors_sent += 1
-                await ws.send_text(item.to_json())
-
-    def _from_loop(self, f: OutputFrame) -> tuple[str, bool] | None:
-        """The shared loop's packet for ``f`` when it may be copied (base64, keyframe)."""
-        if self.loops is None or f.loop_pos is None:
-            return None
-        s, v = self.session, self.session.video
-        key = LoopKey(s.avatar.avatar_id, f.clip, v.width, v.height, v.fps, v.bitrate,
-                      v.gop_frames)
-        loop = self.loops.get(key, s.avatar.clip(f.clip).frames)
-        if loop is None:
-            return None
-        p = f.loop_pos % loop.period
-        prev = self._copying
-        if loop.keyframe[p] or (prev is not None and prev[0] == key
-                                and (prev[1] + 1) % loop.period == p):
-            self._copying = (key, p)
-            return loop.b64[p], loop.keyframe[p]
-        return None
-
-    async def _send_frame(self, ws: WebSocket, f: OutputFrame) -> None:
-        assert self.encoder is not None
-        s = self.session
-        copied = self._from_loop(f)
-        if copied is not None:
-            data, keyframe = copied
-            s.stats.loop_frames += 1
-        else:
-            if self._copying is not None:  # back to live: a fresh closed GOP
-                self._copying = None
-                self.encoder.request_keyframe()
-            try:
-                enc = await self.encoder.encode(f.image)
-            except ProcessingError as err:  # e.g. an encoder process died: the next is a keyframe
-                log.warning("session %s: %s", s.session_id, err.message)
-                self.on_event(err)
-                return
-            data, keyframe = b64(enc.data), enc.keyframe
-        text = frame_message(s.session_id, f, data, keyframe, s.avatar.names)
-        await ws.send_text(text)
-        s.stats.frame_sent(f.audio_arrival, f.created, s.clock.now(), len(text))
-
-    async def drain(self, ws: WebSocket, timeout: float = 2.0) -> None:
-        """Send the control events still queued (frames are dropped), e.g. before closing."""
-        events = [i for i in self._items if isinstance(i, ServerMessage)]
-        self._items.clear()
-        with contextlib.suppress(Exception):
-            async with asyncio.timeout(timeout):
-                for ev in events:
-                    await ws.send_text(ev.to_json())
 
 
 class Connection:
@@ -202,7 +71,9 @@ class Connection:
         self.settings = services.settings
         self.user_id = user_id
         self.session: Session | None = None
-        self.sink: WebSocketSink | None = None
+        self.outbox: Outbox | None = None
+        self.feed: SessionFeed | None = None
+        self.viewer = False  # receive-only: a viewer of someone else's session
         self._sender: asyncio.Task[None] | None = None
         self._recv: asyncio.Task[None]
         self._closing = False
@@ -213,13 +84,14 @@ class Connection:
             await self.ws.send_text(msg.to_json())
 
     async def report(self, event: ServiceError | SessionEvent | ServerMessage) -> None:
-        """Send in order with the frames once streaming, directly before."""
-        if self.sink is not None:
-            self.sink.on_event(event)
-        elif isinstance(event, ServerMessage):
-            await self._send_direct(event)
+        """A reply to this connection: in order with its frames once streaming, directly before."""
+        if not isinstance(event, ServerMessage):
+            s = self.session
+            event = event_message(s.session_id if s else None, event, s.avatar.names if s else None)
+        if self.outbox is not None:
+            self.outbox.event(event)
         else:
-            await self._send_direct(event_message(None, event, None))
+            await self._send_direct(event)
 
     async def _close(self, code: int, reason: str) -> None:
         self._closing = True
@@ -227,8 +99,8 @@ class Connection:
             self._sender.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._sender
-        if self.sink is not None:
-            await self.sink.drain(self.ws)
+        if self.outbox is not None:
+            await self.outbox.drain(self.ws)
         if self.ws.application_state is WebSocketState.CONNECTED:
             with contextlib.suppress(Exception):
                 async with asyncio.timeout(2.0):
@@ -328,7 +200,7 @@ class Connection:
 
     async def _dispatch(self, msg: Any) -> None:
         if isinstance(msg, InitMsg):
-            await self._init(msg)
+            await (self._view(msg) if msg.data.viewer else self._init(msg))
             return
         if isinstance(msg, PingMsg):
             now_ms = int(self.services.sessions.clock.now() * 1000)
@@ -337,6 +209,17 @@ class Connection:
                                             data=PongData(t=msg.data.t, server_time_ms=now_ms)))
             return
         session = self._require_session(msg.session_id)
+        if isinstance(msg, CloseMsg):
+            await self.report(ClosedByClient())
+            await self._close(1000, "closed")
+            return
+        if isinstance(msg, KeyframeRequestMsg):
+            assert self.feed is not None
+            self.feed.request_keyframe()
+            return
+        if self.viewer:
+            raise InvalidSession("a viewer is receive-only: the session's owner controls it",
+                                 {"session_id": session.session_id, "type": msg.type})
         if isinstance(msg, GenerateMsg):
             await self._generate(session, msg)
         elif isinstance(msg, StateChangeMsg):
@@ -347,12 +230,6 @@ class Connection:
             session.interrupt()
         elif isinstance(msg, EndOfSpeechMsg):
             session.end_of_speech()
-        elif isinstance(msg, KeyframeRequestMsg):
-            assert self.sink is not None
-            self.sink.request_keyframe()
-        elif isinstance(msg, CloseMsg):
-            await self.report(ClosedByClient())
-            await self._close(1000, "closed")
 
     async def _generate(self, session: Session, msg: GenerateMsg) -> None:
         d = msg.data
@@ -370,7 +247,7 @@ class Connection:
         pcm = self._chunk(session, d.audio_chunk) if d.audio_chunk else None
         session.start_action(d.action_type, pcm, legacy=True)
 
-    async def _init(self, msg: InitMsg) -> None:
+    def _check_init(self, msg: InitMsg) -> None:
         if self.session is not None:
             raise InvalidMessage("this connection already has a session",
                                  {"session_id": self.session.session_id})
@@ -382,18 +259,38 @@ class Connection:
         if d.video_config.fps is not None and d.video_config.fps != self.settings.fps:
             raise InvalidMessage(f"this server streams at {self.settings.fps} fps",
                                  {"fps": self.settings.fps})
+
+    async def _init(self, msg: InitMsg) -> None:
+        """A new session, owned by this connection."""
+        self._check_init(msg)
         session_id = msg.session_id or str(uuid.uuid4())
-        session = await self.services.sessions.create(session_id, self.user_id, d.video_config)
+        session = await self.services.sessions.create(session_id, self.user_id,
+                                                      msg.data.video_config)
         self.session = session
-        sink = await self._open_sink(session)
-        try:
-            await self._send_direct(self._init_success(session))
-        except BaseException:
-            await sink.close()  # frees the encoder's worker slot and shared memory
-            raise
-        self.sink = sink
-        session.add_sink(sink)
+        feed = SessionFeed(session, self.settings.send_queue_frames, self.services.loops)
+        await feed.open(self.services.encoders)
+        self.feed = self.services.ws_feeds[session_id] = feed
+        await self._attach(session, feed)
         session.start()
+
+    async def _view(self, msg: InitMsg) -> None:
+        """Receive-only, on an existing session (its owner's feed, or a new one)."""
+        self._check_init(msg)
+        if msg.session_id is None:
+            raise InvalidMessage("a viewer names the session it views in session_id")
+        session = self.services.sessions.get(msg.session_id)
+        feed = self.services.ws_feeds.get(session.session_id)
+        if feed is None:  # e.g. a server-side session: its feed lives while someone watches
+            feed = SessionFeed(session, self.settings.send_queue_frames, self.services.loops)
+            await feed.open(self.services.encoders)
+            self.services.ws_feeds[session.session_id] = feed
+        self.session, self.feed, self.viewer = session, feed, True
+        await self._attach(session, feed)
+
+    async def _attach(self, session: Session, feed: SessionFeed) -> None:
+        await self._send_direct(self._init_success(session))
+        self.outbox = Outbox(session, self.settings.send_queue_frames)
+        feed.subscribe(self.outbox)
         self._sender = asyncio.create_task(self._send_loop(), name=f"ws-send-{session.session_id[:8]}")
 
     def _init_success(self, session: Session) -> ServerMessage:
@@ -405,45 +302,67 @@ class Connection:
             engine=self.services.engine.name, avatar=session.avatar.avatar_id,
             videos=[VideoInfo(**v) for v in names.describe()],
             video_config=session.video.as_dict(), model_status=info,
-            replica_id=self.services.replica_id)
+            replica_id=self.services.replica_id, viewer=self.viewer or None)
         return ServerMessage(type="INIT_SUCCESS", session_id=session.session_id, data=data)
 
-    async def _open_sink(self, session: Session) -> WebSocketSink:
-        sink = WebSocketSink(session, self.settings.send_queue_frames, self.services.loops)
-        try:
-            await sink.open_encoder(self.services.encoders)
-        except ValueError as exc:
-            raise ProcessingError(f"cannot encode this video size: {exc}") from None
-        return sink
-
     async def _send_loop(self) -> None:
-        assert self.sink is not None
+        assert self.outbox is not None
         try:
-            await self.sink.run(self.ws)
-        except _Overflow:
+            await self.outbox.run(self.ws)
+        except Overflow:
             log.warning("session %s: client not reading; closing",
                         self.session.session_id if self.session else "-")
             self._closing = True
             with contextlib.suppress(Exception):
                 async with asyncio.timeout(1.0):
                     await self.ws.close(code=CLOSE_POLICY, reason="client not reading")
-            self._recv.cancel()
         except (WebSocketDisconnect, RuntimeError, OSError):
             self._closing = True  # the socket went away
-            self._recv.cancel()
+        else:  # the session ended (a viewer's CLOSE_ACK is out): close the socket
+            self._closing = True
+            with contextlib.suppress(Exception):
+                async with asyncio.timeout(1.0):
+                    await self.ws.close(code=1000, reason="session closed")
+        self._recv.cancel()
 
     async def _teardown(self) -> None:
         if self._sender is not None:
             self._sender.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._sender
-        if self.sink is not None:
-            await self.sink.close()
-        if self.session is not None:
-            await self.services.sessions.close(self.session.session_id)
+        session, feed = self.session, self.feed
+        if feed is not None and self.outbox is not None:
+            feed.unsubscribe(self.outbox)
+        if session is None:
+            return
+        if not self.viewer:  # the owner's socket is the session: it ends with it
+            await self.services.sessions.close(session.session_id)
+            return
+        feeds: dict[str, SessionFeed] = self.services.ws_feeds
+        if feed is not None and not feed.outboxes and feeds.get(session.session_id) is feed:
+            del feeds[session.session_id]  # nobody left watching
+            await feed.close()
+
+
+async def close_feed(services: Services, session_id: str) -> None:
+    """A session is closing: its viewers get CLOSE_ACK session_closed; the encoder is freed."""
+    feed = services.ws_feeds.pop(session_id, None)
+    if feed is not None:
+        feed.finish("session_closed")
+        await feed.close()
 
 
 async def websocket_endpoint(ws: WebSocket, user_id: str) -> None:
     services: Services = ws.app.state.services
     await ws.accept()
     await Connection(ws, services, user_id).run()
+
+
+def install(app: Any) -> None:
+    """The protocol's route, and the hook that ends a closing session's feed."""
+    async def start(app: Any) -> None:
+        services: Services = app.state.services
+        services.sessions.on_close.append(lambda sid: close_feed(services, sid))
+
+    app.state.startup_hooks.append(start)
+    app.add_api_websocket_route("/musetalk/v1/ws/{user_id}", websocket_endpoint)

@@ -1,0 +1,121 @@
+"""Viewers: receive-only WebSocket connections on one session, encoded once for all."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import os
+import socket
+
+import websockets
+
+from .conftest import FIXTURES
+from .test_slow_reader import ws_text_frame
+from .wsclient import Client, envelope, read_wav
+
+
+async def viewer(server, session_id: str, user: str) -> tuple[Client, dict]:
+    client, reply = await Client.connect(server.ws, user, init=False)
+    client.session_id = session_id
+    await client.send(envelope("INIT", session_id, user_id=user, viewer=True))
+    reply = await client.recv_until(lambda m: m["type"] in ("INIT_SUCCESS", "ERROR"))
+    return client, reply
+
+
+def stalled_viewer(port: int, session_id: str) -> socket.socket:
+    """A viewer that sends INIT and never reads again (its socket buffers fill up)."""
+    s = socket.socket()
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    s.connect(("127.0.0.1", port))
+    key = base64.b64encode(os.urandom(16)).decode()
+    s.sendall((f"GET /musetalk/v1/ws/stalled HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+               "Upgrade: websocket\r\nConnection: Upgrade\r\n"
+               f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n").encode())
+    head = b""
+    while b"\r\n\r\n" not in head:
+        head += s.recv(1)
+    s.sendall(ws_text_frame(json.dumps(envelope("INIT", session_id, user_id="stalled",
+                                                viewer=True))))
+    return s
+
+
+async def test_viewers_get_the_same_packets_and_cannot_control(server):
+    owner, _ = await Client.connect(server.ws, "owner")
+    await owner.recv_for(0.3)
+    views = [await viewer(server, owner.session_id, f"v{i}") for i in range(3)]
+    for v, reply in views:
+        assert reply["type"] == "INIT_SUCCESS" and reply["viewer"] is True
+        assert reply["session_id"] == owner.session_id
+    stalled = stalled_viewer(server.settings.port, owner.session_id)
+
+    async def watch(c: Client) -> None:
+        await c.recv_until(lambda m: m["type"] == "SPEECH_ENDED", timeout=20)
+
+    pcm = read_wav(FIXTURES / "short_16k.wav")
+    await asyncio.gather(owner.stream_audio(pcm), *(watch(v) for v, _ in views))
+    await owner.recv_until(lambda m: m["type"] == "SPEECH_ENDED")
+
+    # encode once: the same frame index carries byte-identical data for every reader
+    by_index = [{f["frame_index"]: f["frame_data"] for f in c.frames} for c in
+                [owner, *(v for v, _ in views)]]
+    common = set.intersection(*(set(d) for d in by_index))
+    assert len(common) > 30
+    assert all(len({d[i] for d in by_index}) == 1 for i in common)
+    for v, _ in views:  # each viewer decodes from its first frame (a keyframe), gapless
+        assert v.frames[0]["keyframe"] and len(v.images) == len(v.frames)
+        idx = [f["frame_index"] for f in v.frames]
+        assert idx == list(range(idx[0], idx[0] + len(idx)))
+        assert len(v.speaking()) == 30
+    info = server.get(f"/sessions/{owner.session_id}").json()
+    assert info["viewers"] == 4  # three readers and the stalled one
+    assert server.get("/sessions").json()["count"] == 1  # viewers are not sessions
+
+    # receive-only: control from a viewer is refused, and everyone keeps streaming
+    v0 = views[0][0]
+    await v0.msg("ACTION", action_index=1)
+    err = await v0.error()
+    assert err["code"] == "INVALID_SESSION" and "receive-only" in err["message"]
+    n = len(v0.frames)
+    await v0.recv_for(0.3)
+    assert len(v0.frames) > n and all(f["state"] != "action" for f in v0.frames[n:])
+
+    # the owner leaves: the session ends, and viewers are told and closed
+    await owner.close()
+    for v, _ in views:
+        ack = await v.recv_until(lambda m: m["type"] == "CLOSE_ACK", timeout=10)
+        assert ack["reason"] == "session_closed"
+        await asyncio.wait_for(v.ws.wait_closed(), 5)
+        assert v.ws.close_code == 1000
+    stalled.close()
+
+
+async def test_a_stalled_viewer_sheds_frames_and_slows_nobody(server):
+    owner, _ = await Client.connect(server.ws, "owner")
+    owner.decode = False
+    await owner.recv_for(0.2)
+    stalled = stalled_viewer(server.settings.port, owner.session_id)
+    watcher, _ = await viewer(server, owner.session_id, "watcher")
+    watcher.decode = True
+    await watcher.recv_for(3.0)
+    await owner.recv_for(0.1)
+    feed = server.services.ws_feeds[owner.session_id]
+    dropped = sorted(b.dropped for b in feed.outboxes)
+    assert dropped[-1] > 0 and dropped[0] == 0  # only the stalled one sheds
+    idx = [f["frame_index"] for f in watcher.frames]
+    assert idx == list(range(idx[0], idx[0] + len(idx))) and len(idx) >= 60
+    assert len(watcher.images) == len(watcher.frames)
+    stalled.close()
+    await owner.close()
+    await watcher.close()
+
+
+async def test_viewer_errors(server):
+    # no such session, or none named
+    c, reply = await viewer(server, "no-such-session", "v")
+    assert reply["type"] == "ERROR" and reply["code"] == "INVALID_SESSION"
+    async with websockets.connect(f"{server.ws}/musetalk/v1/ws/v") as ws:
+        await ws.send(json.dumps(envelope("INIT", None, user_id="v", viewer=True)))
+        err = json.loads(await ws.recv())
+        assert err["type"] == "ERROR" and err["data"]["code"] == "INVALID_MESSAGE"
+    await c.close()

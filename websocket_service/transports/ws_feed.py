@@ -1,0 +1,284 @@
+"""Encode once, send to many: one feed per session, one outbox per WebSocket connection.
+
+``SessionFeed`` is the session's WebSocket sink. It keeps the session's frames and events in
+order on a bounded queue (frames drop-oldest *before* encoding, counted; events never
+dropped), encodes each frame once (or copies it from a shared pre-encoded idle loop), turns
+it into its protocol message once, and hands the same text to every subscribed
+:class:`Outbox`: the owner's connection and any number of viewers. Adding a viewer adds no
+encode.
+
+Each ``Outbox`` is one connection's bounded send queue. A reader that falls behind loses
+frames there, and then every frame up to the next keyframe (at most one GOP, one second),
+so what it does receive still decodes; it never slows the feed or the other readers.
+Events are never dropped; a connection whose events pile up past ``MAX_PENDING_EVENTS`` is
+not reading at all and is disconnected.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections import deque
+from dataclasses import dataclass
+
+from fastapi import WebSocket
+
+from ..errors import ProcessingError, ServiceError
+from ..events import SessionEvent
+from ..media.encoder_pool import EncoderPool, InProcessEncoder, PoolEncoder, open_encoder
+from ..media.loops import LoopCache, LoopKey
+from ..playout import OutputFrame
+from ..protocol import CloseAckData, ServerMessage
+from ..session import Session
+from ..wire import b64, event_message, frame_message
+
+log = logging.getLogger(__name__)
+
+MAX_PENDING_EVENTS = 256
+
+
+class Overflow(Exception):
+    """The client is so far behind that even control events pile up."""
+
+
+@dataclass(frozen=True)
+class Item:
+    """One message for the wire, shared by every outbox that receives it."""
+
+    text: str
+    frame: OutputFrame | None = None  # None: an event
+    keyframe: bool = False
+    is_error: bool = False
+
+
+class Outbox:
+    """One connection's send queue: bounded for frames (drop to the next keyframe), events kept."""
+
+    def __init__(self, session: Session, max_frames: int) -> None:
+        self.session = session
+        self.max_frames = max_frames
+        self._items: deque[Item] = deque()
+        self._frames = 0
+        self._events = 0
+        self._skip_to_key = True  # a new reader starts at a keyframe
+        self._finished = False
+        self._wake = asyncio.Event()
+        self.sent = 0
+        self.dropped = 0
+
+    def put(self, item: Item) -> None:
+        if item.frame is not None:
+            if self._skip_to_key and not item.keyframe:
+                self._drop()
+                return
+            self._skip_to_key = False
+            if self._frames >= self.max_frames:
+                self._shed()
+                if not item.keyframe:
+                    self._drop()
+                    return
+            self._frames += 1
+        else:
+            self._events += 1
+        self._items.append(item)
+        self._wake.set()
+
+    def _drop(self) -> None:
+        self.dropped += 1
+        self.session.stats.frames_dropped += 1
+
+    def _shed(self) -> None:
+        """Behind: drop every queued frame and wait for the next keyframe."""
+        kept: deque[Item] = deque()
+        for it in self._items:
+            if it.frame is None:
+                kept.append(it)
+            else:
+                self._drop()
+        self._items, self._frames, self._skip_to_key = kept, 0, True
+
+    def event(self, msg: ServerMessage) -> None:
+        """A message for this connection only (a reply to its own request)."""
+        self.put(Item(msg.to_json(), is_error=msg.type == "ERROR"))
+
+    def finish(self, msg: ServerMessage) -> None:
+        """Send ``msg`` after what is queued, then :meth:`run` returns."""
+        self.event(msg)
+        self._finished = True
+        self._wake.set()
+
+    async def run(self, ws: WebSocket) -> None:
+        """Send until cancelled. Raises Overflow if events pile up past their bound."""
+        s = self.session
+        while True:
+            if not self._items:
+                if self._finished:
+                    return
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            if self._events > MAX_PENDING_EVENTS:
+                raise Overflow
+            item = self._items.popleft()
+            if item.frame is not None:
+                self._frames -= 1
+            else:
+                self._events -= 1
+                s.stats.errors_sent += item.is_error
+            await ws.send_text(item.text)
+            self.sent += item.frame is not None
+            if item.frame is not None:
+                f = item.frame
+                s.stats.frame_sent(f.audio_arrival, f.created, s.clock.now(), len(item.text))
+
+    async def drain(self, ws: WebSocket, timeout: float = 2.0) -> None:
+        """Send the events still queued (frames are dropped), e.g. before closing."""
+        events = [i for i in self._items if i.frame is None]
+        self._items.clear()
+        with contextlib.suppress(Exception):
+            async with asyncio.timeout(timeout):
+                for ev in events:
+                    await ws.send_text(ev.text)
+
+
+class SessionFeed:
+    """The session's WebSocket output, encoded once for all its connections.
+
+    Plain idle-loop frames come from the shared pre-encoded loop (``loops``) when it is ready:
+    entered at one of its IDRs, left by forcing an IDR on the live encoder, and left too when a
+    frame is missing (dropped before encoding), so the stream always decodes in order.
+    """
+
+    def __init__(self, session: Session, max_frames: int, loops: LoopCache | None) -> None:
+        self.session = session
+        self.max_frames = max_frames
+        self.loops = loops
+        self.outboxes: list[Outbox] = []
+        self.encoder: PoolEncoder | InProcessEncoder | None = None
+        self._copying: tuple[LoopKey, int] | None = None  # (loop, last position sent)
+        self._queue: deque[OutputFrame | SessionEvent | ServiceError] = deque()
+        self._frames = 0
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    async def open(self, pool: EncoderPool | None) -> None:
+        """Open the encoder (in ``pool``'s processes, or in-process), start, attach."""
+        v = self.session.video
+        try:
+            self.encoder = await open_encoder(pool, v.width, v.height, v.fps, v.bitrate,
+                                              v.gop_frames)
+        except ValueError as exc:
+            raise ProcessingError(f"cannot encode this video size: {exc}") from None
+        self._task = asyncio.create_task(self._run(), name=f"ws-feed-{self.session.session_id[:8]}")
+        self.session.add_sink(self)
+
+    async def close(self) -> None:
+        self.session.remove_sink(self)
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        if self.encoder is not None:
+            await self.encoder.close()
+        self._queue.clear()
+        self.outboxes.clear()
+
+    def subscribe(self, outbox: Outbox) -> None:
+        self.outboxes.append(outbox)
+        self.session.stats.viewers = len(self.outboxes) - 1
+        self.request_keyframe()  # a new reader starts decoding at once
+
+    def unsubscribe(self, outbox: Outbox) -> None:
+        with contextlib.suppress(ValueError):
+            self.outboxes.remove(outbox)
+        self.session.stats.viewers = max(0, len(self.outboxes) - 1)
+
+    def finish(self, reason: str) -> None:
+        """The session is over: every reader gets CLOSE_ACK ``reason`` after its queue."""
+        for box in self.outboxes:
+            box.finish(ServerMessage(type="CLOSE_ACK", session_id=self.session.session_id,
+                                     data=CloseAckData(reason=reason)))
+
+    def request_keyframe(self) -> None:
+        self._copying = None  # the live encoder's next frame is an IDR
+        if self.encoder is not None:
+            self.encoder.request_keyframe()
+
+    # ------------------------------------------------------------------ SessionSink
+    def on_frame(self, frame: OutputFrame) -> None:
+        if self._frames >= self.max_frames:  # encoding fell behind: drop the oldest raw frame
+            for i, item in enumerate(self._queue):
+                if isinstance(item, OutputFrame):
+                    del self._queue[i]
+                    self._frames -= 1
+                    self.session.stats.frames_dropped += 1
+                    break
+        self._queue.append(frame)
+        self._frames += 1
+        self._wake.set()
+
+    def on_event(self, event: SessionEvent | ServiceError) -> None:
+        self._queue.append(event)
+        self._wake.set()
+
+    # ------------------------------------------------------------------ encoding
+    async def _run(self) -> None:
+        s = self.session
+        while True:
+            if not self._queue:
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            item = self._queue.popleft()
+            if isinstance(item, OutputFrame):
+                self._frames -= 1
+                out = await self._encode(item)
+                if out is None:
+                    continue
+            else:
+                msg = event_message(s.session_id, item, s.avatar.names)
+                out = Item(msg.to_json(), is_error=msg.type == "ERROR")
+            for box in list(self.outboxes):
+                box.put(out)
+
+    async def _encode(self, f: OutputFrame) -> Item | None:
+        assert self.encoder is not None
+        s = self.session
+        copied = self._from_loop(f)
+        if copied is not None:
+            data, keyframe = copied
+            s.stats.loop_frames += 1
+        else:
+            if self._copying is not None:  # back to live: a fresh closed GOP
+                self._copying = None
+                self.encoder.request_keyframe()
+            try:
+                enc = await self.encoder.encode(f.image)
+            except ProcessingError as err:  # e.g. an encoder process died: the next is a keyframe
+                log.warning("session %s: %s", s.session_id, err.message)
+                self.on_event(err)
+                return None
+            data, keyframe = b64(enc.data), enc.keyframe
+        return Item(frame_message(s.session_id, f, data, keyframe, s.avatar.names), f, keyframe)
+
+    def _from_loop(self, f: OutputFrame) -> tuple[str, bool] | None:
+        """The shared loop's packet for ``f`` when it may be copied (base64, keyframe)."""
+        if self.loops is None or f.loop_pos is None:
+            return None
+        s, v = self.session, self.session.video
+        key = LoopKey(s.avatar.avatar_id, f.clip, v.width, v.height, v.fps, v.bitrate,
+                      v.gop_frames)
+        loop = self.loops.get(key, s.avatar.clip(f.clip).frames)
+        if loop is None:
+            return None
+        p = f.loop_pos % loop.period
+        prev = self._copying
+        if loop.keyframe[p] or (prev is not None and prev[0] == key
+                                and (prev[1] + 1) % loop.period == p):
+            self._copying = (key, p)
+            return loop.b64[p], loop.keyframe[p]
+        return None
+
+    def describe(self) -> list[dict[str, int]]:
+        return [{"sent": b.sent, "dropped": b.dropped} for b in self.outboxes]
