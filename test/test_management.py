@@ -288,8 +288,7 @@ async def _recv(ws: websockets.ClientConnection, want: str, timeout: float = 15.
 
 async def test_realtime_session_from_a_wav_with_three_viewers(make_server: MakeServer,
                                                               media: Path) -> None:
-    server = make_server(media_dir=media, rtc_host_addresses=["127.0.0.1"], default_width=256,
-                         default_height=256, max_rtc_clients=4)
+    server = make_server(media_dir=media, rtc_host_addresses=["127.0.0.1"], max_rtc_clients=4)
     pcm_seconds = 2 * len(read_wav("speech_pauses_16k.wav")) / 16000
     sig_url = f"{server.ws}/musetalk/v1/rtc/watcher"
     # viewer 3 offers a microphone too: receive-only means it never reaches the session
@@ -319,8 +318,9 @@ async def test_realtime_session_from_a_wav_with_three_viewers(make_server: MakeS
 
         await _until(lambda: all(p.video_frames > 50 and p.audio_peak > 1000 for p in viewers), 30,
                      "every viewer to get 2 s of video and the speech audio")
-        assert all(p.video_size == (256, 256) for p in viewers)
         detail = (await http.get("/sessions/show")).json()
+        size = (detail["video"]["width"], detail["video"]["height"])
+        assert all(p.video_size == size for p in viewers), [p.video_size for p in viewers]
         assert detail["transport"] == "server" and detail["rtc"]["viewers"] == 3
         assert detail["speech_frames"] > 0
 
@@ -351,7 +351,7 @@ async def test_viewer_of_a_missing_session_is_refused(make_server: MakeServer) -
 
 
 async def test_a_viewers_microphone_never_reaches_the_session(make_server: MakeServer) -> None:
-    server = make_server(rtc_host_addresses=["127.0.0.1"], default_width=128, default_height=128)
+    server = make_server(rtc_host_addresses=["127.0.0.1"])
     speech = read_wav("short_16k.wav")
     mic = WavTrack(speech, lead_s=0.2)
     peer = ClientPeer(mic)

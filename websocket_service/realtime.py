@@ -21,9 +21,9 @@ import av
 import numpy as np
 
 from .clock import Clock
-from .engines.base import SAMPLE_RATE, SAMPLES_PER_FRAME
 from .errors import InvalidMessage, ProcessingError, RateLimitExceeded
 from .session import Session
+from .units import SAMPLE_RATE, SAMPLES_PER_FRAME
 
 log = logging.getLogger(__name__)
 

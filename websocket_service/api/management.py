@@ -27,6 +27,7 @@ from ..errors import InvalidMessage, InvalidSession, ServiceError
 from ..manager import Services
 from ..protocol import VideoConfig
 from ..realtime import AudioFeeder, read_audio
+from ..units import ID_PATTERN
 from .auth import UNAUTHORIZED, require_token
 from .media_dir import check_suffix, media_file
 from .rest import ErrorBody, JobOut, check_job_slot, error_response, job_out
@@ -37,7 +38,6 @@ router = APIRouter(prefix="/api/webrtc", tags=["management"],
                    dependencies=[Depends(require_token)], responses=UNAUTHORIZED)
 
 SERVER_TRANSPORT = "server"
-ID_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
 PATH = Query(min_length=1, max_length=1024, description="a file inside MEDIA_DIR")
 WHY = {400: "bad input, or a path that leads out of MEDIA_DIR", 404: "no such file, avatar or session",
        409: "a session with this id is active", 422: "the audio file cannot be decoded",
@@ -169,7 +169,7 @@ async def realtime_start(
 
 @router.post("/realtime/stop", response_model=StopOut, responses=_errors(400, 404))
 async def realtime_stop(request: Request,
-                        session_id: Annotated[str, Query(max_length=128)]) -> StopOut:
+                        session_id: Annotated[str, Query(pattern=ID_PATTERN)]) -> StopOut:
     """Close a server-side session; its viewers are disconnected."""
     mgr = _services(request).sessions
     if mgr.get(session_id).transport != SERVER_TRANSPORT:

@@ -44,7 +44,7 @@ CLOSE_TRY_AGAIN = 1013
 
 ID = Field(None, pattern=ID_PATTERN)
 TOKEN = Field(None, max_length=1024, description="the server's AUTH_TOKEN, when one is set")
-VIEW = Field(None, min_length=1, max_length=128,
+VIEW = Field(None, pattern=ID_PATTERN,
              description="view this running session (receive-only) instead of opening one")
 
 
