@@ -337,17 +337,27 @@ async def test_realtime_session_from_a_wav_with_three_viewers(make_server: MakeS
         await peer.close()
 
 
-async def test_viewer_of_a_missing_session_is_refused(make_server: MakeServer) -> None:
-    server = make_server(rtc_host_addresses=["127.0.0.1"])
-    peer = ClientPeer()
-    offer = await peer.offer()
+async def test_viewers_of_missing_sessions_and_beyond_the_limit_are_refused(
+        make_server: MakeServer) -> None:
+    server = make_server(rtc_host_addresses=["127.0.0.1"], max_rtc_clients=1)
+    peers = [ClientPeer(), ClientPeer()]
+    offers = [await p.offer() for p in peers]
     async with httpx.AsyncClient(base_url=server.http, timeout=30) as http:
-        r = await http.post("/offer", json={"sdp": offer.sdp, "type": "offer", "session_id": "nope"})
-        _error(r, 404, "INVALID_SESSION")
-        r = await http.post("/offer", json={"sdp": offer.sdp, "type": "offer"})
-        _error(r, 400, "INVALID_MESSAGE")
+        body = {"sdp": offers[0].sdp, "type": "offer"}
+        _error(await http.post("/offer", json={**body, "session_id": "nope"}), 404, "INVALID_SESSION")
+        _error(await http.post("/offer", json=body), 400, "INVALID_MESSAGE")  # neither id
         assert (await http.get("/sessions")).json()["count"] == 0
-    await peer.close()
+
+        assert (await http.post(f"{API}/realtime/start", params={"session_id": "s1"})).status_code == 200
+        r = await http.post("/offer", json={**body, "session_id": "s1"})
+        assert r.status_code == 200, r.text
+        r = await http.post("/offer", json={"sdp": offers[1].sdp, "type": "offer", "session_id": "s1"})
+        _error(r, 429, "RATE_LIMIT_EXCEEDED")  # viewers count against MAX_RTC_CLIENTS
+        assert (await http.get("/sessions/s1")).json()["rtc"]["viewers"] == 1
+        assert (await http.post(f"{API}/realtime/stop", params={"session_id": "s1"})).status_code == 200
+        assert not server.services.sessions.sessions
+    for p in peers:
+        await p.close()
 
 
 async def test_a_viewers_microphone_never_reaches_the_session(make_server: MakeServer) -> None:

@@ -89,15 +89,15 @@ class RtcPeer:
     """One client: a peer connection, its session, tracks and helper tasks."""
 
     def __init__(self, hub: RtcHub, session: Session, notify: Notify | None,
-                 viewer: bool = False) -> None:
+                 viewer_key: str | None = None) -> None:
         self.hub = hub
         self.session = session
         self._notify = notify
-        self.viewer = viewer
-        #: the hub's key: the session id for its owner, a key of its own for a viewer
-        self.key = f"viewer-{uuid.uuid4()}" if viewer else session.session_id
+        #: a viewer has a hub key of its own; the session's owner is keyed by the session id
+        self.viewer = viewer_key is not None
+        self.key = viewer_key or session.session_id
         self.pc = RTCPeerConnection(rtc_configuration(hub.settings.ice_servers))
-        self.video = SessionVideoTrack(session, account=not viewer)
+        self.video = SessionVideoTrack(session, account=not self.viewer)
         self.audio = SessionAudioTrack()
         self.sink = RtcSink(self)
         self.mic: MicIngest | None = None
@@ -279,10 +279,11 @@ class RtcHub:
                    slot: str | None = None) -> RtcPeer:
         """Attach a receive-only viewer peer to the running session ``session_id``."""
         session = self.services.sessions.get(session_id)
-        peer = RtcPeer(self, session, notify, viewer=True)
+        key = f"viewer-{uuid.uuid4()}"
         if slot is None:
-            self.reserve(peer.key)
-        self.peers[peer.key] = peer
+            self.reserve(key)
+        peer = RtcPeer(self, session, notify, viewer_key=key)
+        self.peers[key] = peer
         try:
             self.services.sessions.attach(session_id, peer)
             await peer.answer(sdp, type_)
