@@ -15,7 +15,7 @@ from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 
 from . import __version__
-from .api import metrics, rest, session_control
+from .api import management, metrics, rest, session_control
 from .config import Settings, get_settings
 from .errors import AuthFailed, ServiceError
 from .manager import Services
@@ -78,7 +78,7 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
 
     # open routers (health, metrics, OpenAPI, samples) and those behind AUTH_TOKEN (api.auth)
     for r in (rest.public, metrics.router, rest.router, session_control.public,
-              session_control.router):
+              session_control.router, management.router):
         app.include_router(r)
     signaling.install(app)
     websocket.install(app)

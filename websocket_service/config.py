@@ -11,7 +11,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import AliasChoices, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 EngineName = Literal["geometric", "musetalk", "auto"]
@@ -46,7 +46,9 @@ class Settings(BaseSettings):
 
     # --- avatars
     avatars_dir: Path = Path("data/avatars")
-    media_root: Path = Path("media")
+    # server-side files the management API may name (avatar sources, realtime audio);
+    # MEDIA_ROOT is the setting's former name, still read
+    media_dir: Path = Field(Path("media"), validation_alias=AliasChoices("media_dir", "media_root"))
     default_avatar: str = "default"
     max_upload_mb: int = Field(200, ge=1)
     max_prepare_seconds: float = Field(10.0, gt=0, le=120)

@@ -3,17 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import threading
 import time
-from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, Protocol
 
 from . import __version__
 from .avatars.model import Avatar
 from .avatars.store import AvatarStore
 from .clock import Clock
 from .config import Settings
-from .engines import create_engine
+from .engines import select_engine
 from .engines.base import LipSyncEngine
 from .errors import InvalidSession, ModelNotFound, RateLimitExceeded
 from .media.encoder_pool import EncoderPool
@@ -26,6 +27,13 @@ from .units import SAMPLE_RATE
 log = logging.getLogger(__name__)
 
 
+class Attachment(Protocol):
+    """Something that lives as long as one session and no longer: a viewer, an audio feeder."""
+
+    async def aclose(self) -> None:
+        """Stop; called when the session closes (idempotent)."""
+
+
 class SessionManager:
     def __init__(self, settings: Settings, engine: LipSyncEngine, store: AvatarStore,
                  clock: Clock | None = None) -> None:
@@ -35,9 +43,8 @@ class SessionManager:
         self.clock = clock or Clock()
         self.sessions: dict[str, Session] = {}
         self._reserved: set[str] = set()
+        self._attached: dict[str, list[Attachment]] = {}
         self.metrics = ServiceMetrics()
-        #: called with a session's id before it closes (transports release what they hold)
-        self.on_close: list[Callable[[str], Awaitable[None]]] = []
 
     def _reserve(self, session_id: str) -> None:
         if session_id in self.sessions or session_id in self._reserved:
@@ -88,11 +95,30 @@ class SessionManager:
         except KeyError:
             raise InvalidSession(f"no active session {session_id}", {"session_id": session_id}) from None
 
+    def latest(self) -> Session | None:
+        """The most recently opened session still active."""
+        return next(reversed(self.sessions.values()), None)
+
+    def attach(self, session_id: str, thing: Attachment) -> None:
+        """Close ``thing`` when the session closes (raises InvalidSession if it is gone)."""
+        self.get(session_id)
+        self._attached.setdefault(session_id, []).append(thing)
+
+    def attachments(self, session_id: str) -> list[Attachment]:
+        return list(self._attached.get(session_id, ()))
+
+    def detach(self, session_id: str, thing: Attachment) -> None:
+        with contextlib.suppress(KeyError, ValueError):
+            self._attached[session_id].remove(thing)
+
     async def close(self, session_id: str) -> None:
         session = self.sessions.pop(session_id, None)
+        for thing in self._attached.pop(session_id, []):
+            try:
+                await thing.aclose()
+            except Exception:  # noqa: BLE001 - one failing attachment must not keep the session
+                log.exception("session %s: closing %r failed", session_id, thing)
         if session is not None:
-            for hook in self.on_close:
-                await hook(session_id)
             await session.close()
             st = session.stats
             self.metrics.session_closed(st)
@@ -112,7 +138,12 @@ class Services:
                  clock: Clock | None = None) -> None:
         self.settings = settings
         self.started = time.time()
-        self.engine = engine or create_engine(settings)
+        #: why the weight-free engine serves although MuseTalk was asked for (ENGINE=auto)
+        self.demo_reason: str | None = None
+        if engine is None:
+            engine, self.demo_reason = select_engine(settings)
+        self.engine = engine
+        self._init_lock = threading.Lock()
         self.store = AvatarStore(settings.avatars_dir, settings.default_width,
                                  settings.default_height, settings.fps,
                                  self.engine.prepare_avatar,
@@ -129,6 +160,13 @@ class Services:
 
     def ensure_default_avatar(self) -> Avatar:
         return self.store.ensure_builtin(self.settings.default_avatar)
+
+    def initialize(self) -> None:
+        """Load the engine unless it is loaded, and the default avatar (blocking, idempotent)."""
+        with self._init_lock:
+            if not self.engine.info().get("loaded"):
+                self.engine.load()
+            self.ensure_default_avatar()
 
     def health(self) -> dict[str, Any]:
         info = self.engine.info()

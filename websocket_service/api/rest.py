@@ -12,16 +12,16 @@ from fastapi import APIRouter, Depends, File, Form, Query, Request, UploadFile
 from fastapi.responses import JSONResponse, PlainTextResponse
 from pydantic import BaseModel, Field
 
-from ..avatars.store import IMAGE_SUFFIXES, validate_avatar_id
+from ..avatars.store import PrepareJob, validate_avatar_id
 from ..errors import InvalidMessage, InvalidSession, ModelNotFound, RateLimitExceeded
 from ..manager import Services
 from .auth import UNAUTHORIZED, require_token
+from .media_dir import check_suffix, media_file
 
 public = APIRouter()  # open even when AUTH_TOKEN is set
 router = APIRouter(dependencies=[Depends(require_token)], responses=UNAUTHORIZED)
 
 MAX_RUNNING_JOBS = 2
-VIDEO_SUFFIXES = {".mp4", ".mov", ".mkv", ".webm", ".avi"}
 
 
 class ErrorBody(BaseModel):
@@ -104,25 +104,18 @@ async def job_detail(request: Request, job_id: str) -> dict[str, Any]:
     job = _services(request).store.job(job_id)
     if job is None:
         raise ModelNotFound(f"no preparation job {job_id}", {"job_id": job_id[:64]})
+    return job_out(job)
+
+
+def job_out(job: PrepareJob) -> dict[str, Any]:
+    """A job as :class:`JobOut`: its state plus the URL to poll."""
     return {**job.as_dict(), "status_url": f"/jobs/{job.job_id}"}
 
 
-def _inside_media_root(root: Path, rel: str) -> Path:
-    base = root.resolve()
-    target = (base / rel).resolve()
-    if not target.is_relative_to(base):
-        raise InvalidMessage("path must be inside the server's media root", {"path": rel[:200]})
-    if not target.is_file():
-        raise ModelNotFound("no such file in the media root", {"path": rel[:200]})
-    return target
-
-
-def _check_suffix(name: str) -> str:
-    suffix = Path(name).suffix.lower()
-    if suffix not in IMAGE_SUFFIXES | VIDEO_SUFFIXES:
-        raise InvalidMessage(f"unsupported file type {suffix or '(none)'}",
-                             {"supported": sorted(IMAGE_SUFFIXES | VIDEO_SUFFIXES)})
-    return suffix
+def check_job_slot(svc: Services) -> None:
+    """Raise ``RateLimitExceeded`` (429) while ``MAX_RUNNING_JOBS`` preparations run."""
+    if svc.store.running_jobs() >= MAX_RUNNING_JOBS:
+        raise RateLimitExceeded(f"{MAX_RUNNING_JOBS} avatar preparations are already running; try again later")
 
 
 def _copy_limited(src: BinaryIO, suffix: str, max_bytes: int) -> Path:
@@ -146,27 +139,26 @@ async def prepare_avatar(
     request: Request,
     user_id: str,
     file: Annotated[UploadFile | None, File(description="an image or video of a face")] = None,
-    path: Annotated[str | None, Form(description="a file inside MEDIA_ROOT instead of an upload")] = None,
+    path: Annotated[str | None, Form(description="a file inside MEDIA_DIR instead of an upload")] = None,
     avatar_id: Annotated[str | None, Query(description="defaults to user_id")] = None,
 ) -> dict[str, Any]:
     """Start preparing an avatar in the background; poll ``status_url`` for progress."""
     svc = _services(request)
     aid = validate_avatar_id(avatar_id or user_id)
-    if svc.store.running_jobs() >= MAX_RUNNING_JOBS:
-        raise RateLimitExceeded(f"{MAX_RUNNING_JOBS} avatar preparations are already running; try again later")
+    check_job_slot(svc)
     if (file is None) == (path is None):
-        raise InvalidMessage("send exactly one of: a 'file' upload or a 'path' inside the media root")
+        raise InvalidMessage("send exactly one of: a 'file' upload or a 'path' inside MEDIA_DIR")
     if file is not None:
-        suffix = _check_suffix(file.filename or "")
+        suffix = check_suffix(file.filename or "")
         source = await asyncio.to_thread(_copy_limited, file.file, suffix,
                                          svc.settings.max_upload_mb << 20)
         job = svc.store.submit(aid, source, cleanup=True)
     else:
         assert path is not None
-        source = _inside_media_root(svc.settings.media_root, path)
-        _check_suffix(source.name)
+        source = media_file(svc.settings.media_dir, path)
+        check_suffix(source.name)
         job = svc.store.submit(aid, source)
-    return {**job.as_dict(), "status_url": f"/jobs/{job.job_id}"}
+    return job_out(job)
 
 
 @public.get("/openapi.yaml", include_in_schema=False)
@@ -184,4 +176,4 @@ def error_response(code: str, message: str, details: dict[str, Any], status: int
                         headers=headers)
 
 
-__all__ = ["error_response", "openapi_text", "public", "router"]
+__all__ = ["check_job_slot", "error_response", "job_out", "openapi_text", "public", "router"]

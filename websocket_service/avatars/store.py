@@ -230,6 +230,11 @@ class AvatarStore:
     def cached(self, avatar_id: str) -> Avatar | None:
         return self._mem.get(avatar_id)
 
+    def loaded_ids(self) -> list[str]:
+        """Avatars held in memory, least recently used first."""
+        with self._lock:
+            return list(self._mem)
+
     def ids(self) -> list[str]:
         on_disk = {p.name for p in self.root.iterdir() if (p / "meta.json").exists()}
         return sorted(on_disk | set(self._mem))

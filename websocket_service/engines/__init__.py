@@ -12,7 +12,7 @@ from .base import SAMPLE_RATE, SAMPLES_PER_FRAME, LipSyncEngine, LipSyncStream, 
 log = logging.getLogger(__name__)
 
 __all__ = ["SAMPLE_RATE", "SAMPLES_PER_FRAME", "LipSyncEngine", "LipSyncStream", "SpeechFrame",
-           "create_engine"]
+           "create_engine", "select_engine"]
 
 
 def _musetalk(settings: Settings) -> LipSyncEngine:
@@ -35,15 +35,23 @@ def create_engine(settings: Settings) -> LipSyncEngine:
     ``musetalk`` fails fast with a clear message when the extra or weights are missing;
     ``auto`` tries MuseTalk and falls back to the weight-free engine.
     """
+    return select_engine(settings)[0]
+
+
+def select_engine(settings: Settings) -> tuple[LipSyncEngine, str | None]:
+    """:func:`create_engine`, plus why MuseTalk could not load when ``auto`` fell back
+    to the weight-free engine (``None`` when the engine asked for is the one serving)."""
+    fallback = None
     if settings.engine in ("musetalk", "auto"):
         try:
-            return _musetalk(settings)
+            return _musetalk(settings), None
         except (ModelNotFound, ImportError) as exc:
             if settings.engine == "musetalk":
                 raise
             log.warning("ENGINE=auto: MuseTalk unavailable (%s); using the weight-free engine", exc)
+            fallback = getattr(exc, "message", None) or str(exc)
     from .geometric import GeometricEngine  # noqa: PLC0415
 
     engine = GeometricEngine(settings)
     engine.load()
-    return engine
+    return engine, fallback

@@ -3,6 +3,7 @@
 
 import { loadWav } from "./audio.js";
 import { authFetch } from "./auth.js";
+import { AvatarPanel } from "./avatars.js";
 import { RtcClient } from "./rtc.js";
 import { WsClient } from "./ws.js";
 
@@ -14,6 +15,7 @@ const stats = (window.__stats = {
 const userId = "demo-" + Math.random().toString(36).slice(2, 8);
 let client = null, connectClickedAt = 0, wanted = false, backoff = 1000, retryTimer = null;
 let sample = null, lastBytes = 0, lastAt = 0;
+const avatars = new AvatarPanel({ userId, log });
 
 function log(text, cls = "") {
   const li = document.createElement("li");
@@ -43,6 +45,8 @@ function setConnected(on) {
   $("disconnect").disabled = !wanted;
   for (const id of ["speak", "mic", "interrupt"]) $(id).disabled = !on;
   document.querySelectorAll("input[name=transport]").forEach((r) => (r.disabled = wanted));
+  // the WebSocket client opens sessions on the default avatar
+  $("avatar").disabled = wanted || transport() !== "webrtc";
   $("placeholder").hidden = on;
 }
 
@@ -101,7 +105,7 @@ async function connect() {
   const opts = { userId, log, onEvent, onClose: lost };
   try {
     if (kind === "webrtc") {
-      client = new RtcClient({ ...opts, video: $("video") });
+      client = new RtcClient({ ...opts, video: $("video"), avatarId: avatars.selected });
       await client.connect();
       showActions(await actionsFor(client.sessionId));
     } else {
@@ -109,7 +113,9 @@ async function connect() {
       const init = await client.connect();
       showActions(init.actions);
     }
+    stats.sessionId = client.sessionId;
     log(`connected over ${kind}: session ${client.sessionId}`);
+    avatars.refresh();
     backoff = 1000;
     setConnected(true);
   } catch (err) {
@@ -188,5 +194,7 @@ setInterval(() => {
   }
 }, 50);
 
+document.querySelectorAll("input[name=transport]").forEach((r) => (r.onchange = () => setConnected(false)));
 setConnected(false);
-log("ready — pick a transport and connect");
+avatars.refresh();
+log("ready — pick an avatar and a transport, and connect");

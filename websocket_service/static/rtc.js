@@ -10,8 +10,8 @@ function flatten(m) {
 }
 
 export class RtcClient {
-  constructor({ video, userId, log, onEvent, onClose }) {
-    Object.assign(this, { video, userId, log, onEvent, onClose });
+  constructor({ video, userId, avatarId, log, onEvent, onClose }) {
+    Object.assign(this, { video, userId, avatarId, log, onEvent, onClose });
     this.closing = false; this.g2g = []; this.framesDecoded = 0;
   }
 
@@ -38,7 +38,9 @@ export class RtcClient {
     await pc.setLocalDescription(await pc.createOffer());
     await this._gathered(pc, 2000);
     this.answered = new Promise((ok, fail) => { this._answer = ok; this._fail = fail; });
-    this._send(withToken({ type: "offer", sdp: pc.localDescription.sdp }));
+    const offer = { type: "offer", sdp: pc.localDescription.sdp };
+    if (this.avatarId) offer.avatar_id = this.avatarId;
+    this._send(withToken(offer));
     await this.answered;
     this._watchFrames();
   }

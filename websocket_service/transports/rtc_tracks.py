@@ -73,15 +73,21 @@ class SessionVideoTrack(MediaStreamTrack):
 
     kind = "video"
 
-    def __init__(self, session: Session) -> None:
+    def __init__(self, session: Session, account: bool = True) -> None:
         super().__init__()
         self.session = session
+        #: count sent and dropped frames in the session's statistics (not for viewers)
+        self.account = account
         self.queue: DropOldestQueue[OutputFrame] = DropOldestQueue(VIDEO_QUEUE)
         self._ticks = VIDEO_CLOCK // session.video.fps
         self.frames_sent = 0
+        self.frames_dropped = 0
 
     def push(self, frame: OutputFrame) -> None:
-        self.session.stats.frames_dropped += self.queue.put(frame)
+        dropped = self.queue.put(frame)
+        self.frames_dropped += dropped
+        if self.account:
+            self.session.stats.frames_dropped += dropped
 
     async def recv(self) -> av.VideoFrame:
         f = await self.queue.get()
@@ -89,7 +95,8 @@ class SessionVideoTrack(MediaStreamTrack):
         vf.pts = f.index * self._ticks
         vf.time_base = VIDEO_TIME_BASE
         self.frames_sent += 1
-        self.session.frame_sent(f, self.session.clock.now())
+        if self.account:
+            self.session.frame_sent(f, self.session.clock.now())
         return vf
 
     def stop(self) -> None:

@@ -4,6 +4,9 @@ Both end in :meth:`RtcHub.connect`; the answer always carries every server candi
 (aiortc gathers completely before ``setLocalDescription`` returns), so trickle from the
 server is never needed. The message set is documented in ``musetalk_websocket_spec.md`` (section 9).
 
+An offer that names a running ``session_id`` attaches a receive-only viewer to that session
+instead of opening one (:meth:`RtcHub.view`); its owner keeps control.
+
 With ``AUTH_TOKEN`` set, ``POST /offer`` takes the token as a Bearer header or ``auth_token``
 in its body; the signaling socket as ``?token=`` or ``auth_token`` in its first message, which
 must then be an offer (browsers cannot set headers on a WebSocket).
@@ -41,6 +44,8 @@ CLOSE_TRY_AGAIN = 1013
 
 ID = Field(None, pattern=ID_PATTERN)
 TOKEN = Field(None, max_length=1024, description="the server's AUTH_TOKEN, when one is set")
+VIEW = Field(None, pattern=ID_PATTERN,
+             description="view this running session (receive-only) instead of opening one")
 
 
 class _Msg(BaseModel):
@@ -52,7 +57,9 @@ class OfferRequest(_Msg):
 
     sdp: str = Field(..., max_length=MAX_SIGNAL_BYTES)
     type: Literal["offer"] = "offer"
-    user_id: str = Field(..., pattern=ID_PATTERN)
+    user_id: str | None = Field(None, pattern=ID_PATTERN,
+                                description="who opens a new session (required unless session_id)")
+    session_id: str | None = VIEW
     avatar_id: str | None = ID
     base_video: str | None = Field(None, max_length=64)
     auth_token: str | None = TOKEN
@@ -62,11 +69,13 @@ class OfferAnswer(_Msg):
     sdp: str
     type: Literal["answer"] = "answer"
     session_id: str
+    viewer: bool = False
 
 
 class SigOffer(_Msg):
     type: Literal["offer"]
     sdp: str = Field(..., max_length=MAX_SIGNAL_BYTES)
+    session_id: str | None = VIEW
     avatar_id: str | None = ID
     base_video: str | None = Field(None, max_length=64)
     auth_token: str | None = TOKEN
@@ -98,14 +107,22 @@ def _hub(app: Any) -> RtcHub:
 async def offer(request: Request, body: OfferRequest, credentials: Credentials) -> OfferAnswer:
     """Answer a WebRTC offer with a new session. Poll ``GET /sessions/{session_id}``
     (``rtc.connection_state``) to learn about failures; the session closes with the peer.
+    With ``session_id``, attach a receive-only viewer to that running session instead
+    (404 ``INVALID_SESSION`` if there is none); it is disconnected when the session closes.
     With ``AUTH_TOKEN`` set, send it as a Bearer header or as ``auth_token`` in the body."""
     hub = _hub(request.app)
     check_token(hub.settings.auth_token, bearer_token(credentials), body.auth_token)
-    peer = await hub.connect(
-        body.user_id, body.sdp, body.type,
-        VideoConfig(avatar_id=body.avatar_id, base_video=body.base_video))
+    if body.session_id is not None:
+        peer = await hub.view(body.session_id, body.sdp, body.type)
+    elif body.user_id is None:
+        raise InvalidMessage("send user_id to open a session, or session_id to view one")
+    else:
+        peer = await hub.connect(
+            body.user_id, body.sdp, body.type,
+            VideoConfig(avatar_id=body.avatar_id, base_video=body.base_video))
     desc = peer.pc.localDescription
-    return OfferAnswer(sdp=desc.sdp, type="answer", session_id=peer.session_id)
+    return OfferAnswer(sdp=desc.sdp, type="answer", session_id=peer.session_id,
+                       viewer=peer.viewer)
 
 
 class SignalingConnection:
@@ -242,12 +259,17 @@ class SignalingConnection:
 
     async def _offer(self, msg: SigOffer) -> None:
         await self._drop_peer("renegotiated with a new offer")
-        self.peer = await self.hub.connect(
-            self.user_id, msg.sdp, "offer",
-            VideoConfig(avatar_id=msg.avatar_id, base_video=msg.base_video),
-            notify=self.send, slot=self.key)
+        if msg.session_id is not None:
+            self.peer = await self.hub.view(msg.session_id, msg.sdp, "offer",
+                                            notify=self.send, slot=self.key)
+        else:
+            self.peer = await self.hub.connect(
+                self.user_id, msg.sdp, "offer",
+                VideoConfig(avatar_id=msg.avatar_id, base_video=msg.base_video),
+                notify=self.send, slot=self.key)
         desc = self.peer.pc.localDescription
-        self.send({"type": "answer", "sdp": desc.sdp, "session_id": self.peer.session_id})
+        self.send({"type": "answer", "sdp": desc.sdp, "session_id": self.peer.session_id,
+                   "viewer": self.peer.viewer})
 
     async def _candidate(self, msg: SigCandidate) -> None:
         if self.peer is None:

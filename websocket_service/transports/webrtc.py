@@ -5,6 +5,12 @@ client's offer (H.264 preferred, VP8 fallback), reads the client's audio track i
 session, and polls ``pc.getStats()`` into ``session.stats.rtc``. It never calls an engine.
 Signaling (``/offer`` and the signaling WebSocket) lives in ``signaling.py``; the limit
 on concurrent clients and shutdown live in :class:`RtcHub`.
+
+A *viewer* is a peer attached to a session someone else owns (another client, or a
+server-side realtime session): it gets the same frames, is receive-only (its answer sends
+and takes no media back, so a viewer's microphone never reaches the session), counts in
+``session.stats.rtc["viewers"]`` instead of the owner's statistics, leaves the session
+running when it goes, and is closed when the session closes.
 """
 
 from __future__ import annotations
@@ -51,7 +57,7 @@ class RtcSink:
         self.peer.audio.push(frame)
 
     def on_event(self, event: SessionEvent | ServiceError) -> None:
-        if isinstance(event, ServiceError):
+        if isinstance(event, ServiceError) and not self.peer.viewer:
             self.peer.session.stats.errors_sent += 1
         session = self.peer.session
         msg = event_message(session.session_id, event, session.avatar.names)
@@ -82,12 +88,16 @@ def _stats_summary(report: Any) -> dict[str, Any]:
 class RtcPeer:
     """One client: a peer connection, its session, tracks and helper tasks."""
 
-    def __init__(self, hub: RtcHub, session: Session, notify: Notify | None) -> None:
+    def __init__(self, hub: RtcHub, session: Session, notify: Notify | None,
+                 viewer_key: str | None = None) -> None:
         self.hub = hub
         self.session = session
         self._notify = notify
+        #: a viewer has a hub key of its own; the session's owner is keyed by the session id
+        self.viewer = viewer_key is not None
+        self.key = viewer_key or session.session_id
         self.pc = RTCPeerConnection(rtc_configuration(hub.settings.ice_servers))
-        self.video = SessionVideoTrack(session)
+        self.video = SessionVideoTrack(session, account=not self.viewer)
         self.audio = SessionAudioTrack()
         self.sink = RtcSink(self)
         self.mic: MicIngest | None = None
@@ -126,37 +136,46 @@ class RtcPeer:
                 self.pc.addTrack(self.video)
                 if "audio" in kinds:
                     self.pc.addTrack(self.audio)
+                if self.viewer:  # receive-only: answer sendonly, whatever the client offered
+                    for t in kinds.values():
+                        t.direction = "sendonly"
                 await self.pc.setLocalDescription(await self.pc.createAnswer())
         except ServiceError:
             raise
         except (ValueError, KeyError, AttributeError) as exc:  # aiortc's SDP parse errors
             raise InvalidMessage(f"cannot use this SDP offer: {exc}") from None
-        self.session.stats.rtc["connection_state"] = self.pc.connectionState
         self.session.add_sink(self.sink)
-        self._spawn(self._poll_stats(), "rtc-stats")
+        if self.viewer:
+            self.hub.count_viewers(self.session)
+        else:
+            self.session.stats.rtc["connection_state"] = self.pc.connectionState
+            self._spawn(self._poll_stats(), "rtc-stats")
         return self.pc.localDescription
 
     # ---------------------------------------------------------------- events
     def _on_track(self, track: MediaStreamTrack) -> None:
-        if track.kind == "audio" and self.mic is None:
+        if track.kind == "audio" and self.mic is None and not self.viewer:
             self.mic = MicIngest(track, self.session)
             self._spawn(self.mic.run(), "rtc-mic")
 
     def _on_state(self) -> None:
         state = self.pc.connectionState
-        self.session.stats.rtc["connection_state"] = state
-        log.info("session %s: peer connection %s", self.session_id, state)
+        if not self.viewer:
+            self.session.stats.rtc["connection_state"] = state
+        log.info("session %s: %s connection %s", self.session_id,
+                 "viewer" if self.viewer else "peer", state)
         if state == "connected":
             self.notify({"type": "connected", "session_id": self.session_id})
         elif state == "failed":
             err = ProcessingError("the WebRTC connection failed (ICE found no working path); "
                                   "check the ICE servers / TURN relay and firewalls",
                                   {"reason": "ice_failed", "session_id": self.session_id})
-            self.session.stats.rtc["error"] = {"code": err.code, "message": err.message}
+            if not self.viewer:
+                self.session.stats.rtc["error"] = {"code": err.code, "message": err.message}
             self.notify({"type": "error", "code": err.code, "message": err.message,
                          "details": err.details})
             # REST (/offer) clients only learn of it by polling the session: keep it a while
-            linger = FAILED_LINGER_S if self._notify is None else 0.0
+            linger = FAILED_LINGER_S if self._notify is None and not self.viewer else 0.0
             self._spawn(self.close("ice failed", linger=linger), "rtc-close")
         elif state == "closed":
             self._spawn(self.close("peer closed"), "rtc-close")
@@ -189,11 +208,20 @@ class RtcPeer:
             self.video.stop()
             self.audio.stop()
             await self.pc.close()
-            await self.hub.services.sessions.close(self.session_id)
+            if self.viewer:
+                self.hub.services.sessions.detach(self.session_id, self)
+            else:
+                await self.hub.services.sessions.close(self.session_id)
             self.notify({"type": "disconnected", "session_id": self.session_id, "reason": reason})
         finally:
-            self.hub.release(self.session_id)
+            self.hub.release(self.key)
+            if self.viewer:
+                self.hub.count_viewers(self.session)
             self._closed.set()
+
+    async def aclose(self) -> None:
+        """The session closed (a viewer is attached to it): disconnect."""
+        await self.close("the session closed")
 
 
 class RtcHub:
@@ -215,6 +243,11 @@ class RtcHub:
     def release(self, key: str) -> None:
         self._slots.discard(key)
         self.peers.pop(key, None)
+
+    def count_viewers(self, session: Session) -> None:
+        """Show how many viewers ``session`` has in its statistics (``rtc.viewers``)."""
+        session.stats.rtc["viewers"] = sum(
+            p.viewer and p.session is session and not p.closing for p in self.peers.values())
 
     async def connect(self, user_id: str, sdp: str, type_: str, config: VideoConfig,
                       notify: Notify | None = None, slot: str | None = None) -> RtcPeer:
@@ -240,6 +273,27 @@ class RtcHub:
                 await self.services.sessions.close(session_id)
             if slot is None:
                 self.release(session_id)
+            raise
+
+    async def view(self, session_id: str, sdp: str, type_: str, notify: Notify | None = None,
+                   slot: str | None = None) -> RtcPeer:
+        """Attach a receive-only viewer peer to the running session ``session_id``."""
+        session = self.services.sessions.get(session_id)
+        key = f"viewer-{uuid.uuid4()}"
+        if slot is None:
+            self.reserve(key)
+        peer = RtcPeer(self, session, notify, viewer_key=key)
+        self.peers[key] = peer
+        try:
+            self.services.sessions.attach(session_id, peer)
+            await peer.answer(sdp, type_)
+            return peer
+        except BaseException:
+            self.services.sessions.detach(session_id, peer)
+            session.remove_sink(peer.sink)
+            with contextlib.suppress(Exception):
+                await peer.pc.close()
+            self.release(peer.key)
             raise
 
     async def close_all(self) -> None:

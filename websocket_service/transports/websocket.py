@@ -267,10 +267,8 @@ class Connection:
         session = await self.services.sessions.create(session_id, self.user_id,
                                                       msg.data.video_config)
         self.session = session
-        feed = SessionFeed(session, self.settings.send_queue_frames, self.services.loops)
-        await feed.open(self.services.encoders)
-        self.feed = self.services.ws_feeds[session_id] = feed
-        await self._attach(session, feed)
+        self.feed = await self._open_feed(session)
+        await self._attach(session, self.feed)
         session.start()
 
     async def _view(self, msg: InitMsg) -> None:
@@ -279,13 +277,18 @@ class Connection:
         if msg.session_id is None:
             raise InvalidMessage("a viewer names the session it views in session_id")
         session = self.services.sessions.get(msg.session_id)
-        feed = self.services.ws_feeds.get(session.session_id)
-        if feed is None:  # e.g. a server-side session: its feed lives while someone watches
-            feed = SessionFeed(session, self.settings.send_queue_frames, self.services.loops)
-            await feed.open(self.services.encoders)
-            self.services.ws_feeds[session.session_id] = feed
+        # e.g. a server-side session has no feed until someone watches it
+        feed = self.services.ws_feeds.get(session.session_id) or await self._open_feed(session)
         self.session, self.feed, self.viewer = session, feed, True
         await self._attach(session, feed)
+
+    async def _open_feed(self, session: Session) -> SessionFeed:
+        """The session's feed, closed with it (an attachment)."""
+        feed = SessionFeed(session, self.settings.send_queue_frames, self.services.loops,
+                           self.services.ws_feeds)
+        await feed.open(self.services.encoders)
+        self.services.sessions.attach(session.session_id, feed)
+        return feed
 
     async def _attach(self, session: Session, feed: SessionFeed) -> None:
         await self._send_direct(self._init_success(session))
@@ -338,18 +341,9 @@ class Connection:
         if not self.viewer:  # the owner's socket is the session: it ends with it
             await self.services.sessions.close(session.session_id)
             return
-        feeds: dict[str, SessionFeed] = self.services.ws_feeds
-        if feed is not None and not feed.outboxes and feeds.get(session.session_id) is feed:
-            del feeds[session.session_id]  # nobody left watching
+        if feed is not None and not feed.outboxes:  # nobody left watching
+            self.services.sessions.detach(session.session_id, feed)
             await feed.close()
-
-
-async def close_feed(services: Services, session_id: str) -> None:
-    """A session is closing: its viewers get CLOSE_ACK session_closed; the encoder is freed."""
-    feed = services.ws_feeds.pop(session_id, None)
-    if feed is not None:
-        feed.finish("session_closed")
-        await feed.close()
 
 
 async def websocket_endpoint(ws: WebSocket, user_id: str) -> None:
@@ -359,10 +353,5 @@ async def websocket_endpoint(ws: WebSocket, user_id: str) -> None:
 
 
 def install(app: Any) -> None:
-    """The protocol's route, and the hook that ends a closing session's feed."""
-    async def start(app: Any) -> None:
-        services: Services = app.state.services
-        services.sessions.on_close.append(lambda sid: close_feed(services, sid))
-
-    app.state.startup_hooks.append(start)
+    """The protocol's route."""
     app.add_api_websocket_route("/musetalk/v1/ws/{user_id}", websocket_endpoint)

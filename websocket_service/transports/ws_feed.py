@@ -150,8 +150,10 @@ class SessionFeed:
     frame is missing (dropped before encoding), so the stream always decodes in order.
     """
 
-    def __init__(self, session: Session, max_frames: int, loops: LoopCache | None) -> None:
+    def __init__(self, session: Session, max_frames: int, loops: LoopCache | None,
+                 registry: dict[str, SessionFeed]) -> None:
         self.session = session
+        self.registry = registry  # where connections find a session's feed
         self.max_frames = max_frames
         self.loops = loops
         self.outboxes: list[Outbox] = []
@@ -172,8 +174,16 @@ class SessionFeed:
             raise ProcessingError(f"cannot encode this video size: {exc}") from None
         self._task = asyncio.create_task(self._run(), name=f"ws-feed-{self.session.session_id[:8]}")
         self.session.add_sink(self)
+        self.registry[self.session.session_id] = self
+
+    async def aclose(self) -> None:
+        """The session is closing (an attachment of it): readers are told, then :meth:`close`."""
+        self.finish("session_closed")
+        await self.close()
 
     async def close(self) -> None:
+        if self.registry.get(self.session.session_id) is self:
+            del self.registry[self.session.session_id]
         self.session.remove_sink(self)
         if self._task is not None:
             self._task.cancel()

@@ -1,0 +1,139 @@
+"""The demo page's avatar panel in headless Chromium: status, picker, upload with progress."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import av
+import cv2
+import httpx
+import numpy as np
+import pytest
+from playwright.sync_api import Browser, Page
+from skimage import data
+
+from websocket_service.config import Settings
+
+from .browser import chromium
+from .live_server import live_server
+
+TOKEN = "page-token"  # the page must send it on every call, the upload included
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+
+
+def _face_photo(path: Path) -> None:
+    cv2.imwrite(str(path), cv2.cvtColor(data.astronaut(), cv2.COLOR_RGB2BGR))
+
+
+def _face_video(path: Path, frames: int = 25) -> None:
+    img = cv2.resize(data.astronaut(), (320, 320))
+    with av.open(str(path), "w") as out:
+        stream = out.add_stream("libx264", rate=25)
+        stream.width = stream.height = 320
+        stream.pix_fmt = "yuv420p"
+        for i in range(frames):
+            frame = np.roll(img, i // 4, axis=1)
+            for p in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
+                out.mux(p)
+        for p in stream.encode():
+            out.mux(p)
+
+
+@pytest.fixture(scope="module")
+def base_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    media = tmp_path_factory.mktemp("media")
+    _face_photo(media / "astro.png")
+    settings = Settings(avatars_dir=tmp_path_factory.mktemp("avatars"), media_dir=media,
+                        rtc_host_addresses=["127.0.0.1"], auth_token=TOKEN, default_width=256,
+                        default_height=256)
+    with live_server(settings) as url:
+        # one avatar prepared on the server beforehand, for the picker
+        r = httpx.post(f"{url}/api/webrtc/avatar/prepare", headers=AUTH,
+                       params={"avatar_id": "astro", "video_path": "astro.png"})
+        assert r.status_code == 202, r.text
+        _wait_done(url, r.json()["status_url"])
+        yield url
+
+
+def _wait_done(url: str, status_url: str, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while (job := httpx.get(url + status_url, headers=AUTH).json())["status"] != "done":
+        assert job["status"] != "failed" and time.monotonic() < deadline, job
+        time.sleep(0.1)
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Browser]:
+    with chromium() as b:
+        yield b
+
+
+def _open(browser: Browser, base_url: str) -> tuple[Page, list[str]]:
+    page = browser.new_page(viewport={"width": 1100, "height": 900})
+    errors: list[str] = []
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    page.goto(f"{base_url}/?token={TOKEN}")
+    page.wait_for_function("window.__manage.status !== null && window.__manage.avatars.length > 0",
+                           timeout=15_000)
+    return page, errors
+
+
+def _session_on(page: Page, base_url: str) -> dict[str, Any]:
+    """Connect over WebRTC, wait for decoded video, and return the session the page opened."""
+    page.click("#connect")
+    page.wait_for_function("window.__stats.webrtcFramesDecoded > 25", timeout=20_000)
+    sid = page.evaluate("window.__stats.sessionId")
+    session = httpx.get(f"{base_url}/sessions/{sid}", headers=AUTH).json()
+    page.click("#disconnect")
+    return session
+
+
+def test_status_and_the_picker_start_a_session_on_a_prepared_avatar(browser: Browser,
+                                                                     base_url: str) -> None:
+    page, errors = _open(browser, base_url)
+    assert page.text_content("#engineStatus").startswith("engine geometric · loaded")
+    assert page.is_hidden("#demoMode")
+    options = page.eval_on_selector_all("#avatar option", "os => os.map(o => o.value)")
+    assert {"astro", "default"} <= set(options)
+    page.select_option("#avatar", "astro")
+    session = _session_on(page, base_url)
+    assert session["avatar"] == "astro" and session["transport"] == "webrtc"
+    assert not errors and not page.evaluate("window.__stats.errors")
+    page.close()
+
+
+@pytest.mark.parametrize("name", ["my face.png", "clip.mp4"])
+def test_upload_shows_progress_and_the_new_avatar_streams(browser: Browser, base_url: str,
+                                                          tmp_path: Path, name: str) -> None:
+    path = tmp_path / name
+    _face_photo(path) if name.endswith(".png") else _face_video(path)
+    avatar_id = "my-face" if name.endswith(".png") else "clip"
+    page, errors = _open(browser, base_url)
+    assert page.is_disabled("#upload")
+    page.set_input_files("#file", str(path))
+    page.click("#upload")
+    page.wait_for_function(f"document.getElementById('avatar').value === {avatar_id!r}",
+                           timeout=60_000)
+    manage = page.evaluate("window.__manage")
+    assert manage["job"]["status"] == "done" and manage["job"]["avatar_id"] == avatar_id
+    steps = manage["progress"]
+    assert steps == sorted(steps) and steps[-1] == 100 and len(steps) >= 2, steps
+    assert page.eval_on_selector("#progress", "p => p.value") == 100
+    assert page.text_content("#progressText") == "ready"
+    assert avatar_id in manage["status"]["loaded_avatars"]
+    session = _session_on(page, base_url)
+    assert session["avatar"] == avatar_id
+    assert not errors and not page.evaluate("window.__stats.errors")
+    page.close()
+
+
+def test_the_panel_fits_a_phone(browser: Browser, base_url: str) -> None:
+    page = browser.new_page(viewport={"width": 390, "height": 844}, is_mobile=True)
+    page.goto(f"{base_url}/?token={TOKEN}")
+    page.wait_for_function("window.__manage.status !== null", timeout=15_000)
+    assert page.evaluate("document.documentElement.scrollWidth") <= 390
+    assert page.locator("#upload").is_visible() and page.locator("#avatar").is_visible()
+    page.close()
