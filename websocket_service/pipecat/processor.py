@@ -41,7 +41,7 @@ from pipecat.processors.frame_processor import FrameDirection
 from pipecat.services.ai_service import AIService
 from pipecat.services.settings import ServiceSettings
 
-from ..avatars.model import Avatar
+from ..avatars.model import Avatar, BaseFrame
 from ..avatars.store import AvatarStore
 from ..clock import Clock
 from ..config import Settings
@@ -129,11 +129,12 @@ class MuseTalkProcessor(AIService):
         avatar = await asyncio.to_thread(self.initialize_avatars)
         pcm = np.frombuffer(audio_chunk, np.int16) if isinstance(audio_chunk, bytes) \
             else np.asarray(audio_chunk, np.int16)
-        stream = engine.open_stream(avatar)
+        stream = engine.open_stream(avatar, self.clock.now)
+        cursor = self._cursor_or_new()
         try:
             stream.push_audio(pcm)
             stream.end_segment()
-            frames = await stream.render_next(self._cursor_or_new().next, 1)
+            frames = await stream.render_next(lambda: cursor.next(speech=True), 1)
         finally:
             stream.close()
         return image_frame(frames[0].image)
@@ -152,7 +153,7 @@ class MuseTalkProcessor(AIService):
         await asyncio.to_thread(self.initialize_avatars)
         assert self.engine is not None and self.avatar is not None
         self._cursor_or_new()
-        self._stream = self.engine.open_stream(self.avatar)
+        self._stream = self.engine.open_stream(self.avatar, self.clock.now)
         self._tasks = [self.create_task(self._produce(), "musetalk-producer"),
                        self.create_task(self._pace(), "musetalk-pacer")]
 
@@ -259,7 +260,7 @@ class MuseTalkProcessor(AIService):
             assert self._stream is not None and self._cursor is not None
             epoch = self._epoch
             try:
-                frames = await self._stream.render_next(self._cursor.next, FPS // 5)
+                frames = await self._stream.render_next(self._speech_base, FPS // 5)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # noqa: BLE001 - one bad render costs one reply
@@ -271,6 +272,10 @@ class MuseTalkProcessor(AIService):
                 if epoch != self._epoch:
                     break
                 await self._show(f)
+
+    def _speech_base(self) -> BaseFrame:
+        assert self._cursor is not None
+        return self._cursor.next(speech=True)
 
     async def _wait_for_playout(self) -> None:
         """Stay at most ``max_lead_s`` ahead of what the transport is playing."""
