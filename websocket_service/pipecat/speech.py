@@ -39,6 +39,7 @@ class Utterance:
     ended: bool = False
     engine_id: int | None = None  # the engine stream's utterance id, once its first image is out
     engine_samples: int = 0  # 16 kHz samples given to the engine
+    offset: int = 0  # remote mode: 16 kHz samples sent before this utterance
     stopped: Frame | None = None  # the TTSStoppedFrame, passed on after the last image
     _pcm: bytearray = field(default_factory=bytearray)  # original audio not yet handed out
     _start: int = 0  # sample frame (per channel) of _pcm[0] within the utterance
@@ -63,8 +64,16 @@ class Utterance:
 
     def audio_for(self, index: int) -> bytes:
         """The original audio that plays with image ``index`` (zero-padded to its length)."""
+        return self.audio_at(index * SAMPLES_PER_FRAME)
+
+    def audio_at(self, sample: int) -> bytes:
+        """The original audio of the 40 ms that start at 16 kHz sample ``sample``.
+
+        Audio before it is released: calls go forward through the utterance.
+        """
         width = 2 * self.channels
-        a, b = round(index * self.rate / FPS), round((index + 1) * self.rate / FPS)
+        a = round(sample * self.rate / SAMPLE_RATE)
+        b = round((sample + SAMPLES_PER_FRAME) * self.rate / SAMPLE_RATE)
         lo = (a - self._start) * width
         chunk = bytes(self._pcm[max(0, lo):lo + (b - a) * width])
         consumed = min(len(self._pcm), max(0, (b - self._start) * width))
