@@ -27,9 +27,11 @@ from pipecat.transports.daily.transport import (
     DailyTransport,
 )
 
+from websocket_service.config import Settings
 from websocket_service.pipecat import MuseTalkProcessor
 from websocket_service.pipecat.bot import daily_transport, daily_worker, load_config, parse_args
-from websocket_service.pipecat.pipeline import EchoSpeech, transport_params
+from websocket_service.pipecat.pipeline import EchoSpeech, avatar_service, transport_params
+from websocket_service.pipecat.remote import RemoteMuseTalkProcessor
 
 from .geometric_support import builtin, engine, wav
 
@@ -92,3 +94,14 @@ async def test_daily_transport_and_pipeline_are_built_for_the_avatar() -> None:
     assert isinstance(transport.output(), DailyOutputTransport)
     worker = daily_worker(transport, MuseTalkProcessor(engine=engine(), avatar=builtin()))
     assert isinstance(worker, PipelineWorker)
+
+
+def test_avatar_server_url_renders_on_a_remote_server(monkeypatch) -> None:
+    monkeypatch.setenv("AVATAR_SERVER_URL", "ws://gpu-host:8000")
+    monkeypatch.setenv("AVATAR_SERVER_TOKEN", "secret")
+    remote = avatar_service(Settings(default_width=256, default_height=256))
+    assert isinstance(remote, RemoteMuseTalkProcessor)
+    assert (remote.client.url, remote.client.auth_token, remote.client.resolution) == \
+        ("ws://gpu-host:8000", "secret", "256x256")
+    monkeypatch.delenv("AVATAR_SERVER_URL")
+    assert isinstance(avatar_service(Settings()), MuseTalkProcessor)

@@ -4,9 +4,10 @@ Only this package imports pipecat, so the service itself runs without the extra.
 
 * :class:`MuseTalkProcessor` - TTS audio in, lip-synced images and their audio out.
 * :mod:`.bot` - a runnable bot (``python -m websocket_service.pipecat.bot``).
-* :mod:`.remote` - the same processor talking to a remote avatar server.
+* :class:`RemoteMuseTalkProcessor` - the same, rendered by a remote avatar server.
 """
 
 from .processor import MuseTalkProcessor
+from .remote import RemoteMuseTalkProcessor
 
-__all__ = ["MuseTalkProcessor"]
+__all__ = ["MuseTalkProcessor", "RemoteMuseTalkProcessor"]

@@ -26,8 +26,9 @@ from pipecat.transports.base_transport import BaseTransport
 from pipecat.workers.runner import WorkerRunner
 
 from ..config import Settings
-from .pipeline import build_worker, load_services, transport_params
+from .pipeline import avatar_service, build_worker, load_services, transport_params
 from .processor import MuseTalkProcessor
+from .service import AvatarService
 
 log = logging.getLogger(__name__)
 
@@ -60,15 +61,20 @@ def setup_logging(verbose: bool) -> None:
     logger.add(sys.stderr, level=level)
 
 
-def check(config: Settings) -> MuseTalkProcessor:
-    """Fail at start-up, not on the first call: engine, avatar and VAD model load."""
-    processor = MuseTalkProcessor(config=config)
+def check(processor: AvatarService, config: Settings) -> tuple[int, int]:
+    """Fail at start-up, not on the first call: the VAD model, engine and avatar load.
+
+    Returns the video size: the avatar's, or the configured one for a remote avatar.
+    """
+    SileroVADAnalyzer()  # its ONNX model ships in the wheel; this loads it
+    if not isinstance(processor, MuseTalkProcessor):
+        log.info("checks passed: VAD; the avatar renders on AVATAR_SERVER_URL")
+        return config.default_width, config.default_height
     engine = processor.initialize_models()
     avatar = processor.initialize_avatars()
-    SileroVADAnalyzer()  # its ONNX model ships in the wheel; this loads it
-    log.info("checks passed: engine %s, avatar %s %dx%d", engine.name, avatar.avatar_id,
+    log.info("checks passed: VAD, engine %s, avatar %s %dx%d", engine.name, avatar.avatar_id,
              avatar.width, avatar.height)
-    return processor
+    return avatar.width, avatar.height
 
 
 def daily_transport(room_url: str, token: str | None, width: int, height: int) -> BaseTransport:
@@ -81,7 +87,7 @@ def daily_transport(room_url: str, token: str | None, width: int, height: int) -
     return DailyTransport(room_url, token, "Avatar", transport_params(DailyParams, width, height))
 
 
-def daily_worker(transport: BaseTransport, processor: MuseTalkProcessor) -> PipelineWorker:
+def daily_worker(transport: BaseTransport, processor: AvatarService) -> PipelineWorker:
     """The bot's pipeline on a Daily transport; it ends when the user leaves."""
     worker = build_worker(transport, processor, load_services())
 
@@ -93,10 +99,12 @@ def daily_worker(transport: BaseTransport, processor: MuseTalkProcessor) -> Pipe
 
 
 async def run_daily(args: argparse.Namespace, config: Settings) -> None:
-    processor = MuseTalkProcessor(config=config)
-    avatar = await asyncio.to_thread(processor.initialize_avatars)
+    processor = avatar_service(config)
+    size = (config.default_width, config.default_height)
+    if not args.skip_checks:
+        size = await asyncio.to_thread(check, processor, config)
     runner = WorkerRunner()
-    transport = daily_transport(args.room_url, args.token, avatar.width, avatar.height)
+    transport = daily_transport(args.room_url, args.token, *size)
     await runner.add_workers(daily_worker(transport, processor))
     await runner.run()
 
@@ -115,8 +123,6 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     setup_logging(args.verbose)
     config = load_config(args.config)
-    if not args.skip_checks:
-        check(config)
     if args.room_url:
         asyncio.run(run_daily(args, config))
     else:

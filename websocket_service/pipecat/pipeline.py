@@ -4,7 +4,8 @@ With no speech services configured the bot works offline: :class:`EchoSpeech` re
 the user says (segmented by the VAD) and replays it as TTS audio, so the avatar repeats it
 with lip-sync. ``BOT_SERVICES=package.module:function`` names a function returning the
 processors (e.g. STT, LLM context aggregators, TTS) to use instead; their API keys and
-models come from the environment as usual in pipecat.
+models come from the environment as usual in pipecat. ``AVATAR_SERVER_URL=ws://gpu-host:8000``
+(and ``AVATAR_SERVER_TOKEN`` for its ``AUTH_TOKEN``) renders on a remote avatar server.
 """
 
 from __future__ import annotations
@@ -31,8 +32,11 @@ from pipecat.processors.audio.vad_processor import VADProcessor
 from pipecat.processors.frame_processor import FrameDirection, FrameProcessor
 from pipecat.transports.base_transport import BaseTransport, TransportParams
 
+from ..config import Settings
 from ..engines.base import SAMPLE_RATE
 from .processor import MuseTalkProcessor
+from .remote import RemoteMuseTalkProcessor
+from .service import AvatarService
 
 #: the output transport redraws the current picture at this rate. 30 (not 25): every 40 ms
 #: image is drawn at least once, and aiortc's encoder paces at 30 fps.
@@ -110,6 +114,20 @@ def load_services(spec: str | None = None) -> list[FrameProcessor] | None:
 P = TypeVar("P", bound=TransportParams)
 
 
+def avatar_service(config: Settings, shared: MuseTalkProcessor | None = None) -> AvatarService:
+    """The avatar for one conversation: on ``AVATAR_SERVER_URL`` (remote) or in this process.
+
+    ``shared`` holds the engine and avatar already loaded here (reused, not reloaded).
+    """
+    url = os.environ.get("AVATAR_SERVER_URL")
+    if url:
+        return RemoteMuseTalkProcessor(url, auth_token=os.environ.get("AVATAR_SERVER_TOKEN"),
+                                       resolution=f"{config.default_width}x{config.default_height}")
+    if shared is None:
+        return MuseTalkProcessor(config=config)
+    return MuseTalkProcessor(engine=shared.engine, avatar=shared.avatar, config=config)
+
+
 def transport_params(cls: type[P], width: int, height: int, **extra: Any) -> P:
     """Audio in and out, and video out that shows each image when its audio plays."""
     return cls(audio_in_enabled=True, audio_in_sample_rate=SAMPLE_RATE, audio_out_enabled=True,
@@ -117,7 +135,7 @@ def transport_params(cls: type[P], width: int, height: int, **extra: Any) -> P:
                video_out_height=height, video_out_framerate=VIDEO_OUT_FPS, **extra)
 
 
-def build_worker(transport: BaseTransport, avatar: MuseTalkProcessor,
+def build_worker(transport: BaseTransport, avatar: AvatarService,
                  services: list[FrameProcessor] | None = None) -> PipelineWorker:
     """One conversation: the pipeline and the worker that runs it."""
     vad = VADProcessor(vad_analyzer=SileroVADAnalyzer())

@@ -43,8 +43,9 @@ from pipecat.workers.runner import WorkerRunner
 from ..clock import Clock
 from ..config import Settings
 from ..transports.rtc_network import host_addresses
-from .pipeline import VIDEO_OUT_FPS, build_worker, load_services, transport_params
+from .pipeline import VIDEO_OUT_FPS, avatar_service, build_worker, load_services, transport_params
 from .processor import MuseTalkProcessor
+from .service import AvatarService
 
 log = logging.getLogger(__name__)
 
@@ -128,7 +129,7 @@ class AvatarBots:
         self.services = services
         self.shared = MuseTalkProcessor(config=config)  # loads the engine and avatar once
         #: the avatar processor of each live connection, by peer connection id
-        self.active: dict[str, MuseTalkProcessor] = {}
+        self.active: dict[str, AvatarService] = {}
         ice = [IceServer(**s) for s in config.ice_servers]
         self.handler = SmallWebRTCRequestHandler(ice_servers=ice or None)
         self.runner: WorkerRunner | None = None  # made in start(), on the serving loop
@@ -137,7 +138,11 @@ class AvatarBots:
 
     async def start(self, load: bool = True) -> None:
         if load:
-            await asyncio.to_thread(self.shared.initialize_avatars)
+            from .bot import check  # noqa: PLC0415 - bot imports this module
+
+            avatar = avatar_service(self.config, self.shared)
+            local = isinstance(avatar, MuseTalkProcessor)
+            await asyncio.to_thread(check, self.shared if local else avatar, self.config)
         self.runner = WorkerRunner(handle_sigint=False)
         self._run = asyncio.create_task(self.runner.run(auto_end=False), name="pipecat-runner")
 
@@ -161,10 +166,14 @@ class AvatarBots:
             return await self.handler.handle_web_request(request, self._connect)
 
     async def _connect(self, connection: SmallWebRTCConnection) -> None:
-        engine = await asyncio.to_thread(self.shared.initialize_models)
-        avatar = await asyncio.to_thread(self.shared.initialize_avatars)
-        processor = MuseTalkProcessor(engine=engine, avatar=avatar, config=self.config)
-        transport = SmallWebRTCTransport(connection, transport_params(TransportParams, avatar.width, avatar.height))
+        processor = avatar_service(self.config, self.shared)
+        if isinstance(processor, MuseTalkProcessor):  # loaded once, shared by all connections
+            avatar = await asyncio.to_thread(self.shared.initialize_avatars)
+            processor.engine, processor.avatar = self.shared.engine, avatar
+            size = (avatar.width, avatar.height)
+        else:
+            size = (self.config.default_width, self.config.default_height)
+        transport = SmallWebRTCTransport(connection, transport_params(TransportParams, *size))
         worker = build_worker(transport, processor, load_services(self.services))
 
         @transport.event_handler("on_client_connected")
