@@ -134,3 +134,14 @@ async def test_generate_video_frame_opens_the_mouth_for_a_vowel_only() -> None:
     as_img = [np.frombuffer(f.image, np.uint8).reshape(clip.shape[1:]) for f in (loud, quiet)]
     assert not np.array_equal(as_img[0], clip[0])
     assert np.array_equal(as_img[1], clip[1])
+
+
+async def test_a_reply_without_tts_stopped_ends_after_the_speech_gap() -> None:
+    pcm = wav("short_16k.wav")
+    frames = tts(pcm, chunk=1600)[1:-1]  # audio only: no TTSStartedFrame, no TTSStoppedFrame
+    down, _ = await run_test(processor(), frames_to_send=[*frames, SleepFrame(1.5),
+                                                           TextFrame("later")],
+                             start_timeout=10)
+    marker = next(i for i, f in enumerate(down) if isinstance(f, TextFrame))
+    speech, _, _ = split(down[:marker])
+    assert len(speech) == -(-len(pcm) // 640), "all of it shown before the bot went on"
