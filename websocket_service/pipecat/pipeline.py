@@ -33,7 +33,7 @@ from pipecat.processors.frame_processor import FrameDirection, FrameProcessor
 from pipecat.transports.base_transport import BaseTransport, TransportParams
 
 from ..config import Settings
-from ..engines.base import SAMPLE_RATE
+from ..units import SAMPLE_RATE
 from .processor import MuseTalkProcessor
 from .remote import RemoteMuseTalkProcessor
 from .service import AvatarService

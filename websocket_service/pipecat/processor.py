@@ -30,7 +30,8 @@ from ..clock import Clock
 from ..config import Settings
 from ..cursor import Cursor
 from ..engines import create_engine
-from ..engines.base import SAMPLES_PER_FRAME, LipSyncEngine, LipSyncStream, SpeechFrame
+from ..engines.base import LipSyncEngine, LipSyncStream, SpeechFrame
+from ..units import SAMPLES_PER_FRAME
 from .service import FRAME_S, AvatarService, image_frame
 from .speech import FPS, Utterance
 

@@ -15,7 +15,7 @@ import numpy as np
 from pipecat.audio.utils import create_stream_resampler
 from pipecat.frames.frames import Frame
 
-from ..engines.base import SAMPLE_RATE, SAMPLES_PER_FRAME
+from ..units import SAMPLE_RATE, SAMPLES_PER_FRAME
 
 FPS = SAMPLE_RATE // SAMPLES_PER_FRAME  # 25 images per second of speech
 
