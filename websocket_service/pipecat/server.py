@@ -162,6 +162,9 @@ class AvatarBots:
         return session_id
 
     async def offer(self, request: SmallWebRTCRequest) -> dict[str, str] | None:
+        if request.pc_id is None and len(self.active) >= self.config.max_rtc_clients:
+            raise HTTPException(429, f"the bot is at its limit of {self.config.max_rtc_clients} "
+                                     "connections (MAX_RTC_CLIENTS); try again later")
         with host_addresses(self.config.rtc_host_addresses or None):
             return await self.handler.handle_web_request(request, self._connect)
 
