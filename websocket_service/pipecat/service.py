@@ -175,16 +175,25 @@ class AvatarService(AIService):
         return bool(self._utts) or self.clock.now() < self._speech_until
 
     async def _show(self, utt: Utterance, image: np.ndarray, sample: int) -> None:
-        """Push ``image`` and the 40 ms of ``utt`` from 16 kHz sample ``sample`` on."""
+        """Push ``image`` and the 40 ms of ``utt`` from 16 kHz sample ``sample`` on.
+
+        An interruption while pushing (the input task runs between our awaits) stops it.
+        """
+        epoch = self._epoch
         await self.push_frame(image_frame(image))
+        if epoch != self._epoch:
+            return
         await self.push_frame(TTSAudioRawFrame(utt.audio_at(sample), utt.rate, utt.channels,
                                                context_id=utt.context_id))
+        if epoch != self._epoch:
+            return
         self.speech_images += 1
         self._speech_until = max(self.clock.now(), self._speech_until) + FRAME_S
         if utt.ended and sample + SAMPLES_PER_FRAME >= utt.engine_samples:
             while self._utts and self._utts[0] is not utt:
                 self._utts.popleft()  # earlier ones the avatar did not show to the end
-            self._utts.popleft()
+            if self._utts:
+                self._utts.popleft()
             await self._pass_stop(utt)
 
     async def _show_idle(self, image: np.ndarray) -> None:
