@@ -1,0 +1,44 @@
+"""RemoteMuseTalkProcessor against the real avatar server (uvicorn on a loopback port) over
+the envelope WebSocket protocol, with the server's H.264 decoded by the processor."""
+
+from __future__ import annotations
+
+import numpy as np
+import soxr
+from pipecat.frames.frames import InterruptionFrame, TTSAudioRawFrame, TTSStoppedFrame
+from pipecat.tests.utils import SleepFrame, run_test
+
+from bench.mouth_metrics import evaluate
+from websocket_service.pipecat.remote import RemoteMuseTalkProcessor
+
+from .geometric_support import wav
+from .test_pipecat_processor import split, tts
+
+
+async def test_remote_avatar_lip_syncs_24_khz_tts_with_its_own_audio(server) -> None:
+    pcm16 = wav("speech_pauses_16k.wav")
+    pcm24 = soxr.resample(pcm16, 16000, 24000).astype(np.int16)
+    proc = RemoteMuseTalkProcessor(server.ws)
+    down, _ = await run_test(proc, frames_to_send=[SleepFrame(0.3), *tts(pcm24, 24000, 2400)],
+                             start_timeout=10)
+    speech, audio, idle = split(down)
+    assert len(speech) == proc.speech_images == -(-len(pcm16) // 640)  # duration x 25
+    played = np.frombuffer(b"".join(audio), np.int16)
+    assert np.array_equal(played[:len(pcm24)], pcm24), "each picture brings its own 40 ms"
+    last_audio = max(i for i, f in enumerate(down) if isinstance(f, TTSAudioRawFrame))
+    assert isinstance(down[last_audio + 1], TTSStoppedFrame)
+    face = server.get("/avatars/default").json()["face_box"]
+    result = evaluate(speech, pcm16, face, [idle[0]] * len(speech))
+    assert result["r"] >= 0.6, result
+    assert result["silence_ratio"] < 0.2, result
+
+
+async def test_remote_interruption_goes_back_to_idle(server) -> None:
+    pcm = np.tile(wav("short_16k.wav"), 4)
+    proc = RemoteMuseTalkProcessor(server.ws)
+    frames = [*tts(pcm, chunk=8000)[:-1], SleepFrame(1.0), InterruptionFrame(), SleepFrame(1.0)]
+    down, _ = await run_test(proc, frames_to_send=frames, start_timeout=10)
+    cut = next(i for i, f in enumerate(down) if isinstance(f, InterruptionFrame))
+    before, after = split(down[:cut]), split(down[cut:])
+    assert 0 < len(before[0]) < -(-len(pcm) // 640), "interrupted part-way"
+    assert after[0] == [] and len(after[2]) > 5, "only idle pictures after the interruption"

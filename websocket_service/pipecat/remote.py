@@ -1,0 +1,109 @@
+"""RemoteMuseTalkProcessor: the avatar service with the avatar on another machine.
+
+The bot runs anywhere (a CPU box); the avatar server (``run_server.py``, on a GPU) renders.
+Like Simli or Tavus, but our own server and protocol: TTS audio goes out as 16 kHz
+``GENERATE`` chunks (``END_OF_SPEECH`` ends each reply, ``INTERRUPT`` drops it), and the
+server's 25 fps H.264 stream comes back. Each speech frame says where its audio starts in
+all the audio sent (``frame_timestamp``, ms), so the processor pushes the picture and then
+exactly those 40 ms of the original TTS audio; idle frames are pushed as they arrive. The
+server paces the frames, so the processor needs no clock of its own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+import numpy as np
+from pipecat.frames.frames import CancelFrame, EndFrame, StartFrame
+
+from ..units import SAMPLES_PER_FRAME
+from .remote_client import RemoteAvatarClient, RemoteFrame
+from .service import AvatarService
+from .speech import Utterance
+
+log = logging.getLogger(__name__)
+
+DRAIN_TIMEOUT_S = 30.0
+SAMPLES_PER_MS = 16
+
+
+class RemoteMuseTalkProcessor(AvatarService):
+    """Lip-synced video from an avatar server at ``url`` (``ws://host:8000``)."""
+
+    def __init__(self, url: str, *, user_id: str = "pipecat", auth_token: str | None = None,
+                 resolution: str | None = None, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.client = RemoteAvatarClient(url, user_id, auth_token, resolution)
+        self._reader: asyncio.Task[None] | None = None
+        self._connected = False
+
+    @property
+    def ready(self) -> bool:
+        return self._connected
+
+    async def start(self, frame: StartFrame) -> None:
+        await super().start(frame)
+        info = await self.client.connect()
+        log.info("avatar server: engine %s, avatar %s, %s", info.get("engine"),
+                 info.get("avatar"), (info.get("video_config") or {}).get("resolution"))
+        self._connected = True
+        self._reader = self.create_task(self._read(), "remote-avatar-reader")
+
+    async def stop(self, frame: EndFrame) -> None:
+        await super().stop(frame)
+        if self._connected:
+            await self._drain(DRAIN_TIMEOUT_S)
+        await self._shutdown()
+
+    async def cancel(self, frame: CancelFrame) -> None:
+        await super().cancel(frame)
+        await self._shutdown()
+
+    async def _shutdown(self) -> None:
+        self._connected = False
+        if self._reader is not None:
+            await self.cancel_task(self._reader)
+            self._reader = None
+        await self.client.close()
+        self._utts.clear()
+
+    # ------------------------------------------------------------------ to the server
+    async def _speech_in(self, pcm: np.ndarray) -> None:
+        await self.client.send_audio(pcm)
+
+    async def _speech_end(self) -> None:
+        await self.client.end_of_speech()
+
+    async def _speech_interrupt(self) -> None:
+        if self._connected:
+            await self.client.interrupt()
+
+    # ------------------------------------------------------------------ from the server
+    async def _read(self) -> None:
+        async for event in self.client.events():
+            await self._end_if_quiet(self.clock.now())
+            if isinstance(event, RemoteFrame):
+                await self._frame(event)
+            elif event.get("type") == "ERROR":
+                log.warning("avatar server: %s %s", event.get("code"), event.get("message"))
+                await self.push_error(f"avatar server: {event.get('code')}: {event.get('message')}")
+        if self._connected:
+            await self.push_error("avatar server closed the connection",
+                                  force_treat_as_permanent=True)
+
+    async def _frame(self, f: RemoteFrame) -> None:
+        if f.utterance_id is None:
+            await self._show_idle(f.image)
+            return
+        sample = f.timestamp_ms * SAMPLES_PER_MS  # in all the audio sent
+        utt = self._utterance_at(sample)
+        if utt is not None:  # else: speech from before an interruption, still in flight
+            await self._show(utt, f.image, sample - utt.offset)
+
+    def _utterance_at(self, sample: int) -> Utterance | None:
+        for utt in self._utts:
+            if utt.offset <= sample < utt.offset + max(utt.engine_samples, SAMPLES_PER_FRAME):
+                return utt
+        return None
