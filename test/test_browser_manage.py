@@ -81,26 +81,31 @@ def _open(browser: Browser, base_url: str) -> tuple[Page, list[str]]:
     return page, errors
 
 
-def _session_on(page: Page, base_url: str) -> dict[str, Any]:
-    """Connect over WebRTC, wait for decoded video, and return the session the page opened."""
+def _session_on(page: Page, base_url: str, transport: str = "webrtc") -> dict[str, Any]:
+    """Connect, wait for decoded video, and return the session the page opened."""
+    page.check(f"input[name=transport][value={transport}]")
     page.click("#connect")
-    page.wait_for_function("window.__stats.webrtcFramesDecoded > 25", timeout=20_000)
+    counter = "webrtcFramesDecoded" if transport == "webrtc" else "wsFramesDecoded"
+    page.wait_for_function(f"window.__stats.{counter} > 25", timeout=20_000)
     sid = page.evaluate("window.__stats.sessionId")
     session = httpx.get(f"{base_url}/sessions/{sid}", headers=AUTH).json()
     page.click("#disconnect")
     return session
 
 
+@pytest.mark.parametrize("transport", ["webrtc", "ws"])
 def test_status_and_the_picker_start_a_session_on_a_prepared_avatar(browser: Browser,
-                                                                     base_url: str) -> None:
+                                                                     base_url: str,
+                                                                     transport: str) -> None:
     page, errors = _open(browser, base_url)
     assert page.text_content("#engineStatus").startswith("engine geometric · loaded")
     assert page.is_hidden("#demoMode")
     options = page.eval_on_selector_all("#avatar option", "os => os.map(o => o.value)")
     assert {"astro", "default"} <= set(options)
     page.select_option("#avatar", "astro")
-    session = _session_on(page, base_url)
-    assert session["avatar"] == "astro" and session["transport"] == "webrtc"
+    session = _session_on(page, base_url, transport)
+    assert session["avatar"] == "astro"
+    assert session["transport"] == ("webrtc" if transport == "webrtc" else "websocket")
     assert not errors and not page.evaluate("window.__stats.errors")
     page.close()
 

@@ -45,8 +45,7 @@ function setConnected(on) {
   $("disconnect").disabled = !wanted;
   for (const id of ["speak", "mic", "interrupt"]) $(id).disabled = !on;
   document.querySelectorAll("input[name=transport]").forEach((r) => (r.disabled = wanted));
-  // the WebSocket client opens sessions on the default avatar
-  $("avatar").disabled = wanted || transport() !== "webrtc";
+  $("avatar").disabled = wanted;
   $("placeholder").hidden = on;
 }
 
@@ -109,7 +108,7 @@ async function connect() {
       await client.connect();
       showActions(await actionsFor(client.sessionId));
     } else {
-      client = new WsClient({ ...opts, canvas: $("canvas") });
+      client = new WsClient({ ...opts, canvas: $("canvas"), avatarId: avatars.selected });
       const init = await client.connect();
       showActions(init.actions);
     }

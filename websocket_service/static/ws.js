@@ -40,8 +40,8 @@ export function unwrap(env) {
 }
 
 export class WsClient {
-  constructor({ canvas, userId, log, onEvent, onClose }) {
-    Object.assign(this, { canvas, userId, log, onEvent, onClose });
+  constructor({ canvas, userId, avatarId, log, onEvent, onClose }) {
+    Object.assign(this, { canvas, userId, avatarId, log, onEvent, onClose });
     this.g = canvas.getContext("2d");
     this.audio = new AudioContext({ sampleRate: RATE });
     this.player = new UtterancePlayer(this.audio);
@@ -57,7 +57,7 @@ export class WsClient {
     this._newDecoder();
     return new Promise((resolve, reject) => {
       this.ws.onopen = () => this.ws.send(JSON.stringify(envelope("INIT", this.sessionId,
-        withToken({ user_id: this.userId, video_config: { resolution: "512x512", fps: 25 } }))));
+        withToken({ user_id: this.userId, video_config: this._videoConfig() }))));
       this.ws.onmessage = (e) => {
         const msg = unwrap(JSON.parse(e.data));
         if (msg.type === "INIT_SUCCESS") resolve(msg);
@@ -66,6 +66,12 @@ export class WsClient {
       };
       this.ws.onclose = (e) => { reject(new Error(`closed (${e.code})`)); this._closed(e); };
     });
+  }
+
+  _videoConfig() {
+    const vc = { resolution: "512x512", fps: 25 };
+    if (this.avatarId) vc.avatar_id = this.avatarId;
+    return vc;
   }
 
   _newDecoder() {
