@@ -44,7 +44,7 @@ async def test_viewers_get_the_same_packets_and_cannot_control(server):
     owner, _ = await Client.connect(server.ws, "owner")
     await owner.recv_for(0.3)
     views = [await viewer(server, owner.session_id, f"v{i}") for i in range(3)]
-    for v, reply in views:
+    for _, reply in views:
         assert reply["type"] == "INIT_SUCCESS" and reply["viewer"] is True
         assert reply["session_id"] == owner.session_id
     stalled = stalled_viewer(server.settings.port, owner.session_id)
