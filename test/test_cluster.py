@@ -234,6 +234,26 @@ async def test_sessions_spread_full_cluster_refuses_and_a_replica_kill_spares_th
         await p.close()
 
 
+async def test_draining_finishes_open_sessions_and_sends_new_ones_away(cluster: Cluster) -> None:
+    """Last in the module: it deletes the session application."""
+    pcm = read_wav(FIXTURES / "short_16k.wav")
+    peer, reply = await open_session(cluster, "staying")
+    assert reply["type"] == "INIT_SUCCESS", reply
+    drain = asyncio.create_task(asyncio.to_thread(runner.drain_sessions, 0.2))
+    while "/musetalk" in cluster.get("/-/routes"):  # the route goes first
+        await asyncio.sleep(0.1)
+    late = await websockets.connect(f"{cluster.ws}/musetalk/v1/ws/late")
+    with pytest.raises(websockets.ConnectionClosed) as refused:
+        await late.recv()
+    assert refused.value.rcvd is not None and refused.value.rcvd.code == 1013
+    # the open session still streams and speaks while its replica waits for it
+    n = await peer.speak(pcm)
+    await peer.until(lambda: peer.utterances() and len(peer.utterances()[0]) >= n)
+    assert peer.utterances() == [list(range(n))] and not drain.done()
+    await peer.close()
+    await asyncio.wait_for(drain, 60)
+
+
 def test_settings_reach_replicas_as_absolute_paths(tmp_path: Path,
                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)

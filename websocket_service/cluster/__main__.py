@@ -1,7 +1,7 @@
 """``python -m websocket_service.cluster``: the service on Ray Serve (scripts/serve_cluster.sh).
 
-SIGTERM or Ctrl-C: delete the applications (each replica takes no new sessions and waits up to
-``DRAIN_TIMEOUT_S`` for its open ones), stop Serve, and stop Ray if this process started it.
+SIGTERM or Ctrl-C: drain (the session replicas take no new sessions and wait up to
+``DRAIN_TIMEOUT_S`` for their open ones), then stop Serve, and Ray if this process started it.
 A second signal stops at once.
 """
 
@@ -31,13 +31,18 @@ def main() -> None:
         log.info("signal %d: draining, then shutting down (again to stop at once)", signum)
         stop.set()
 
+    started = runner.start_ray(cluster)
+    # after ray.init, which installs a SIGTERM handler of its own that exits at once
     signal.signal(signal.SIGTERM, _on_signal)
     signal.signal(signal.SIGINT, _on_signal)
-    started = runner.start_ray(cluster)
     try:
         runner.deploy(settings, cluster)
         while not stop.wait(1.0):
             pass
+        runner.drain_sessions()
+        log.info("drained; shutting down")
+    except KeyboardInterrupt:
+        log.info("stopping without waiting for open sessions")
     finally:
         runner.shutdown(started)
 

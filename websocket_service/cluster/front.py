@@ -15,8 +15,8 @@ import re
 from typing import Any
 
 import httpx
-from fastapi import APIRouter, Depends, FastAPI, Request, Response
-from fastapi.routing import APIRoute
+from fastapi import APIRouter, Depends, FastAPI, Request, Response, WebSocket
+from fastapi.routing import APIRoute, APIWebSocketRoute
 from ray.serve.handle import DeploymentHandle
 from starlette.types import ASGIApp
 
@@ -26,6 +26,7 @@ from ..manager import Services
 
 #: how long the front waits for the replicas' answers
 GATHER_TIMEOUT_S = 5.0
+CLOSE_TRY_AGAIN = 1013
 FORWARDED_HEADERS = ("authorization", "content-type")
 
 router = APIRouter(dependencies=[Depends(require_token)], responses=UNAUTHORIZED)
@@ -147,10 +148,20 @@ def merge_metrics(texts: dict[str, str]) -> str:
     return "\n".join(lines) + "\n"
 
 
+async def no_sessions_here(ws: WebSocket) -> None:
+    """Sockets reach the front only while the session application is not deployed (e.g. it is
+    draining): the front must not hold sessions itself."""
+    await ws.accept()
+    await ws.close(CLOSE_TRY_AGAIN, "no session replica is taking sessions; try again later")
+
+
 def install(app: FastAPI, replicas: DeploymentHandle) -> None:
-    """Put the cluster's routes in place of the single-process ones with the same path."""
+    """Put the cluster's routes in place of the single-process ones with the same path, and
+    refuse sessions (they belong on the session replicas)."""
     app.state.replicas = replicas
     routes = app.router.routes
+    routes[:] = [r for r in routes if not isinstance(r, APIWebSocketRoute)]
+    app.add_api_websocket_route("/musetalk/{path:path}", no_sessions_here)
     for new in [*router.routes, *open_router.routes]:
         assert isinstance(new, APIRoute)
         same = [i for i, old in enumerate(routes) if isinstance(old, APIRoute)

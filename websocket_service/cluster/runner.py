@@ -6,6 +6,7 @@ Shared by ``python -m websocket_service.cluster`` and the tests.
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any
 
 import ray
@@ -39,9 +40,17 @@ def deploy(settings: Settings, cluster: ClusterSettings) -> None:
              serve.status().applications.keys())
 
 
+def drain_sessions(poll_s: float = 1.0) -> None:
+    """Delete the session application and wait until it is gone: new sockets find no route at
+    once, while each replica lets its open sessions finish (up to ``DRAIN_TIMEOUT_S``) before
+    it stops. The proxy stays up meanwhile: stopping Serve would cut every open socket."""
+    serve.delete(deployments.SESSION_APP, _blocking=False)
+    while deployments.SESSION_APP in serve.status().applications:
+        time.sleep(poll_s)
+
+
 def shutdown(started_ray: bool) -> None:
-    """Delete the applications (replicas drain for up to DRAIN_TIMEOUT_S), stop Serve, and stop
-    Ray when this process started it."""
+    """Stop Serve (what is still open is cut), and Ray when this process started it."""
     try:
         serve.shutdown()
     finally:
