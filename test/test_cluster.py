@@ -12,6 +12,7 @@ import json
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -52,11 +53,13 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
                         # the test counts every frame: a stall of the shared machine must not
                         # cost frames (drop-oldest for slow readers, overdue speech dropped)
                         max_speech_lag_frames=10_000, send_queue_frames=250)
-    Services(settings).ensure_default_avatar()  # once, not once per replica
     # half a CPU each: Ray may start a replacement replica while the killed one's CPU is held
     spec = ClusterSettings(replicas=2, replica_cpus=0.5, drain_timeout_s=5.0,
                            max_queued_sessions=1, ray_address=None)
-    started = runner.start_ray(spec, num_cpus=2)
+    with ThreadPoolExecutor(1) as pool:  # the avatar is built once (not per replica) meanwhile
+        avatar = pool.submit(lambda: Services(settings).ensure_default_avatar())
+        started = runner.start_ray(spec, num_cpus=2)
+        avatar.result()
     try:
         runner.deploy(settings, spec)
         yield Cluster(port)

@@ -127,6 +127,7 @@ def build(settings: Settings, cluster: ClusterSettings) -> dict[str, Any]:
 
 
 def run(settings: Settings, cluster: ClusterSettings) -> None:
-    """Deploy both applications on the connected Ray cluster (Serve must be started)."""
-    for name, (application, prefix) in build(settings, cluster).items():
-        serve.run(application, name=name, route_prefix=prefix)
+    """Deploy both applications at once on the connected Ray cluster (Serve must be started)
+    and wait until they run."""
+    serve.run_many([serve.RunTarget(application, name=name, route_prefix=prefix)
+                    for name, (application, prefix) in build(settings, cluster).items()])
