@@ -7,7 +7,8 @@
 #   MAX_SESSIONS (per replica), REPLICA_GPUS (1 per replica for MuseTalk), REPLICA_CPUS,
 #   DRAIN_TIMEOUT_S, MAX_QUEUED_SESSIONS, and every service setting (.env.example).
 # SIGTERM or Ctrl-C: replicas drain (up to DRAIN_TIMEOUT_S), then Serve stops, and Ray too if
-# this script started it; a second signal stops at once.
+# this script started it; a second signal stops at once. SIGTERM this process only, not its
+# process group (Ray's own servers are in it): systemd KillMode=mixed (docs/DEPLOYMENT.md).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 [ -x .venv/bin/python ] || python3 -m venv .venv
