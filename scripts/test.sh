@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Install everything the tests need (system packages, .venv with the neural extra on a
-# CPU torch, the pipecat extra, WebRTC and browser tooling) and run lint plus the whole
-# test suite.
+# CPU torch, the pipecat extra, Ray Serve for the cluster test, WebRTC and browser tooling)
+# and run lint plus the whole test suite.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -21,7 +21,7 @@ py=.venv/bin/python
 $py -m pip install -q --upgrade pip
 # torch first and pinned: a CPU build; an open range would pull a multi-GB CUDA build
 $py -m pip install -q torch==2.13.0
-$py -m pip install -q -e '.[musetalk,test,pipecat]'
+$py -m pip install -q -e '.[musetalk,test,pipecat,cluster]'
 
 $py -m ruff check websocket_service test bench scripts run_server.py start_pipecat_server.py
 $py -m mypy websocket_service

@@ -1,0 +1,282 @@
+"""The service on Ray Serve: Ray in this process, two CPU replicas of the real service.
+
+One Ray start for the module. Sessions speak the enveloped protocol
+(``{"type", "session_id", "data"}``), stream real-time speech and decode every H.264 frame.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import av
+import httpx
+import pytest
+import websockets
+
+from websocket_service.cluster import deployments, runner
+from websocket_service.cluster.settings import ClusterSettings
+from websocket_service.config import Settings
+from websocket_service.manager import Services
+
+from .conftest import FIXTURES
+from .live_server import free_port
+from .wsclient import read_wav
+
+MAX_SESSIONS = 2
+CHUNK = 1280  # 40 ms of 16 kHz s16le: one frame's audio
+
+
+class Cluster:
+    def __init__(self, port: int) -> None:
+        self.http = f"http://127.0.0.1:{port}"
+        self.ws = f"ws://127.0.0.1:{port}"
+
+    def get(self, path: str) -> Any:
+        r = httpx.get(self.http + path, timeout=30)
+        r.raise_for_status()
+        return r.json() if r.headers["content-type"].startswith("application/json") else r.text
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    port = free_port()
+    settings = Settings(avatars_dir=tmp_path_factory.mktemp("cluster-avatars"), port=port,
+                        host="127.0.0.1", max_sessions=MAX_SESSIONS, init_timeout_s=5.0,
+                        # the test counts every frame: a stall of the shared machine must not
+                        # cost frames (drop-oldest for slow readers, overdue speech dropped)
+                        max_speech_lag_frames=10_000, send_queue_frames=250)
+    # half a CPU each: Ray may start a replacement replica while the killed one's CPU is held
+    spec = ClusterSettings(replicas=2, replica_cpus=0.5, drain_timeout_s=5.0,
+                           max_queued_sessions=1, ray_address=None)
+    with ThreadPoolExecutor(1) as pool:  # the avatar is built once (not per replica) meanwhile
+        avatar = pool.submit(lambda: Services(settings).ensure_default_avatar())
+        started = runner.start_ray(spec, num_cpus=2)
+        avatar.result()
+    try:
+        runner.deploy(settings, spec)
+        yield Cluster(port)
+    finally:
+        runner.shutdown(started)
+
+
+def envelope(type_: str, session_id: str, data: dict[str, Any]) -> dict[str, Any]:
+    return {"type": type_, "session_id": session_id, "data": data}
+
+
+def opened(msg: dict[str, Any]) -> dict[str, Any]:
+    return msg
+
+
+class Peer:
+    """A client of the enveloped protocol: records every message, decodes every frame."""
+
+    def __init__(self, ws: Any, user_id: str) -> None:
+        self.ws = ws
+        self.user_id = user_id
+        self.session_id = str(uuid.uuid4())
+        self.frames: list[dict[str, Any]] = []
+        self.events: list[dict[str, Any]] = []
+        self.decoder = av.CodecContext.create("h264", "r")
+        self.changed = asyncio.Condition()
+        self.reader: asyncio.Task[None] | None = None
+        self.close_code: int | None = None
+        self.closed = False
+
+    @classmethod
+    async def open(cls, base: str, user_id: str) -> Peer:
+        ws = await websockets.connect(f"{base}/musetalk/v1/ws/{user_id}", max_size=2**24)
+        peer = cls(ws, user_id)
+        await peer.send("INIT", user_id=user_id,
+                        video_config={"resolution": "512x512", "fps": 25})
+        peer.reader = asyncio.create_task(peer._read())
+        return peer
+
+    async def send(self, type_: str, **data: Any) -> None:
+        await self.ws.send(json.dumps(envelope(type_, self.session_id, data)))
+
+    async def _read(self) -> None:
+        try:
+            async for raw in self.ws:
+                msg = opened(json.loads(raw))
+                assert msg.get("session_id") in (self.session_id, None), msg
+                if msg["type"] == "VIDEO_FRAME":
+                    frame = msg["data"]
+                    out = self.decoder.decode(av.Packet(base64.b64decode(frame["frame_data"])))
+                    assert len(out) == 1, f"frame {frame['frame_index']} did not decode"
+                    self.frames.append(frame)
+                else:
+                    self.events.append(msg)
+                async with self.changed:
+                    self.changed.notify_all()
+        except websockets.ConnectionClosed:
+            pass
+        finally:
+            self.close_code = self.ws.close_code
+            self.closed = True
+            async with self.changed:
+                self.changed.notify_all()
+
+    async def until(self, pred: Callable[[], Any], timeout: float = 30.0) -> Any:
+        """Wait for what has arrived to satisfy ``pred`` (or for the socket to close); return
+        ``pred()``."""
+        try:
+            async with self.changed:
+                await asyncio.wait_for(self.changed.wait_for(lambda: pred() or self.closed),
+                                       timeout)
+        except TimeoutError:
+            raise AssertionError(
+                f"{self.user_id}: waited {timeout} s; {len(self.frames)} frames, utterances of "
+                f"{[len(u) for u in self.utterances()]} frames, events "
+                f"{[e['type'] for e in self.events]}") from None
+        return pred()
+
+    def event(self, type_: str) -> dict[str, Any] | None:
+        return next((e for e in self.events if e["type"] == type_), None)
+
+    async def speak(self, pcm: bytes) -> int:
+        """Send speech as 40 ms chunks at the pace of a live source; the number of chunks."""
+        t0 = time.monotonic()
+        for k, i in enumerate(range(0, len(pcm), CHUNK)):
+            piece = pcm[i:i + CHUNK]
+            await self.send("GENERATE", audio_chunk={
+                "format": "pcm_s16le", "sample_rate": 16000, "channels": 1,
+                "duration_ms": len(piece) / 32, "data": base64.b64encode(piece).decode()})
+            await asyncio.sleep(max(0.0, t0 + (k + 1) * 0.04 - time.monotonic()))
+        await self.send("END_OF_SPEECH")
+        return -(-len(pcm) // CHUNK)
+
+    def utterances(self) -> list[list[int]]:
+        """Each utterance's frame numbers as they arrived."""
+        out: dict[str, list[int]] = {}
+        for f in self.frames:
+            if f.get("utterance_frame") is not None:
+                out.setdefault(f["utterance_id"], []).append(f["utterance_frame"])
+        return list(out.values())
+
+    async def close(self) -> None:
+        await self.ws.close()
+        if self.reader is not None:
+            await self.reader
+
+
+def assert_on_timeline(frames: list[dict[str, Any]], utterance_ms: float) -> None:
+    """Frame n of the 25 fps timeline is stamped n * 40 ms; a speech frame instead carries the
+    audio time of its own 40 ms chunk (utterances of ``utterance_ms`` each, one after another)."""
+    indices = [f["frame_index"] for f in frames]
+    assert indices == sorted(set(indices))
+    order: list[str] = []
+    for f in frames:
+        if f.get("utterance_frame") is None:
+            assert f["frame_timestamp"] == 40 * f["frame_index"], f["frame_index"]
+            continue
+        if f["utterance_id"] not in order:
+            order.append(f["utterance_id"])
+        start = order.index(f["utterance_id"]) * utterance_ms
+        assert f["frame_timestamp"] == round(start + 40 * f["utterance_frame"]), f["frame_index"]
+
+
+async def open_session(cluster: Cluster, user_id: str) -> tuple[Peer, dict[str, Any]]:
+    peer = await Peer.open(cluster.ws, user_id)
+    reply = await peer.until(lambda: peer.events[0] if peer.events else None, timeout=30)
+    return peer, reply
+
+
+async def test_sessions_spread_full_cluster_refuses_and_a_replica_kill_spares_the_other(
+        cluster: Cluster) -> None:
+    pcm = read_wav(FIXTURES / "short_16k.wav")
+    utterance_ms = len(pcm) / 32  # s16le at 16 kHz: 32 bytes per ms
+    peers: list[Peer] = []
+    for i in range(2 * MAX_SESSIONS):
+        peer, reply = await open_session(cluster, f"user{i}")
+        assert reply["type"] == "INIT_SUCCESS", reply
+        peers.append(peer)
+    replica_of = {p.session_id: p.event("INIT_SUCCESS")["data"]["replica_id"] for p in peers}
+    by_replica: dict[str, int] = {}
+    for rid in replica_of.values():
+        by_replica[rid] = by_replica.get(rid, 0) + 1
+    assert sorted(by_replica.values()) == [MAX_SESSIONS, MAX_SESSIONS], by_replica
+
+    # the REST front gathers from every replica
+    listed = cluster.get("/sessions")
+    assert listed["count"] == 2 * MAX_SESSIONS
+    assert {s["session_id"]: s["replica_id"] for s in listed["sessions"]} == replica_of
+    assert sorted(r["count"] for r in listed["replicas"]) == [MAX_SESSIONS, MAX_SESSIONS]
+    metrics = cluster.get("/metrics")
+    for rid in by_replica:
+        assert f'avatar_sessions{{replica="{rid}"}} {MAX_SESSIONS}' in metrics
+    # session controls reach the replica that holds the session
+    for peer in peers:
+        ack = httpx.post(f"{cluster.http}/sessions/{peer.session_id}/end_of_speech", timeout=30)
+        assert ack.status_code == 200 and ack.json()["session_id"] == peer.session_id
+    missing = httpx.post(f"{cluster.http}/sessions/nope/interrupt", timeout=30)
+    assert missing.status_code == 404 and missing.json()["code"] == "INVALID_SESSION"
+
+    # the cluster is full: a fifth session is refused with the protocol's error, at once
+    fifth, reply = await open_session(cluster, "user-fifth")
+    assert reply["type"] == "ERROR" and reply["data"]["code"] == "RATE_LIMIT_EXCEEDED", reply
+    await fifth.until(lambda: fifth.close_code is not None)
+    assert fifth.close_code == 1013
+
+    # every session speaks: one lip-synced frame per 40 ms of audio, on the 25 fps timeline
+    chunks = await asyncio.gather(*(p.speak(pcm) for p in peers))
+    for peer, n in zip(peers, chunks, strict=True):
+        await peer.until(lambda peer=peer, n=n: peer.utterances() and len(peer.utterances()[0]) >= n)
+        assert peer.utterances() == [list(range(n))]
+        assert_on_timeline(peer.frames, utterance_ms)
+
+    # kill one replica: its sockets drop, the other replica's sessions keep streaming and speaking
+    import ray  # here: websocket_service.cluster, imported first, keeps Ray on loopback
+    victim = next(iter(by_replica))
+    actor = next(a for a in ray.util.list_named_actors(all_namespaces=True)
+                 if a["name"].endswith(victim) and deployments.SESSION_DEPLOYMENT in a["name"])
+    ray.kill(ray.get_actor(actor["name"], namespace=actor["namespace"]), no_restart=True)
+    doomed = [p for p in peers if replica_of[p.session_id] == victim]
+    spared = [p for p in peers if replica_of[p.session_id] != victim]
+    for p in doomed:
+        await p.until(lambda p=p: p.close_code is not None)
+        assert p.close_code not in (1000, None)
+    await asyncio.gather(*(p.speak(pcm) for p in spared))
+    for peer in spared:
+        n = chunks[0]
+        await peer.until(lambda peer=peer, n=n: len(peer.utterances()) == 2
+                         and len(peer.utterances()[1]) >= n)
+        assert peer.utterances() == [list(range(n))] * 2
+        assert peer.close_code is None
+        assert_on_timeline(peer.frames, utterance_ms)
+    for p in spared:
+        await p.close()
+
+
+async def test_draining_finishes_open_sessions_and_sends_new_ones_away(cluster: Cluster) -> None:
+    """Last in the module: it deletes the session application."""
+    pcm = read_wav(FIXTURES / "short_16k.wav")
+    peer, reply = await open_session(cluster, "staying")
+    assert reply["type"] == "INIT_SUCCESS", reply
+    drain = asyncio.create_task(asyncio.to_thread(runner.drain_sessions, 0.2))
+    while "/musetalk" in cluster.get("/-/routes"):  # the route goes first
+        await asyncio.sleep(0.1)
+    late = await websockets.connect(f"{cluster.ws}/musetalk/v1/ws/late")
+    with pytest.raises(websockets.ConnectionClosed) as refused:
+        await late.recv()
+    assert refused.value.rcvd is not None and refused.value.rcvd.code == 1013
+    # the open session still streams and speaks while its replica waits for it
+    n = await peer.speak(pcm)
+    await peer.until(lambda: peer.utterances() and len(peer.utterances()[0]) >= n)
+    assert peer.utterances() == [list(range(n))] and not drain.done()
+    await peer.close()
+    await asyncio.wait_for(drain, 60)
+
+
+def test_settings_reach_replicas_as_absolute_paths(tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    shipped = deployments.replica_settings(Settings(avatars_dir=Path("a"), media_dir=Path("m")))
+    assert shipped.avatars_dir == tmp_path / "a" and shipped.media_dir == tmp_path / "m"

@@ -1,0 +1,133 @@
+"""The two Serve applications: session replicas behind ``/musetalk`` and a REST front.
+
+Every session replica is the whole service in one process (engine, avatars, sessions,
+encoders), built by :func:`~websocket_service.app.create_app`, so a session behaves exactly as
+on one host. Serve's proxy pins a WebSocket to the replica it picked at connect (power of two
+choices: the less busy of two) and counts it as one ongoing request for as long as it is open:
+
+* ``max_ongoing_requests`` is ``MAX_SESSIONS`` plus one *control slot*: Serve makes every call
+  to a replica take a slot, the front's calls too (``/sessions``, ``/metrics``, forwarded
+  session controls), so a replica full of sessions must keep one for them. A socket that lands
+  in it is refused by the replica's own limit at INIT (``RATE_LIMIT_EXCEEDED``, close 1013),
+  as on one host: a full cluster refuses quickly with the protocol's error;
+* the autoscaler (``target_ongoing_requests``) counts open sessions;
+* a replica chosen for shutdown leaves the routers' replica set at once (no new sessions) and
+  Serve waits ``graceful_shutdown_timeout_s`` (``DRAIN_TIMEOUT_S``) for its open sockets before
+  the app's shutdown closes what is left;
+* ``request_timeout_s`` would cut open sockets too, so it stays unset.
+
+REST, ``/docs`` and ``/metrics`` go to a CPU front (route prefix ``/``) so that they never wait
+for a session slot; what needs every replica it gathers with ``DeploymentHandle.broadcast``
+(:mod:`.front`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ray import serve
+from ray.serve.handle import DeploymentHandle
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from ..app import create_app
+from ..config import Settings
+from ..manager import Services
+from . import front
+from .settings import ClusterSettings
+
+SESSION_APP = "avatar-sessions"
+FRONT_APP = "avatar"
+SESSION_PREFIX = "/musetalk"  # the WebSocket protocol and WebRTC signaling live under it
+SESSION_DEPLOYMENT = "SessionReplica"
+FRONT_DEPLOYMENT = "RestFront"
+#: replica slots beyond MAX_SESSIONS for the front's calls (see the module docstring)
+CONTROL_SLOTS = 1
+
+
+class _AtRoot:
+    """Serve sets ``root_path`` to the application's route prefix and Starlette then strips it
+    from the path; the service's routes already carry ``/musetalk``, so undo that."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "lifespan":
+            scope = {**scope, "root_path": ""}
+        await self.app(scope, receive, send)
+
+
+@serve.ingress()
+class SessionReplica:
+    """One session replica: the whole service; :mod:`.front` calls the methods below on each."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.services = Services(settings)
+        # INIT_SUCCESS carries it, so a client knows which replica serves its session
+        self.services.replica_id = serve.get_replica_context().replica_tag
+
+    def __serve_build_asgi_app__(self) -> ASGIApp:
+        self.service_app = create_app(services=self.services)
+        return _AtRoot(self.service_app)
+
+    async def sessions(self) -> dict[str, Any]:
+        """This replica's part of ``GET /sessions``."""
+        return front.replica_sessions(self.services)
+
+    async def metrics(self) -> dict[str, Any]:
+        """This replica's ``GET /metrics`` text."""
+        return front.replica_metrics(self.services)
+
+    async def forward(self, session_id: str, request: dict[str, Any]) -> dict[str, Any] | None:
+        """A session-control request for ``session_id``, if this replica holds the session."""
+        return await front.replica_forward(self.services, self.service_app, session_id, request)
+
+
+@serve.ingress()
+class RestFront:
+    """REST, the OpenAPI docs, the demo page and ``/metrics``, without an engine of its own
+    (the weight-free one prepares avatars' frames; each replica adds its engine's analysis
+    when it first loads one)."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+
+    def __serve_build_asgi_app__(self) -> ASGIApp:
+        replicas: DeploymentHandle = serve.get_deployment_handle(SESSION_DEPLOYMENT, SESSION_APP)
+        app = create_app(self.settings)
+        front.install(app, replicas)
+        return app
+
+
+def replica_settings(settings: Settings) -> Settings:
+    """Settings shipped to replicas on other machines: absolute paths, nothing from a ``.env``
+    that is not there."""
+    return settings.model_copy(update={
+        "avatars_dir": settings.avatars_dir.resolve(), "model_path": settings.model_path.resolve(),
+        "media_dir": settings.media_dir.resolve()})
+
+
+def build(settings: Settings, cluster: ClusterSettings) -> dict[str, Any]:
+    """The two applications, bound: ``{name: (application, route_prefix)}`` for ``serve.run``."""
+    settings = replica_settings(settings)
+    sessions = serve.deployment(
+        name=SESSION_DEPLOYMENT,
+        max_ongoing_requests=settings.max_sessions + CONTROL_SLOTS,
+        max_queued_requests=cluster.max_queued_sessions,
+        graceful_shutdown_timeout_s=cluster.drain_timeout_s,
+        graceful_shutdown_wait_loop_s=1.0,
+        ray_actor_options={"num_cpus": cluster.replica_cpus, "num_gpus": cluster.replica_gpus},
+        **cluster.scaling(settings.max_sessions))(SessionReplica)
+    rest_settings = settings.model_copy(update={"engine": "geometric", "encoder_processes": 0})
+    rest = serve.deployment(
+        name=FRONT_DEPLOYMENT,
+        num_replicas=1, max_ongoing_requests=64, ray_actor_options={"num_cpus": 0})(RestFront)
+    return {SESSION_APP: (sessions.bind(settings), SESSION_PREFIX),
+            FRONT_APP: (rest.bind(rest_settings), "/")}
+
+
+def run(settings: Settings, cluster: ClusterSettings) -> None:
+    """Deploy both applications at once on the connected Ray cluster (Serve must be started)
+    and wait until they run."""
+    serve.run_many([serve.RunTarget(application, name=name, route_prefix=prefix)
+                    for name, (application, prefix) in build(settings, cluster).items()])
