@@ -198,3 +198,22 @@ def test_spec_documents_every_error_code_and_message_type():
     spec = (ROOT / "musetalk_websocket_spec.md").read_text()
     missing = [c for c in ERROR_CODES + CLIENT_TYPES if f"`{c}`" not in spec]
     assert not missing, f"undocumented in the spec: {missing}"
+
+
+# ---------------------------------------------------------------- face detector
+def test_an_opencv_without_cascades_fails_with_the_fix(monkeypatch: pytest.MonkeyPatch) -> None:
+    """OpenCV 5.x wheels ship no Haar cascades: say what to install, do not guess a face."""
+    import cv2
+
+    from websocket_service.avatars.face import FaceDetectorUnavailable, cascade, detect_face
+
+    monkeypatch.setattr(cv2.data, "haarcascades", "/nonexistent/")
+    cascade.cache_clear()
+    try:
+        with pytest.raises(FaceDetectorUnavailable, match=r"opencv-python-headless>=4\.8,<5") as exc:
+            detect_face(np.zeros((64, 64, 3), np.uint8))
+        assert exc.value.code == "PROCESSING_ERROR"  # a prepare job reports it as it is
+    finally:
+        monkeypatch.undo()
+        cascade.cache_clear()
+    assert detect_face(np.zeros((64, 64, 3), np.uint8)) is None  # the real cascades again

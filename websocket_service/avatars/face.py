@@ -1,4 +1,9 @@
-"""Offline face localisation with the Haar cascades that ship inside OpenCV 4.x wheels."""
+"""Offline face localisation with the Haar cascades that ship inside OpenCV 4.x wheels.
+
+OpenCV 5.x wheels ship no cascades (and the headless build has no ``CascadeClassifier``):
+there :func:`cascade` raises :class:`FaceDetectorUnavailable` naming the fix, rather than
+failing somewhere deeper or silently guessing a face box.
+"""
 
 from __future__ import annotations
 
@@ -7,15 +12,26 @@ from functools import cache
 import cv2
 import numpy as np
 
+from ..errors import ProcessingError
+
 Box = tuple[int, int, int, int]  # x, y, w, h
 
 
+class FaceDetectorUnavailable(ProcessingError):
+    """This OpenCV has no Haar cascades (OpenCV 5.x): faces cannot be found."""
+
+
 @cache
-def _cascade(name: str) -> cv2.CascadeClassifier:
-    path = cv2.data.haarcascades + name  # type: ignore[attr-defined]
-    clf = cv2.CascadeClassifier(path)
+def cascade(name: str) -> cv2.CascadeClassifier:
+    """A Haar cascade of this OpenCV, or FaceDetectorUnavailable saying how to get one."""
+    fix = ("the avatar face detector needs OpenCV 4.x's Haar cascades: install "
+           "'opencv-python-headless>=4.8,<5' (this project's pinned range)")
+    folder = getattr(getattr(cv2, "data", None), "haarcascades", None)
+    if folder is None or not hasattr(cv2, "CascadeClassifier"):
+        raise FaceDetectorUnavailable(f"OpenCV {cv2.__version__} ships no Haar cascades; {fix}")
+    clf = cv2.CascadeClassifier(folder + name)
     if clf.empty():
-        raise RuntimeError(f"OpenCV cascade {path} did not load (OpenCV 4.x wheels ship it)")
+        raise FaceDetectorUnavailable(f"OpenCV cascade {folder + name} did not load; {fix}")
     return clf
 
 
@@ -24,7 +40,7 @@ def detect_face(rgb: np.ndarray) -> Box | None:
     gray = cv2.equalizeHist(cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY))
     min_side = max(24, min(gray.shape) // 12)
     for name in ("haarcascade_frontalface_default.xml", "haarcascade_frontalface_alt2.xml"):
-        faces = _cascade(name).detectMultiScale(gray, 1.1, 5, minSize=(min_side, min_side))
+        faces = cascade(name).detectMultiScale(gray, 1.1, 5, minSize=(min_side, min_side))
         if len(faces):
             x, y, w, h = max(faces, key=lambda f: f[2] * f[3])
             return int(x), int(y), int(w), int(h)
