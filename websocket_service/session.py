@@ -22,6 +22,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from .audio_tap import AudioTap
 from .avatars.model import Avatar
 from .clock import Clock
 from .config import Settings
@@ -122,6 +123,7 @@ class Session:
                                lambda: self.queue.drawn > 0 or self.stream.buffered_samples() > 0)
         self.producer = Producer(self.stream, self.queue, lambda: self.cursor.next(speech=True),
                                  self.clock, self.stats, self._render_failed)
+        self.mic = AudioTap()  # audio a WebRTC peer sends in, for applications (ASR)
         self._tasks: list[asyncio.Task[None]] = []
         self._closed = False
 
@@ -147,6 +149,7 @@ class Session:
         self.stream.close()
         self.queue.flush()
         self.sinks.clear()
+        self.mic.close()
 
     def add_sink(self, sink: SessionSink) -> None:
         self.sinks.append(sink)

@@ -85,6 +85,7 @@ class MicIngest:
             pcm = self._to_pcm(frame)
             if pcm.size == 0:
                 continue
+            self.session.mic.publish(pcm)  # all of it, for applications (e.g. ASR)
             if self.gate.feed(pcm):
                 self._push(pcm)
             await asyncio.sleep(0)

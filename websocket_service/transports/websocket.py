@@ -54,6 +54,7 @@ from ..wire import (
     event_message,
     validation_error,
 )
+from .mic_out import mic_endpoint
 from .ws_feed import Outbox, Overflow, SessionFeed
 
 log = logging.getLogger(__name__)
@@ -353,5 +354,6 @@ async def websocket_endpoint(ws: WebSocket, user_id: str) -> None:
 
 
 def install(app: Any) -> None:
-    """The protocol's route."""
+    """The protocol's route, and the microphone-out socket."""
     app.add_api_websocket_route("/musetalk/v1/ws/{user_id}", websocket_endpoint)
+    app.add_api_websocket_route("/musetalk/v1/mic/{session_id}", mic_endpoint)

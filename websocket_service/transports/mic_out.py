@@ -1,0 +1,102 @@
+"""``/musetalk/v1/mic/{session_id}``: the microphone audio a WebRTC peer sends, for ASR.
+
+Receive-only. Each piece of the peer's audio (16 kHz mono PCM s16le, before the speech gate)
+comes as an envelope ``{"type": "MIC_AUDIO", "session_id", "data": {"timestamp_ms",
+"sample_rate", "samples", "data": base64}}``; ``timestamp_ms`` is the piece's position in the
+peer's audio (pieces follow each other without gaps unless this reader fell behind, when the
+oldest are dropped: at most ``MIC_QUEUE_PIECES`` wait, and ``dropped`` counts the loss). When
+the session ends the socket closes with 1000. With ``AUTH_TOKEN`` set, send ``?token=``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import json
+from collections import deque
+
+import numpy as np
+from fastapi import WebSocket, WebSocketDisconnect
+
+from ..api.auth import token_matches
+from ..errors import AuthFailed, ServiceError
+from ..manager import Services
+from ..units import SAMPLE_RATE
+from ..wire import error_message
+
+MIC_QUEUE_PIECES = 250  # about 5 s of 20 ms pieces
+CLOSE_POLICY = 1008
+
+
+class MicReader:
+    """One reader's bounded queue; also the session's attachment that ends the socket."""
+
+    def __init__(self, ws: WebSocket, session_id: str) -> None:
+        self.ws, self.session_id = ws, session_id
+        self.queue: deque[tuple[int, np.ndarray]] = deque()
+        self.dropped = 0
+        self.wake = asyncio.Event()
+        self.ended = False
+
+    def on_audio(self, ts: int, pcm: np.ndarray) -> None:
+        if len(self.queue) >= MIC_QUEUE_PIECES:
+            self.queue.popleft()
+            self.dropped += 1
+        self.queue.append((ts, pcm))
+        self.wake.set()
+
+    async def aclose(self) -> None:
+        self.ended = True
+        self.wake.set()
+
+    async def run(self) -> None:
+        while True:
+            if not self.queue:
+                if self.ended:
+                    return
+                self.wake.clear()
+                await self.wake.wait()
+                continue
+            ts, pcm = self.queue.popleft()
+            await self.ws.send_text(json.dumps({
+                "type": "MIC_AUDIO", "session_id": self.session_id,
+                "data": {"timestamp_ms": ts, "sample_rate": SAMPLE_RATE, "samples": len(pcm),
+                         "dropped": self.dropped,
+                         "data": base64.b64encode(pcm.astype("<i2").tobytes()).decode("ascii")}}))
+
+
+async def mic_endpoint(ws: WebSocket, session_id: str) -> None:
+    services: Services = ws.app.state.services
+    await ws.accept()
+    try:
+        if not token_matches(services.settings.auth_token, ws.query_params.get("token")):
+            raise AuthFailed("auth token is missing or wrong: send ?token=")
+        session = services.sessions.get(session_id)
+    except ServiceError as err:
+        await ws.send_text(error_message(err, None).to_json())
+        await ws.close(code=CLOSE_POLICY)
+        return
+    reader = MicReader(ws, session_id)
+    unsubscribe = session.mic.subscribe(reader.on_audio)
+    services.sessions.attach(session_id, reader)
+    sender = asyncio.create_task(reader.run(), name=f"mic-out-{session_id[:8]}")
+    receiver = asyncio.create_task(_until_closed(ws), name=f"mic-in-{session_id[:8]}")
+    try:
+        await asyncio.wait({sender, receiver}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        unsubscribe()
+        services.sessions.detach(session_id, reader)
+        for t in (sender, receiver):
+            t.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await t
+        with contextlib.suppress(Exception):
+            await ws.close(code=1000)
+
+
+async def _until_closed(ws: WebSocket) -> None:
+    """Read (and ignore) until the client goes away."""
+    with contextlib.suppress(WebSocketDisconnect):
+        while (await ws.receive())["type"] != "websocket.disconnect":
+            pass
