@@ -69,6 +69,8 @@ async def test_viewers_get_the_same_packets_and_cannot_control(server):
         assert len(v.speaking()) == 30
     info = server.get(f"/sessions/{owner.session_id}").json()
     assert info["viewers"] == 4  # three readers and the stalled one
+    readers = info["readers"]  # owner first, then viewers in the order they came
+    assert len(readers) == 5 and all(r["sent"] > 30 and r["kbit_s"] > 0 for r in readers[:4])
     assert server.get("/sessions").json()["count"] == 1  # viewers are not sessions
 
     # receive-only: control from a viewer is refused, and everyone keeps streaming

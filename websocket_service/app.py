@@ -19,7 +19,7 @@ from .api import management, metrics, rest, session_control
 from .config import Settings, get_settings
 from .errors import AuthFailed, ServiceError
 from .manager import Services
-from .transports import signaling, websocket
+from .transports import recording, signaling, websocket
 
 log = logging.getLogger(__name__)
 STATIC = Path(__file__).parent / "static"
@@ -82,5 +82,6 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
         app.include_router(r)
     signaling.install(app)
     websocket.install(app)
+    recording.install(app)
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
     return app

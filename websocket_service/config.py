@@ -70,6 +70,8 @@ class Settings(BaseSettings):
     send_queue_frames: int = Field(8, ge=1)
     encoder_processes: int = Field(0, ge=0, le=64)
     shared_idle_loops: bool = True
+    recordings_dir: Path = Path("data/recordings")
+    max_recordings_mb: int = Field(2048, ge=1)
     prebuffer_frames: int = Field(1, ge=1)
     max_speech_lag_frames: int = Field(2, ge=0, le=10_000)
     speech_gap_ms: int = Field(300, ge=40)

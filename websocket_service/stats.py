@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -45,6 +46,8 @@ class SessionStats:
     bytes_sent: int = 0
     loop_frames: int = 0  # frames sent from a shared pre-encoded loop (no encode)
     viewers: int = 0  # receive-only WebSocket connections on this session
+    #: per WebSocket connection (owner first, then viewers): frames sent, dropped, bytes
+    readers: Callable[[], list[dict[str, Any]]] | None = None
     rendered_frames: int = 0
     render_busy_s: float = 0.0
     _emit_times: deque[float] = field(default_factory=lambda: deque(maxlen=FPS_WINDOW))
@@ -109,6 +112,7 @@ class SessionStats:
             "bytes_sent": self.bytes_sent,
             "loop_frames": self.loop_frames,
             "viewers": self.viewers,
+            "readers": self.readers() if self.readers is not None else [],
             "latency_ms": self.latency_ms(),
             "realtime_factor": self.realtime_factor(),
             "send_pipeline_ms": {"p50": _ms(percentile(self._pipeline, 50)),

@@ -55,7 +55,7 @@ from ..wire import (
     validation_error,
 )
 from .mic_out import mic_endpoint
-from .ws_feed import Outbox, Overflow, SessionFeed
+from .ws_feed import Outbox, Overflow, SessionFeed, ensure_feed, release_feed
 
 log = logging.getLogger(__name__)
 
@@ -268,7 +268,7 @@ class Connection:
         session = await self.services.sessions.create(session_id, self.user_id,
                                                       msg.data.video_config)
         self.session = session
-        self.feed = await self._open_feed(session)
+        self.feed = await ensure_feed(self.services, session)
         await self._attach(session, self.feed)
         session.start()
 
@@ -279,17 +279,9 @@ class Connection:
             raise InvalidMessage("a viewer names the session it views in session_id")
         session = self.services.sessions.get(msg.session_id)
         # e.g. a server-side session has no feed until someone watches it
-        feed = self.services.ws_feeds.get(session.session_id) or await self._open_feed(session)
+        feed = await ensure_feed(self.services, session)
         self.session, self.feed, self.viewer = session, feed, True
         await self._attach(session, feed)
-
-    async def _open_feed(self, session: Session) -> SessionFeed:
-        """The session's feed, closed with it (an attachment)."""
-        feed = SessionFeed(session, self.settings.send_queue_frames, self.services.loops,
-                           self.services.ws_feeds)
-        await feed.open(self.services.encoders)
-        self.services.sessions.attach(session.session_id, feed)
-        return feed
 
     async def _attach(self, session: Session, feed: SessionFeed) -> None:
         await self._send_direct(self._init_success(session))
@@ -342,9 +334,8 @@ class Connection:
         if not self.viewer:  # the owner's socket is the session: it ends with it
             await self.services.sessions.close(session.session_id)
             return
-        if feed is not None and not feed.outboxes:  # nobody left watching
-            self.services.sessions.detach(session.session_id, feed)
-            await feed.close()
+        if feed is not None:
+            await release_feed(self.services, feed)
 
 
 async def websocket_endpoint(ws: WebSocket, user_id: str) -> None:

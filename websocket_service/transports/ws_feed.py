@@ -21,13 +21,16 @@ import contextlib
 import logging
 from collections import deque
 from dataclasses import dataclass
+from typing import Any
 
 from fastapi import WebSocket
 
 from ..errors import ProcessingError, ServiceError
 from ..events import SessionEvent
+from ..manager import Services
 from ..media.encoder_pool import EncoderPool, InProcessEncoder, PoolEncoder, open_encoder
 from ..media.loops import LoopCache, LoopKey
+from ..media.recorder import Recorder
 from ..playout import OutputFrame
 from ..protocol import CloseAckData, ServerMessage
 from ..session import Session
@@ -50,6 +53,7 @@ class Item:
     frame: OutputFrame | None = None  # None: an event
     keyframe: bool = False
     is_error: bool = False
+    data: str = ""  # a frame's access unit, base64 (for recorders)
 
 
 class Outbox:
@@ -66,6 +70,8 @@ class Outbox:
         self._wake = asyncio.Event()
         self.sent = 0
         self.dropped = 0
+        self.bytes = 0
+        self.started = session.clock.now()
 
     def put(self, item: Item) -> None:
         if item.frame is not None:
@@ -128,6 +134,7 @@ class Outbox:
                 s.stats.errors_sent += item.is_error
             await ws.send_text(item.text)
             self.sent += item.frame is not None
+            self.bytes += len(item.text)
             if item.frame is not None:
                 f = item.frame
                 s.stats.frame_sent(f.audio_arrival, f.created, s.clock.now(), len(item.text))
@@ -157,6 +164,7 @@ class SessionFeed:
         self.max_frames = max_frames
         self.loops = loops
         self.outboxes: list[Outbox] = []
+        self.recorders: list[Recorder] = []
         self.encoder: PoolEncoder | InProcessEncoder | None = None
         self._copying: tuple[LoopKey, int] | None = None  # (loop, last position sent)
         self._queue: deque[OutputFrame | SessionEvent | ServiceError] = deque()
@@ -174,6 +182,7 @@ class SessionFeed:
             raise ProcessingError(f"cannot encode this video size: {exc}") from None
         self._task = asyncio.create_task(self._run(), name=f"ws-feed-{self.session.session_id[:8]}")
         self.session.add_sink(self)
+        self.session.stats.readers = self.describe
         self.registry[self.session.session_id] = self
 
     async def aclose(self) -> None:
@@ -181,9 +190,17 @@ class SessionFeed:
         self.finish("session_closed")
         await self.close()
 
+    @property
+    def idle(self) -> bool:
+        """Nobody reads or records it."""
+        return not self.outboxes and not self.recorders
+
     async def close(self) -> None:
+        for rec in self.recorders:
+            rec.stop()
         if self.registry.get(self.session.session_id) is self:
             del self.registry[self.session.session_id]
+        self.session.stats.readers = None
         self.session.remove_sink(self)
         if self._task is not None:
             self._task.cancel()
@@ -251,6 +268,9 @@ class SessionFeed:
                 out = Item(msg.to_json(), is_error=msg.type == "ERROR")
             for box in list(self.outboxes):
                 box.put(out)
+            if out.frame is not None:
+                for rec in list(self.recorders):
+                    rec.put(out.data, out.keyframe, out.frame.pcm)
 
     async def _encode(self, f: OutputFrame) -> Item | None:
         assert self.encoder is not None
@@ -270,7 +290,8 @@ class SessionFeed:
                 self.on_event(err)
                 return None
             data, keyframe = b64(enc.data), enc.keyframe
-        return Item(frame_message(s.session_id, f, data, keyframe, s.avatar.names), f, keyframe)
+        return Item(frame_message(s.session_id, f, data, keyframe, s.avatar.names), f, keyframe,
+                    data=data)
 
     def _from_loop(self, f: OutputFrame) -> tuple[str, bool] | None:
         """The shared loop's packet for ``f`` when it may be copied (base64, keyframe)."""
@@ -290,5 +311,36 @@ class SessionFeed:
             return loop.b64[p], loop.keyframe[p]
         return None
 
-    def describe(self) -> list[dict[str, int]]:
-        return [{"sent": b.sent, "dropped": b.dropped} for b in self.outboxes]
+    def add_recorder(self, rec: Recorder) -> None:
+        self.recorders.append(rec)
+        self.request_keyframe()  # the file starts at once
+
+    def remove_recorder(self, rec: Recorder) -> None:
+        with contextlib.suppress(ValueError):
+            self.recorders.remove(rec)
+
+    def describe(self) -> list[dict[str, Any]]:
+        """Per connection: frames sent and dropped, and the rate it has been receiving."""
+        now = self.session.clock.now()
+        return [{"sent": b.sent, "dropped": b.dropped,
+                 "fps": round(b.sent / max(now - b.started, 1e-3), 2),
+                 "kbit_s": round(b.bytes * 8 / 1000 / max(now - b.started, 1e-3), 1)}
+                for b in self.outboxes]
+
+
+async def ensure_feed(services: Services, session: Session) -> SessionFeed:
+    """The session's feed, opened (and attached to the session, closed with it) if needed."""
+    feed: SessionFeed | None = services.ws_feeds.get(session.session_id)
+    if feed is None:
+        feed = SessionFeed(session, services.settings.send_queue_frames, services.loops,
+                           services.ws_feeds)
+        await feed.open(services.encoders)
+        services.sessions.attach(session.session_id, feed)
+    return feed
+
+
+async def release_feed(services: Services, feed: SessionFeed) -> None:
+    """Close ``feed`` if nobody reads or records it any more."""
+    if feed.idle:
+        services.sessions.detach(feed.session.session_id, feed)
+        await feed.close()
