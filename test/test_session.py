@@ -192,3 +192,31 @@ async def test_a_render_failure_is_reported_and_costs_the_utterance(session):
     assert isinstance(sink.events[-1], ServiceError) and sink.events[-1].code == "PROCESSING_ERROR"
     assert s.stream.buffered_samples() == 0 and s.stats.interrupts == 1
     await s.close()
+
+
+async def test_a_bridge_shows_pushed_frames_on_the_session_clock(session):
+    from websocket_service.errors import InvalidMessage
+
+    s, sink, clock = session
+    bridge = s.open_bridge()
+    frames = [np.full((512, 512, 3), 10 * k, np.uint8) for k in range(5)]
+    for k, img in enumerate(frames):  # pushed ahead of time: each shows when its time comes
+        bridge.push_frame(img, 40.0 * k, clock.now())
+    bridge.push_audio(np.arange(1000, dtype=np.int16), 0.0, clock.now())
+    with pytest.raises(InvalidMessage, match="goes back"):
+        bridge.push_frame(frames[0], 10.0, clock.now())
+    with pytest.raises(InvalidMessage):
+        bridge.push_frame(np.zeros((10, 10, 3), np.uint8), 500.0, clock.now())
+    for n in range(6):
+        s.playout.tick(n)  # tick n at pusher time 40 n ms
+        clock.t += 0.04
+    shown = [int(f.image[0, 0, 0]) for f in sink.frames]
+    assert shown == [0, 10, 20, 30, 40, 40]  # the last one held
+    assert np.array_equal(np.concatenate([f.pcm for f in sink.frames[:2]])[:1000],
+                          np.arange(1000, dtype=np.int16))
+    assert {f.clip for f in sink.frames} == {"bridge"}
+    assert sink.frames[0].state is AvatarState.SPEAKING  # audio is playing
+    s.close_bridge(bridge)
+    s.playout.tick(6)
+    assert sink.frames[-1].clip == "idle"  # back to the avatar's own loop
+    await s.close()

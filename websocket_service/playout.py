@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .bridge import Bridge
 from .clock import Clock
 from .config import Settings
 from .cursor import Cursor, loop_period, resize_to
@@ -75,6 +76,7 @@ class Playout:
         self.before_tick = before_tick
         self.speech_pending = speech_pending
         self.last: OutputFrame | None = None
+        self.bridge: Bridge | None = None  # an external renderer's frames, when attached
         self.play = _Playback()
         self.await_speech_until = 0.0  # STATE_CHANGE speaking: speaking frames before audio
         self.legacy_action: str | None = None
@@ -145,6 +147,11 @@ class Playout:
     # ------------------------------------------------------------------ composing
     def _compose(self, n: int, now: float, ended: list[SpeechEnded]) -> OutputFrame:
         ts = int(round(n * 1000 / self.fps))
+        if self.bridge is not None and (got := self.bridge.take(now)) is not None:
+            img, pcm, speaking = got
+            state = AvatarState.SPEAKING if speaking else AvatarState.IDLE
+            return OutputFrame(n, ts, state, resize_to(img, self.width, self.height), pcm,
+                               "bridge", created=now)
         sf = self._next_speech(n)
         if sf is not None:
             return self._speech_output(sf, n, ts, now, ended)

@@ -24,11 +24,12 @@ import numpy as np
 
 from .audio_tap import AudioTap
 from .avatars.model import Avatar
+from .bridge import Bridge
 from .clock import Clock
 from .config import Settings
 from .cursor import Cursor
 from .engines.base import LipSyncEngine
-from .errors import RateLimitExceeded, ServiceError
+from .errors import InvalidSession, RateLimitExceeded, ServiceError
 from .events import ActionTriggered, SessionEvent, SpeechEnded, StateChanged
 from .playout import SILENCE, OutputFrame, Playout
 from .producer import Producer, SpeechQueue
@@ -213,6 +214,18 @@ class Session:
         if pcm is not None:
             self.push_audio(pcm, end_of_speech=True)
         return ActionTriggered(clip, len(self.avatar.clip(clip)))
+
+    def open_bridge(self, fmt: str = "rgb24") -> Bridge:
+        """Show an external renderer's frames and audio instead of the engine's (see bridge.py)."""
+        if self.playout.bridge is not None:
+            raise InvalidSession("this session already has a media bridge",
+                                 {"session_id": self.session_id})
+        self.playout.bridge = Bridge(self.video.width, self.video.height, fmt)
+        return self.playout.bridge
+
+    def close_bridge(self, bridge: Bridge) -> None:
+        if self.playout.bridge is bridge:
+            self.playout.bridge = None
 
     # ------------------------------------------------------------------ frames and state
     def _emit(self, frame: OutputFrame, after: list[SpeechEnded]) -> None:

@@ -54,6 +54,7 @@ from ..wire import (
     event_message,
     validation_error,
 )
+from .bridge_ws import bridge_endpoint
 from .mic_out import mic_endpoint
 from .ws_feed import Outbox, Overflow, SessionFeed, ensure_feed, release_feed
 
@@ -345,6 +346,7 @@ async def websocket_endpoint(ws: WebSocket, user_id: str) -> None:
 
 
 def install(app: Any) -> None:
-    """The protocol's route, and the microphone-out socket."""
+    """The protocol's route, the microphone-out and the media-bridge sockets."""
     app.add_api_websocket_route("/musetalk/v1/ws/{user_id}", websocket_endpoint)
     app.add_api_websocket_route("/musetalk/v1/mic/{session_id}", mic_endpoint)
+    app.add_api_websocket_route("/musetalk/v1/bridge/{session_id}", bridge_endpoint)
