@@ -323,6 +323,8 @@ async def test_realtime_session_from_a_wav_with_three_viewers(make_server: MakeS
         assert all(p.video_size == size for p in viewers), [p.video_size for p in viewers]
         assert detail["transport"] == "server" and detail["rtc"]["viewers"] == 3
         assert detail["speech_frames"] > 0
+        # encoded once: the three H.264 peers read the session's one feed of packets
+        assert len(detail["readers"]) == 3 and all(r["sent"] > 50 for r in detail["readers"])
 
         await viewers[0].close()  # a viewer leaving leaves the session running
         detail = await _poll(http, "/sessions/show", lambda d: d["rtc"]["viewers"] == 2)

@@ -217,3 +217,12 @@ def test_an_opencv_without_cascades_fails_with_the_fix(monkeypatch: pytest.Monke
         monkeypatch.undo()
         cascade.cache_clear()
     assert detect_face(np.zeros((64, 64, 3), np.uint8)) is None  # the real cascades again
+
+
+def test_the_negotiated_video_codec_is_read_from_the_answer() -> None:
+    from websocket_service.transports.webrtc import _sends_h264
+
+    head = "v=0\r\nm=audio 9 UDP/TLS/RTP/SAVPF 111\r\na=rtpmap:111 opus/48000/2\r\n"
+    h264 = head + "m=video 9 UDP/TLS/RTP/SAVPF 97 98\r\na=rtpmap:97 H264/90000\r\na=rtpmap:98 VP8/90000\r\n"
+    vp8 = head + "m=video 9 UDP/TLS/RTP/SAVPF 98 97\r\na=rtpmap:97 H264/90000\r\na=rtpmap:98 VP8/90000\r\n"
+    assert _sends_h264(h264) and not _sends_h264(vp8) and not _sends_h264(head)

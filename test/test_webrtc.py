@@ -14,6 +14,7 @@ import pytest
 import websockets
 
 from websocket_service.config import Settings
+from websocket_service.transports.webrtc import _sends_h264
 
 from .live_server import live_server
 from .rtc_client import ClientPeer, WavTrack, read_wav
@@ -56,6 +57,7 @@ async def test_offer_streams_video_and_audio_and_lip_syncs_the_mic(base_url: str
         assert answer["type"] == "answer" and answer["session_id"]
         assert "127.0.0.1" in answer["sdp"] and "a=end-of-candidates" in answer["sdp"]
         assert "H264" in answer["sdp"].split("m=video")[1]
+        assert _sends_h264(answer["sdp"])  # H.264 first: the session's own packets are sent
         await client.accept(answer["sdp"])
         await client.wait_connected()
         await asyncio.sleep(0.5)
@@ -69,6 +71,7 @@ async def test_offer_streams_video_and_audio_and_lip_syncs_the_mic(base_url: str
         detail = (await http.get(f"/sessions/{answer['session_id']}")).json()
         assert detail["transport"] == "webrtc"
         assert detail["speech_frames"] > 0, detail
+        assert len(detail["readers"]) == 1 and detail["readers"][0]["sent"] > 50  # one feed
         assert detail["rtc"]["connection_state"] == "connected"
         assert "video_sent" in detail["rtc"]
         assert client.audio_peak > 1000, "the lip-synced speech should come back as audio"

@@ -10,6 +10,7 @@ that reads too slowly loses the oldest frames, counted in ``session.stats.frames
 from __future__ import annotations
 
 import asyncio
+import base64
 from collections import deque
 from fractions import Fraction
 from typing import Generic, TypeVar
@@ -20,6 +21,7 @@ from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 
 from ..engines.base import SAMPLE_RATE, SAMPLES_PER_FRAME
 from ..session import OutputFrame, Session
+from .ws_feed import Outbox
 
 VIDEO_CLOCK = 90_000
 VIDEO_TIME_BASE = Fraction(1, VIDEO_CLOCK)
@@ -69,7 +71,9 @@ class DropOldestQueue(Generic[T]):
 
 
 class SessionVideoTrack(MediaStreamTrack):
-    """The avatar's video; aiortc encodes it (H.264 preferred, VP8 fallback)."""
+    """The avatar's video. For an H.264 peer, the session's own encoded packets (the feed's,
+    shared with every other reader: no encode per peer; see :meth:`use_packets`); for a VP8
+    peer, frames that aiortc encodes."""
 
     kind = "video"
 
@@ -82,14 +86,24 @@ class SessionVideoTrack(MediaStreamTrack):
         self._ticks = VIDEO_CLOCK // session.video.fps
         self.frames_sent = 0
         self.frames_dropped = 0
+        self.packets: Outbox | None = None
+
+    def use_packets(self, outbox: Outbox) -> None:
+        """Send the feed's H.264 packets from now on (``outbox`` is subscribed to it)."""
+        self.packets = outbox
+        self.queue.close()
 
     def push(self, frame: OutputFrame) -> None:
+        if self.packets is not None:
+            return
         dropped = self.queue.put(frame)
         self.frames_dropped += dropped
         if self.account:
             self.session.stats.frames_dropped += dropped
 
-    async def recv(self) -> av.VideoFrame:
+    async def recv(self) -> av.VideoFrame | av.Packet:
+        if self.packets is not None:
+            return await self._next_packet(self.packets)
         f = await self.queue.get()
         vf = av.VideoFrame.from_ndarray(f.image, format="rgb24")
         vf.pts = f.index * self._ticks
@@ -98,6 +112,18 @@ class SessionVideoTrack(MediaStreamTrack):
         if self.account:
             self.session.frame_sent(f, self.session.clock.now())
         return vf
+
+    async def _next_packet(self, outbox: Outbox) -> av.Packet:
+        item = await outbox.next_frame()
+        assert item.frame is not None
+        pkt = av.Packet(base64.b64decode(item.data))
+        pkt.pts = item.frame.index * self._ticks
+        pkt.time_base = VIDEO_TIME_BASE
+        pkt.is_keyframe = item.keyframe
+        self.frames_sent += 1
+        if self.account:
+            self.session.frame_sent(item.frame, self.session.clock.now())
+        return pkt
 
     def stop(self) -> None:
         self.queue.close()

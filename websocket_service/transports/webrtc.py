@@ -37,6 +37,7 @@ from ..wire import event_message
 from .rtc_audio_in import MicIngest
 from .rtc_network import host_addresses, rtc_configuration
 from .rtc_tracks import SessionAudioTrack, SessionVideoTrack
+from .ws_feed import Outbox, SessionFeed, ensure_feed, release_feed
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +63,16 @@ class RtcSink:
         session = self.peer.session
         msg = event_message(session.session_id, event, session.avatar.names)
         self.peer.notify(json.loads(msg.to_json()))
+
+
+def _sends_h264(sdp: str) -> bool:
+    """Whether an SDP's video m-line puts H.264 first (the codec the sender will use)."""
+    video = sdp.split("m=video", 1)[1].split("\nm=", 1)[0] if "m=video" in sdp else ""
+    fields = video.split("\n", 1)[0].split()  # <port> <proto> <payload types...>
+    if len(fields) < 3:
+        return False
+    pt = fields[2]
+    return any(line.startswith(f"a=rtpmap:{pt} H264/") for line in video.splitlines())
 
 
 def _video_preferences() -> list[Any]:
@@ -101,6 +112,8 @@ class RtcPeer:
         self.audio = SessionAudioTrack()
         self.sink = RtcSink(self)
         self.mic: MicIngest | None = None
+        self.feed: SessionFeed | None = None
+        self.packets: Outbox | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._closed = asyncio.Event()
         self.closing = False
@@ -126,13 +139,18 @@ class RtcPeer:
         if type_ != "offer":
             raise InvalidMessage(f"expected an SDP offer, got type {type_!r}")
         try:
+            if "m=video" not in sdp:
+                raise InvalidMessage("the offer has no video m-line; add a recvonly video "
+                                     "transceiver")
+            # codec preferences count only on a transceiver that exists before the offer is
+            # applied (aiortc negotiates there): H.264 first, VP8 for clients without it
+            self.pc.addTransceiver("video", direction="sendrecv").setCodecPreferences(
+                _video_preferences())
             with host_addresses(self.hub.settings.rtc_host_addresses):
                 await self.pc.setRemoteDescription(RTCSessionDescription(sdp=sdp, type=type_))
-                kinds = {t.kind: t for t in self.pc.getTransceivers()}
+                kinds = {t.kind: t for t in self.pc.getTransceivers() if t.mid is not None}
                 if "video" not in kinds:
-                    raise InvalidMessage("the offer has no video m-line; add a recvonly video "
-                                         "transceiver")
-                kinds["video"].setCodecPreferences(_video_preferences())
+                    raise InvalidMessage("the offer has no usable video m-line")
                 self.pc.addTrack(self.video)
                 if "audio" in kinds:
                     self.pc.addTrack(self.audio)
@@ -145,12 +163,21 @@ class RtcPeer:
         except (ValueError, KeyError, AttributeError) as exc:  # aiortc's SDP parse errors
             raise InvalidMessage(f"cannot use this SDP offer: {exc}") from None
         self.session.add_sink(self.sink)
+        if _sends_h264(self.pc.localDescription.sdp):
+            await self._share_packets()
         if self.viewer:
             self.hub.count_viewers(self.session)
         else:
             self.session.stats.rtc["connection_state"] = self.pc.connectionState
             self._spawn(self._poll_stats(), "rtc-stats")
         return self.pc.localDescription
+
+    async def _share_packets(self) -> None:
+        """Send the session's own H.264 packets (encoded once for every reader)."""
+        self.feed = await ensure_feed(self.hub.services, self.session)
+        self.packets = Outbox(self.session, self.hub.settings.send_queue_frames)
+        self.feed.subscribe(self.packets)
+        self.video.use_packets(self.packets)
 
     # ---------------------------------------------------------------- events
     def _on_track(self, track: MediaStreamTrack) -> None:
@@ -208,6 +235,9 @@ class RtcPeer:
             self.video.stop()
             self.audio.stop()
             await self.pc.close()
+            if self.feed is not None and self.packets is not None:
+                self.feed.unsubscribe(self.packets)
+                await release_feed(self.hub.services, self.feed)
             if self.viewer:
                 self.hub.services.sessions.detach(self.session_id, self)
             else:

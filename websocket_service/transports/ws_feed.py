@@ -108,6 +108,23 @@ class Outbox:
         """A message for this connection only (a reply to its own request)."""
         self.put(Item(msg.to_json(), is_error=msg.type == "ERROR"))
 
+    async def next_frame(self) -> Item:
+        """The next frame (events are skipped): for readers that are not WebSocket connections,
+        e.g. a WebRTC track that sends the packets as they are."""
+        while True:
+            if not self._items:
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            item = self._items.popleft()
+            if item.frame is None:
+                self._events -= 1
+                continue
+            self._frames -= 1
+            self.sent += 1
+            self.bytes += len(item.data) * 3 // 4
+            return item
+
     def finish(self, msg: ServerMessage) -> None:
         """Send ``msg`` after what is queued, then :meth:`run` returns."""
         self.event(msg)
