@@ -1,7 +1,8 @@
 """Viewer benchmark: one speaking session, N receive-only WebSocket viewers of it.
 
-    python bench/bench_viewers.py                  # 10, 25, 50, 100 viewers
+    python bench/bench_viewers.py                  # 10, 25, 50, 100 WebSocket viewers
     python bench/bench_viewers.py --levels 100 --duration 10
+    python bench/bench_viewers.py --transport rtc --levels 2,4,8,12   # aiortc viewers
 
 The server runs in a subprocess (as in bench_sessions.py). One owner streams
 fixtures/speech_pauses_16k.wav in real time, looping; N viewers attach with
@@ -43,6 +44,36 @@ from bench.bench_sessions import (  # noqa: E402
 )
 
 
+class RtcViewer:
+    """An aiortc peer viewing the session (POST /offer with session_id); it decodes every
+    frame, as a browser would, on the same cores as the server."""
+
+    def __init__(self, http: str, session_id: str) -> None:
+        from test.rtc_client import ClientPeer  # noqa: PLC0415 - aiortc only for this mode
+
+        self.http, self.session_id = http, session_id
+        self.peer = ClientPeer()
+        self.count0 = 0
+
+    async def start(self) -> None:
+        offer = await self.peer.offer()
+        async with httpx.AsyncClient(base_url=self.http, timeout=20) as http:
+            r = await http.post("/offer", json={"sdp": offer.sdp, "type": "offer",
+                                                "session_id": self.session_id})
+            r.raise_for_status()
+        await self.peer.accept(r.json()["sdp"])
+        await self.peer.wait_connected(20)
+
+    def mark(self) -> None:
+        self.count0 = self.peer.video_frames
+
+    def window(self, t0: float, t1: float) -> tuple[float, int]:
+        return (self.peer.video_frames - self.count0) / (t1 - t0), 0
+
+    async def stop(self) -> None:
+        await self.peer.close()
+
+
 class Viewer:
     def __init__(self, url: str, session_id: str, decode: bool) -> None:
         self.url, self.session_id = url, session_id
@@ -77,6 +108,9 @@ class Viewer:
         except websockets.exceptions.ConnectionClosed:
             pass
 
+    def mark(self) -> None:
+        pass
+
     def window(self, t0: float, t1: float) -> tuple[float, int]:
         fr = [f for f in self.times if t0 <= f[0] <= t1]
         if len(fr) < 2:
@@ -90,14 +124,18 @@ class Viewer:
         await asyncio.gather(self.task, return_exceptions=True)
 
 
-async def run_level(server: Server, n: int, duration: float) -> dict[str, Any]:
+async def run_level(server: Server, n: int, duration: float, rtc: bool) -> dict[str, Any]:
     owner = Client(f"{server.ws}/musetalk/v1/ws/bench", True, load_chunks())
     await owner.start()
-    views = [Viewer(f"{server.ws}/musetalk/v1/ws/viewer", owner.session_id, i == 0)
-             for i in range(n)]
+    views: list[Any] = [
+        RtcViewer(server.http, owner.session_id) if rtc
+        else Viewer(f"{server.ws}/musetalk/v1/ws/viewer", owner.session_id, i == 0)
+        for i in range(n)]
     for v in views:  # one at a time: each attach asks the feed for a keyframe
         await v.start()
     await asyncio.sleep(1.0)
+    for v in views:
+        v.mark()
     cpu0, me0, all0, t0 = server.cpu_s(), proc_cpu_s(os.getpid()), machine_busy_s(), time.monotonic()
     await asyncio.sleep(duration)
     t1, cpu1, me1, all1 = time.monotonic(), server.cpu_s(), proc_cpu_s(os.getpid()), machine_busy_s()
@@ -113,15 +151,18 @@ async def run_level(server: Server, n: int, duration: float) -> dict[str, Any]:
            "gaps": sum(s[1] for s in stats), "viewers_seen": info.get("viewers"),
            "server_cpu": (cpu1 - cpu0) / wall, "client_cpu": (me1 - me0) / wall,
            "other_cpu": max(0.0, (all1 - all0 - (cpu1 - cpu0) - (me1 - me0)) / wall),
-           "decoded": f"{views[0].decoded}/{views[0].decoded + views[0].decode_errors}",
+           "decoded": "every frame (aiortc)" if rtc else
+           f"{views[0].decoded}/{views[0].decoded + views[0].decode_errors}",
            "dropped": info.get("dropped_frames")}
     res["holds"] = res["fps_median"] >= HOLD_FPS and res["fps_min"] >= 24.0
     return res
 
 
-def report(m: dict[str, str], rows: list[dict[str, Any]], duration: float) -> str:
+def report(m: dict[str, str], rows: list[dict[str, Any]], duration: float, rtc: bool) -> str:
+    kind = "WebRTC (aiortc, decoding every frame)" if rtc else "WebSocket"
     lines = [
-        "## Viewers of one session (`bench/bench_viewers.py`)", "",
+        f"## {kind} viewers of one session (`bench/bench_viewers.py"
+        f"{' --transport rtc' if rtc else ''}`)", "",
         f"- Machine: {m['cpu']}, {m['cores']} cores, {m['mem']} RAM; Python {m['python']}, "
         f"PyAV {m['av']}; {m['date']}. Server in a subprocess (weight-free engine, 512x512, "
         f"1 Mbit/s); all clients in one asyncio process on the same cores; {duration:g} s "
@@ -148,27 +189,32 @@ async def amain(args: argparse.Namespace) -> str:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     tmp = Path(tempfile.mkdtemp(prefix="bench-viewers-"))
+    if args.transport == "rtc":  # the server offers loopback candidates, takes many peers
+        os.environ.update(RTC_HOST_ADDRESSES='["127.0.0.1"]',
+                          MAX_RTC_CLIENTS=str(max(args.levels) + 4))
     server = Server(port, tmp / "server.log", tmp / "avatars", max_sessions=4)
     rows = []
     try:
         server.wait_ready()
         for n in args.levels:
-            r = await run_level(server, n, args.duration)
+            r = await run_level(server, n, args.duration, args.transport == "rtc")
             print(f"  viewers={n:4d} fps median {r['fps_median']:.2f} min {r['fps_min']:.2f} "
                   f"server CPU {100 * r['server_cpu']:.0f}% client CPU {100 * r['client_cpu']:.0f}% "
                   f"-> {'holds' if r['holds'] else 'FAILS'}", file=sys.stderr)
             rows.append(r)
     finally:
         server.stop()
-    return report(machine(), rows, args.duration)
+    return report(machine(), rows, args.duration, args.transport == "rtc")
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--levels", default="10,25,50,100")
+    ap.add_argument("--transport", choices=("ws", "rtc"), default="ws")
     ap.add_argument("--duration", type=float, default=6.0)
-    ap.add_argument("--out", default=str(ROOT / "docs" / "bench_viewers.md"))
+    ap.add_argument("--out")
     args = ap.parse_args(argv)
+    args.out = args.out or str(ROOT / "docs" / f"bench_viewers_{args.transport}.md")
     args.levels = [int(x) for x in args.levels.split(",")]
     text = asyncio.run(amain(args))
     print(text)
