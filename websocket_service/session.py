@@ -17,8 +17,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
+import weakref
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, ParamSpec, Protocol
 
 import numpy as np
 
@@ -40,6 +43,18 @@ from .units import SAMPLE_RATE
 __all__ = ["SILENCE", "OutputFrame", "Session", "SessionSink", "VideoSettings"]
 
 AWAIT_SPEECH_S = 2.0
+_P = ParamSpec("_P")
+
+
+def _weakly(method: Callable[_P, None] | Callable[_P, bool]) -> Callable[_P, Any]:
+    """``method`` without a strong reference to its object (a no-op once it is gone)."""
+    ref = weakref.WeakMethod(method)
+
+    def call(*args: _P.args, **kwargs: _P.kwargs) -> Any:
+        bound = ref()
+        return None if bound is None else bound(*args, **kwargs)
+
+    return call
 
 
 class SessionSink(Protocol):
@@ -70,7 +85,7 @@ class _SpeechInput:
     ``end_of_speech`` on GENERATE) or no audio came for ``speech_gap_ms``."""
 
     def __init__(self, session: Session) -> None:
-        self.s = session
+        self.s = weakref.proxy(session)  # owned by the session: no reference cycle
         self.last_audio = 0.0  # 0: no utterance receiving audio
 
     def push(self, pcm: np.ndarray, end: bool) -> None:
@@ -118,12 +133,16 @@ class Session:
         self.sinks: list[SessionSink] = []
         self.queue = SpeechQueue(self.settings.speech_queue_frames)
         self.speech = _SpeechInput(self)
+        # the parts call back into the session weakly, so that a closed session is freed by
+        # reference counting at once instead of waiting, with its stream and images, for a
+        # full garbage collection
         self.playout = Playout(self.settings, self.video.fps, (self.video.width, self.video.height),
-                               self.cursor, self.queue, self.clock, self.stats, self._emit,
-                               self.speech.end_if_quiet,
-                               lambda: self.queue.drawn > 0 or self.stream.buffered_samples() > 0)
-        self.producer = Producer(self.stream, self.queue, lambda: self.cursor.next(speech=True),
-                                 self.clock, self.stats, self._render_failed)
+                               self.cursor, self.queue, self.clock, self.stats,
+                               _weakly(self._emit), self.speech.end_if_quiet,
+                               _weakly(self._speech_pending))
+        self.producer = Producer(self.stream, self.queue,
+                                 functools.partial(self.cursor.next, speech=True), self.clock,
+                                 self.stats, _weakly(self._render_failed))
         self.mic = AudioTap()  # audio a WebRTC peer sends in, for applications (ASR)
         self._tasks: list[asyncio.Task[None]] = []
         self._closed = False
@@ -246,6 +265,9 @@ class Session:
         if state is AvatarState.ACTION and self.cursor.action is not None:
             return self.cursor.action.name
         return self.cursor.speaking_clip if state is AvatarState.SPEAKING else self.cursor.base_video
+
+    def _speech_pending(self) -> bool:
+        return self.queue.drawn > 0 or self.stream.buffered_samples() > 0
 
     def _render_failed(self, err: ServiceError) -> None:
         self.interrupt()
