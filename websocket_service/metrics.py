@@ -58,7 +58,11 @@ class ServiceMetrics:
     def __init__(self) -> None:
         self.closed: Counter[str] = Counter()
         self.sessions_opened = 0
+        self.messages_rate_limited = 0
         self.latency = Histogram()
+
+    def message_rate_limited(self) -> None:
+        self.messages_rate_limited += 1
 
     def session_opened(self, stats: SessionStats) -> None:
         self.sessions_opened += 1
@@ -79,6 +83,9 @@ class ServiceMetrics:
             "# HELP avatar_sessions_opened_total Sessions opened.",
             "# TYPE avatar_sessions_opened_total counter",
             f"avatar_sessions_opened_total {self.sessions_opened}",
+            "# HELP avatar_messages_rate_limited_total Client messages dropped by the message "
+            "rate limit.", "# TYPE avatar_messages_rate_limited_total counter",
+            f"avatar_messages_rate_limited_total {self.messages_rate_limited}",
         ]
         for key, (name, help_) in SESSION_COUNTERS.items():
             total = self.closed[key] + sum(getattr(s, key) for s in live)
