@@ -25,6 +25,7 @@ class Settings(BaseSettings):
     port: int = Field(8000, ge=1, le=65535)
     cors_origins: list[str] = Field(default_factory=lambda: ["*"])
     log_level: str = "info"
+    log_format: Literal["text", "json"] = "text"  # json: one object per line, with session_id
 
     # --- engine
     engine: EngineName = "geometric"

@@ -17,6 +17,7 @@ from .config import Settings
 from .engines import select_engine
 from .engines.base import LipSyncEngine
 from .errors import InvalidSession, ModelNotFound, RateLimitExceeded
+from .logs import session_id_var
 from .media.encoder_pool import EncoderPool
 from .media.loops import LoopCache
 from .metrics import ServiceMetrics
@@ -72,8 +73,16 @@ class SessionManager:
 
     async def create(self, session_id: str, user_id: str, config: VideoConfig,
                      transport: str = "websocket", client_ip: str | None = None) -> Session:
-        """Build and start a session (raises ServiceError for bad config or limits)."""
-        self._reserve(session_id, user_id, client_ip)
+        """Build and start a session (raises ServiceError for bad config or limits).
+
+        The calling task logs for ``session_id`` from here on, and so do the tasks it starts.
+        """
+        token = session_id_var.set(session_id)
+        try:
+            self._reserve(session_id, user_id, client_ip)
+        except BaseException:
+            session_id_var.reset(token)
+            raise
         try:
             avatar = await self._avatar(config.avatar_id or self.settings.default_avatar)
             base_video = config.base_video or avatar.base_videos[0]
@@ -92,6 +101,7 @@ class SessionManager:
             self._reserved.discard(session_id)
             if session_id not in self.sessions:
                 self._owners.pop(session_id, None)
+                session_id_var.reset(token)
         log.info("session %s opened: user=%s transport=%s avatar=%s %dx%d (%d/%d sessions)",
                  session_id, user_id, transport, avatar.avatar_id, video.width, video.height,
                  len(self.sessions), self.settings.max_sessions)
@@ -129,6 +139,13 @@ class SessionManager:
             self._attached[session_id].remove(thing)
 
     async def close(self, session_id: str) -> None:
+        token = session_id_var.set(session_id)
+        try:
+            await self._close(session_id)
+        finally:
+            session_id_var.reset(token)
+
+    async def _close(self, session_id: str) -> None:
         session = self.sessions.pop(session_id, None)
         for thing in self._attached.pop(session_id, []):
             try:
