@@ -26,7 +26,10 @@ def test_openapi_yaml_matches_the_app(server):
 def test_health_and_landing_page(server):
     h = server.get("/health").json()
     assert h["status"] == "ok" and h["engine"] == "geometric" and h["model_loaded"]
-    assert h["device"] == "cpu" and h["uptime_s"] >= 0 and h["version"]
+    assert h["device"] == "cpu" and h["version"]
+    assert h["sessions"] == 0 and h["max_sessions"] == server.settings.max_sessions
+    later = server.get("/health").json()
+    assert later["uptime_s"] >= h["uptime_s"] > 0  # counts from start-up, forwards
     page = server.get("/")
     assert page.status_code == 200 and "text/html" in page.headers["content-type"]
     assert server.get("/docs").status_code == 200
