@@ -25,7 +25,8 @@ from websocket_service.transports.rtc_audio_in import MicIngest
 from websocket_service.transports.rtc_tracks import SessionAudioTrack, SessionVideoTrack
 from websocket_service.transports.signaling import SignalingConnection
 from websocket_service.transports.webrtc import RtcPeer, RtcSink
-from websocket_service.transports.websocket import Connection, WebSocketSink
+from websocket_service.transports.websocket import Connection
+from websocket_service.transports.ws_feed import Outbox, SessionFeed
 
 from .live_server import LiveServer
 from .wsclient import Client
@@ -36,9 +37,9 @@ KINDS = ("close_msg", "drop", "speech_close", "speech_abort", "action_close", "a
 
 #: classes whose live instances must not outlast their session
 TRACKED: tuple[type, ...] = (
-    Session, Connection, WebSocketSink, InProcessEncoder, H264Encoder, GeometricStream, Playout,
-    Producer, StateMachine, RtcPeer, RtcSink, SessionVideoTrack, SessionAudioTrack, MicIngest,
-    SignalingConnection)
+    Session, Connection, SessionFeed, Outbox, InProcessEncoder, H264Encoder, GeometricStream,
+    Playout, Producer, StateMachine, RtcPeer, RtcSink, SessionVideoTrack, SessionAudioTrack,
+    MicIngest, SignalingConnection)
 
 PCM_1S = b"\x10\x00\xf0\xff" * 8000  # 1 s of a quiet square wave: the mouth moves
 
