@@ -6,6 +6,7 @@ import json
 import socket
 import time
 import uuid
+from typing import Any
 
 import pytest
 from websockets.client import ClientProtocol
@@ -21,13 +22,13 @@ def rss_mb() -> float:
     raise RuntimeError("no VmRSS")
 
 
-def open_non_reading_client(port: int, user_id: str) -> socket.socket:
-    """A raw socket speaking WebSocket through websockets' sans-I/O client protocol, which
-    sends INIT and then never reads again."""
+def non_reading_socket(port: int, path: str, message: dict[str, Any]) -> socket.socket:
+    """A raw socket speaking WebSocket through websockets' sans-I/O client protocol: it sends
+    ``message`` and then never reads again, so its buffers fill up."""
     s = socket.socket()
     s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     s.connect(("127.0.0.1", port))
-    proto = ClientProtocol(parse_uri(f"ws://127.0.0.1:{port}/musetalk/v1/ws/{user_id}"))
+    proto = ClientProtocol(parse_uri(f"ws://127.0.0.1:{port}{path}"))
     proto.send_request(proto.connect())
     s.sendall(b"".join(proto.data_to_send()))
     while proto.state is State.CONNECTING:
@@ -35,13 +36,17 @@ def open_non_reading_client(port: int, user_id: str) -> socket.socket:
         assert data, "the server closed the connection during the handshake"
         proto.receive_data(data)
     assert proto.handshake_exc is None, proto.handshake_exc
+    proto.send_text(json.dumps(message).encode())
+    s.sendall(b"".join(proto.data_to_send()))
+    return s
+
+
+def open_non_reading_client(port: int, user_id: str) -> socket.socket:
     # big all-keyframe frames (~100 KB each), so kernel socket buffers fill within seconds
-    proto.send_text(json.dumps({
+    return non_reading_socket(port, f"/musetalk/v1/ws/{user_id}", {
         "type": "INIT", "session_id": str(uuid.uuid4()), "data": {
             "user_id": user_id, "video_config": {"resolution": "1024x1024", "gop_seconds": 0.04,
-                                                 "bitrate": 20_000_000}}}).encode())
-    s.sendall(b"".join(proto.data_to_send()))
-    return s  # and never read again
+                                                 "bitrate": 20_000_000}}})
 
 
 @pytest.mark.parametrize("clients", [2])
