@@ -5,7 +5,8 @@ comes as an envelope ``{"type": "MIC_AUDIO", "session_id", "data": {"timestamp_m
 "sample_rate", "samples", "data": base64}}``; ``timestamp_ms`` is the piece's position in the
 peer's audio (pieces follow each other without gaps unless this reader fell behind, when the
 oldest are dropped: at most ``MIC_QUEUE_PIECES`` wait, and ``dropped`` counts the loss). When
-the session ends the socket closes with 1000. With ``AUTH_TOKEN`` or JWT keys set, send ``?token=`` (a JWT: the session's user).
+the session ends the socket closes with 1000. With ``AUTH_TOKEN`` or JWT keys set, send
+``?token=`` (a JWT: the session's user).
 """
 
 from __future__ import annotations
