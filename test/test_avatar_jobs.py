@@ -52,4 +52,8 @@ async def test_concurrent_requests_never_run_more_than_two_jobs(make_server) -> 
                     while (job := (await http.get(status)).json())["status"] != "done":
                         await asyncio.sleep(0.05)
                 assert job["progress"] == 1.0
-        assert (await upload("held-again")).status_code == 202  # the slots were given back
+        again = await upload("held-again")
+        assert again.status_code == 202  # the slots were given back
+        async with asyncio.timeout(30):
+            while (await http.get(again.json()["status_url"])).json()["status"] != "done":
+                await asyncio.sleep(0.05)

@@ -213,7 +213,7 @@ class Services:
 
     async def aclose(self) -> None:
         await self.sessions.close_all()
-        self.store.close()
+        await asyncio.to_thread(self.store.close)
         await self.engine.aclose()
         if self.encoders is not None:
             await self.encoders.aclose()

@@ -338,8 +338,8 @@ class AvatarStore:
         return sum(j.status in ("queued", "running") for j in list(self._jobs.values()))
 
     def close(self) -> None:
-        """Stop taking jobs; one running finishes in its thread."""
-        self._pool.shutdown(wait=False, cancel_futures=True)
+        """Stop taking jobs, drop queued ones and wait for a running one (blocking)."""
+        self._pool.shutdown(wait=True, cancel_futures=True)
 
     def job(self, job_id: str) -> PrepareJob | None:
         return self._jobs.get(job_id)
