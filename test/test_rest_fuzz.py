@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import requests
 import schemathesis
 from hypothesis import HealthCheck, settings
 from schemathesis.checks import not_a_server_error
@@ -30,6 +31,13 @@ def api_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]
     server.stop()
 
 
+@pytest.fixture(scope="module")
+def http_session() -> Iterator[requests.Session]:
+    """One HTTP session for every call, closed at the end (no sockets left to the GC)."""
+    with requests.Session() as session:
+        yield session
+
+
 # the exported schema, which test_rest keeps identical to the app's /openapi.json
 schema = schemathesis.openapi.from_path(Path(__file__).parents[1] / "openapi.yaml")
 
@@ -37,7 +45,8 @@ schema = schemathesis.openapi.from_path(Path(__file__).parents[1] / "openapi.yam
 @schema.parametrize()
 @settings(max_examples=15, deadline=None, database=None,
           suppress_health_check=list(HealthCheck))
-def test_no_request_gets_a_server_error(case: schemathesis.Case, api_server: LiveServer) -> None:
-    response = case.call(base_url=api_server.http, timeout=30)
+def test_no_request_gets_a_server_error(case: schemathesis.Case, api_server: LiveServer,
+                                        http_session: requests.Session) -> None:
+    response = case.call(base_url=api_server.http, session=http_session, timeout=30)
     case.validate_response(response, checks=[not_a_server_error])
     assert "Traceback" not in response.text and Path(__file__).parent.as_posix() not in response.text
