@@ -26,9 +26,9 @@ async def test_json_lines_carry_the_session_id_of_the_session_they_were_logged_f
         await client.msg("CLOSE")
         await client.recv_until(lambda m: m["type"] == "CLOSE_ACK")
         await client.close()
-        sessions = server.services.sessions
+        closed = f"session {client.session_id} closed"
         async with asyncio.timeout(10):
-            while sessions.sessions:  # the server tears it down on its own loop
+            while closed not in out.getvalue():  # the server tears it down on its own loop
                 await asyncio.sleep(0.02)
     finally:
         root.removeHandler(handler)
