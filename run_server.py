@@ -2,20 +2,18 @@
 
 from __future__ import annotations
 
-import logging
-
 import uvicorn
 
 from websocket_service.app import create_app
 from websocket_service.config import get_settings
+from websocket_service.logs import configure_logging
 
 
 def main() -> None:
     settings = get_settings()
-    logging.basicConfig(level=settings.log_level.upper(),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(settings.log_level, settings.log_format)
     uvicorn.run(create_app(settings), host=settings.host, port=settings.port,
-                log_level=settings.log_level, ws_max_size=4 * settings.max_message_bytes,
+                log_level=settings.log_level, log_config=None, ws_max_size=4 * settings.max_message_bytes,
                 ws_per_message_deflate=settings.ws_per_message_deflate,
                 ws_ping_interval=20, ws_ping_timeout=20)
 

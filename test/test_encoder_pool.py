@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import os
 import signal
 from pathlib import Path
@@ -13,7 +14,12 @@ import pytest
 
 from websocket_service.errors import ProcessingError
 from websocket_service.media.encoder import H264Encoder
-from websocket_service.media.encoder_pool import EncoderPool, PoolEncoder
+from websocket_service.media.encoder_pool import (
+    EncoderPool,
+    InProcessEncoder,
+    PoolEncoder,
+    open_encoder,
+)
 
 from .wsclient import Client
 
@@ -162,3 +168,31 @@ async def test_websocket_stream_through_the_pool(make_server):
         await asyncio.sleep(0.05)
     assert not server.services.encoders._handles
     assert len(before - shm_names()) == 1
+
+
+def _codec_contexts() -> int:
+    # by type: isinstance on a dead weakref.proxy in the list would raise
+    return sum(issubclass(type(o), av.codec.context.CodecContext) for o in gc.get_objects())
+
+
+async def test_in_process_close_frees_the_x264_context_after_a_running_encode() -> None:
+    encoder = await open_encoder(None, 512, 512, 25, 1_000_000, 25)
+    assert isinstance(encoder, InProcessEncoder)
+    image = np.random.default_rng(0).integers(0, 256, (512, 512, 3), np.uint8)
+    assert (await encoder.encode(image)).keyframe
+    gc.disable()  # only reference counting may free it
+    try:
+        before = _codec_contexts()
+        # a caller cancelled mid-encode leaves the encode running in its thread: close waits
+        task = asyncio.create_task(encoder.encode(image))
+        await asyncio.sleep(0)  # the encode starts in its thread
+        task.cancel()
+        await encoder.close()
+        assert _codec_contexts() == before - 1  # freed now, not at the next collection
+    finally:
+        gc.enable()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    with pytest.raises(ProcessingError):
+        await encoder.encode(np.zeros((512, 512, 3), np.uint8))
+    await encoder.close()  # idempotent

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import threading
+import time
 
 import numpy as np
 
@@ -11,6 +13,7 @@ from bench.run_stream import base_cycle, speak
 from websocket_service.avatars.model import BaseFrame
 from websocket_service.engines.geometric.fields import MouthPose
 from websocket_service.engines.geometric.geometry import CX, CY, NOSE_Y, WIDTH
+from websocket_service.engines.geometric.stream import GeometricStream
 
 from .geometric_support import builtin, engine, wav
 
@@ -111,16 +114,25 @@ def test_mouth_shut_three_frames_after_speech():
 
 
 def test_interrupt_makes_a_render_in_flight_return_nothing():
+    eng, avatar = engine(), builtin()
+    rendering, interrupted = threading.Event(), threading.Event()
+
+    def render(base, pose):  # noqa: ANN001, ANN202 - the engine's own render, held mid-way
+        rendering.set()
+        assert interrupted.wait(30)
+        return eng.render(avatar, base, pose)
+
     async def run():
-        stream = engine().open_stream(builtin())
+        stream = GeometricStream(render, eng.lookahead_frames, time.monotonic)
         stream.push_audio(wav("short_16k.wav"))
-        task = asyncio.ensure_future(stream.render_next(base_cycle(builtin()), 25))
-        await asyncio.sleep(0)  # the render is now in its worker thread
+        task = asyncio.ensure_future(stream.render_next(base_cycle(avatar), 25))
+        assert await asyncio.to_thread(rendering.wait, 30)  # the render is in its worker thread
         stream.interrupt()
+        interrupted.set()
         first = await task
         stream.push_audio(wav("short_16k.wav")[:6400])
         stream.end_segment()
-        after = await stream.render_next(base_cycle(builtin()), 25)
+        after = await stream.render_next(base_cycle(avatar), 25)
         return first, after
 
     first, after = asyncio.run(run())

@@ -100,6 +100,8 @@ async def test_two_sessions_share_forward_passes(make_server, tiny_model, avatar
 
 
 def test_musetalk_demanded_without_weights_fails_fast(tmp_path, avatars_dir):
+    from fastapi.testclient import TestClient
+
     from websocket_service.app import create_app
     from websocket_service.config import Settings
     from websocket_service.errors import ModelNotFound
@@ -109,8 +111,11 @@ def test_musetalk_demanded_without_weights_fails_fast(tmp_path, avatars_dir):
                         avatars_dir=avatars_dir)
     with pytest.raises(ModelNotFound) as exc:
         Services(settings)
-    assert "nothing" in exc.value.message or exc.value.details
+    missing = str(tmp_path / "nothing")
+    assert missing in exc.value.message and exc.value.details["file"].startswith(missing)
     auto = Services(Settings(_env_file=None, engine="auto", model_path=tmp_path / "nothing",
                              avatars_dir=avatars_dir))
     assert auto.engine.name == "geometric"
-    assert create_app(auto.settings, auto) is not None
+    with TestClient(create_app(auto.settings, auto)) as client:  # it serves, on the fallback
+        health = client.get("/health").json()
+    assert health["engine"] == "geometric" and health["model_loaded"]

@@ -26,7 +26,10 @@ def test_openapi_yaml_matches_the_app(server):
 def test_health_and_landing_page(server):
     h = server.get("/health").json()
     assert h["status"] == "ok" and h["engine"] == "geometric" and h["model_loaded"]
-    assert h["device"] == "cpu" and h["uptime_s"] >= 0 and h["version"]
+    assert h["device"] == "cpu" and h["version"]
+    assert h["sessions"] == 0 and h["max_sessions"] == server.settings.max_sessions
+    later = server.get("/health").json()
+    assert later["uptime_s"] >= h["uptime_s"] > 0  # counts from start-up, forwards
     page = server.get("/")
     assert page.status_code == 200 and "text/html" in page.headers["content-type"]
     assert server.get("/docs").status_code == 200
@@ -34,13 +37,15 @@ def test_health_and_landing_page(server):
 
 async def test_sessions_report_live_counters(server):
     client, _ = await Client.connect(server.ws)
-    await client.recv_for(1.5)
+    client.decode = False
+    while len(client.frames) < 30:
+        await client.recv_for(0.2)
     info = server.get("/sessions").json()
     assert info["count"] == 1
     s = info["sessions"][0]
     assert s["session_id"] == client.session_id and s["state"] == "idle"
-    assert 20 <= s["fps"] <= 30
-    assert s["frames_sent"] >= 30 and s["dropped_frames"] == 0
+    assert s["fps"] > 0  # its value measures the machine (bench_sessions reports it)
+    assert s["frames_sent"] >= len(client.frames) >= 30 and s["dropped_frames"] == 0
     for key in ("audio_seconds_received", "latency_ms", "skipped_frames", "underruns"):
         assert key in s
     assert server.get(f"/sessions/{client.session_id}").json()["session_id"] == client.session_id

@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
-import base64
 import json
-import os
 import socket
-import struct
 import time
 import uuid
+from typing import Any
 
 import pytest
+from websockets.client import ClientProtocol
+from websockets.protocol import State
+from websockets.uri import parse_uri
 
 
 def rss_mb() -> float:
@@ -21,37 +22,31 @@ def rss_mb() -> float:
     raise RuntimeError("no VmRSS")
 
 
-def ws_text_frame(text: str) -> bytes:
-    """A masked client text frame (RFC 6455 section 5.2)."""
-    payload = text.encode()
-    mask = os.urandom(4)
-    head = bytes([0x81])
-    n = len(payload)
-    if n < 126:
-        head += bytes([0x80 | n])
-    else:
-        head += bytes([0x80 | 126]) + struct.pack(">H", n)
-    return head + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
-
-
-def open_non_reading_client(port: int, user_id: str) -> socket.socket:
+def non_reading_socket(port: int, path: str, message: dict[str, Any]) -> socket.socket:
+    """A raw socket speaking WebSocket through websockets' sans-I/O client protocol: it sends
+    ``message`` and then never reads again, so its buffers fill up."""
     s = socket.socket()
     s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     s.connect(("127.0.0.1", port))
-    key = base64.b64encode(os.urandom(16)).decode()
-    s.sendall((f"GET /musetalk/v1/ws/{user_id} HTTP/1.1\r\nHost: 127.0.0.1\r\n"
-               "Upgrade: websocket\r\nConnection: Upgrade\r\n"
-               f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n").encode())
-    head = b""
-    while b"\r\n\r\n" not in head:
-        head += s.recv(1)
-    assert b" 101 " in head.split(b"\r\n")[0]
+    proto = ClientProtocol(parse_uri(f"ws://127.0.0.1:{port}{path}"))
+    proto.send_request(proto.connect())
+    s.sendall(b"".join(proto.data_to_send()))
+    while proto.state is State.CONNECTING:
+        data = s.recv(4096)
+        assert data, "the server closed the connection during the handshake"
+        proto.receive_data(data)
+    assert proto.handshake_exc is None, proto.handshake_exc
+    proto.send_text(json.dumps(message).encode())
+    s.sendall(b"".join(proto.data_to_send()))
+    return s
+
+
+def open_non_reading_client(port: int, user_id: str) -> socket.socket:
     # big all-keyframe frames (~100 KB each), so kernel socket buffers fill within seconds
-    s.sendall(ws_text_frame(json.dumps({
+    return non_reading_socket(port, f"/musetalk/v1/ws/{user_id}", {
         "type": "INIT", "session_id": str(uuid.uuid4()), "data": {
             "user_id": user_id, "video_config": {"resolution": "1024x1024", "gop_seconds": 0.04,
-                                                 "bitrate": 20_000_000}}})))
-    return s  # and never read again
+                                                 "bitrate": 20_000_000}}})
 
 
 @pytest.mark.parametrize("clients", [2])

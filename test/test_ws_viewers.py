@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-import base64
 import json
-import os
 import socket
 
 import websockets
 
 from .conftest import FIXTURES
-from .test_slow_reader import ws_text_frame
+from .test_slow_reader import non_reading_socket
 from .wsclient import Client, envelope, read_wav
 
 
@@ -25,19 +23,8 @@ async def viewer(server, session_id: str, user: str) -> tuple[Client, dict]:
 
 def stalled_viewer(port: int, session_id: str) -> socket.socket:
     """A viewer that sends INIT and never reads again (its socket buffers fill up)."""
-    s = socket.socket()
-    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-    s.connect(("127.0.0.1", port))
-    key = base64.b64encode(os.urandom(16)).decode()
-    s.sendall((f"GET /musetalk/v1/ws/stalled HTTP/1.1\r\nHost: 127.0.0.1\r\n"
-               "Upgrade: websocket\r\nConnection: Upgrade\r\n"
-               f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n").encode())
-    head = b""
-    while b"\r\n\r\n" not in head:
-        head += s.recv(1)
-    s.sendall(ws_text_frame(json.dumps(envelope("INIT", session_id, user_id="stalled",
-                                                viewer=True))))
-    return s
+    return non_reading_socket(port, "/musetalk/v1/ws/stalled",
+                              envelope("INIT", session_id, user_id="stalled", viewer=True))
 
 
 async def test_viewers_get_the_same_packets_and_cannot_control(server):

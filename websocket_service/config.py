@@ -25,6 +25,7 @@ class Settings(BaseSettings):
     port: int = Field(8000, ge=1, le=65535)
     cors_origins: list[str] = Field(default_factory=lambda: ["*"])
     log_level: str = "info"
+    log_format: Literal["text", "json"] = "text"  # json: one object per line, with session_id
 
     # --- engine
     engine: EngineName = "geometric"
@@ -56,6 +57,18 @@ class Settings(BaseSettings):
     # --- sessions and streaming
     max_sessions: int = Field(32, ge=1)
     auth_token: str | None = None
+    # JWTs in INIT.data.auth_token (and as Bearer tokens): HS256 with the secret, RS256/ES256
+    # with the PEM public key; `exp` and `sub` (= user_id) required
+    jwt_secret: str | None = None
+    jwt_public_key: str | None = None
+    jwt_leeway_s: float = Field(0.0, ge=0, le=300)
+    # browsers' Origin header on WebSockets must be one of these (empty: any origin)
+    allowed_origins: list[str] = Field(default_factory=list)
+    max_sessions_per_user: int = Field(0, ge=0)  # 0: only MAX_SESSIONS applies
+    max_sessions_per_ip: int = Field(0, ge=0)
+    # client messages per connection: a token bucket refilled at this rate, of this size
+    max_messages_per_s: float = Field(100.0, gt=0)
+    message_burst: int = Field(1000, ge=1)
     fps: int = Field(25, ge=1, le=60)
     gop_seconds: float = Field(1.0, gt=0, le=1.0)  # the protocol: an I-frame at least every second
     default_width: int = Field(512, ge=64, le=1920)
@@ -83,10 +96,15 @@ class Settings(BaseSettings):
     rtc_host_addresses: list[str] = Field(default_factory=list)
     max_rtc_clients: int = Field(16, ge=1)
 
-    @field_validator("auth_token")
+    @field_validator("auth_token", "jwt_secret", "jwt_public_key")
     @classmethod
     def _empty_is_none(cls, v: str | None) -> str | None:
         return v or None
+
+    @field_validator("jwt_public_key")
+    @classmethod
+    def _pem_newlines(cls, v: str | None) -> str | None:
+        return v.replace("\\n", "\n") if v else v  # a PEM in one .env line, "\n"-escaped
 
     @field_validator("log_level")
     @classmethod

@@ -17,6 +17,7 @@ from .config import Settings
 from .engines import select_engine
 from .engines.base import LipSyncEngine
 from .errors import InvalidSession, ModelNotFound, RateLimitExceeded
+from .logs import session_id_var
 from .media.encoder_pool import EncoderPool
 from .media.loops import LoopCache
 from .metrics import ServiceMetrics
@@ -44,21 +45,44 @@ class SessionManager:
         self.sessions: dict[str, Session] = {}
         self._reserved: set[str] = set()
         self._attached: dict[str, list[Attachment]] = {}
+        #: (user_id, client address) of every reserved or live session, for the per-user and
+        #: per-address limits
+        self._owners: dict[str, tuple[str, str | None]] = {}
         self.metrics = ServiceMetrics()
 
-    def _reserve(self, session_id: str) -> None:
+    def _reserve(self, session_id: str, user_id: str, client_ip: str | None) -> None:
         if session_id in self.sessions or session_id in self._reserved:
             raise InvalidSession(f"session {session_id} is already active", {"session_id": session_id})
         if len(self.sessions) + len(self._reserved) >= self.settings.max_sessions:
             raise RateLimitExceeded(
                 f"the server is at its limit of {self.settings.max_sessions} sessions; try again later",
                 {"max_sessions": self.settings.max_sessions}, fatal=True)
+        self._check_owner_limits(user_id, client_ip)
         self._reserved.add(session_id)
+        self._owners[session_id] = (user_id, client_ip)
+
+    def _check_owner_limits(self, user_id: str, client_ip: str | None) -> None:
+        per_user, per_ip = self.settings.max_sessions_per_user, self.settings.max_sessions_per_ip
+        if per_user and sum(u == user_id for u, _ in self._owners.values()) >= per_user:
+            raise RateLimitExceeded(f"this user already has {per_user} sessions",
+                                    {"max_sessions_per_user": per_user}, fatal=True)
+        if per_ip and client_ip is not None and \
+                sum(ip == client_ip for _, ip in self._owners.values()) >= per_ip:
+            raise RateLimitExceeded(f"this address already has {per_ip} sessions",
+                                    {"max_sessions_per_ip": per_ip}, fatal=True)
 
     async def create(self, session_id: str, user_id: str, config: VideoConfig,
-                     transport: str = "websocket") -> Session:
-        """Build and start a session (raises ServiceError for bad config or limits)."""
-        self._reserve(session_id)
+                     transport: str = "websocket", client_ip: str | None = None) -> Session:
+        """Build and start a session (raises ServiceError for bad config or limits).
+
+        The calling task logs for ``session_id`` from here on, and so do the tasks it starts.
+        """
+        token = session_id_var.set(session_id)
+        try:
+            self._reserve(session_id, user_id, client_ip)
+        except BaseException:
+            session_id_var.reset(token)
+            raise
         try:
             avatar = await self._avatar(config.avatar_id or self.settings.default_avatar)
             base_video = config.base_video or avatar.base_videos[0]
@@ -75,6 +99,9 @@ class SessionManager:
             self.metrics.session_opened(session.stats)
         finally:
             self._reserved.discard(session_id)
+            if session_id not in self.sessions:
+                self._owners.pop(session_id, None)
+                session_id_var.reset(token)
         log.info("session %s opened: user=%s transport=%s avatar=%s %dx%d (%d/%d sessions)",
                  session_id, user_id, transport, avatar.avatar_id, video.width, video.height,
                  len(self.sessions), self.settings.max_sessions)
@@ -112,12 +139,20 @@ class SessionManager:
             self._attached[session_id].remove(thing)
 
     async def close(self, session_id: str) -> None:
+        token = session_id_var.set(session_id)
+        try:
+            await self._close(session_id)
+        finally:
+            session_id_var.reset(token)
+
+    async def _close(self, session_id: str) -> None:
         session = self.sessions.pop(session_id, None)
         for thing in self._attached.pop(session_id, []):
             try:
                 await thing.aclose()
             except Exception:  # noqa: BLE001 - one failing attachment must not keep the session
                 log.exception("session %s: closing %r failed", session_id, thing)
+        self._owners.pop(session_id, None)
         if session is not None:
             await session.close()
             st = session.stats
@@ -178,6 +213,7 @@ class Services:
 
     async def aclose(self) -> None:
         await self.sessions.close_all()
+        await asyncio.to_thread(self.store.close)
         await self.engine.aclose()
         if self.encoders is not None:
             await self.encoders.aclose()

@@ -1,16 +1,23 @@
-"""Process-wide metrics in the Prometheus text format (``GET /metrics``).
+"""Process-wide metrics for ``GET /metrics``, exposed with ``prometheus-client``.
 
-Counters add up the counters of closed sessions and those of the live ones, so they only
-grow; the speech latency histogram (audio chunk in -> its frame sent) has fixed buckets, so
-its memory is constant whatever the traffic.
+Counters add up the counters of closed sessions and those of the live ones (collected at
+scrape time), so they only grow; the speech latency histogram (audio chunk in -> its frame
+sent) has fixed buckets, so its memory is constant whatever the traffic. The process
+collector adds the server's memory, CPU time and open file descriptors
+(``process_resident_memory_bytes``, ...). Each :class:`ServiceMetrics` has its own registry,
+so several apps in one process (tests) do not share counts.
 """
 
 from __future__ import annotations
 
-import bisect
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import Any
+
+from prometheus_client import CollectorRegistry, Histogram, ProcessCollector, generate_latest
+from prometheus_client import Counter as PromCounter
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 from .stats import SessionStats
 
@@ -32,64 +39,61 @@ SESSION_COUNTERS = {
 }
 
 
-class Histogram:
-    """A cumulative-bucket histogram of seconds."""
+class _SessionCollector(Collector):
+    """What is read from the sessions at scrape time (see :meth:`ServiceMetrics.render`)."""
 
-    def __init__(self, buckets: Iterable[float] = LATENCY_BUCKETS_S) -> None:
-        self.bounds = tuple(buckets)
-        self.counts = [0] * (len(self.bounds) + 1)  # the last one is +Inf
-        self.sum = 0.0
+    def __init__(self, owner: ServiceMetrics) -> None:
+        self.owner = owner
 
-    def observe(self, value: float) -> None:
-        self.counts[bisect.bisect_left(self.bounds, value)] += 1
-        self.sum += value
-
-    def lines(self, name: str) -> list[str]:
-        out, cum = [], 0
-        for bound, n in zip((*self.bounds, float("inf")), self.counts, strict=True):
-            cum += n
-            le = "+Inf" if bound == float("inf") else repr(bound)
-            out.append(f'{name}_bucket{{le="{le}"}} {cum}')
-        out += [f"{name}_sum {self.sum:.6f}", f"{name}_count {cum}"]
-        return out
+    def collect(self) -> Iterator[Metric]:
+        live, max_sessions, engine = self.owner._scrape
+        yield GaugeMetricFamily("avatar_sessions", "Sessions open now.", value=len(live))
+        yield GaugeMetricFamily("avatar_sessions_max", "The MAX_SESSIONS limit.",
+                                value=max_sessions)
+        for key, (name, help_) in SESSION_COUNTERS.items():
+            total = self.owner.closed[key] + sum(getattr(s, key) for s in live)
+            yield CounterMetricFamily(name, help_, value=total)
+        rtf = engine.get("realtime_factor")
+        if isinstance(rtf, int | float):
+            g = GaugeMetricFamily("avatar_engine_realtime_factor",
+                                  "Engine compute seconds per second of 25 fps video "
+                                  "(above 1: cannot keep up).", labels=["engine"])
+            g.add_metric([str(engine.get("name"))], rtf)
+            yield g
 
 
 class ServiceMetrics:
     def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
         self.closed: Counter[str] = Counter()
-        self.sessions_opened = 0
-        self.latency = Histogram()
+        self.sessions_opened = PromCounter("avatar_sessions_opened", "Sessions opened.",
+                                           registry=self.registry)
+        self.messages_rate_limited = PromCounter(
+            "avatar_messages_rate_limited", "Client messages dropped by the message rate limit.",
+            registry=self.registry)
+        self.latency = Histogram("avatar_speech_latency_seconds",
+                                 "Audio chunk arrival to its lip-synced frame sent.",
+                                 buckets=LATENCY_BUCKETS_S, registry=self.registry)
+        ProcessCollector(registry=self.registry)
+        self._scrape: tuple[list[SessionStats], int, dict[str, Any]] = ([], 0, {})
+        self.registry.register(_SessionCollector(self))
 
     def session_opened(self, stats: SessionStats) -> None:
-        self.sessions_opened += 1
+        self.sessions_opened.inc()
         stats.latency_hist = self.latency
 
     def session_closed(self, stats: SessionStats) -> None:
         for key in SESSION_COUNTERS:
             self.closed[key] += getattr(stats, key)
 
+    def message_rate_limited(self) -> None:
+        self.messages_rate_limited.inc()
+
     def render(self, live: Iterable[SessionStats], max_sessions: int,
                engine: dict[str, Any]) -> str:
-        live = list(live)
-        lines = [
-            "# HELP avatar_sessions Sessions open now.", "# TYPE avatar_sessions gauge",
-            f"avatar_sessions {len(live)}",
-            "# HELP avatar_sessions_max The MAX_SESSIONS limit.", "# TYPE avatar_sessions_max gauge",
-            f"avatar_sessions_max {max_sessions}",
-            "# HELP avatar_sessions_opened_total Sessions opened.",
-            "# TYPE avatar_sessions_opened_total counter",
-            f"avatar_sessions_opened_total {self.sessions_opened}",
-        ]
-        for key, (name, help_) in SESSION_COUNTERS.items():
-            total = self.closed[key] + sum(getattr(s, key) for s in live)
-            lines += [f"# HELP {name} {help_}", f"# TYPE {name} counter", f"{name} {total}"]
-        name = "avatar_speech_latency_seconds"
-        lines += [f"# HELP {name} Audio chunk arrival to its lip-synced frame sent.",
-                  f"# TYPE {name} histogram", *self.latency.lines(name)]
-        rtf = engine.get("realtime_factor")
-        if isinstance(rtf, int | float):
-            lines += ["# HELP avatar_engine_realtime_factor Engine compute seconds per second "
-                      "of 25 fps video (above 1: cannot keep up).",
-                      "# TYPE avatar_engine_realtime_factor gauge",
-                      f'avatar_engine_realtime_factor{{engine="{engine.get("name")}"}} {rtf}']
-        return "\n".join(lines) + "\n"
+        """The Prometheus text exposition, with the live sessions' counters added in."""
+        self._scrape = (list(live), max_sessions, engine)
+        try:
+            return generate_latest(self.registry).decode()
+        finally:
+            self._scrape = ([], 0, {})

@@ -17,8 +17,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
+import weakref
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, ParamSpec, Protocol
 
 import numpy as np
 
@@ -28,7 +31,7 @@ from .bridge import Bridge
 from .clock import Clock
 from .config import Settings
 from .cursor import Cursor
-from .engines.base import LipSyncEngine
+from .engines.base import LipSyncEngine, LipSyncStream
 from .errors import InvalidSession, RateLimitExceeded, ServiceError
 from .events import ActionTriggered, SessionEvent, SpeechEnded, StateChanged
 from .playout import SILENCE, OutputFrame, Playout
@@ -40,6 +43,18 @@ from .units import SAMPLE_RATE
 __all__ = ["SILENCE", "OutputFrame", "Session", "SessionSink", "VideoSettings"]
 
 AWAIT_SPEECH_S = 2.0
+_P = ParamSpec("_P")
+
+
+def _weakly(method: Callable[_P, None] | Callable[_P, bool]) -> Callable[_P, Any]:
+    """``method`` without a strong reference to its object (a no-op once it is gone)."""
+    ref = weakref.WeakMethod(method)
+
+    def call(*args: _P.args, **kwargs: _P.kwargs) -> Any:
+        bound = ref()
+        return None if bound is None else bound(*args, **kwargs)
+
+    return call
 
 
 class SessionSink(Protocol):
@@ -67,34 +82,36 @@ class VideoSettings:
 
 class _SpeechInput:
     """Audio in, and the one rule for where an utterance ends: the client says so (END_OF_SPEECH,
-    ``end_of_speech`` on GENERATE) or no audio came for ``speech_gap_ms``."""
+    ``end_of_speech`` on GENERATE) or no audio came for ``speech_gap_ms``.
 
-    def __init__(self, session: Session) -> None:
-        self.s = session
+    It holds what it uses, not the session: the playout calls :meth:`end_if_quiet`, so a
+    reference back to the session would make a reference cycle."""
+
+    def __init__(self, settings: Settings, stream: LipSyncStream, stats: SessionStats,
+                 clock: Clock) -> None:
+        self.settings, self.stream, self.stats, self.clock = settings, stream, stats, clock
         self.last_audio = 0.0  # 0: no utterance receiving audio
 
     def push(self, pcm: np.ndarray, end: bool) -> None:
-        s = self.s
-        limit = int(s.settings.max_buffered_audio_s * SAMPLE_RATE)
-        if s.stream.buffered_samples() + len(pcm) > limit:
-            s.stats.audio_rejected_chunks += 1
+        limit = int(self.settings.max_buffered_audio_s * SAMPLE_RATE)
+        if self.stream.buffered_samples() + len(pcm) > limit:
+            self.stats.audio_rejected_chunks += 1
             raise RateLimitExceeded(
-                f"more than {s.settings.max_buffered_audio_s:g} s of audio is waiting to be "
+                f"more than {self.settings.max_buffered_audio_s:g} s of audio is waiting to be "
                 "rendered; send audio no faster than it can be played", {"dropped_samples": len(pcm)})
-        s.stream.push_audio(pcm)
-        s.stats.audio_samples += len(pcm)
-        self.last_audio = s.clock.now()
-        s.playout.await_speech_until = 0.0
+        self.stream.push_audio(pcm)
+        self.stats.audio_samples += len(pcm)
+        self.last_audio = self.clock.now()
         if end:
             self.end()
 
     def end(self) -> None:
-        self.s.stream.end_segment()
+        self.stream.end_segment()
         self.last_audio = 0.0
 
     def end_if_quiet(self, now: float) -> None:
-        gap = self.s.settings.speech_gap_ms / 1000
-        if self.last_audio and now - self.last_audio > gap and self.s.stream.ready_frames() == 0:
+        gap = self.settings.speech_gap_ms / 1000
+        if self.last_audio and now - self.last_audio > gap and self.stream.ready_frames() == 0:
             self.end()
 
 
@@ -117,13 +134,17 @@ class Session:
         self.stats = SessionStats(self.clock.now())
         self.sinks: list[SessionSink] = []
         self.queue = SpeechQueue(self.settings.speech_queue_frames)
-        self.speech = _SpeechInput(self)
+        self.speech = _SpeechInput(self.settings, self.stream, self.stats, self.clock)
+        # the parts call back into the session weakly, so that a closed session is freed by
+        # reference counting at once instead of waiting, with its stream and images, for a
+        # full garbage collection
         self.playout = Playout(self.settings, self.video.fps, (self.video.width, self.video.height),
-                               self.cursor, self.queue, self.clock, self.stats, self._emit,
-                               self.speech.end_if_quiet,
-                               lambda: self.queue.drawn > 0 or self.stream.buffered_samples() > 0)
-        self.producer = Producer(self.stream, self.queue, lambda: self.cursor.next(speech=True),
-                                 self.clock, self.stats, self._render_failed)
+                               self.cursor, self.queue, self.clock, self.stats,
+                               _weakly(self._emit), self.speech.end_if_quiet,
+                               _weakly(self._speech_pending))
+        self.producer = Producer(self.stream, self.queue,
+                                 functools.partial(self.cursor.next, speech=True), self.clock,
+                                 self.stats, _weakly(self._render_failed))
         self.mic = AudioTap()  # audio a WebRTC peer sends in, for applications (ASR)
         self._tasks: list[asyncio.Task[None]] = []
         self._closed = False
@@ -166,6 +187,7 @@ class Session:
     # ------------------------------------------------------------------ client requests
     def push_audio(self, pcm: np.ndarray, end_of_speech: bool = False) -> None:
         self.speech.push(pcm, end_of_speech)
+        self.playout.await_speech_until = 0.0  # audio came: no more waiting for it
 
     def end_of_speech(self) -> None:
         self.speech.end()
@@ -246,6 +268,9 @@ class Session:
         if state is AvatarState.ACTION and self.cursor.action is not None:
             return self.cursor.action.name
         return self.cursor.speaking_clip if state is AvatarState.SPEAKING else self.cursor.base_video
+
+    def _speech_pending(self) -> bool:
+        return self.queue.drawn > 0 or self.stream.buffered_samples() > 0
 
     def _render_failed(self, err: ServiceError) -> None:
         self.interrupt()

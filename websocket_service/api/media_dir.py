@@ -30,7 +30,11 @@ def media_file(root: Path, rel: str) -> Path:
         raise InvalidMessage(f"cannot resolve path: {exc.__class__.__name__}", shown) from None
     if not target.is_relative_to(base):
         raise InvalidMessage("path must be inside the server's MEDIA_DIR", shown)
-    if not target.is_file():
+    try:
+        found = target.is_file()
+    except OSError as exc:  # e.g. a path component over NAME_MAX (found by schemathesis)
+        raise InvalidMessage(f"cannot use this path: {exc.strerror or 'invalid'}", shown) from None
+    if not found:
         raise ModelNotFound("no such file in MEDIA_DIR", shown)
     return target
 

@@ -1,9 +1,10 @@
-"""``GET /metrics``: Prometheus text exposition of the service's counters."""
+"""``GET /metrics``: Prometheus text exposition of the service's counters (prometheus-client)."""
 
 from __future__ import annotations
 
 from fastapi import APIRouter, Request
 from fastapi.responses import PlainTextResponse
+from prometheus_client import CONTENT_TYPE_LATEST
 
 router = APIRouter()
 
@@ -17,4 +18,4 @@ async def metrics(request: Request) -> PlainTextResponse:
     text = mgr.metrics.render((s.stats for s in mgr.sessions.values()),
                               svc.settings.max_sessions, {"name": svc.engine.name,
                                                           **svc.engine.stats()})
-    return PlainTextResponse(text, media_type="text/plain; version=0.0.4")
+    return PlainTextResponse(text, media_type=CONTENT_TYPE_LATEST)

@@ -13,7 +13,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse
 from pydantic import BaseModel, Field
 
 from ..avatars.store import PrepareJob, validate_avatar_id
-from ..errors import InvalidMessage, InvalidSession, ModelNotFound, RateLimitExceeded
+from ..errors import InvalidMessage, InvalidSession, ModelNotFound
 from ..manager import Services
 from .auth import UNAUTHORIZED, require_token
 from .media_dir import check_suffix, media_file
@@ -21,7 +21,6 @@ from .media_dir import check_suffix, media_file
 public = APIRouter()  # open even when AUTH_TOKEN is set
 router = APIRouter(dependencies=[Depends(require_token)], responses=UNAUTHORIZED)
 
-MAX_RUNNING_JOBS = 2
 
 
 class ErrorBody(BaseModel):
@@ -113,9 +112,9 @@ def job_out(job: PrepareJob) -> dict[str, Any]:
 
 
 def check_job_slot(svc: Services) -> None:
-    """Raise ``RateLimitExceeded`` (429) while ``MAX_RUNNING_JOBS`` preparations run."""
-    if svc.store.running_jobs() >= MAX_RUNNING_JOBS:
-        raise RateLimitExceeded(f"{MAX_RUNNING_JOBS} avatar preparations are already running; try again later")
+    """Raise ``RateLimitExceeded`` (429) early while all preparation slots are taken
+    (``submit`` takes one atomically, and refuses the same way if another request won it)."""
+    svc.store.check_job_slot()
 
 
 def _copy_limited(src: BinaryIO, suffix: str, max_bytes: int) -> Path:
@@ -145,19 +144,23 @@ async def prepare_avatar(
     """Start preparing an avatar in the background; poll ``status_url`` for progress."""
     svc = _services(request)
     aid = validate_avatar_id(avatar_id or user_id)
-    check_job_slot(svc)
     if (file is None) == (path is None):
         raise InvalidMessage("send exactly one of: a 'file' upload or a 'path' inside MEDIA_DIR")
-    if file is not None:
-        suffix = check_suffix(file.filename or "")
-        source = await asyncio.to_thread(_copy_limited, file.file, suffix,
-                                         svc.settings.max_upload_mb << 20)
-        job = svc.store.submit(aid, source, cleanup=True)
-    else:
-        assert path is not None
-        source = media_file(svc.settings.media_dir, path)
-        check_suffix(source.name)
-        job = svc.store.submit(aid, source)
+    svc.store.claim_job_slot()  # before the upload is copied: refuse early, and atomically
+    try:
+        if file is not None:
+            suffix = check_suffix(file.filename or "")
+            source = await asyncio.to_thread(_copy_limited, file.file, suffix,
+                                             svc.settings.max_upload_mb << 20)
+            job = svc.store.submit(aid, source, cleanup=True, claimed=True)
+        else:
+            assert path is not None
+            source = media_file(svc.settings.media_dir, path)
+            check_suffix(source.name)
+            job = svc.store.submit(aid, source, claimed=True)
+    except BaseException:
+        svc.store.release_job_slot()  # the job never started
+        raise
     return job_out(job)
 
 

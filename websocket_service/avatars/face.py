@@ -7,6 +7,7 @@ failing somewhere deeper or silently guessing a face box.
 
 from __future__ import annotations
 
+import threading
 from functools import cache
 
 import cv2
@@ -15,6 +16,9 @@ import numpy as np
 from ..errors import ProcessingError
 
 Box = tuple[int, int, int, int]  # x, y, w, h
+# a CascadeClassifier is shared (cached) but not thread-safe: two preparations detecting at
+# once (a job and a server's start-up) failed inside OpenCV ("scaleIdx" assertion)
+_detect_lock = threading.Lock()
 
 
 class FaceDetectorUnavailable(ProcessingError):
@@ -40,7 +44,8 @@ def detect_face(rgb: np.ndarray) -> Box | None:
     gray = cv2.equalizeHist(cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY))
     min_side = max(24, min(gray.shape) // 12)
     for name in ("haarcascade_frontalface_default.xml", "haarcascade_frontalface_alt2.xml"):
-        faces = cascade(name).detectMultiScale(gray, 1.1, 5, minSize=(min_side, min_side))
+        with _detect_lock:
+            faces = cascade(name).detectMultiScale(gray, 1.1, 5, minSize=(min_side, min_side))
         if len(faces):
             x, y, w, h = max(faces, key=lambda f: f[2] * f[3])
             return int(x), int(y), int(w), int(h)

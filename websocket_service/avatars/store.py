@@ -20,6 +20,7 @@ import time
 import uuid
 from collections import OrderedDict
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,7 +29,7 @@ import av
 import cv2
 import numpy as np
 
-from ..errors import InvalidMessage, ModelNotFound, ProcessingError
+from ..errors import InvalidMessage, ModelNotFound, ProcessingError, RateLimitExceeded
 from ..units import ID_RE
 from .face import crop_box_for_face, cut, detect_face
 from .model import Avatar, Clip, ClipKind
@@ -41,6 +42,7 @@ FORMAT_VERSION = 1
 JPEG_QUALITY = 95
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp"}
 MAX_JOBS_KEPT = 100
+MAX_RUNNING_JOBS = 2
 
 Progress = Callable[[float, str], None]
 
@@ -207,6 +209,10 @@ class AvatarStore:
         self._mem: OrderedDict[str, Avatar] = OrderedDict()
         self._jobs: OrderedDict[str, PrepareJob] = OrderedDict()
         self._lock = threading.Lock()
+        # jobs run in a bounded pool; the semaphore makes "at most MAX_RUNNING_JOBS" one
+        # atomic step instead of a check followed, after an upload, by a submit
+        self._slots = threading.BoundedSemaphore(MAX_RUNNING_JOBS)
+        self._pool = ThreadPoolExecutor(MAX_RUNNING_JOBS, thread_name_prefix="prepare")
         root.mkdir(parents=True, exist_ok=True)
 
     # -- lookup
@@ -288,20 +294,52 @@ class AvatarStore:
         return avatar
 
     # -- jobs
-    def submit(self, avatar_id: str, source: Path, cleanup: bool = False) -> PrepareJob:
+    def check_job_slot(self) -> None:
+        """Refuse early (:class:`RateLimitExceeded`) while every slot is taken."""
+        if self.running_jobs() >= MAX_RUNNING_JOBS:  # a hint only: claiming is the atomic step
+            self._refuse()
+
+    def claim_job_slot(self) -> None:
+        """Take one of the ``MAX_RUNNING_JOBS`` slots or raise :class:`RateLimitExceeded`.
+        ``submit(..., claimed=True)`` hands it to the job, which frees it when it ends; a
+        caller that does not get as far as submitting gives it back (:meth:`release_job_slot`)."""
+        if not self._slots.acquire(blocking=False):
+            self._refuse()
+
+    def release_job_slot(self) -> None:
+        self._slots.release()
+
+    @staticmethod
+    def _refuse() -> None:
+        raise RateLimitExceeded(f"{MAX_RUNNING_JOBS} avatar preparations are already running; "
+                                "try again later", {"max_running_jobs": MAX_RUNNING_JOBS})
+
+    def submit(self, avatar_id: str, source: Path, cleanup: bool = False,
+               claimed: bool = False) -> PrepareJob:
+        """Run a preparation in the job pool, in a slot the caller ``claimed`` (else one is
+        taken here: :class:`RateLimitExceeded` when none is free)."""
         validate_avatar_id(avatar_id)
+        if not claimed:
+            self.claim_job_slot()
         job = PrepareJob(uuid.uuid4().hex, avatar_id)
         with self._lock:
             self._jobs[job.job_id] = job
             while len(self._jobs) > MAX_JOBS_KEPT:
                 self._jobs.popitem(last=False)
-        thread = threading.Thread(target=self._run_job, args=(job, source, cleanup),
-                                  name=f"prepare-{avatar_id}", daemon=True)
-        thread.start()
+        try:
+            self._pool.submit(self._run_job, job, source, cleanup)
+        except BaseException:
+            if not claimed:
+                self._slots.release()
+            raise
         return job
 
     def running_jobs(self) -> int:
         return sum(j.status in ("queued", "running") for j in list(self._jobs.values()))
+
+    def close(self) -> None:
+        """Stop taking jobs, drop queued ones and wait for a running one (blocking)."""
+        self._pool.shutdown(wait=True, cancel_futures=True)
 
     def job(self, job_id: str) -> PrepareJob | None:
         return self._jobs.get(job_id)
@@ -324,3 +362,4 @@ class AvatarStore:
             job.finished = time.time()
             if cleanup:
                 source.unlink(missing_ok=True)
+            self._slots.release()

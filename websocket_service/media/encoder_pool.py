@@ -258,19 +258,40 @@ class PoolEncoder:
 
 
 class InProcessEncoder:
-    """The same async API over an in-process :class:`H264Encoder` (``encoder_processes=0``)."""
+    """The same async API over an in-process :class:`H264Encoder` (``encoder_processes=0``).
+
+    Encodes run in a worker thread, one at a time. A caller cancelled mid-encode leaves its
+    encode running in that thread, so :meth:`close` waits for it before freeing the x264
+    context (about 4 MB at 512x512): freeing it under a running encode would crash.
+    """
 
     def __init__(self, encoder: H264Encoder) -> None:
-        self._enc = encoder
+        self._enc: H264Encoder | None = encoder
+        self._inflight: asyncio.Future[EncodedFrame] | None = None
 
     def request_keyframe(self) -> None:
-        self._enc.request_keyframe()
+        if self._enc is not None:
+            self._enc.request_keyframe()
+
+    async def _settle(self) -> None:
+        if self._inflight is not None and not self._inflight.done():
+            with contextlib.suppress(Exception):
+                await asyncio.shield(self._inflight)
+        self._inflight = None
 
     async def encode(self, rgb: np.ndarray) -> EncodedFrame:
-        return await asyncio.to_thread(self._enc.encode, rgb)
+        await self._settle()
+        if self._enc is None:
+            raise ProcessingError("encoder is closed")
+        self._inflight = asyncio.ensure_future(asyncio.to_thread(self._enc.encode, rgb))
+        return await asyncio.shield(self._inflight)
 
     async def close(self) -> None:
-        pass  # an encode cancelled mid-way may still run in its thread; the GC frees the context
+        """Wait for an encode still running, then free the context now (not at the next GC)."""
+        await self._settle()
+        if self._enc is not None:
+            self._enc.close()
+            self._enc = None
 
 
 async def open_encoder(pool: EncoderPool | None, width: int, height: int, fps: int, bitrate: int,

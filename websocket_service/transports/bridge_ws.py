@@ -1,6 +1,6 @@
 """``/musetalk/v1/bridge/{session_id}``: an external renderer pushes frames and audio.
 
-Envelopes like the protocol's (``?token=`` when ``AUTH_TOKEN`` is set). First
+Envelopes like the protocol's (``?token=`` when ``AUTH_TOKEN`` or JWT keys are set). First
 ``BRIDGE_CONFIG {format: rgb24|rgba|i420|jpeg, width?, height?}`` (the size, if given, must be
 the session's) -> ``BRIDGE_READY {width, height, format}``. Then, any mix of
 
@@ -25,9 +25,9 @@ from typing import Any
 from fastapi import WebSocket
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from ..api.auth import token_matches
+from ..api.auth import authorize, origin_allowed
 from ..bridge import FORMATS, Bridge
-from ..errors import AuthFailed, InvalidMessage, ServiceError
+from ..errors import InvalidMessage, ServiceError
 from ..manager import Services
 from ..protocol import pcm_from_bytes
 from ..session import Session
@@ -55,11 +55,15 @@ class MediaData(_Msg):
 
 async def bridge_endpoint(ws: WebSocket, session_id: str) -> None:
     services: Services = ws.app.state.services
+    if not origin_allowed(services.settings, ws):
+        await ws.close(code=CLOSE_POLICY)  # before accept: the handshake fails with 403
+        return
     await ws.accept()
     try:
-        if not token_matches(services.settings.auth_token, ws.query_params.get("token")):
-            raise AuthFailed("auth token is missing or wrong: send ?token=")
+        token = ws.query_params.get("token")
+        authorize(services.settings, None, token)  # nothing about sessions before auth
         session = services.sessions.get(session_id)
+        authorize(services.settings, session.user_id, token)  # a JWT: the session's user
     except ServiceError as err:
         await ws.send_text(error_message(err, None).to_json())
         await ws.close(code=CLOSE_POLICY)

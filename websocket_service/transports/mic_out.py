@@ -5,7 +5,8 @@ comes as an envelope ``{"type": "MIC_AUDIO", "session_id", "data": {"timestamp_m
 "sample_rate", "samples", "data": base64}}``; ``timestamp_ms`` is the piece's position in the
 peer's audio (pieces follow each other without gaps unless this reader fell behind, when the
 oldest are dropped: at most ``MIC_QUEUE_PIECES`` wait, and ``dropped`` counts the loss). When
-the session ends the socket closes with 1000. With ``AUTH_TOKEN`` set, send ``?token=``.
+the session ends the socket closes with 1000. With ``AUTH_TOKEN`` or JWT keys set, send
+``?token=`` (a JWT: the session's user).
 """
 
 from __future__ import annotations
@@ -19,8 +20,8 @@ from collections import deque
 import numpy as np
 from fastapi import WebSocket, WebSocketDisconnect
 
-from ..api.auth import token_matches
-from ..errors import AuthFailed, ServiceError
+from ..api.auth import authorize, origin_allowed
+from ..errors import ServiceError
 from ..manager import Services
 from ..units import SAMPLE_RATE
 from ..wire import error_message
@@ -68,11 +69,15 @@ class MicReader:
 
 async def mic_endpoint(ws: WebSocket, session_id: str) -> None:
     services: Services = ws.app.state.services
+    if not origin_allowed(services.settings, ws):
+        await ws.close(code=CLOSE_POLICY)  # before accept: the handshake fails with 403
+        return
     await ws.accept()
     try:
-        if not token_matches(services.settings.auth_token, ws.query_params.get("token")):
-            raise AuthFailed("auth token is missing or wrong: send ?token=")
+        token = ws.query_params.get("token")
+        authorize(services.settings, None, token)  # nothing about sessions before auth
         session = services.sessions.get(session_id)
+        authorize(services.settings, session.user_id, token)  # a JWT: the session's user
     except ServiceError as err:
         await ws.send_text(error_message(err, None).to_json())
         await ws.close(code=CLOSE_POLICY)

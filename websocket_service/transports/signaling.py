@@ -26,7 +26,14 @@ from fastapi import APIRouter, Request, WebSocket, WebSocketDisconnect
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 from starlette.websockets import WebSocketState
 
-from ..api.auth import UNAUTHORIZED, Credentials, bearer_token, check_token, token_matches
+from ..api.auth import (
+    UNAUTHORIZED,
+    Credentials,
+    auth_required,
+    authorize,
+    bearer_token,
+    origin_allowed,
+)
 from ..errors import AuthFailed, InvalidMessage, InvalidSession, RateLimitExceeded, ServiceError
 from ..protocol import VideoConfig
 from ..units import ID_PATTERN, ID_RE
@@ -111,7 +118,7 @@ async def offer(request: Request, body: OfferRequest, credentials: Credentials) 
     (404 ``INVALID_SESSION`` if there is none); it is disconnected when the session closes.
     With ``AUTH_TOKEN`` set, send it as a Bearer header or as ``auth_token`` in the body."""
     hub = _hub(request.app)
-    check_token(hub.settings.auth_token, bearer_token(credentials), body.auth_token)
+    authorize(hub.settings, body.user_id, bearer_token(credentials), body.auth_token)
     if body.session_id is not None:
         peer = await hub.view(body.session_id, body.sdp, body.type)
     elif body.user_id is None:
@@ -134,7 +141,7 @@ class SignalingConnection:
         self.user_id = user_id
         self.key = f"sig-{uuid.uuid4()}"
         self.peer: RtcPeer | None = None
-        self.authed = token_matches(hub.settings.auth_token)  # True when no token is set
+        self.authed = not auth_required(hub.settings)
         self.close_code = 1000
         self.outbox: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue(MAX_OUTBOX)
         self._overflow = False
@@ -161,7 +168,7 @@ class SignalingConnection:
         url_token = self.ws.query_params.get("token")
         if url_token is not None and not self.authed:
             try:
-                check_token(self.hub.settings.auth_token, url_token)
+                authorize(self.hub.settings, self.user_id, url_token)
             except AuthFailed as err:
                 await self._refuse(err, CLOSE_POLICY)
                 return
@@ -245,7 +252,7 @@ class SignalingConnection:
         if not self.authed:
             if not isinstance(msg, SigOffer):
                 raise AuthFailed("send the auth token as ?token= or in the first message, an offer")
-            check_token(self.hub.settings.auth_token, msg.auth_token)
+            authorize(self.hub.settings, self.user_id, msg.auth_token)
             self.authed = True
         if isinstance(msg, SigPing):
             loop = asyncio.get_running_loop()
@@ -292,6 +299,9 @@ class SignalingConnection:
 
 
 async def signaling_endpoint(ws: WebSocket, user_id: str) -> None:
+    if not origin_allowed(_hub(ws.app).settings, ws):
+        await ws.close(code=CLOSE_POLICY)  # before accept: the handshake fails with 403
+        return
     await ws.accept()
     await SignalingConnection(ws, _hub(ws.app), user_id).run()
 

@@ -20,14 +20,16 @@ from fastapi import WebSocket, WebSocketDisconnect
 from pydantic import ValidationError
 from starlette.websockets import WebSocketState
 
-from ..api.auth import check_token
+from ..api.auth import authorize, origin_allowed
 from ..errors import (
     InternalError,
     InvalidMessage,
     InvalidSession,
+    RateLimitExceeded,
     ServiceError,
 )
 from ..events import ClosedByClient, SessionEvent
+from ..limits import TokenBucket
 from ..manager import Services
 from ..protocol import (
     CLIENT_ADAPTER,
@@ -79,6 +81,8 @@ class Connection:
         self._sender: asyncio.Task[None] | None = None
         self._recv: asyncio.Task[None]
         self._closing = False
+        self._bucket = TokenBucket(self.settings.max_messages_per_s, self.settings.message_burst,
+                                   services.sessions.clock.now())
 
     # ---------------------------------------------------------------- sending
     async def _send_direct(self, msg: ServerMessage) -> None:
@@ -154,6 +158,13 @@ class Connection:
                 await self.report(InternalError("internal error; the request was dropped"))
 
     async def _handle(self, message: Mapping[str, Any]) -> None:
+        if not self._bucket.take(self.services.sessions.clock.now()):
+            self.services.sessions.metrics.message_rate_limited()
+            raise RateLimitExceeded(
+                f"more than {self.settings.max_messages_per_s:g} messages per second; "
+                "this message was dropped",
+                {"max_messages_per_s": self.settings.max_messages_per_s,
+                 "message_burst": self.settings.message_burst})
         text, data = message.get("text"), message.get("bytes")
         if data is not None:
             size = len(data)
@@ -257,7 +268,7 @@ class Connection:
         if d.user_id != self.user_id:
             raise InvalidMessage("INIT user_id does not match the URL's user_id",
                                  {"url_user_id": self.user_id})
-        check_token(self.settings.auth_token, d.auth_token)
+        authorize(self.settings, self.user_id, d.auth_token)
         if d.video_config.fps is not None and d.video_config.fps != self.settings.fps:
             raise InvalidMessage(f"this server streams at {self.settings.fps} fps",
                                  {"fps": self.settings.fps})
@@ -266,8 +277,9 @@ class Connection:
         """A new session, owned by this connection."""
         self._check_init(msg)
         session_id = msg.session_id or str(uuid.uuid4())
+        client_ip = self.ws.client.host if self.ws.client else None
         session = await self.services.sessions.create(session_id, self.user_id,
-                                                      msg.data.video_config)
+                                                      msg.data.video_config, client_ip=client_ip)
         self.session = session
         self.feed = await ensure_feed(self.services, session)
         await self._attach(session, self.feed)
@@ -341,6 +353,9 @@ class Connection:
 
 async def websocket_endpoint(ws: WebSocket, user_id: str) -> None:
     services: Services = ws.app.state.services
+    if not origin_allowed(services.settings, ws):
+        await ws.close(code=CLOSE_POLICY)  # before accept: the handshake fails with 403
+        return
     await ws.accept()
     await Connection(ws, services, user_id).run()
 

@@ -1,0 +1,144 @@
+"""Sessions opened and closed the ways clients end them, and counts of what a server holds.
+
+Shared by ``test/test_churn.py`` (a few hundred sessions, asserting counts) and
+``bench/churn.py`` (thousands, reporting RSS).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import json
+import os
+import threading
+from collections import Counter
+from typing import Any
+
+from websocket_service.engines.geometric.stream import GeometricStream
+from websocket_service.media.encoder import H264Encoder
+from websocket_service.media.encoder_pool import InProcessEncoder
+from websocket_service.playout import Playout
+from websocket_service.producer import Producer
+from websocket_service.session import Session
+from websocket_service.states import StateMachine
+from websocket_service.transports.rtc_audio_in import MicIngest
+from websocket_service.transports.rtc_tracks import SessionAudioTrack, SessionVideoTrack
+from websocket_service.transports.signaling import SignalingConnection
+from websocket_service.transports.webrtc import RtcPeer, RtcSink
+from websocket_service.transports.websocket import Connection
+from websocket_service.transports.ws_feed import Outbox, SessionFeed
+
+from .live_server import LiveServer
+from .wsclient import Client
+
+#: the ways a session ends, cycled through in order
+KINDS = ("close_msg", "drop", "speech_close", "speech_abort", "action_close", "action_drop",
+         "abort", "no_init")
+
+#: classes whose live instances must not outlast their session
+TRACKED: tuple[type, ...] = (
+    Session, Connection, SessionFeed, Outbox, InProcessEncoder, H264Encoder, GeometricStream,
+    Playout, Producer, StateMachine, RtcPeer, RtcSink, SessionVideoTrack, SessionAudioTrack,
+    MicIngest, SignalingConnection)
+
+PCM_1S = b"\x10\x00\xf0\xff" * 8000  # 1 s of a quiet square wave: the mouth moves
+
+
+def _abort(client: Client) -> None:
+    """Drop the TCP connection without a closing handshake, like a client that crashed."""
+    client.ws.transport.abort()
+
+
+async def one_session(server: LiveServer, k: int) -> str:
+    """Open session ``k`` and end it the ``KINDS[k % len(KINDS)]`` way."""
+    kind = KINDS[k % len(KINDS)]
+    client, reply = await Client.connect(server.ws, user_id=f"churn{k % 5}", init=kind != "no_init")
+    client.decode = False
+    if kind == "no_init":
+        await client.close()
+        return kind
+    assert reply is not None and reply["type"] == "INIT_SUCCESS", reply
+    if kind.startswith("speech"):
+        for i in range(0, len(PCM_1S), 1280):
+            await client.send(bytes(PCM_1S[i : i + 1280]))
+        await client.recv_until(lambda m: m["type"] == "STATE_CHANGED"
+                                and m["current_state"] == "speaking")
+    elif kind.startswith("action"):
+        await client.msg("ACTION", action_index=1)
+        await client.recv_until(lambda m: m["type"] == "STATE_CHANGED"
+                                and m["current_state"] == "action")
+    else:  # idle: the first frame
+        while not client.frames:
+            client._take(json.loads(await client.ws.recv()))
+    if kind.endswith("close") or kind == "close_msg":
+        await client.msg("CLOSE")
+        await client.recv_until(lambda m: m["type"] == "CLOSE_ACK")
+        await client.close()
+    elif kind.endswith("abort"):
+        _abort(client)
+    else:
+        await client.close()
+    return kind
+
+
+async def churn(server: LiveServer, n: int, start: int = 0, parallel: int = 4) -> Counter[str]:
+    """``n`` sessions, ``parallel`` at a time; returns how many ended which way."""
+    done: Counter[str] = Counter()
+    for base in range(start, start + n, parallel):
+        ks = range(base, min(base + parallel, start + n))
+        for kind in await asyncio.gather(*(one_session(server, k) for k in ks)):
+            done[kind] += 1
+    return done
+
+
+async def wait_idle(server: LiveServer, timeout: float = 20.0) -> None:
+    """Until the server holds no session (teardown runs after the socket closes)."""
+    sessions = server.services.sessions
+    async with asyncio.timeout(timeout):
+        while sessions.sessions or sessions._reserved:
+            await asyncio.sleep(0.02)
+
+
+async def settled(server: LiveServer, before: dict[str, Any],
+                  timeout: float = 10.0) -> dict[str, Any]:
+    """A snapshot once the server holds no more than ``before`` (or when ``timeout`` is up):
+    a connection's handler finishes a moment after its session is gone."""
+    end = asyncio.get_running_loop().time() + timeout
+    while True:
+        snap = snapshot(server)
+        if (not snap["objects"] - before["objects"] and len(snap["tasks"]) <= len(before["tasks"])
+                or asyncio.get_running_loop().time() > end):
+            return snap
+        await asyncio.sleep(0.05)
+
+
+async def _server_tasks() -> list[str]:
+    me = asyncio.current_task()
+    return sorted(t.get_name() for t in asyncio.all_tasks() if t is not me)
+
+
+def server_tasks(server: LiveServer) -> list[str]:
+    return asyncio.run_coroutine_threadsafe(_server_tasks(), server.loop).result(10)
+
+
+def live_objects() -> Counter[str]:
+    """Live instances of :data:`TRACKED` classes, unreachable cycles included (gc not run)."""
+    counts: Counter[str] = Counter()
+    for o in gc.get_objects():
+        if type(o) in TRACKED:
+            counts[type(o).__name__] += 1
+    return counts
+
+
+def snapshot(server: LiveServer) -> dict[str, Any]:
+    return {"tasks": server_tasks(server), "threads": threading.active_count(),
+            "fds": len(os.listdir("/proc/self/fd")), "objects": live_objects(),
+            "sessions": len(server.services.sessions.sessions)}
+
+
+def rss_mb() -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return 0.0

@@ -1,0 +1,72 @@
+"""Hundreds of sessions opened and closed in a row leave nothing behind.
+
+Every way a session ends is covered (CLOSE, a closing handshake without CLOSE, a dropped TCP
+connection, mid-speech, mid-action, before INIT). Afterwards the server holds no more
+sessions, tasks, threads, file descriptors or session objects than after a warm-up.
+
+The garbage collector is off while sessions churn, so objects kept only by a reference
+cycle stay countable: a session must be freed by reference counting alone, the moment it
+closes, not at some later collection.
+"""
+
+from __future__ import annotations
+
+import gc
+
+import httpx
+
+from .churn_support import KINDS, churn, settled, snapshot, wait_idle
+from .rtc_client import ClientPeer
+
+SESSIONS = 240
+RTC_SESSIONS = 8
+
+
+async def test_churn_leaves_no_session_task_thread_fd_or_object(server):
+    await churn(server, 16)  # warm-up: the avatar cache, the executor's threads
+    await wait_idle(server)
+    gc.collect()
+    before = snapshot(server)
+    gc.disable()
+    try:
+        done = await churn(server, SESSIONS, start=16)
+        await wait_idle(server)
+        after = await settled(server, before)
+    finally:
+        gc.enable()
+    assert set(done) == set(KINDS) and sum(done.values()) == SESSIONS
+    assert after["sessions"] == 0 and not server.services.sessions._reserved
+    assert after["tasks"] == before["tasks"], after["tasks"]
+    assert after["threads"] <= before["threads"] + 2, (before["threads"], after["threads"])
+    assert after["fds"] <= before["fds"] + 4, (before["fds"], after["fds"])
+    # freed by reference counting (the GC was off): no Session, stream, sink or encoder left
+    assert after["objects"] - before["objects"] == {}, (before["objects"], after["objects"])
+
+
+async def _rtc_session(server, http) -> None:
+    client = ClientPeer()
+    offer = await client.offer()
+    r = await http.post("/offer", json={"sdp": offer.sdp, "type": offer.type, "user_id": "rtc"})
+    assert r.status_code == 200, r.text
+    await client.accept(r.json()["sdp"])
+    await client.wait_connected()
+    await client.close()
+
+
+async def test_webrtc_churn_leaves_no_peer_track_or_session(make_server):
+    server = make_server(rtc_host_addresses=["127.0.0.1"], default_width=256, default_height=256)
+    async with httpx.AsyncClient(base_url=server.http, timeout=20) as http:
+        await _rtc_session(server, http)  # warm-up
+        await wait_idle(server)
+        gc.collect()
+        before = snapshot(server)
+        for _ in range(RTC_SESSIONS):
+            await _rtc_session(server, http)
+        await wait_idle(server)
+        gc.collect()  # aiortc's peer connections hold reference cycles of their own
+        after = await settled(server, before)
+    assert after["sessions"] == 0 and not server.app.state.rtc_hub.peers
+    assert after["tasks"] == before["tasks"], after["tasks"]
+    assert after["threads"] <= before["threads"] + 2, (before["threads"], after["threads"])
+    assert after["fds"] <= before["fds"] + 4, (before["fds"], after["fds"])
+    assert after["objects"] - before["objects"] == {}, (before["objects"], after["objects"])
