@@ -30,6 +30,13 @@ async def test_metrics_count_frames_speech_and_latency_across_sessions(server):
     await client.recv_until(lambda m: m["type"] == "SPEECH_ENDED")
     live = scrape(server)
     assert live["avatar_sessions"] == 1
+    # per session and per reader (the owner is reader "0")
+    sid = client.session_id
+    assert live[f'avatar_session_fps{{session="{sid}"}}'] > 20
+    assert live[f'avatar_session_latency_p50_seconds{{session="{sid}"}}'] > 0
+    assert live[f'avatar_session_viewers{{session="{sid}"}}'] == 0
+    assert live[f'avatar_reader_kbit_s{{reader="0",session="{sid}"}}'] > 0
+    assert live[f'avatar_reader_frames_dropped{{reader="0",session="{sid}"}}'] == 0
     assert live["avatar_speech_frames_total"] - before["avatar_speech_frames_total"] == 30
     assert live["avatar_audio_samples_total"] - before["avatar_audio_samples_total"] == len(pcm) // 2
     await client.close()

@@ -53,6 +53,7 @@ class _SessionCollector(Collector):
         for key, (name, help_) in SESSION_COUNTERS.items():
             total = self.owner.closed[key] + sum(getattr(s, key) for s in live)
             yield CounterMetricFamily(name, help_, value=total)
+        yield from _per_session(self.owner._sessions)
         rtf = engine.get("realtime_factor")
         if isinstance(rtf, int | float):
             g = GaugeMetricFamily("avatar_engine_realtime_factor",
@@ -60,6 +61,33 @@ class _SessionCollector(Collector):
                                   "(above 1: cannot keep up).", labels=["engine"])
             g.add_metric([str(engine.get("name"))], rtf)
             yield g
+
+
+def _per_session(sessions: dict[str, SessionStats]) -> Iterator[Metric]:
+    """Gauges per live session and per reader of it (owner "0", viewers "1", "2", ...)."""
+    fam = {k: GaugeMetricFamily(f"avatar_session_{k}", h, labels=["session"]) for k, h in (
+        ("fps", "Frames per second the session emits."),
+        ("frames_dropped", "Frames the session dropped for slow readers."),
+        ("latency_p50_seconds", "Audio chunk in -> its frame sent, median of the last samples."),
+        ("kbit_s", "Frame data sent per second, all readers."),
+        ("viewers", "Receive-only connections."))}
+    rd = {k: GaugeMetricFamily(f"avatar_reader_{k}", h, labels=["session", "reader"]) for k, h in (
+        ("fps", "Frames per second this connection received."),
+        ("frames_dropped", "Frames dropped for this connection (slow reader)."),
+        ("kbit_s", "Frame data sent per second to this connection."))}
+    for sid, st in sessions.items():
+        up = max(st._emit_times[-1] - st.started, 1e-3) if st._emit_times else 1e-3
+        p50 = st.latency_ms().get("p50")
+        for k, v in (("fps", st.fps() or 0.0), ("frames_dropped", st.frames_dropped),
+                     ("latency_p50_seconds", (p50 or 0.0) / 1000.0),
+                     ("kbit_s", st.bytes_sent * 8 / 1000 / up), ("viewers", st.viewers)):
+            fam[k].add_metric([sid], float(v))
+        for i, r in enumerate(st.readers() if st.readers is not None else []):
+            for k in ("fps", "kbit_s"):
+                rd[k].add_metric([sid, str(i)], float(r[k]))
+            rd["frames_dropped"].add_metric([sid, str(i)], float(r["dropped"]))
+    yield from fam.values()
+    yield from rd.values()
 
 
 class ServiceMetrics:
@@ -76,6 +104,7 @@ class ServiceMetrics:
                                  buckets=LATENCY_BUCKETS_S, registry=self.registry)
         ProcessCollector(registry=self.registry)
         self._scrape: tuple[list[SessionStats], int, dict[str, Any]] = ([], 0, {})
+        self._sessions: dict[str, SessionStats] = {}
         self.registry.register(_SessionCollector(self))
 
     def session_opened(self, stats: SessionStats) -> None:
@@ -90,10 +119,12 @@ class ServiceMetrics:
         self.messages_rate_limited.inc()
 
     def render(self, live: Iterable[SessionStats], max_sessions: int,
-               engine: dict[str, Any]) -> str:
-        """The Prometheus text exposition, with the live sessions' counters added in."""
+               engine: dict[str, Any], by_id: dict[str, SessionStats] | None = None) -> str:
+        """The Prometheus text exposition, with the live sessions' counters added in, and
+        gauges per session and reader for the sessions in ``by_id``."""
         self._scrape = (list(live), max_sessions, engine)
+        self._sessions = by_id or {}
         try:
             return generate_latest(self.registry).decode()
         finally:
-            self._scrape = ([], 0, {})
+            self._scrape, self._sessions = ([], 0, {}), {}

@@ -15,7 +15,7 @@ async def metrics(request: Request) -> PlainTextResponse:
     histogram of the speech latency (audio chunk arrival -> its frame sent)."""
     svc = request.app.state.services
     mgr = svc.sessions
-    text = mgr.metrics.render((s.stats for s in mgr.sessions.values()),
-                              svc.settings.max_sessions, {"name": svc.engine.name,
-                                                          **svc.engine.stats()})
+    live = {sid: s.stats for sid, s in mgr.sessions.items()}
+    text = mgr.metrics.render(live.values(), svc.settings.max_sessions,
+                              {"name": svc.engine.name, **svc.engine.stats()}, live)
     return PlainTextResponse(text, media_type=CONTENT_TYPE_LATEST)
