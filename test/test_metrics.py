@@ -37,6 +37,7 @@ async def test_metrics_count_frames_speech_and_latency_across_sessions(server):
     assert live[f'avatar_session_viewers{{session="{sid}"}}'] == 0
     assert live[f'avatar_reader_kbit_s{{reader="0",session="{sid}"}}'] > 0
     assert live[f'avatar_reader_frames_dropped{{reader="0",session="{sid}"}}'] == 0
+    assert 0 < live[f'avatar_reader_latency_seconds{{reader="0",session="{sid}"}}'] < 1
     assert live["avatar_speech_frames_total"] - before["avatar_speech_frames_total"] == 30
     assert live["avatar_audio_samples_total"] - before["avatar_audio_samples_total"] == len(pcm) // 2
     await client.close()

@@ -74,7 +74,8 @@ def _per_session(sessions: dict[str, SessionStats]) -> Iterator[Metric]:
     rd = {k: GaugeMetricFamily(f"avatar_reader_{k}", h, labels=["session", "reader"]) for k, h in (
         ("fps", "Frames per second this connection received."),
         ("frames_dropped", "Frames dropped for this connection (slow reader)."),
-        ("kbit_s", "Frame data sent per second to this connection."))}
+        ("kbit_s", "Frame data sent per second to this connection."),
+        ("latency_seconds", "Frame made -> sent to this connection, median of the last 100."))}
     for sid, st in sessions.items():
         up = max(st._emit_times[-1] - st.started, 1e-3) if st._emit_times else 1e-3
         p50 = st.latency_ms().get("p50")
@@ -86,6 +87,7 @@ def _per_session(sessions: dict[str, SessionStats]) -> Iterator[Metric]:
             for k in ("fps", "kbit_s"):
                 rd[k].add_metric([sid, str(i)], float(r[k]))
             rd["frames_dropped"].add_metric([sid, str(i)], float(r["dropped"]))
+            rd["latency_seconds"].add_metric([sid, str(i)], (r["latency_ms"] or 0.0) / 1000.0)
     yield from fam.values()
     yield from rd.values()
 

@@ -23,6 +23,7 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 from fastapi import WebSocket
 
 from ..errors import ProcessingError, ServiceError
@@ -72,6 +73,7 @@ class Outbox:
         self.dropped = 0
         self.bytes = 0
         self.started = session.clock.now()
+        self.delays: deque[float] = deque(maxlen=100)  # frame made -> handed to this reader
 
     def put(self, item: Item) -> None:
         if item.frame is not None:
@@ -123,6 +125,7 @@ class Outbox:
             self._frames -= 1
             self.sent += 1
             self.bytes += len(item.data) * 3 // 4
+            self.delays.append(self.session.clock.now() - item.frame.created)
             return item
 
     def finish(self, msg: ServerMessage) -> None:
@@ -155,6 +158,7 @@ class Outbox:
             if item.frame is not None:
                 f = item.frame
                 s.stats.frame_sent(f.audio_arrival, f.created, s.clock.now(), len(item.text))
+                self.delays.append(s.clock.now() - f.created)
 
     async def drain(self, ws: WebSocket, timeout: float = 2.0) -> None:
         """Send the events still queued (frames are dropped), e.g. before closing."""
@@ -341,7 +345,8 @@ class SessionFeed:
         now = self.session.clock.now()
         return [{"sent": b.sent, "dropped": b.dropped,
                  "fps": round(b.sent / max(now - b.started, 1e-3), 2),
-                 "kbit_s": round(b.bytes * 8 / 1000 / max(now - b.started, 1e-3), 1)}
+                 "kbit_s": round(b.bytes * 8 / 1000 / max(now - b.started, 1e-3), 1),
+                 "latency_ms": round(1000 * float(np.median(b.delays)), 1) if b.delays else None}
                 for b in self.outboxes]
 
 
