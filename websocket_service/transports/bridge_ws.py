@@ -25,15 +25,13 @@ from typing import Any
 from fastapi import WebSocket
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from ..api.auth import authorize, origin_allowed
 from ..bridge import FORMATS, Bridge
 from ..errors import InvalidMessage, ServiceError
-from ..manager import Services
 from ..protocol import pcm_from_bytes
 from ..session import Session
 from ..wire import error_message
+from .session_socket import open_session_socket
 
-CLOSE_POLICY = 1008
 HEADER = struct.Struct("<Bd")  # kind, timestamp_ms
 
 
@@ -54,19 +52,8 @@ class MediaData(_Msg):
 
 
 async def bridge_endpoint(ws: WebSocket, session_id: str) -> None:
-    services: Services = ws.app.state.services
-    if not origin_allowed(services.settings, ws):
-        await ws.close(code=CLOSE_POLICY)  # before accept: the handshake fails with 403
-        return
-    await ws.accept()
-    try:
-        token = ws.query_params.get("token")
-        authorize(services.settings, None, token)  # nothing about sessions before auth
-        session = services.sessions.get(session_id)
-        authorize(services.settings, session.user_id, token)  # a JWT: the session's user
-    except ServiceError as err:
-        await ws.send_text(error_message(err, None).to_json())
-        await ws.close(code=CLOSE_POLICY)
+    session = await open_session_socket(ws, session_id)
+    if session is None:
         return
     bridge: Bridge | None = None
     try:

@@ -20,14 +20,11 @@ from collections import deque
 import numpy as np
 from fastapi import WebSocket, WebSocketDisconnect
 
-from ..api.auth import authorize, origin_allowed
-from ..errors import ServiceError
 from ..manager import Services
 from ..units import SAMPLE_RATE
-from ..wire import error_message
+from .session_socket import open_session_socket
 
 MIC_QUEUE_PIECES = 250  # about 5 s of 20 ms pieces
-CLOSE_POLICY = 1008
 
 
 class MicReader:
@@ -68,20 +65,10 @@ class MicReader:
 
 
 async def mic_endpoint(ws: WebSocket, session_id: str) -> None:
+    session = await open_session_socket(ws, session_id)
+    if session is None:
+        return
     services: Services = ws.app.state.services
-    if not origin_allowed(services.settings, ws):
-        await ws.close(code=CLOSE_POLICY)  # before accept: the handshake fails with 403
-        return
-    await ws.accept()
-    try:
-        token = ws.query_params.get("token")
-        authorize(services.settings, None, token)  # nothing about sessions before auth
-        session = services.sessions.get(session_id)
-        authorize(services.settings, session.user_id, token)  # a JWT: the session's user
-    except ServiceError as err:
-        await ws.send_text(error_message(err, None).to_json())
-        await ws.close(code=CLOSE_POLICY)
-        return
     reader = MicReader(ws, session_id)
     unsubscribe = session.mic.subscribe(reader.on_audio)
     services.sessions.attach(session_id, reader)

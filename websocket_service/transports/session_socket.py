@@ -1,0 +1,37 @@
+"""Opening a socket that works on an existing session (microphone out, media bridge).
+
+The same gate for each: the Origin allow-list (before the handshake: a 403), then the token
+(``?token=``: the static AUTH_TOKEN, or a JWT whose subject is the session's user), then the
+session. A refusal is one ``ERROR`` envelope and close 1008.
+"""
+
+from __future__ import annotations
+
+from fastapi import WebSocket
+
+from ..api.auth import authorize, origin_allowed
+from ..errors import ServiceError
+from ..manager import Services
+from ..session import Session
+from ..wire import error_message
+
+CLOSE_POLICY = 1008
+
+
+async def open_session_socket(ws: WebSocket, session_id: str) -> Session | None:
+    """Accept ``ws`` for ``session_id``; the session, or None when it was refused (closed)."""
+    services: Services = ws.app.state.services
+    if not origin_allowed(services.settings, ws):
+        await ws.close(code=CLOSE_POLICY)  # before accept: the handshake fails with 403
+        return None
+    await ws.accept()
+    try:
+        token = ws.query_params.get("token")
+        authorize(services.settings, None, token)  # nothing about sessions before auth
+        session = services.sessions.get(session_id)
+        authorize(services.settings, session.user_id, token)  # a JWT: the session's user
+    except ServiceError as err:
+        await ws.send_text(error_message(err, None).to_json())
+        await ws.close(code=CLOSE_POLICY)
+        return None
+    return session
