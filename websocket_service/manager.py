@@ -139,9 +139,12 @@ class SessionManager:
             self._attached[session_id].remove(thing)
 
     async def close(self, session_id: str) -> None:
+        """Close a session and what is attached to it. Shielded: a caller cancelled half-way
+        (a connection's teardown at shutdown, say) must not leave the session popped from the
+        registry with its tasks still running."""
         token = session_id_var.set(session_id)
         try:
-            await self._close(session_id)
+            await asyncio.shield(self._close(session_id))
         finally:
             session_id_var.reset(token)
 
