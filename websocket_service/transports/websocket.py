@@ -130,7 +130,13 @@ class Connection:
                     log.error("connection %s failed", self.user_id, exc_info=exc)
         finally:
             self._recv.cancel()
-            await self._teardown()
+            try:
+                await self._teardown()
+            finally:
+                # a cancelled task keeps its CancelledError, whose traceback holds our frames:
+                # drop the tasks so that this connection is freed by reference counting
+                del self._recv
+                self._sender = None
 
     async def _receive_loop(self) -> None:
         while not self._closing:
