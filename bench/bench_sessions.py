@@ -113,6 +113,15 @@ class Server:
         self.http = f"http://127.0.0.1:{port}"
         self.ws = f"ws://127.0.0.1:{port}"
 
+    @classmethod
+    def on_free_port(cls, prefix: str, max_sessions: int) -> Server:
+        """A server on a free loopback port, with its log and avatars in a new temp folder."""
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        tmp = Path(tempfile.mkdtemp(prefix=prefix))
+        return cls(port, tmp / "server.log", tmp / "avatars", max_sessions=max_sessions)
+
     def wait_ready(self, timeout: float = 60) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -437,12 +446,8 @@ def report(m: dict[str, str], args: argparse.Namespace, baseline: float, idle: l
 
 async def amain(args: argparse.Namespace) -> str:
     chunks = load_chunks()
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    tmp = Path(tempfile.mkdtemp(prefix="bench-sessions-"))
     top = max(args.idle_levels + args.speaking_levels)
-    server = Server(port, tmp / "server.log", tmp / "avatars", max_sessions=top + 4)
+    server = Server.on_free_port("bench-sessions-", max_sessions=top + 4)
     try:
         server.wait_ready()
         c0, t0 = server.cpu_s(), time.monotonic()

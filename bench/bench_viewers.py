@@ -19,9 +19,7 @@ import asyncio
 import base64
 import json
 import os
-import socket
 import sys
-import tempfile
 import time
 from pathlib import Path
 from statistics import median
@@ -185,14 +183,10 @@ def report(m: dict[str, str], rows: list[dict[str, Any]], duration: float, rtc: 
 
 
 async def amain(args: argparse.Namespace) -> str:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    tmp = Path(tempfile.mkdtemp(prefix="bench-viewers-"))
     if args.transport == "rtc":  # the server offers loopback candidates, takes many peers
         os.environ.update(RTC_HOST_ADDRESSES='["127.0.0.1"]',
                           MAX_RTC_CLIENTS=str(max(args.levels) + 4))
-    server = Server(port, tmp / "server.log", tmp / "avatars", max_sessions=4)
+    server = Server.on_free_port("bench-viewers-", max_sessions=4)
     rows = []
     try:
         server.wait_ready()

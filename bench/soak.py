@@ -15,9 +15,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import socket
 import sys
-import tempfile
 import time
 from pathlib import Path
 from statistics import median
@@ -81,11 +79,7 @@ def report(rows: list[dict[str, float]], args: argparse.Namespace) -> str:
 
 
 async def amain(args: argparse.Namespace) -> str:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    tmp = Path(tempfile.mkdtemp(prefix="bench-soak-"))
-    server = Server(port, tmp / "server.log", tmp / "avatars", max_sessions=16)
+    server = Server.on_free_port("bench-soak-", max_sessions=16)
     try:
         server.wait_ready()
         rows = await soak(server, args.duration, args.interval)
