@@ -91,12 +91,30 @@ async def churn(server: LiveServer, n: int, start: int = 0, parallel: int = 4) -
     return done
 
 
+#: what only a connection's or a session's tasks wait in
+_SESSION_WORK = ("run_asgi", "pacer-", "producer-", "ws-recv-", "ws-send-", "ws-feed-",
+                 "SessionManager._close")
+
+
+async def _busy() -> list[str]:
+    """The server's tasks that belong to a connection or a session (a teardown running)."""
+    me = asyncio.current_task()
+    return [w for w in (_where(t) for t in asyncio.all_tasks() if t is not me)
+            if any(k in w for k in _SESSION_WORK)]
+
+
 async def wait_idle(server: LiveServer, timeout: float = 20.0) -> None:
-    """Until the server holds no session (teardown runs after the socket closes)."""
+    """Until the server holds no session and every connection's handler has finished (a
+    session leaves the registry first, then its tasks stop, then its handler returns)."""
     sessions = server.services.sessions
-    async with asyncio.timeout(timeout):
-        while sessions.sessions or sessions._reserved:
-            await asyncio.sleep(0.02)
+    loop = asyncio.get_running_loop()
+    end = loop.time() + timeout
+    while True:
+        busy = asyncio.run_coroutine_threadsafe(_busy(), server.loop).result(10)
+        if not (sessions.sessions or sessions._reserved or busy):
+            return
+        assert loop.time() < end, ("the server is not idle", list(sessions.sessions), busy)
+        await asyncio.sleep(0.02)
 
 
 async def settled(server: LiveServer, before: dict[str, Any],
@@ -112,13 +130,32 @@ async def settled(server: LiveServer, before: dict[str, Any],
         await asyncio.sleep(0.05)
 
 
+def _where(task: asyncio.Task[Any]) -> str:
+    """A task's name and its await chain (outermost first), for failure messages."""
+    chain, aw = [], task.get_coro()
+    while aw is not None and len(chain) < 12:
+        code = getattr(aw, "cr_code", None) or getattr(aw, "gi_code", None)
+        if code is None:
+            chain.append(type(aw).__name__)
+            break
+        frame = getattr(aw, "cr_frame", None) or getattr(aw, "gi_frame", None)
+        chain.append(f"{code.co_qualname}:{frame.f_lineno if frame else '-'}")
+        aw = getattr(aw, "cr_await", None) or getattr(aw, "gi_yieldfrom", None)
+    return f"{task.get_name()} @ {' > '.join(chain)}"
+
+
 async def _server_tasks() -> list[str]:
     me = asyncio.current_task()
-    return sorted(t.get_name() for t in asyncio.all_tasks() if t is not me)
+    return sorted(_where(t) for t in asyncio.all_tasks() if t is not me)
 
 
 def server_tasks(server: LiveServer) -> list[str]:
+    """The server loop's live tasks as 'name @ innermost frames'."""
     return asyncio.run_coroutine_threadsafe(_server_tasks(), server.loop).result(10)
+
+
+def task_names(snap: dict[str, Any]) -> list[str]:
+    return sorted(t.split(" @ ")[0] for t in snap["tasks"])
 
 
 def live_objects() -> Counter[str]:
