@@ -14,10 +14,11 @@ from websocket_service.avatars.store import AvatarStore
 from websocket_service.config import Settings
 from websocket_service.cursor import Cursor, pingpong
 from websocket_service.engines.audio_buffer import UtteranceBuffer
-from websocket_service.errors import InvalidStateTransition, ModelNotFound
+from websocket_service.errors import InvalidMessage, InvalidStateTransition, ModelNotFound
 from websocket_service.media.encoder import H264Encoder
 from websocket_service.protocol import CLIENT_ADAPTER, GenerateMsg, InitMsg
 from websocket_service.states import ALLOWED, CLIENT_ALLOWED, AvatarState, StateMachine
+from websocket_service.wire import explain_invalid
 
 
 # ---------------------------------------------------------------- state machine
@@ -145,6 +146,27 @@ def test_protocol_parses_by_type_and_checks_fields():
     # messages without a payload need no data; session_id may be left out after INIT
     c = CLIENT_ADAPTER.validate_python({"type": "CLOSE"})
     assert c.session_id is None and c.data.reason is None
+
+
+def test_a_text_frame_is_parsed_in_one_pass_and_refusals_say_why():
+    """``validate_json`` reads the text directly; a failure is explained from the text."""
+    g = CLIENT_ADAPTER.validate_json('{"type": "GENERATE", "session_id": null,'
+                                     ' "data": {"audio_chunk": {"data": "AAABAA=="}}}')
+    assert isinstance(g, GenerateMsg) and g.data.audio_chunk.pcm(2000).tolist() == [0, 1]
+
+    def refusal(text: str) -> InvalidMessage:
+        with pytest.raises(ValidationError) as info:
+            CLIENT_ADAPTER.validate_json(text)
+        return explain_invalid(text, info.value)
+
+    assert refusal("{nope").message == "message is not valid JSON"
+    assert "JSON object" in refusal("[1]").message
+    # a flat CLOSE would parse (CLOSE's data is optional, unknown keys are ignored): refused
+    flat = refusal('{"type": "CLOSE", "session_id": null, "reason": "bye"}')
+    assert flat.details["move_into_data"] == ["reason"]
+    assert refusal('{"type": "DANCE", "data": {}}').message == "unknown message type 'DANCE'"
+    bad = refusal('{"type": "ACTION", "data": {"action_index": 0}}')
+    assert bad.details["errors"][0]["field"].endswith("action_index")
 
 
 def test_settings_validate(monkeypatch):

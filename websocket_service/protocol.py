@@ -15,7 +15,8 @@ import json
 from typing import Annotated, Any, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, TypeAdapter, model_validator
+from pydantic_core import PydanticCustomError
 
 from .states import AvatarState
 from .units import BYTES_PER_SAMPLE, ID_PATTERN, SAMPLE_RATE
@@ -203,15 +204,26 @@ class PingMsg(_Msg):
     data: PingData = Field(default_factory=PingData)
 
 
+CLIENT_TYPES = ["INIT", "GENERATE", "STATE_CHANGE", "ACTION", "CLOSE", "INTERRUPT",
+                "END_OF_SPEECH", "REQUEST_KEYFRAME", "PING"]
+ENVELOPE_KEYS = frozenset({"type", "session_id", "data"})
+
+
+def _not_flat(value: Any) -> Any:
+    """A flat message (fields beside ``type`` and no ``data``) is refused, not read with its
+    fields ignored; :func:`.wire.check_envelope` says how to wrap it."""
+    if isinstance(value, dict) and "data" not in value and any(k not in ENVELOPE_KEYS for k in value):
+        raise PydanticCustomError("flat_message", "fields belong inside data")
+    return value
+
+
 ClientMessage = Annotated[
     InitMsg | GenerateMsg | StateChangeMsg | ActionMsg | CloseMsg | InterruptMsg
     | EndOfSpeechMsg | KeyframeRequestMsg | PingMsg,
     Field(discriminator="type"),
 ]
-CLIENT_ADAPTER: TypeAdapter[Any] = TypeAdapter(ClientMessage)
-CLIENT_TYPES = ["INIT", "GENERATE", "STATE_CHANGE", "ACTION", "CLOSE", "INTERRUPT",
-                "END_OF_SPEECH", "REQUEST_KEYFRAME", "PING"]
-ENVELOPE_KEYS = frozenset({"type", "session_id", "data"})
+#: parses a client's text frame in one pass (``validate_json``)
+CLIENT_ADAPTER: TypeAdapter[Any] = TypeAdapter(Annotated[ClientMessage, BeforeValidator(_not_flat)])
 
 
 # ------------------------------------------------------------------ server -> client: data

@@ -6,6 +6,7 @@ Transports call these and only move the text (WebSocket) or the dict (signaling 
 from __future__ import annotations
 
 import base64
+import json
 from typing import Any
 
 from pydantic import ValidationError
@@ -105,6 +106,20 @@ def check_envelope(raw: Any) -> None:
             {"move_into_data": stray[:8], "example": {"type": raw.get("type"),
                                                       "session_id": "<session id>",
                                                       "data": {k: "..." for k in stray[:3]}}})
+
+
+def explain_invalid(text: str, exc: ValidationError) -> InvalidMessage:
+    """Why a text frame that failed validation was refused: not JSON, not an envelope (with
+    how to wrap it), or the first bad field. Parses the text again: the error path only."""
+    try:
+        raw = json.loads(text)
+    except json.JSONDecodeError:
+        return InvalidMessage("message is not valid JSON")
+    try:
+        check_envelope(raw)
+    except InvalidMessage as err:
+        return err
+    return validation_error(exc, raw)
 
 
 def validation_error(exc: ValidationError, raw: Any) -> InvalidMessage:

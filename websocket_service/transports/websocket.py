@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import uuid
 from collections.abc import Mapping
@@ -51,10 +50,9 @@ from ..protocol import (
 from ..session import Session
 from ..units import ID_RE
 from ..wire import (
-    check_envelope,
     error_message,
     event_message,
-    validation_error,
+    explain_invalid,
 )
 from .bridge_ws import bridge_endpoint
 from .mic_out import mic_endpoint
@@ -184,14 +182,9 @@ class Connection:
             self._require_session().push_audio(self._pcm_bytes(data))
             return
         try:
-            raw = json.loads(text or "")
-        except (json.JSONDecodeError, TypeError):
-            raise InvalidMessage("message is not valid JSON") from None
-        check_envelope(raw)
-        try:
-            msg = CLIENT_ADAPTER.validate_python(raw)
+            msg = CLIENT_ADAPTER.validate_json(text or "")
         except ValidationError as exc:
-            raise validation_error(exc, raw) from None
+            raise explain_invalid(text or "", exc) from None
         await self._dispatch(msg)
 
     def _pcm_bytes(self, data: bytes) -> Any:
