@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import tempfile
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -54,7 +53,8 @@ def _run(page: Page, base_url: str, transport: str, counter: str, shot: str) -> 
     assert page.locator("#actions button[data-action=nod]").count() == 1
     page.click("#speak")
     st = _wait(page, "window.__stats.speakingSeen > 0 && window.__stats.g2gMs.length > 0", 15)
-    time.sleep(1.0)  # a mouthful of speech for the screenshot
+    shown = page.evaluate(f"window.__stats.{counter}")  # a mouthful of speech (25 frames) ...
+    _wait(page, f"window.__stats.{counter} >= {shown + 25}", 10)  # ... for the screenshot
     page.screenshot(path=str(SHOTS / shot))
     page.click("#actions button[data-action=nod]")  # ACTION over the page's transport
     st = _wait(page, "window.__stats.actionSeen > 0", 10)

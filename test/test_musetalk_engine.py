@@ -276,7 +276,8 @@ def test_interrupt_returns_empty(engine, avatar):
 
     async def run():
         waiting = asyncio.create_task(stream.render_next(Bases(avatar), 4))
-        await asyncio.sleep(0.05)
+        await asyncio.sleep(0)  # one step: it runs until it waits for audio
+        assert not waiting.done()
         stream.interrupt()
         first = await waiting
         stream.push_audio(speech(12))
