@@ -6,6 +6,7 @@ import asyncio
 import gc
 import os
 import signal
+import time
 from pathlib import Path
 
 import av
@@ -45,6 +46,15 @@ def decode(units: list[bytes]) -> list[np.ndarray]:
         out.extend(f.to_ndarray(format="rgb24") for f in codec.decode(av.Packet(data)))
     out.extend(f.to_ndarray(format="rgb24") for f in codec.decode(None))
     return out
+
+
+def _alive(pid: int | None) -> bool:
+    """The process exists and is no zombie."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(") ")[1][0] != "Z"
+    except FileNotFoundError:
+        return False
 
 
 def shm_names() -> set[str]:
@@ -90,14 +100,14 @@ async def test_request_keyframe(pool):
 
 async def test_many_encoders_across_workers(pool):
     handles = [await pool.open(W, H, 25, 300_000, 25) for _ in range(8)]
-    assert sorted(w.encoders for w in pool._workers) == [4, 4]  # least-loaded assignment
+    assert sorted(s.encoders for s in pool.slots()) == [4, 4]  # least-loaded assignment
     src = frames(5)
     results = await asyncio.gather(*(_seq(h, src) for h in handles))
     for units in results:
         assert len(decode(units)) == 5
     for h in handles:
         await h.close()
-    assert [w.encoders for w in pool._workers] == [0, 0]
+    assert [s.encoders for s in pool.slots()] == [0, 0]
 
 
 async def _seq(handle, src: list[np.ndarray]) -> list[bytes]:
@@ -109,16 +119,34 @@ async def test_killed_worker_gives_clear_error_then_recovers(pool):
     src = frames(6)
     for f in src[:3]:
         await handle.encode(f)
-    worker = handle._worker
-    os.kill(worker.proc.pid, signal.SIGKILL)
-    with pytest.raises(ProcessingError, match="encoder process"):
-        for _ in range(50):  # the death may be noticed on this frame or the next
+    slot = handle._slot
+    dead = slot.pid
+    assert dead is not None and dead != os.getpid()
+    os.kill(dead, signal.SIGKILL)
+    with pytest.raises(ProcessingError, match="encoder process died"):
+        for _ in range(500):  # the death is noticed on a frame in flight, or on a later one
             await handle.encode(src[3])
-            await asyncio.sleep(0.02)
-    after = [await handle.encode(f) for f in src[3:]]
+    assert not slot.running  # the broken executor is dropped
+    after = [await handle.encode(f) for f in src[3:]]  # a new one, after the back-off
     assert after[0].keyframe  # a fresh encoder starts with a keyframe
-    assert worker.proc.is_alive()
+    assert slot.running and slot.pid not in (None, dead)
     assert len(decode([e.data for e in after])) == 3
+    await handle.close()
+
+
+async def test_a_worker_that_keeps_dying_is_restarted_with_a_growing_back_off(pool):
+    handle = await pool.open(W, H, 25, 500_000, 25)
+    slot, image = handle._slot, frames(1)[0]
+    waits = []
+    for _ in range(3):
+        await handle.encode(image)
+        os.kill(slot.pid, signal.SIGKILL)
+        with pytest.raises(ProcessingError, match="encoder process died"):
+            for _ in range(500):
+                await handle.encode(image)
+        waits.append(slot._retry_at - time.monotonic())
+    assert waits[0] > 0 and waits[1] > waits[0] * 1.5 and waits[2] > waits[1] * 1.5
+    assert (await handle.encode(image)).keyframe  # and it still recovers
     await handle.close()
 
 
@@ -139,9 +167,10 @@ async def test_aclose_frees_what_is_left_open():
     p = EncoderPool(1)
     handle = await p.open(W, H)
     await handle.encode(frames(1)[0])
+    pid = p.slots()[0].pid
     await p.aclose()
     assert shm_names() - before == set()
-    assert not p._workers[0].proc.is_alive()
+    assert not p.slots()[0].running and not _alive(pid)
 
 
 async def test_odd_size_is_refused(pool):

@@ -1,17 +1,19 @@
 """H.264 encoding in a small pool of worker processes, outside the server's GIL.
 
 PyAV holds the GIL while libx264 encodes, so in-process encoders of all sessions run one at a
-time and compete with rendering. Here each worker process hosts many encoders keyed by id; a
-session's encoder stays in one worker (least-loaded at open). The parent converts RGB to I420
-with OpenCV (releases the GIL) straight into the encoder's shared-memory slot and sends a small
-request down the worker's pipe; the reply (Annex B bytes, keyframe flag, pts) resolves a future
-on the event loop through ``loop.add_reader`` on the pipe, so nothing polls.
+time and compete with rendering. Here each slot is a one-process
+``concurrent.futures.ProcessPoolExecutor`` hosting many encoders (:mod:`.encoder_worker`); a
+session's encoder stays in one slot (least-loaded at open). The parent converts RGB to I420
+with OpenCV (releases the GIL) straight into the encoder's shared-memory slot and submits a
+small call; its future is awaited on the event loop (``asyncio.wrap_future``).
 
-Bounds: one frame in flight per encoder (``encode`` waits for the previous one), so a worker's
-pipe holds at most one request per encoder it hosts, and at most ``MAX_PENDING`` in all.
-If a worker dies, its pending encodes raise :class:`ProcessingError`, the pool starts a new
-worker, and each affected encoder is re-created on its next frame (which is then a keyframe).
-Workers start with ``forkserver``: the server has threads, so plain fork is unsafe.
+Bounds: one frame in flight per encoder (``encode`` waits for the previous one), and at most
+``MAX_PENDING`` calls per slot. If a worker dies, the executor breaks (``BrokenProcessPool``):
+the calls in flight raise :class:`ProcessingError`, the slot gets a new executor on next use
+(after a back-off that doubles while workers keep dying within ``HEALTHY_S`` of their start,
+up to ``MAX_BACKOFF_S``), and each affected encoder is re-created on its next frame, which
+is then a keyframe. Workers start with ``forkserver``: the server has threads, so plain fork
+is unsafe.
 """
 
 from __future__ import annotations
@@ -22,8 +24,9 @@ import itertools
 import logging
 import multiprocessing as mp
 import os
-import threading
-from multiprocessing.connection import Connection
+import time
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from multiprocessing.shared_memory import SharedMemory
 from typing import Any
 
@@ -31,120 +34,89 @@ import cv2
 import numpy as np
 
 from ..errors import ProcessingError
+from . import encoder_worker as worker
 from .encoder import EncodedFrame, H264Encoder
-from .encoder_worker import worker_main
 
 log = logging.getLogger(__name__)
 MAX_PENDING = 256
+FIRST_BACKOFF_S = 0.25
+MAX_BACKOFF_S = 30.0
+HEALTHY_S = 60.0  # a worker that served this long before dying starts the back-off again
 _ids = itertools.count(1)
 
 
-# ---------------------------------------------------------------------------- parent side
+class _Slot:
+    """One worker process (a one-process executor) and the encoders it hosts."""
 
-def _retrieve(fut: asyncio.Future[Any]) -> None:
-    if not fut.cancelled():
-        fut.exception()
-
-
-class _Worker:
-    """One worker process, its pipe and its pending requests.
-
-    A reader thread blocks on the pipe (releasing the GIL) and hands each reply to the event
-    loop; ``loop.add_reader`` would need the socket non-blocking, and a large reply can then
-    arrive in pieces.
-    """
-
-    def __init__(self, index: int) -> None:
+    def __init__(self, index: int, ctx: Any) -> None:
         self.index = index
-        self.generation = 0
+        self._ctx = ctx
+        self.generation = 0  # +1 per executor: an encoder opened on an older one is re-created
         self.encoders = 0  # open handles assigned here (for least-loaded assignment)
-        self.proc: Any = None
-        self.conn: Connection | None = None
-        self.pending: dict[int, asyncio.Future[Any]] = {}
-        self._reqs = itertools.count()
-        self._loop: asyncio.AbstractEventLoop | None = None
+        self.pid: int | None = None  # the worker's, once it answered
+        self.pending = 0
+        self._executor: ProcessPoolExecutor | None = None
+        self._deaths = 0  # in a row, for the back-off
+        self._retry_at = 0.0
+        self._started = 0.0
 
-    def spawn(self, ctx: Any) -> Connection:
-        """Start the process (blocking: the first one waits for the forkserver's imports)."""
-        parent, child = ctx.Pipe()
-        self.proc = ctx.Process(target=worker_main, args=(child,), daemon=True,
-                                name=f"h264-encoder-{self.index}")
-        self.proc.start()
-        child.close()
-        return parent
+    @property
+    def running(self) -> bool:
+        return self._executor is not None
 
-    def attach(self, conn: Connection, loop: asyncio.AbstractEventLoop) -> None:
-        """Serve ``conn``: replies resolve futures on ``loop`` (call on the loop's thread)."""
-        self.conn, self._loop = conn, loop
-        self.generation += 1
-        threading.Thread(target=self._read, args=(conn, loop, self.generation), daemon=True,
-                         name=f"h264-encoder-{self.index}-reader").start()
-
-    def _read(self, conn: Connection, loop: asyncio.AbstractEventLoop, generation: int) -> None:
-        while True:
-            try:
-                reply = conn.recv()
-            except (EOFError, OSError):
-                break
-            with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits
-                loop.call_soon_threadsafe(self._resolve, reply)
-        conn.close()
-        with contextlib.suppress(RuntimeError):
-            loop.call_soon_threadsafe(self._died, generation)
-
-    def request(self, op: str, eid: int, *args: Any) -> asyncio.Future[Any]:
-        if self._loop is None or self.conn is None:
-            raise ProcessingError("encoder process is gone; retry", {"worker": self.index})
-        if len(self.pending) >= MAX_PENDING:
-            raise ProcessingError("encoder worker queue is full", {"worker": self.index})
-        req = next(self._reqs)
-        fut = self._loop.create_future()
-        try:
-            self.conn.send((op, req, eid, *args))
-        except OSError:
-            self._died(self.generation)
-            raise ProcessingError("encoder process is gone; retry", {"worker": self.index}) from None
-        fut.add_done_callback(_retrieve)  # an abandoned request's error is not worth a warning
-        self.pending[req] = fut
-        return fut
-
-    def _resolve(self, reply: tuple[int, bool, Any]) -> None:
-        req, ok, payload = reply
-        fut = self.pending.pop(req, None)
-        if fut is None or fut.done():
+    async def ready(self) -> None:
+        """A live executor (a new one after a death, once the back-off has passed)."""
+        if self._executor is not None:
             return
-        if ok:
-            fut.set_result(payload)
-        else:
-            fut.set_exception(ProcessingError(f"encoding failed: {payload}"))
+        await asyncio.sleep(max(0.0, self._retry_at - time.monotonic()))
+        if self._executor is None:
+            self._executor = ProcessPoolExecutor(1, mp_context=self._ctx,
+                                                 initializer=worker.init_worker)
+            self.generation += 1
+            self._started = time.monotonic()
 
-    def _died(self, generation: int) -> None:
-        if generation != self.generation or self.conn is None:
-            return  # stopped on purpose, or already replaced
-        self.conn = None
-        self.proc.join(1.0)
-        code = self.proc.exitcode
-        log.error("encoder process %d exited (code %s); it restarts on next use", self.index, code)
-        err = ProcessingError("encoder process died; the stream restarts at the next keyframe",
-                              {"worker": self.index, "exitcode": code})
-        for fut in self.pending.values():
-            if not fut.done():
-                fut.set_exception(err)
-        self.pending.clear()
+    async def call(self, fn: Any, *args: Any) -> Any:
+        """``fn(*args)`` in the worker process."""
+        executor = self._executor
+        if executor is None:
+            raise ProcessingError("encoder process is gone; retry", {"worker": self.index})
+        if self.pending >= MAX_PENDING:
+            raise ProcessingError("encoder worker queue is full", {"worker": self.index})
+        generation = self.generation
+        self.pending += 1
+        try:
+            result = await asyncio.wrap_future(executor.submit(fn, *args))
+        except BrokenProcessPool:
+            self._broken(generation)
+            raise ProcessingError("encoder process died; the stream restarts at the next "
+                                  "keyframe", {"worker": self.index}) from None
+        except RuntimeError as exc:  # submit after shutdown: the pool is closing
+            raise ProcessingError("the encoder pool is closed", {"worker": self.index}) from exc
+        finally:
+            self.pending -= 1
+        return result
+
+    def _broken(self, generation: int) -> None:
+        if generation != self.generation or self._executor is None:
+            return  # already replaced
+        self._executor.shutdown(wait=False, cancel_futures=True)
+        self._executor = None
+        self.pid = None
+        now = time.monotonic()
+        if now - self._started > HEALTHY_S:
+            self._deaths = 0  # it had served a while: not a crash loop
+        self._deaths += 1
+        backoff = min(MAX_BACKOFF_S, FIRST_BACKOFF_S * 2 ** (self._deaths - 1))
+        self._retry_at = now + backoff
+        log.error("encoder process %d died (%d in a row); a new one starts in %.2f s",
+                  self.index, self._deaths, backoff)
 
     def stop(self) -> None:
-        """End the process; its reader thread then sees EOF and closes the pipe."""
-        self.conn = None
-        for fut in self.pending.values():
-            if not fut.done():
-                fut.set_exception(ProcessingError("the encoder pool is closed"))
-        self.pending.clear()
-        if self.proc is not None:
-            self.proc.terminate()
-            self.proc.join(1.0)
-            if self.proc.is_alive():
-                self.proc.kill()
-                self.proc.join(1.0)
+        """End the process (waits for a call still running, which takes milliseconds)."""
+        if self._executor is not None:
+            self._executor.shutdown(wait=True, cancel_futures=True)
+            self._executor = None
+        self.pid = None
 
 
 class EncoderPool:
@@ -152,35 +124,29 @@ class EncoderPool:
 
     def __init__(self, processes: int | None = None) -> None:
         self.processes = processes or os.cpu_count() or 1
-        self._ctx = mp.get_context("forkserver")
-        self._ctx.set_forkserver_preload([worker_main.__module__])  # av, cv2 imported once
-        self._workers = [_Worker(i) for i in range(self.processes)]
-        self._started = False
-        self._lock = asyncio.Lock()
+        ctx = mp.get_context("forkserver")
+        ctx.set_forkserver_preload([worker.__name__])  # av, cv2 imported once
+        self._slots = [_Slot(i, ctx) for i in range(self.processes)]
         self._handles: set[PoolEncoder] = set()
 
     async def start(self) -> None:
-        """Start the workers (``open`` does it on first use; the app does it at start-up)."""
-        async with self._lock:
-            if not self._started:
-                loop = asyncio.get_running_loop()
-                for w in self._workers:
-                    w.attach(await asyncio.to_thread(w.spawn, self._ctx), loop)
-                self._started = True
+        """Start the workers (``open`` does it on first use; the app does it at start-up):
+        each answers one call, so the forkserver's imports are done before the first frame."""
+        for slot in self._slots:
+            await slot.ready()
+        for slot in self._slots:
+            slot.pid = await slot.call(os.getpid)
 
-    async def _alive(self, w: _Worker) -> None:
-        async with self._lock:  # several encoders may find the same worker dead
-            if w.conn is None:  # died: start a replacement
-                w.attach(await asyncio.to_thread(w.spawn, self._ctx), asyncio.get_running_loop())
+    def slots(self) -> list[_Slot]:
+        return list(self._slots)
 
     async def open(self, width: int, height: int, fps: int = 25, bitrate: int = 1_000_000,
                    gop_frames: int = 25) -> PoolEncoder:
         if width % 2 or height % 2 or width <= 0 or height <= 0:
             raise ValueError("H.264 4:2:0 needs even width and height")
-        await self.start()
-        worker = min(self._workers, key=lambda w: w.encoders)
-        handle = PoolEncoder(self, worker, (width, height, fps, bitrate, gop_frames))
-        worker.encoders += 1
+        slot = min(self._slots, key=lambda w: w.encoders)
+        handle = PoolEncoder(self, slot, (width, height, fps, bitrate, gop_frames))
+        slot.encoders += 1
         self._handles.add(handle)
         try:
             await handle._open()
@@ -192,37 +158,38 @@ class EncoderPool:
     async def aclose(self) -> None:
         for handle in list(self._handles):
             await handle.close()
-        for w in self._workers:
-            w.stop()
-        self._started = False
-        self._lock = asyncio.Lock()  # a later start may run on another event loop (tests)
+        for slot in self._slots:
+            await asyncio.to_thread(slot.stop)
 
 
 class PoolEncoder:
     """One session's encoder inside a pool worker; same results as :class:`H264Encoder`."""
 
-    def __init__(self, pool: EncoderPool, worker: _Worker, params: tuple[int, ...]) -> None:
-        self._pool, self._worker, self._params = pool, worker, params
+    def __init__(self, pool: EncoderPool, slot: _Slot, params: tuple[int, ...]) -> None:
+        self._pool, self._slot, self._params = pool, slot, params
         self.width, self.height = params[0], params[1]
         self.id = next(_ids)
         self._shm: SharedMemory | None = SharedMemory(create=True, size=self.width * self.height * 3 // 2)
         self._yuv = np.ndarray((self.height * 3 // 2, self.width), np.uint8, self._shm.buf)
-        self._generation = -1
+        self._generation = -1  # the slot's executor this encoder lives in
         self._pts = 0
         self._force_key = False
         self._inflight: asyncio.Future[Any] | None = None
 
     async def _open(self) -> None:
-        await self._pool._alive(self._worker)
-        self._generation = self._worker.generation
+        slot = self._slot
+        await slot.ready()
+        generation = slot.generation
         assert self._shm is not None
-        await self._worker.request("open", self.id, *self._params, self._shm.name, self._pts)
+        slot.pid = await slot.call(worker.open_encoder, self.id, *self._params, self._shm.name,
+                                   self._pts)
+        self._generation = generation
 
     def request_keyframe(self) -> None:
         self._force_key = True
 
     async def _settle(self) -> None:
-        # a cancelled caller leaves its request running in the worker, which reads the slot
+        # a cancelled caller leaves its call running in the worker, which reads the slot
         if self._inflight is not None and not self._inflight.done():
             with contextlib.suppress(Exception):
                 await asyncio.shield(self._inflight)
@@ -233,10 +200,11 @@ class PoolEncoder:
         if self._shm is None:
             raise ProcessingError("encoder is closed")
         await self._settle()
-        if self._generation != self._worker.generation or self._worker.conn is None:
-            await self._open()  # the worker was restarted: re-create, starting with a keyframe
+        if self._generation != self._slot.generation or not self._slot.running:
+            await self._open()  # a new worker: re-create, starting with a keyframe
         cv2.cvtColor(rgb, cv2.COLOR_RGB2YUV_I420, dst=self._yuv)
-        self._inflight = self._worker.request("enc", self.id, self._force_key)
+        self._inflight = asyncio.ensure_future(
+            self._slot.call(worker.encode, self.id, self._force_key))
         self._force_key = False
         data, key, pts = await asyncio.shield(self._inflight)
         self._pts = pts + 1
@@ -246,10 +214,12 @@ class PoolEncoder:
         if self._shm is None:
             return
         await self._settle()
-        self._worker.encoders -= 1
-        if self._worker.conn is not None and self._generation == self._worker.generation:
+        self._inflight = None
+        slot = self._slot
+        slot.encoders -= 1
+        if slot.running and self._generation == slot.generation:
             with contextlib.suppress(ProcessingError):
-                self._worker.request("close", self.id)  # the reply needs no waiting for
+                await slot.call(worker.close_encoder, self.id)
         del self._yuv
         self._shm.close()
         self._shm.unlink()

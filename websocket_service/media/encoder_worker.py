@@ -1,8 +1,9 @@
-"""The encoder pool's worker process: many H.264 encoders keyed by id, served over a pipe.
+"""The encoder pool's worker process: many H.264 encoders keyed by id.
 
-Requests are tuples ``(op, request_id, encoder_id, *args)``; every one gets a reply
-``(request_id, ok, payload)``. ``open`` maps the encoder's shared-memory I420 slot, ``enc``
-encodes what the parent wrote there, ``close`` drops the encoder. See :mod:`.encoder_pool`.
+These functions run inside a worker of a one-process ``ProcessPoolExecutor`` (see
+:mod:`.encoder_pool`), so every call for a slot reaches the same process and its encoders.
+``open_encoder`` maps the encoder's shared-memory I420 slot, ``encode`` encodes what the
+parent wrote there, ``close_encoder`` drops the encoder.
 """
 
 from __future__ import annotations
@@ -10,12 +11,18 @@ from __future__ import annotations
 import mmap
 import os
 import signal
-from multiprocessing.connection import Connection
 from typing import Any
 
 import numpy as np
 
 from .encoder import H264Encoder
+
+#: this process's encoders: id -> (encoder, mapping, I420 view of the mapping)
+_encoders: dict[int, tuple[H264Encoder, mmap.mmap, np.ndarray]] = {}
+
+
+def init_worker() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when workers stop
 
 
 def _attach(name: str, size: int) -> tuple[mmap.mmap, np.ndarray]:
@@ -29,41 +36,33 @@ def _attach(name: str, size: int) -> tuple[mmap.mmap, np.ndarray]:
     return buf, np.frombuffer(buf, np.uint8)
 
 
-def _serve(encoders: dict[int, Any], msg: tuple) -> Any:
-    op, eid = msg[0], msg[2]
-    if op == "enc":
-        enc, _, view = encoders[eid]
-        if msg[3]:
-            enc.request_keyframe()
-        out = enc.encode_i420(view.reshape(enc.height * 3 // 2, enc.width))
-        return out.data, out.keyframe, out.pts
-    if op == "open":
-        _, _, _, w, h, fps, bitrate, gop, shm_name, pts = msg
-        enc = H264Encoder(w, h, fps, bitrate, gop, start_pts=pts)
-        encoders[eid] = (enc, *_attach(shm_name, w * h * 3 // 2))
-        return None
-    if op == "close":
-        enc, buf, view = encoders.pop(eid)
-        enc.close()
-        del view
-        buf.close()
-        return None
-    raise ValueError(f"unknown request {op!r}")
+def open_encoder(eid: int, width: int, height: int, fps: int, bitrate: int, gop: int,
+                 shm_name: str, pts: int) -> int:
+    """Create encoder ``eid`` on the parent's slot ``shm_name``; returns this process's pid."""
+    enc = H264Encoder(width, height, fps, bitrate, gop, start_pts=pts)
+    _encoders[eid] = (enc, *_attach(shm_name, width * height * 3 // 2))
+    return os.getpid()
 
 
-def worker_main(conn: Connection) -> None:
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when workers stop
-    encoders: dict[int, Any] = {}
-    while True:
-        try:
-            msg = conn.recv()
-        except (EOFError, OSError):
-            return
-        try:
-            reply = (msg[1], True, _serve(encoders, msg))
-        except Exception as exc:  # reported to the caller, the worker keeps serving
-            reply = (msg[1], False, f"{type(exc).__name__}: {exc}")
-        try:
-            conn.send(reply)
-        except OSError:  # the parent closed the pool
-            return
+def encode(eid: int, keyframe: bool) -> tuple[bytes, bool, int]:
+    """Encode the frame the parent wrote into ``eid``'s slot: (Annex B, keyframe, pts)."""
+    enc, _, view = _encoders[eid]
+    if keyframe:
+        enc.request_keyframe()
+    out = enc.encode_i420(view.reshape(enc.height * 3 // 2, enc.width))
+    return out.data, out.keyframe, out.pts
+
+
+def close_encoder(eid: int) -> None:
+    entry = _encoders.pop(eid, None)
+    if entry is None:
+        return
+    enc, buf, view = entry
+    enc.close()
+    del view, entry
+    buf.close()
+
+
+def open_count() -> Any:
+    """How many encoders this process hosts (for tests)."""
+    return len(_encoders)
