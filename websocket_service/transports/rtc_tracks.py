@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import weakref
 from collections import deque
 from fractions import Fraction
 from typing import Generic, TypeVar
@@ -79,7 +80,9 @@ class SessionVideoTrack(MediaStreamTrack):
 
     def __init__(self, session: Session, account: bool = True) -> None:
         super().__init__()
-        self.session = session
+        # weak: aiortc's sender keeps the track in reference cycles of its own after the
+        # peer closes; the session must not wait for the garbage collector with it
+        self._session = weakref.ref(session)
         #: count sent and dropped frames in the session's statistics (not for viewers)
         self.account = account
         self.queue: DropOldestQueue[OutputFrame] = DropOldestQueue(VIDEO_QUEUE)
@@ -98,8 +101,13 @@ class SessionVideoTrack(MediaStreamTrack):
             return
         dropped = self.queue.put(frame)
         self.frames_dropped += dropped
-        if self.account:
-            self.session.stats.frames_dropped += dropped
+        if self.account and (session := self._session()) is not None:
+            session.stats.frames_dropped += dropped
+
+    def _sent(self, frame: OutputFrame) -> None:
+        self.frames_sent += 1
+        if self.account and (session := self._session()) is not None:
+            session.frame_sent(frame, session.clock.now())
 
     async def recv(self) -> av.VideoFrame | av.Packet:
         if self.packets is not None:
@@ -108,9 +116,7 @@ class SessionVideoTrack(MediaStreamTrack):
         vf = av.VideoFrame.from_ndarray(f.image, format="rgb24")
         vf.pts = f.index * self._ticks
         vf.time_base = VIDEO_TIME_BASE
-        self.frames_sent += 1
-        if self.account:
-            self.session.frame_sent(f, self.session.clock.now())
+        self._sent(f)
         return vf
 
     async def _next_packet(self, outbox: Outbox) -> av.Packet:
@@ -120,13 +126,12 @@ class SessionVideoTrack(MediaStreamTrack):
         pkt.pts = item.frame.index * self._ticks
         pkt.time_base = VIDEO_TIME_BASE
         pkt.is_keyframe = item.keyframe
-        self.frames_sent += 1
-        if self.account:
-            self.session.frame_sent(item.frame, self.session.clock.now())
+        self._sent(item.frame)
         return pkt
 
     def stop(self) -> None:
         self.queue.close()
+        self.packets = None  # the outbox holds the session
         super().stop()
 
 

@@ -20,6 +20,7 @@ import contextlib
 import json
 import logging
 import uuid
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -51,18 +52,21 @@ class RtcSink:
     """Session sink: frames to both tracks, events to the peer's notifier."""
 
     def __init__(self, peer: RtcPeer) -> None:
-        self.peer = peer
+        self._peer = weakref.ref(peer)  # the peer owns its sink (no cycle)
 
     def on_frame(self, frame: OutputFrame) -> None:
-        self.peer.video.push(frame)
-        self.peer.audio.push(frame)
+        if (peer := self._peer()) is not None:
+            peer.video.push(frame)
+            peer.audio.push(frame)
 
     def on_event(self, event: SessionEvent | ServiceError) -> None:
-        if isinstance(event, ServiceError) and not self.peer.viewer:
-            self.peer.session.stats.errors_sent += 1
-        session = self.peer.session
+        if (peer := self._peer()) is None:
+            return
+        if isinstance(event, ServiceError) and not peer.viewer:
+            peer.session.stats.errors_sent += 1
+        session = peer.session
         msg = event_message(session.session_id, event, session.avatar.names)
-        self.peer.notify(json.loads(msg.to_json()))
+        peer.notify(json.loads(msg.to_json()))
 
 
 def _sends_h264(sdp: str) -> bool:
@@ -235,6 +239,7 @@ class RtcPeer:
             self.video.stop()
             self.audio.stop()
             await self.pc.close()
+            self.pc.remove_all_listeners()  # they are bound methods of this peer
             if self.feed is not None and self.packets is not None:
                 self.feed.unsubscribe(self.packets)
                 await release_feed(self.hub.services, self.feed)
