@@ -138,6 +138,28 @@ async def test_underruns_hold_the_picture_and_late_frames_are_dropped(session):
     await s.close()
 
 
+async def test_back_to_back_utterances_keep_one_schedule_so_lag_cannot_pile_up(session):
+    """A client streams utterance after utterance (END_OF_SPEECH, then the next at once). Lag
+    within the bound must not turn into queued frames at each boundary: the second utterance
+    continues the first one's schedule, so lateness stays within MAX_SPEECH_LAG_FRAMES (2)."""
+    s, sink, clock = session
+    pcm = wav("short_16k.wav")
+    s.push_audio(pcm[:640 * 12], end_of_speech=True)  # nominal ticks 0..11
+    s.push_audio(pcm[640 * 12:640 * 24], end_of_speech=True)  # nominal ticks 12..23
+    assert await render_ready(s) == 24
+    tick(s, clock, 0, 2)
+    tick(s, clock, 4, 12)  # a 2-tick stall in the first: late by 2, within the bound
+    tick(s, clock, 16, 2)
+    tick(s, clock, 20, 10)  # another 2 ticks in the second: 4 behind, 2 must be dropped
+    shown = [(f.index, f.utterance_id, f.utterance_frame) for f in sink.frames
+             if f.utterance_frame is not None]
+    lag = [n - (k if u == 1 else 12 + k) for n, u, k in shown]
+    assert max(lag) == 2, lag
+    ended = [e for e in sink.events if isinstance(e, SpeechEnded)]
+    assert [(e.frames, e.skipped) for e in ended] == [(12, 0), (10, 2)]
+    await s.close()
+
+
 async def test_interrupt_drops_queued_speech_and_reports_it(session):
     s, sink, clock = session
     s.push_audio(wav("short_16k.wav"), end_of_speech=True)

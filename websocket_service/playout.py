@@ -80,6 +80,9 @@ class Playout:
         self.play = _Playback()
         self.await_speech_until = 0.0  # STATE_CHANGE speaking: speaking frames before audio
         self.legacy_action: str | None = None
+        #: the tick after the last utterance's last frame was due, while its successor may
+        #: follow on the very next tick (see :meth:`_next_speech`)
+        self._follow_due: int | None = None
 
     async def run(self) -> None:
         period = self.period
@@ -109,6 +112,7 @@ class Playout:
         """Forget the utterance in play; its SPEECH_ENDED (interrupted) if there was one."""
         p, self.play = self.play, _Playback()
         self.await_speech_until = 0.0
+        self._follow_due = None
         if p.utterance_id is None:
             return None
         return SpeechEnded(p.utterance_id, p.frames, p.skipped, interrupted=True)
@@ -125,6 +129,11 @@ class Playout:
             if len(q) < self.settings.prebuffer_frames and not complete:
                 return None
             self.play.start_tick = n - head.index
+            if self._follow_due is not None:
+                # back to back with the last utterance (its audio came while that one played):
+                # it continues that schedule, so a lag the last one had is still a lag here
+                # (dropped past the bound) instead of becoming queued frames, i.e. latency
+                self.play.start_tick = min(self.play.start_tick, self._follow_due - head.index)
         else:
             self._drop_late(n)
         return self.queue.popleft()
@@ -155,6 +164,7 @@ class Playout:
         sf = self._next_speech(n)
         if sf is not None:
             return self._speech_output(sf, n, ts, now, ended)
+        self._follow_due = None  # a frame that is not speech: the next utterance starts afresh
         last = self.play.last
         if last is not None:  # underrun in the middle of an utterance: hold the last picture
             self.stats.underruns += 1
@@ -202,7 +212,9 @@ class Playout:
                           sf.utterance_id, sf.index, sf.audio_arrival, now, sf.audio_ms,
                           self._legacy(action, progress))
         self.play.last = out
+        self._follow_due = None
         if sf.last:  # SPEECH_ENDED follows the utterance's last frame
             ended.append(SpeechEnded(sf.utterance_id, self.play.frames, self.play.skipped))
+            self._follow_due = self.play.start_tick + sf.index + 1
             self.play = _Playback()
         return out
