@@ -22,7 +22,7 @@ import logging
 from typing import Any
 
 import numpy as np
-from pipecat.frames.frames import CancelFrame, EndFrame, OutputImageRawFrame, StartFrame
+from pipecat.frames.frames import OutputImageRawFrame, StartFrame
 
 from ..avatars.model import Avatar, BaseFrame
 from ..avatars.store import AvatarStore
@@ -37,7 +37,6 @@ from .speech import FPS, Utterance
 
 log = logging.getLogger(__name__)
 
-DRAIN_TIMEOUT_S = 30.0  # EndFrame: the longest we wait for buffered speech to be shown
 
 
 class MuseTalkProcessor(AvatarService):
@@ -128,17 +127,6 @@ class MuseTalkProcessor(AvatarService):
         self._stream = self.engine.open_stream(self.avatar, self.clock.now)
         self._tasks = [self.create_task(self._produce(), "musetalk-producer"),
                        self.create_task(self._pace(), "musetalk-pacer")]
-
-    async def stop(self, frame: EndFrame) -> None:
-        """Graceful end: finish the open utterance and show what is buffered, then stop."""
-        await super().stop(frame)
-        if self.ready:
-            await self._drain(DRAIN_TIMEOUT_S)
-        await self._shutdown()
-
-    async def cancel(self, frame: CancelFrame) -> None:
-        await super().cancel(frame)
-        await self._shutdown()
 
     async def _shutdown(self) -> None:
         for task in self._tasks:

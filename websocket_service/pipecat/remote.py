@@ -16,7 +16,7 @@ import logging
 from typing import Any
 
 import numpy as np
-from pipecat.frames.frames import CancelFrame, EndFrame, StartFrame
+from pipecat.frames.frames import StartFrame
 
 from ..units import SAMPLES_PER_FRAME
 from .remote_client import RemoteAvatarClient, RemoteFrame
@@ -25,7 +25,6 @@ from .speech import Utterance
 
 log = logging.getLogger(__name__)
 
-DRAIN_TIMEOUT_S = 30.0
 SAMPLES_PER_MS = 16
 
 
@@ -50,16 +49,6 @@ class RemoteMuseTalkProcessor(AvatarService):
                  info.get("avatar"), (info.get("video_config") or {}).get("resolution"))
         self._connected = True
         self._reader = self.create_task(self._read(), "remote-avatar-reader")
-
-    async def stop(self, frame: EndFrame) -> None:
-        await super().stop(frame)
-        if self._connected:
-            await self._drain(DRAIN_TIMEOUT_S)
-        await self._shutdown()
-
-    async def cancel(self, frame: CancelFrame) -> None:
-        await super().cancel(frame)
-        await self._shutdown()
 
     async def _shutdown(self) -> None:
         self._connected = False

@@ -19,6 +19,8 @@ from typing import Any
 
 import numpy as np
 from pipecat.frames.frames import (
+    CancelFrame,
+    EndFrame,
     Frame,
     InterruptionFrame,
     OutputImageRawFrame,
@@ -35,6 +37,7 @@ from ..units import SAMPLES_PER_FRAME
 from .speech import FPS, Utterance
 
 FRAME_S = 1.0 / FPS
+DRAIN_TIMEOUT_S = 30.0  # EndFrame: the longest we wait for buffered speech to be shown
 
 
 def image_frame(image: np.ndarray) -> OutputImageRawFrame:
@@ -70,6 +73,21 @@ class AvatarService(AIService):
     @abstractmethod
     def ready(self) -> bool:
         """The avatar is set up (frames before that pass through untouched)."""
+
+    @abstractmethod
+    async def _shutdown(self) -> None:
+        """Stop the avatar's tasks and free what it holds (idempotent)."""
+
+    async def stop(self, frame: EndFrame) -> None:
+        """Graceful end: finish the open utterance and show what is buffered, then stop."""
+        await super().stop(frame)
+        if self.ready:
+            await self._drain(DRAIN_TIMEOUT_S)
+        await self._shutdown()
+
+    async def cancel(self, frame: CancelFrame) -> None:
+        await super().cancel(frame)
+        await self._shutdown()
 
     @abstractmethod
     async def _speech_in(self, pcm: np.ndarray) -> None:
