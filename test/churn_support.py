@@ -14,6 +14,8 @@ import threading
 from collections import Counter
 from typing import Any
 
+import httpx
+
 from websocket_service.engines.geometric.stream import GeometricStream
 from websocket_service.media.encoder import H264Encoder
 from websocket_service.media.encoder_pool import InProcessEncoder
@@ -29,6 +31,7 @@ from websocket_service.transports.websocket import Connection
 from websocket_service.transports.ws_feed import Outbox, SessionFeed
 
 from .live_server import LiveServer
+from .rtc_client import ClientPeer
 from .wsclient import Client
 
 #: the ways a session ends, cycled through in order
@@ -81,12 +84,33 @@ async def one_session(server: LiveServer, k: int) -> str:
     return kind
 
 
-async def churn(server: LiveServer, n: int, start: int = 0, parallel: int = 4) -> Counter[str]:
-    """``n`` sessions, ``parallel`` at a time; returns how many ended which way."""
+async def rtc_session(server: LiveServer) -> str:
+    """A WebRTC session (POST /offer) that connects, then hangs up."""
+    async with httpx.AsyncClient(base_url=server.http, timeout=20) as http:
+        client = ClientPeer()
+        offer = await client.offer()
+        r = await http.post("/offer", json={"sdp": offer.sdp, "type": offer.type,
+                                            "user_id": "rtc"})
+        assert r.status_code == 200, r.text
+        await client.accept(r.json()["sdp"])
+        await client.wait_connected()
+        await client.close()
+    return "webrtc"
+
+
+async def churn(server: LiveServer, n: int, start: int = 0, parallel: int = 4,
+                rtc_every: int = 0) -> Counter[str]:
+    """``n`` sessions, ``parallel`` at a time; every ``rtc_every``-th one over WebRTC (the
+    server needs ``rtc_host_addresses=["127.0.0.1"]``). Returns how many ended which way."""
+    def one(k: int) -> Any:
+        if rtc_every and k % rtc_every == rtc_every - 1:
+            return rtc_session(server)
+        return one_session(server, k)
+
     done: Counter[str] = Counter()
     for base in range(start, start + n, parallel):
         ks = range(base, min(base + parallel, start + n))
-        for kind in await asyncio.gather(*(one_session(server, k) for k in ks)):
+        for kind in await asyncio.gather(*(one(k) for k in ks)):
             done[kind] += 1
     return done
 

@@ -13,10 +13,16 @@ from __future__ import annotations
 
 import gc
 
-import httpx
-
-from .churn_support import KINDS, churn, live_objects, settled, snapshot, task_names, wait_idle
-from .rtc_client import ClientPeer
+from .churn_support import (
+    KINDS,
+    churn,
+    live_objects,
+    rtc_session,
+    settled,
+    snapshot,
+    task_names,
+    wait_idle,
+)
 
 SESSIONS = 240
 RTC_SESSIONS = 8
@@ -43,35 +49,24 @@ async def test_churn_leaves_no_session_task_thread_fd_or_object(server):
     assert after["objects"] - before["objects"] == {}, (before["objects"], after["objects"])
 
 
-async def _rtc_session(server, http) -> None:
-    client = ClientPeer()
-    offer = await client.offer()
-    r = await http.post("/offer", json={"sdp": offer.sdp, "type": offer.type, "user_id": "rtc"})
-    assert r.status_code == 200, r.text
-    await client.accept(r.json()["sdp"])
-    await client.wait_connected()
-    await client.close()
-
-
 async def test_webrtc_churn_leaves_no_peer_track_or_session(make_server):
     server = make_server(rtc_host_addresses=["127.0.0.1"], default_width=256, default_height=256)
-    async with httpx.AsyncClient(base_url=server.http, timeout=20) as http:
-        await _rtc_session(server, http)  # warm-up
+    await rtc_session(server)  # warm-up
+    await wait_idle(server)
+    gc.collect()
+    before = snapshot(server)
+    gc.disable()
+    try:
+        for _ in range(RTC_SESSIONS):
+            await rtc_session(server)
         await wait_idle(server)
-        gc.collect()
-        before = snapshot(server)
-        gc.disable()
-        try:
-            for _ in range(RTC_SESSIONS):
-                await _rtc_session(server, http)
-            await wait_idle(server)
-            # ours are freed by reference counting: aiortc's peer connections keep reference
-            # cycles of their own, but none of them reaches a peer, track or session of ours
-            left = live_objects() - before["objects"]
-        finally:
-            gc.enable()
-        gc.collect()  # aiortc's own cycles: their sockets and tasks must go too
-        after = await settled(server, before)
+        # ours are freed by reference counting: aiortc's peer connections keep reference
+        # cycles of their own, but none of them reaches a peer, track or session of ours
+        left = live_objects() - before["objects"]
+    finally:
+        gc.enable()
+    gc.collect()  # aiortc's own cycles: their sockets and tasks must go too
+    after = await settled(server, before)
     assert left == {}, left
     assert after["sessions"] == 0 and not server.app.state.rtc_hub.peers
     assert task_names(after) == task_names(before), (before["tasks"], after["tasks"])
