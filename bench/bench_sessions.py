@@ -203,8 +203,8 @@ class Client:
                                 av.Packet(base64.b64decode(msg["frame_data"]))))
                         except av.FFmpegError:
                             self.decode_errors += 1
-                elif kind == "SPEECH_ENDED":
-                    self._ended[msg["utterance_id"]] = msg["frames"]
+                elif kind == "SPEECH_ENDED":  # its frames, shown or dropped as too late
+                    self._ended[msg["utterance_id"]] = msg["frames"] + msg.get("skipped", 0)
                 elif kind == "ERROR":
                     self.errors.append(msg.get("code", "?"))
         except websockets.exceptions.ConnectionClosed:
