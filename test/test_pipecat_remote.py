@@ -3,9 +3,16 @@ the envelope WebSocket protocol, with the server's H.264 decoded by the processo
 
 from __future__ import annotations
 
+import asyncio
+
 import numpy as np
 import soxr
-from pipecat.frames.frames import InterruptionFrame, TTSAudioRawFrame, TTSStoppedFrame
+from pipecat.frames.frames import (
+    ErrorFrame,
+    InterruptionFrame,
+    TTSAudioRawFrame,
+    TTSStoppedFrame,
+)
 from pipecat.tests.utils import SleepFrame, run_test
 
 from bench.mouth_metrics import evaluate
@@ -42,3 +49,31 @@ async def test_remote_interruption_goes_back_to_idle(server) -> None:
     before, after = split(down[:cut]), split(down[cut:])
     assert 0 < len(before[0]) < -(-len(pcm) // 640), "interrupted part-way"
     assert after[0] == [] and len(after[2]) > 5, "only idle pictures after the interruption"
+
+
+async def _end_first_session(server) -> str:
+    """Wait for the processor's session on the server, then end it there (a server drain)."""
+    sessions = server.services.sessions
+    async with asyncio.timeout(10):
+        while not sessions.sessions:
+            await asyncio.sleep(0.02)
+    first = next(iter(sessions.sessions))
+    await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(sessions.close(first), server.loop))
+    return first
+
+
+async def test_remote_avatar_reconnects_when_the_server_ends_its_session(server) -> None:
+    pcm = wav("short_16k.wav")
+    proc = RemoteMuseTalkProcessor(server.ws, reconnect_backoff_s=0.1)
+    ender = asyncio.create_task(_end_first_session(server))
+    # the reply comes 2.5 s in: the session was ended ~0.2 s in, and a new one opened 0.1 s later
+    down, up = await run_test(proc, frames_to_send=[SleepFrame(2.5), *tts(pcm), SleepFrame(0.3)],
+                              start_timeout=10)
+    first = await ender
+    assert proc.reconnects == 1 and proc.client.session_id != first
+    lost = [f for f in up if isinstance(f, ErrorFrame)]
+    assert len(lost) == 1 and "reconnecting" in lost[0].error and not lost[0].fatal
+    speech, audio, idle = split(down)
+    assert len(speech) == -(-len(pcm) // 640), "the reply after the reconnection is lip-synced"
+    assert np.array_equal(np.frombuffer(b"".join(audio), np.int16)[:len(pcm)], pcm)
+    assert len(idle) > 25, "idle pictures before and after the new session"

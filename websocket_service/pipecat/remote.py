@@ -7,34 +7,46 @@ server's 25 fps H.264 stream comes back. Each speech frame says where its audio 
 all the audio sent (``frame_timestamp``, ms), so the processor pushes the picture and then
 exactly those 40 ms of the original TTS audio; idle frames are pushed as they arrive. The
 server paces the frames, so the processor needs no clock of its own.
+
+If the connection is lost (the server restarts, drains or drops it), the speech buffered for
+the avatar is dropped, TTS audio passes through without video meanwhile (the bot keeps
+talking), and the processor reconnects with a new session after a back-off that doubles from
+``reconnect_backoff_s`` to ``RECONNECT_MAX_S``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from typing import Any
 
 import numpy as np
 from pipecat.frames.frames import StartFrame
+from websockets import ConnectionClosed
 
 from ..units import SAMPLES_PER_FRAME
-from .remote_client import RemoteAvatarClient, RemoteFrame
+from .remote_client import RECONNECT_ERRORS, RemoteAvatarClient, RemoteFrame
 from .service import AvatarService
 from .speech import Utterance
 
 log = logging.getLogger(__name__)
 
 SAMPLES_PER_MS = 16
+RECONNECT_MAX_S = 10.0
 
 
 class RemoteMuseTalkProcessor(AvatarService):
     """Lip-synced video from an avatar server at ``url`` (``ws://host:8000``)."""
 
     def __init__(self, url: str, *, user_id: str = "pipecat", auth_token: str | None = None,
-                 resolution: str | None = None, **kwargs: Any) -> None:
+                 resolution: str | None = None, reconnect: bool = True,
+                 reconnect_backoff_s: float = 0.5, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.client = RemoteAvatarClient(url, user_id, auth_token, resolution)
+        self.reconnect = reconnect
+        self.reconnect_backoff_s = reconnect_backoff_s
+        self.reconnects = 0  # sessions opened after a lost connection
         self._reader: asyncio.Task[None] | None = None
         self._connected = False
 
@@ -60,27 +72,63 @@ class RemoteMuseTalkProcessor(AvatarService):
 
     # ------------------------------------------------------------------ to the server
     async def _speech_in(self, pcm: np.ndarray) -> None:
-        await self.client.send_audio(pcm)
+        with contextlib.suppress(ConnectionClosed):  # the reader notices, and reconnects
+            await self.client.send_audio(pcm)
 
     async def _speech_end(self) -> None:
-        await self.client.end_of_speech()
+        with contextlib.suppress(ConnectionClosed):
+            await self.client.end_of_speech()
 
     async def _speech_interrupt(self) -> None:
         if self._connected:
-            await self.client.interrupt()
+            with contextlib.suppress(ConnectionClosed):
+                await self.client.interrupt()
 
     # ------------------------------------------------------------------ from the server
     async def _read(self) -> None:
-        async for event in self.client.events():
-            await self._end_if_quiet(self.clock.now())
-            if isinstance(event, RemoteFrame):
-                await self._frame(event)
-            elif event.get("type") == "ERROR":
-                log.warning("avatar server: %s %s", event.get("code"), event.get("message"))
-                await self.push_error(f"avatar server: {event.get('code')}: {event.get('message')}")
-        if self._connected:
-            await self.push_error("avatar server closed the connection",
-                                  force_treat_as_permanent=True)
+        while True:
+            async for event in self.client.events():
+                await self._end_if_quiet(self.clock.now())
+                if isinstance(event, RemoteFrame):
+                    await self._frame(event)
+                elif event.get("type") == "ERROR":
+                    log.warning("avatar server: %s %s", event.get("code"), event.get("message"))
+                    await self.push_error(f"avatar server: {event.get('code')}: "
+                                          f"{event.get('message')}")
+            if not self._connected:  # we closed it
+                return
+            if not self.reconnect:
+                await self.push_error("avatar server closed the connection",
+                                      force_treat_as_permanent=True)
+                return
+            await self._lost()
+            await self._reconnect()
+
+    async def _lost(self) -> None:
+        """Drop what the lost session was to show; speech passes through until reconnected."""
+        log.warning("avatar server connection lost; reconnecting")
+        self._connected = False
+        await self.interrupt()
+        self._samples_out = 0  # the next session's audio clock starts at zero
+        await self.push_error("avatar server connection lost; reconnecting (speech goes on "
+                              "without video meanwhile)")
+
+    async def _reconnect(self) -> None:
+        delay = self.reconnect_backoff_s
+        while True:
+            await asyncio.sleep(delay)
+            try:
+                info = await self.client.reconnect()
+            except RECONNECT_ERRORS as exc:
+                log.warning("avatar server: reconnect failed (%s); next try in %.1f s", exc,
+                            min(delay * 2, RECONNECT_MAX_S))
+                delay = min(delay * 2, RECONNECT_MAX_S)
+                continue
+            log.info("avatar server: reconnected, session %s", info.get("session_id") or
+                     self.client.session_id)
+            self.reconnects += 1
+            self._connected = True
+            return
 
     async def _frame(self, f: RemoteFrame) -> None:
         if f.utterance_id is None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import json
 import uuid
 from collections.abc import AsyncIterator
@@ -24,6 +25,7 @@ from ..units import SAMPLE_RATE
 
 MAX_CHUNK_SAMPLES = SAMPLE_RATE  # 1 s per GENERATE (the server accepts up to MAX_CHUNK_MS)
 FRAME_TYPES = ("VIDEO_FRAME", "ACTION_FRAME")
+INIT_TIMEOUT_S = 15.0  # INIT -> INIT_SUCCESS (a cold server may load its engine first)
 
 
 class RemoteAvatarError(RuntimeError):
@@ -33,6 +35,11 @@ class RemoteAvatarError(RuntimeError):
         super().__init__(f"{code}: {message}")
         self.code = code
         self.details = details or {}
+
+
+#: what a failed (re)connection raises: refused, unreachable, closed during INIT, a timeout
+RECONNECT_ERRORS = (OSError, TimeoutError, websockets.WebSocketException, RemoteAvatarError,
+                    json.JSONDecodeError)
 
 
 @dataclass
@@ -73,11 +80,22 @@ class RemoteAvatarClient:
         if self.auth_token:
             data["auth_token"] = self.auth_token
         await self._send("INIT", **data)
-        reply = json.loads(await self._ws.recv())
+        reply = json.loads(await asyncio.wait_for(self._ws.recv(), INIT_TIMEOUT_S))
         if reply.get("type") != "INIT_SUCCESS":
             self._raise(reply)
         self.info = reply["data"]
         return self.info
+
+    async def reconnect(self) -> dict[str, Any]:
+        """A new session after a lost connection: new id, audio clock and decoder."""
+        if self._ws is not None:
+            with contextlib.suppress(websockets.WebSocketException, OSError):
+                await self._ws.close()
+            self._ws = None
+        self.session_id = str(uuid.uuid4())
+        self.samples_sent = 0
+        self._decoder = av.CodecContext.create("h264", "r")
+        return await self.connect()
 
     async def _send(self, type_: str, **data: Any) -> None:
         await self._ws.send(json.dumps({"type": type_, "session_id": self.session_id,
