@@ -20,14 +20,12 @@ import sys
 from pathlib import Path
 
 from loguru import logger
-from pipecat.audio.vad.silero import SileroVADAnalyzer
 from pipecat.pipeline.worker import PipelineWorker
 from pipecat.transports.base_transport import BaseTransport
 from pipecat.workers.runner import WorkerRunner
 
 from ..config import Settings
-from .pipeline import avatar_service, build_worker, load_services, transport_params
-from .processor import MuseTalkProcessor
+from .pipeline import avatar_service, build_worker, check, load_services, transport_params
 from .service import AvatarService
 
 log = logging.getLogger(__name__)
@@ -59,22 +57,6 @@ def setup_logging(verbose: bool) -> None:
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logger.remove()  # pipecat logs through loguru, at DEBUG by default
     logger.add(sys.stderr, level=level)
-
-
-def check(processor: AvatarService, config: Settings) -> tuple[int, int]:
-    """Fail at start-up, not on the first call: the VAD model, engine and avatar load.
-
-    Returns the video size: the avatar's, or the configured one for a remote avatar.
-    """
-    SileroVADAnalyzer()  # its ONNX model ships in the wheel; this loads it
-    if not isinstance(processor, MuseTalkProcessor):
-        log.info("checks passed: VAD; the avatar renders on AVATAR_SERVER_URL")
-        return config.default_width, config.default_height
-    engine = processor.initialize_models()
-    avatar = processor.initialize_avatars()
-    log.info("checks passed: VAD, engine %s, avatar %s %dx%d", engine.name, avatar.avatar_id,
-             avatar.width, avatar.height)
-    return avatar.width, avatar.height
 
 
 def daily_transport(room_url: str, token: str | None, width: int, height: int) -> BaseTransport:

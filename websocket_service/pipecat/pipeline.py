@@ -11,6 +11,7 @@ models come from the environment as usual in pipecat. ``AVATAR_SERVER_URL=ws://g
 from __future__ import annotations
 
 import importlib
+import logging
 import os
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -37,6 +38,8 @@ from ..units import SAMPLE_RATE
 from .processor import MuseTalkProcessor
 from .remote import RemoteMuseTalkProcessor
 from .service import AvatarService
+
+log = logging.getLogger(__name__)
 
 #: the output transport redraws the current picture at this rate. 30 (not 25): every 40 ms
 #: image is drawn at least once, and aiortc's encoder paces at 30 fps.
@@ -143,3 +146,19 @@ def build_worker(transport: BaseTransport, avatar: AvatarService,
     pipeline = Pipeline([transport.input(), vad, *middle, avatar, transport.output()])
     return PipelineWorker(pipeline, params=PipelineParams(audio_in_sample_rate=SAMPLE_RATE),
                           cancel_on_idle_timeout=False)
+
+
+def check(processor: AvatarService, config: Settings) -> tuple[int, int]:
+    """Fail at start-up, not on the first call: the VAD model, engine and avatar load.
+
+    Returns the video size: the avatar's, or the configured one for a remote avatar.
+    """
+    SileroVADAnalyzer()  # its ONNX model ships in the wheel; this loads it
+    if not isinstance(processor, MuseTalkProcessor):
+        log.info("checks passed: VAD; the avatar renders on AVATAR_SERVER_URL")
+        return config.default_width, config.default_height
+    engine = processor.initialize_models()
+    avatar = processor.initialize_avatars()
+    log.info("checks passed: VAD, engine %s, avatar %s %dx%d", engine.name, avatar.avatar_id,
+             avatar.width, avatar.height)
+    return avatar.width, avatar.height

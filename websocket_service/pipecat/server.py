@@ -43,7 +43,14 @@ from pipecat.workers.runner import WorkerRunner
 from ..clock import Clock
 from ..config import Settings
 from ..transports.rtc_network import host_addresses
-from .pipeline import VIDEO_OUT_FPS, avatar_service, build_worker, load_services, transport_params
+from .pipeline import (
+    VIDEO_OUT_FPS,
+    avatar_service,
+    build_worker,
+    check,
+    load_services,
+    transport_params,
+)
 from .processor import MuseTalkProcessor
 from .service import AvatarService
 
@@ -138,7 +145,6 @@ class AvatarBots:
 
     async def start(self, load: bool = True) -> None:
         if load:
-            from .bot import check  # noqa: PLC0415 - bot imports this module
 
             avatar = avatar_service(self.config, self.shared)
             local = isinstance(avatar, MuseTalkProcessor)
