@@ -156,7 +156,32 @@ async def test_back_to_back_utterances_keep_one_schedule_so_lag_cannot_pile_up(s
     lag = [n - (k if u == 1 else 12 + k) for n, u, k in shown]
     assert max(lag) == 2, lag
     ended = [e for e in sink.events if isinstance(e, SpeechEnded)]
-    assert [(e.frames, e.skipped) for e in ended] == [(12, 0), (10, 2)]
+    # the second drops 2 for the bound, and its pauses' silent frames while it is behind
+    assert ended[0].frames == 12 and ended[1].frames + ended[1].skipped == 12
+    assert ended[1].skipped >= 2 and lag[-1] <= 2
+    await s.close()
+
+
+async def test_a_pause_absorbs_lag_within_the_bound(session):
+    """Two ticks behind (within MAX_SPEECH_LAG_FRAMES, so nothing was dropped) and then a
+    pause: silent frames are dropped until the video is back on schedule; no voiced frame is."""
+    s, sink, clock = session
+    speech = wav("short_16k.wav")
+    voiced = [k for k in range(6) if np.sqrt(np.mean(speech[640 * k:640 * (k + 1)] ** 2.0)) > 300]
+    assert len(voiced) >= 4  # the fixture speaks from its start
+    pcm = np.concatenate([speech[:640 * 6], np.zeros(640 * 6, np.int16), speech[:640 * 6]])
+    s.push_audio(pcm, end_of_speech=True)
+    assert await render_ready(s) == 18
+    tick(s, clock, 0, 2)
+    tick(s, clock, 4, 30)  # two ticks late from frame 2 on
+    shown = [(f.index, f.utterance_frame) for f in sink.frames if f.utterance_frame is not None]
+    lag = {k: n - k for n, k in shown}
+    assert lag[5] == 2, "voiced frames are not dropped to catch up"
+    dropped = sorted(set(range(18)) - set(lag))
+    assert dropped == [6, 7], dropped  # the first two silent frames
+    assert lag[17] == 0 and all(lag[k] == 0 for k in range(12, 18))
+    ended = next(e for e in sink.events if isinstance(e, SpeechEnded))
+    assert (ended.frames, ended.skipped) == (16, 2)
     await s.close()
 
 

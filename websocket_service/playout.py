@@ -4,7 +4,8 @@ Frame ``n`` is due at ``t0 + n * period`` on the session's clock. If the pacer f
 ``resync_after_frames`` behind, it skips ahead (counted) instead of bursting. Each tick takes
 the next speech frame when one is due (after a small prebuffer at an utterance's start),
 repeats the last speech picture on an underrun inside an utterance, and otherwise shows the
-idle loop or the action clip from the :class:`~.cursor.Cursor`.
+idle loop or the action clip from the :class:`~.cursor.Cursor`. Speech that fell behind its
+schedule drops overdue frames past ``max_speech_lag_frames`` and silent frames below it.
 """
 
 from __future__ import annotations
@@ -26,6 +27,11 @@ from .stats import SessionStats
 from .units import SAMPLES_PER_FRAME
 
 SILENCE = np.zeros(SAMPLES_PER_FRAME, np.int16)
+QUIET_RMS = 100.0  # int16 RMS of a frame's audio below which it is a pause (about -50 dBFS)
+
+
+def _quiet(pcm: np.ndarray) -> bool:
+    return float(np.mean(np.square(pcm, dtype=np.float32))) < QUIET_RMS**2
 
 
 @dataclass
@@ -136,6 +142,7 @@ class Playout:
                 self.play.start_tick = min(self.play.start_tick, self._follow_due - head.index)
         else:
             self._drop_late(n)
+            self._catch_up_in_silence(n)
         return self.queue.popleft()
 
     def _drop_late(self, n: int) -> None:
@@ -149,6 +156,16 @@ class Playout:
         q = self.queue.frames
         while len(q) > 1 and not q[0].last and q[0].utterance_id == self.play.utterance_id \
                 and n - (self.play.start_tick + q[0].index) > max_lag:
+            self.queue.popleft()
+            self.play.skipped += 1
+            self.stats.speech_frames_skipped += 1
+
+    def _catch_up_in_silence(self, n: int) -> None:
+        """Behind schedule (within the bound) and the next frames are silent: drop them until
+        back on time, so a pause absorbs the lag (no visible skip, no latency kept)."""
+        q = self.queue.frames
+        while len(q) > 1 and not q[0].last and q[0].utterance_id == self.play.utterance_id \
+                and n - (self.play.start_tick + q[0].index) > 0 and _quiet(q[0].pcm):
             self.queue.popleft()
             self.play.skipped += 1
             self.stats.speech_frames_skipped += 1
