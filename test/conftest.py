@@ -33,9 +33,11 @@ def make_server(avatars_root: Path) -> Iterator[Callable[..., LiveServer]]:
         # Tests assert exact speech frame counts, so a stall of the shared CI machine must not
         # trigger the drop-overdue-frames policy; test_ws_overload tests that policy itself.
         # Likewise a client stalled by a busy machine must not end its utterance by the
-        # 300 ms gap rule (test_session.py tests that rule on a fake clock).
+        # 300 ms gap rule, nor have its pauses' frames dropped to catch up (test_session.py
+        # tests both rules on a fake clock).
         values = {"avatars_dir": avatars_root, "port": free_port(), "init_timeout_s": 5.0,
-                  "max_speech_lag_frames": 10_000, "speech_gap_ms": 1000}
+                  "max_speech_lag_frames": 10_000, "speech_gap_ms": 1000,
+                  "catch_up_in_pauses": False}
         values.update(overrides)
         settings = Settings(**values)
         server = LiveServer(settings, engine_factory(settings) if engine_factory else None).start()

@@ -87,6 +87,8 @@ class Settings(BaseSettings):
     max_recordings_mb: int = Field(2048, ge=1)
     prebuffer_frames: int = Field(1, ge=1)
     max_speech_lag_frames: int = Field(2, ge=0, le=10_000)
+    #: behind schedule within that bound, drop silent frames until on time (pauses absorb lag)
+    catch_up_in_pauses: bool = True
     speech_gap_ms: int = Field(300, ge=40)
     action_crossfade_frames: int = Field(4, ge=0, le=25)
     resync_after_frames: int = Field(3, ge=1)

@@ -142,7 +142,8 @@ class Playout:
                 self.play.start_tick = min(self.play.start_tick, self._follow_due - head.index)
         else:
             self._drop_late(n)
-            self._catch_up_in_silence(n)
+            if self.settings.catch_up_in_pauses:
+                self._catch_up_in_silence(n)
         return self.queue.popleft()
 
     def _drop_late(self, n: int) -> None:
