@@ -185,6 +185,47 @@ async def test_a_pause_absorbs_lag_within_the_bound(session):
     await s.close()
 
 
+def _talk_and_pause(speech: np.ndarray, periods: int) -> np.ndarray:
+    """10 voiced frames, 10 silent ones, ``periods`` times."""
+    voiced = speech[:640 * 10]
+    return np.concatenate([np.concatenate([voiced, np.zeros(640 * 10, np.int16)])
+                           for _ in range(periods)])
+
+
+async def test_a_standing_backlog_of_a_live_stream_is_trimmed_in_pauses(session):
+    """A live client stalled, then sent 12 frames of audio at once, then real time again: the
+    queue would stand 12 deep (480 ms of latency) for good. It is trimmed to 3 in the pauses;
+    no voiced frame is dropped."""
+    s, sink, clock = session
+    pcm = _talk_and_pause(wav("short_16k.wav"), 8)
+    s.push_audio(pcm[:640 * 13])  # the burst (one frame of look-ahead stays in the buffer)
+    await render_ready(s)
+    depth = []
+    for n in range(140):  # then 40 ms of audio per tick, as it is spoken
+        s.push_audio(pcm[640 * (13 + n):640 * (14 + n)])
+        await render_ready(s)
+        tick(s, clock, n, 1)
+        depth.append(len(s.queue))
+    assert min(depth[:50]) >= 11, "untouched until it has stood for 2 s"
+    assert max(depth[-20:]) <= 4, depth[-20:]
+    shown = {f.utterance_frame for f in sink.frames if f.utterance_frame is not None}
+    dropped = set(range(max(shown))) - shown
+    assert len(dropped) >= 8 and all((k // 10) % 2 == 1 for k in dropped), sorted(dropped)
+    await s.close()
+
+
+async def test_a_burst_that_plays_out_is_not_trimmed(session):
+    """Audio faster than real time (TTS) drains the queue: every frame is shown."""
+    s, sink, clock = session
+    pcm = _talk_and_pause(wav("short_16k.wav"), 2)  # 40 frames at once, no END_OF_SPEECH
+    s.push_audio(pcm)
+    await render_ready(s)
+    tick(s, clock, 0, 45)
+    shown = [f.utterance_frame for f in sink.frames if f.utterance_frame is not None]
+    assert shown == list(range(len(shown))) and len(shown) >= 39
+    await s.close()
+
+
 async def test_interrupt_drops_queued_speech_and_reports_it(session):
     s, sink, clock = session
     s.push_audio(wav("short_16k.wav"), end_of_speech=True)

@@ -10,6 +10,7 @@ schedule drops overdue frames past ``max_speech_lag_frames`` and silent frames b
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -28,6 +29,9 @@ from .units import SAMPLES_PER_FRAME
 
 SILENCE = np.zeros(SAMPLES_PER_FRAME, np.int16)
 QUIET_RMS = 100.0  # int16 RMS of a frame's audio below which it is a pause (about -50 dBFS)
+STANDING_TICKS = 50  # a backlog that stood this long (2 s at 25 fps) is trimmed in pauses ...
+STANDING_FRAMES = 3  # ... down to this many queued frames
+STANDING_SLACK = 2  # "stood": the queue's depth varied by at most this much meanwhile
 
 
 def _quiet(pcm: np.ndarray) -> bool:
@@ -89,6 +93,8 @@ class Playout:
         #: the tick after the last utterance's last frame was due, while its successor may
         #: follow on the very next tick (see :meth:`_next_speech`)
         self._follow_due: int | None = None
+        #: speech queue depth at each speech tick (reset by any other frame)
+        self._depths: deque[int] = deque(maxlen=STANDING_TICKS)
 
     async def run(self) -> None:
         period = self.period
@@ -119,6 +125,7 @@ class Playout:
         p, self.play = self.play, _Playback()
         self.await_speech_until = 0.0
         self._follow_due = None
+        self._depths.clear()
         if p.utterance_id is None:
             return None
         return SpeechEnded(p.utterance_id, p.frames, p.skipped, interrupted=True)
@@ -144,6 +151,7 @@ class Playout:
             self._drop_late(n)
             if self.settings.catch_up_in_pauses:
                 self._catch_up_in_silence(n)
+                self._trim_standing_backlog()
         return self.queue.popleft()
 
     def _drop_late(self, n: int) -> None:
@@ -171,6 +179,29 @@ class Playout:
             self.play.skipped += 1
             self.stats.speech_frames_skipped += 1
 
+    def _trim_standing_backlog(self) -> None:
+        """A live stream that burst after a stall (a client or network hiccup) can leave frames
+        queued ahead of schedule for good: audio keeps coming at the rate it plays, so the
+        queue never drains, and every frame waits as long. Such a backlog *stands* (its depth
+        holds steady for ``STANDING_TICKS``, the utterance is still open, nothing waits for
+        room); a burst being played out (TTS) grows or drains instead. A standing backlog
+        loses its silent frames, one per tick, down to ``STANDING_FRAMES``."""
+        q = self.queue.frames
+        depths = self._depths
+        depths.append(len(q))
+        if len(depths) < STANDING_TICKS or min(depths) <= STANDING_FRAMES:
+            return
+        if max(depths) - min(depths) > STANDING_SLACK or max(depths) >= self.queue.cap - 1:
+            return
+        head = q[0]
+        if head.last or head.utterance_id != self.play.utterance_id or not _quiet(head.pcm) \
+                or any(f.last for f in q):
+            return
+        self.queue.popleft()
+        self.play.skipped += 1
+        self.stats.speech_frames_skipped += 1
+        self._depths = deque((d - 1 for d in depths), maxlen=STANDING_TICKS)
+
     # ------------------------------------------------------------------ composing
     def _compose(self, n: int, now: float, ended: list[SpeechEnded]) -> OutputFrame:
         ts = int(round(n * 1000 / self.fps))
@@ -183,6 +214,7 @@ class Playout:
         if sf is not None:
             return self._speech_output(sf, n, ts, now, ended)
         self._follow_due = None  # a frame that is not speech: the next utterance starts afresh
+        self._depths.clear()
         last = self.play.last
         if last is not None:  # underrun in the middle of an utterance: hold the last picture
             self.stats.underruns += 1
