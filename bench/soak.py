@@ -2,6 +2,7 @@
 
     python bench/soak.py                               # 1 hour, a line a minute
     python bench/soak.py --duration 600 --interval 60  # 10 minutes
+    python bench/soak.py --duration 600 --stall-at 120 # ... with a 2 s stall of every client
 
 The server runs in a subprocess (as in bench_sessions.py); 4 clients stream
 fixtures/speech_pauses_16k.wav in real time, looping, and 4 stay idle. Every interval it
@@ -32,7 +33,8 @@ def rss_mb(pid: int) -> float:
     raise RuntimeError("no VmRSS")
 
 
-async def soak(server: Server, duration: float, interval: float) -> list[dict[str, float]]:
+async def soak(server: Server, duration: float, interval: float, stall_at: float | None = None,
+               stall_for: float = 2.0) -> list[dict[str, float]]:
     chunks = load_chunks()
     url = f"{server.ws}/musetalk/v1/ws/bench"
     clients = [Client(url, i < 4, chunks) for i in range(8)]
@@ -44,6 +46,11 @@ async def soak(server: Server, duration: float, interval: float) -> list[dict[st
         while time.monotonic() < t_end:
             t0 = time.monotonic()
             await asyncio.sleep(min(interval, t_end - t0))
+            if stall_at is not None and time.monotonic() - (t_end - duration) >= stall_at:
+                # a client-side hiccup: every client stops sending and reading, then sends what
+                # it owes at once (they stream on absolute deadlines), as a live client would
+                time.sleep(stall_for)  # noqa: ASYNC251 - blocking the loop is the point
+                stall_at = None
             t1 = time.monotonic()
             win = [c.window(t0, t1) for c in clients]
             lat = [x for w in win[:4] for x in w["lat"]]
@@ -68,7 +75,9 @@ def report(rows: list[dict[str, float]], args: argparse.Namespace) -> str:
         "## Soak (`bench/soak.py`)", "",
         f"- Machine: {m['cpu']}, {m['cores']} cores, {m['mem']} RAM; {m['date']}. Server in a "
         "subprocess (weight-free engine), 4 speaking + 4 idle WebSocket clients on the same "
-        f"cores, {args.duration / 60:g} min, a line every {args.interval:g} s.",
+        f"cores, {args.duration / 60:g} min, a line every {args.interval:g} s"
+        + (f"; every client stalled for {args.stall_for:g} s at {args.stall_at:g} s (then sent "
+           "what it owed at once)." if args.stall_at is not None else "."),
         f"- Server RSS {first:.0f} MB after the first interval, {last:.0f} MB at the end: drift "
         f"**{drift:+.1f} %** ({'under' if abs(drift) < 5 else '**over**'} the 5 % bound).", "",
         "| minute | RSS MB | fps median (min) | latency p50 / p95 ms | errors |",
@@ -82,7 +91,7 @@ async def amain(args: argparse.Namespace) -> str:
     server = Server.on_free_port("bench-soak-", max_sessions=16)
     try:
         server.wait_ready()
-        rows = await soak(server, args.duration, args.interval)
+        rows = await soak(server, args.duration, args.interval, args.stall_at, args.stall_for)
     finally:
         server.stop()
     return report(rows, args)
@@ -92,6 +101,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--duration", type=float, default=3600.0, help="seconds")
     ap.add_argument("--interval", type=float, default=60.0, help="seconds between lines")
+    ap.add_argument("--stall-at", type=float, help="seconds: stall every client once, then")
+    ap.add_argument("--stall-for", type=float, default=2.0, help="seconds the stall lasts")
     ap.add_argument("--out", default=str(ROOT / "docs" / "bench_soak.md"))
     args = ap.parse_args(argv)
     text = asyncio.run(amain(args))
