@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import threading
 from collections.abc import Callable
 
 import numpy as np
@@ -14,7 +13,7 @@ from ..base import SAMPLES_PER_FRAME, LipSyncStream, SpeechFrame
 from .audio import WINDOW, AudioAnalyzer, Features
 from .fields import MouthPose
 
-Job = tuple[FrameSlot, BaseFrame, np.ndarray]  # the slot, its base frame, its analysis window
+Job = tuple[FrameSlot, BaseFrame, MouthPose, Features]
 
 
 Render = Callable[[BaseFrame, MouthPose], np.ndarray]
@@ -26,12 +25,10 @@ class GeometricStream(LipSyncStream):
     def __init__(self, render: Render, lookahead_frames: int, clock: Callable[[], float]) -> None:
         self.render = render
         self.buf = UtteranceBuffer(lookahead_frames, clock)
-        self.analyzer = AudioAnalyzer()  # used in the worker thread only (see _render_all)
+        self.analyzer = AudioAnalyzer()
         self._utterance = 0
         self._epoch = 0
-        self._analysed_epoch = 0
         self._ready = asyncio.Event()
-        self._lock = threading.Lock()  # one batch at a time (the producer awaits each)
 
     def push_audio(self, pcm: np.ndarray) -> None:
         self.buf.push(pcm)
@@ -45,7 +42,8 @@ class GeometricStream(LipSyncStream):
 
     def interrupt(self) -> None:
         self.buf.clear()
-        self._epoch += 1  # the analyser starts the next batch with a closed mouth
+        self._epoch += 1
+        self.analyzer.reset_mouth()
         self._ready.set()  # wake a waiting render_next so it returns []
 
     def buffered_samples(self) -> int:
@@ -62,31 +60,24 @@ class GeometricStream(LipSyncStream):
             await self._ready.wait()
             if epoch != self._epoch:
                 return []
-        jobs = [(s, take_base(), self._window(s)) for s in self.buf.take(max_frames)]
-        frames = await asyncio.to_thread(self._render_all, jobs, epoch)
+        jobs = [(s, take_base(), *self._analyse(s)) for s in self.buf.take(max_frames)]
+        frames = await asyncio.to_thread(self._render_all, jobs)
         return [] if epoch != self._epoch else frames
 
-    def _window(self, slot: FrameSlot) -> np.ndarray:
-        """The slot's analysis window, copied on the loop (the buffer is the loop's)."""
-        start = slot.index * SAMPLES_PER_FRAME - SAMPLES_PER_FRAME // 2
-        return self.buf.window(slot.utterance_id, start, start + WINDOW)
-
-    def _analyse(self, slot: FrameSlot, window: np.ndarray, epoch: int
-                 ) -> tuple[MouthPose, Features]:
-        """The slot's pose: FFT and LPC in the worker thread, off the event loop."""
-        if slot.utterance_id != self._utterance or epoch != self._analysed_epoch:
-            self._utterance, self._analysed_epoch = slot.utterance_id, epoch
+    def _analyse(self, slot: FrameSlot) -> tuple[MouthPose, Features]:
+        """The slot's pose (cheap: one FFT), on the loop while its audio is still buffered."""
+        if slot.utterance_id != self._utterance:
+            self._utterance = slot.utterance_id
             self.analyzer.reset_mouth()
-        return self.analyzer.step(window)
+        start = slot.index * SAMPLES_PER_FRAME - SAMPLES_PER_FRAME // 2
+        return self.analyzer.step(self.buf.window(slot.utterance_id, start, start + WINDOW))
 
-    def _render_all(self, jobs: list[Job], epoch: int) -> list[SpeechFrame]:
+    def _render_all(self, jobs: list[Job]) -> list[SpeechFrame]:
         out = []
-        with self._lock:
-            for slot, base, window in jobs:
-                pose, feat = self._analyse(slot, window, epoch)
-                image = self.render(base, pose)
-                info = {"open": pose.opening, "shape": pose.shape, "level_db": feat.level_db,
-                        "voiced": float(feat.voiced)}
-                out.append(SpeechFrame(slot.utterance_id, slot.index, image, slot.pcm, slot.last,
-                                       base, info, slot.arrival, slot.audio_ms))
+        for slot, base, pose, feat in jobs:
+            image = self.render(base, pose)
+            info = {"open": pose.opening, "shape": pose.shape, "level_db": feat.level_db,
+                    "voiced": float(feat.voiced)}
+            out.append(SpeechFrame(slot.utterance_id, slot.index, image, slot.pcm, slot.last,
+                                   base, info, slot.arrival, slot.audio_ms))
         return out
