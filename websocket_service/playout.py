@@ -30,8 +30,8 @@ from .units import SAMPLES_PER_FRAME
 SILENCE = np.zeros(SAMPLES_PER_FRAME, np.int16)
 QUIET_RMS = 100.0  # int16 RMS of a frame's audio below which it is a pause (about -50 dBFS)
 STANDING_TICKS = 50  # a backlog that stood this long (2 s at 25 fps) is trimmed in pauses ...
-STANDING_FRAMES = 3  # ... down to this many queued frames
-STANDING_SLACK = 2  # "stood": the queue's depth varied by at most this much meanwhile
+STANDING_FRAMES = 3  # ... down to this many frames (queued, or audio not yet rendered)
+STANDING_SLACK = 4  # "stood": the backlog varied by at most this many frames meanwhile
 
 
 def _quiet(pcm: np.ndarray) -> bool:
@@ -73,7 +73,8 @@ class Playout:
                  queue: SpeechQueue, clock: Clock, stats: SessionStats,
                  emit: Callable[[OutputFrame, list[SpeechEnded]], None],
                  before_tick: Callable[[float], None],
-                 speech_pending: Callable[[], bool]) -> None:
+                 speech_pending: Callable[[], bool],
+                 audio_backlog: Callable[[], int] = lambda: 0) -> None:
         self.settings = settings
         self.period = 1.0 / fps
         self.fps = fps
@@ -85,6 +86,7 @@ class Playout:
         self.emit = emit
         self.before_tick = before_tick
         self.speech_pending = speech_pending
+        self.audio_backlog = audio_backlog  # samples received and not rendered yet
         self.last: OutputFrame | None = None
         self.bridge: Bridge | None = None  # an external renderer's frames, when attached
         self.play = _Playback()
@@ -93,7 +95,8 @@ class Playout:
         #: the tick after the last utterance's last frame was due, while its successor may
         #: follow on the very next tick (see :meth:`_next_speech`)
         self._follow_due: int | None = None
-        #: speech queue depth at each speech tick (reset by any other frame)
+        #: speech backlog in frames (queued + audio not rendered) at each speech tick (reset
+        #: by any other frame)
         self._depths: deque[int] = deque(maxlen=STANDING_TICKS)
 
     async def run(self) -> None:
@@ -180,18 +183,18 @@ class Playout:
             self.stats.speech_frames_skipped += 1
 
     def _trim_standing_backlog(self) -> None:
-        """A live stream that burst after a stall (a client or network hiccup) can leave frames
-        queued ahead of schedule for good: audio keeps coming at the rate it plays, so the
-        queue never drains, and every frame waits as long. Such a backlog *stands* (its depth
-        holds steady for ``STANDING_TICKS``, the utterance is still open, nothing waits for
-        room); a burst being played out (TTS) grows or drains instead. A standing backlog
-        loses its silent frames, one per tick, down to ``STANDING_FRAMES``."""
+        """A live stream that burst after a stall (a client or network hiccup) leaves a backlog
+        for good: audio keeps coming at the rate it plays, so frames queued (and audio waiting
+        to be rendered) never drain, and every frame waits as long. Such a backlog *stands*:
+        it holds steady for ``STANDING_TICKS`` and the utterance is still open; a burst being
+        played out (TTS) drains instead. A standing backlog loses its silent frames, one per
+        tick, down to ``STANDING_FRAMES``."""
         q = self.queue.frames
         depths = self._depths
-        depths.append(len(q))
+        depths.append(len(q) + self.audio_backlog() // SAMPLES_PER_FRAME)
         if len(depths) < STANDING_TICKS or min(depths) <= STANDING_FRAMES:
             return
-        if max(depths) - min(depths) > STANDING_SLACK or max(depths) >= self.queue.cap - 1:
+        if max(depths) - min(depths) > STANDING_SLACK:
             return
         head = q[0]
         if head.last or head.utterance_id != self.play.utterance_id or not _quiet(head.pcm) \
