@@ -51,8 +51,10 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     settings = Settings(avatars_dir=tmp_path_factory.mktemp("cluster-avatars"), port=port,
                         host="127.0.0.1", max_sessions=MAX_SESSIONS, init_timeout_s=5.0,
                         # the test counts every frame: a stall of the shared machine must not
-                        # cost frames (drop-oldest for slow readers, overdue speech dropped)
-                        max_speech_lag_frames=10_000, send_queue_frames=250)
+                        # cost frames (drop-oldest for slow readers, overdue speech dropped,
+                        # silent frames dropped to catch up)
+                        max_speech_lag_frames=10_000, send_queue_frames=250,
+                        catch_up_in_pauses=False)
     # half a CPU each: Ray may start a replacement replica while the killed one's CPU is held
     spec = ClusterSettings(replicas=2, replica_cpus=0.5, drain_timeout_s=5.0,
                            max_queued_sessions=1, ray_address=None)
