@@ -215,6 +215,25 @@ async def test_a_standing_backlog_of_a_live_stream_is_trimmed_in_pauses(session,
     await s.close()
 
 
+async def test_a_backlog_of_unrendered_audio_never_drops_the_only_queued_frame(session):
+    """The standing backlog may be mostly audio the engine has not rendered yet (a slow
+    engine): a tick with one frame queued drops nothing and shows it (it used to drop it and
+    then fail on the empty queue); only silent frames with another behind them go."""
+    s, sink, clock = session
+    s.playout.audio_backlog = lambda: 640 * 10  # ten frames' audio waiting behind the queue
+    pcm = _talk_and_pause(wav("short_16k.wav"), 4)
+    s.push_audio(pcm[:640 * 2])
+    await render_ready(s)
+    for n in range(70):
+        s.push_audio(pcm[640 * (2 + n):640 * (3 + n)])
+        await render_ready(s)
+        tick(s, clock, n, 1)
+    shown = [f.utterance_frame for f in sink.frames if f.utterance_frame is not None]
+    assert shown == sorted(shown) and shown[-1] >= 65
+    assert all((k // 10) % 2 == 1 for k in set(range(shown[-1])) - set(shown))
+    await s.close()
+
+
 async def test_a_burst_that_plays_out_is_not_trimmed(session):
     """Audio faster than real time (TTS) drains the queue: every frame is shown."""
     s, sink, clock = session

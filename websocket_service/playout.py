@@ -153,34 +153,36 @@ class Playout:
         else:
             self._drop_late(n)
             if self.settings.catch_up_in_pauses:
-                self._catch_up_in_silence(n)
                 self._trim_standing_backlog()
         return self.queue.popleft()
+
+    def _droppable(self) -> bool:
+        """The head may be dropped: of the utterance in play, not its last, not alone."""
+        q = self.queue.frames
+        return len(q) > 1 and not q[0].last and q[0].utterance_id == self.play.utterance_id
+
+    def _skip_head(self) -> None:
+        self.queue.popleft()
+        self.play.skipped += 1
+        self.stats.speech_frames_skipped += 1
 
     def _drop_late(self, n: int) -> None:
         """Keep video within ``max_speech_lag_frames`` of the utterance's schedule.
 
         Underruns (frames rendered late) push every later frame back by a tick; past the
         bound, queued frames that are already overdue are dropped (never the last one), so
-        video neither drifts from the audio clock nor accumulates latency.
+        video neither drifts from the audio clock nor accumulates latency. Within the bound
+        (``catch_up_in_pauses``), silent frames are dropped while behind: a pause absorbs
+        the lag (no visible skip, no latency kept).
         """
         max_lag = self.settings.max_speech_lag_frames
+        catch_up = self.settings.catch_up_in_pauses
         q = self.queue.frames
-        while len(q) > 1 and not q[0].last and q[0].utterance_id == self.play.utterance_id \
-                and n - (self.play.start_tick + q[0].index) > max_lag:
-            self.queue.popleft()
-            self.play.skipped += 1
-            self.stats.speech_frames_skipped += 1
-
-    def _catch_up_in_silence(self, n: int) -> None:
-        """Behind schedule (within the bound) and the next frames are silent: drop them until
-        back on time, so a pause absorbs the lag (no visible skip, no latency kept)."""
-        q = self.queue.frames
-        while len(q) > 1 and not q[0].last and q[0].utterance_id == self.play.utterance_id \
-                and n - (self.play.start_tick + q[0].index) > 0 and _quiet(q[0].pcm):
-            self.queue.popleft()
-            self.play.skipped += 1
-            self.stats.speech_frames_skipped += 1
+        while self._droppable():
+            late = n - (self.play.start_tick + q[0].index)
+            if not (late > max_lag or (catch_up and late > 0 and _quiet(q[0].pcm))):
+                break
+            self._skip_head()
 
     def _trim_standing_backlog(self) -> None:
         """A live stream that burst after a stall (a client or network hiccup) leaves a backlog
@@ -196,13 +198,9 @@ class Playout:
             return
         if max(depths) - min(depths) > STANDING_SLACK:
             return
-        head = q[0]
-        if head.last or head.utterance_id != self.play.utterance_id or not _quiet(head.pcm) \
-                or any(f.last for f in q):
+        if not self._droppable() or not _quiet(q[0].pcm) or any(f.last for f in q):
             return
-        self.queue.popleft()
-        self.play.skipped += 1
-        self.stats.speech_frames_skipped += 1
+        self._skip_head()
         self._depths = deque((d - 1 for d in depths), maxlen=STANDING_TICKS)
 
     # ------------------------------------------------------------------ composing
