@@ -209,10 +209,15 @@ CLIENT_TYPES = ["INIT", "GENERATE", "STATE_CHANGE", "ACTION", "CLOSE", "INTERRUP
 ENVELOPE_KEYS = frozenset({"type", "session_id", "data"})
 
 
+def flat_fields(raw: dict[str, Any]) -> list[str]:
+    """The fields of a flat message (beside ``type`` and without ``data``), sorted; [] if none."""
+    return [] if "data" in raw else sorted(k for k in raw if k not in ENVELOPE_KEYS)
+
+
 def _not_flat(value: Any) -> Any:
-    """A flat message (fields beside ``type`` and no ``data``) is refused, not read with its
-    fields ignored; :func:`.wire.check_envelope` says how to wrap it."""
-    if isinstance(value, dict) and "data" not in value and any(k not in ENVELOPE_KEYS for k in value):
+    """A flat message is refused, not read with its fields ignored;
+    :func:`.wire.check_envelope` says how to wrap it."""
+    if isinstance(value, dict) and flat_fields(value):
         raise PydanticCustomError("flat_message", "fields belong inside data")
     return value
 

@@ -17,7 +17,6 @@ from .events import ActionTriggered, ClosedByClient, SessionEvent, SpeechEnded, 
 from .playout import OutputFrame
 from .protocol import (
     CLIENT_TYPES,
-    ENVELOPE_KEYS,
     ActionFrameData,
     ActionTriggeredData,
     CloseAckData,
@@ -26,6 +25,7 @@ from .protocol import (
     SpeechEndedData,
     StateChangedData,
     VideoFrameData,
+    flat_fields,
 )
 
 
@@ -98,8 +98,8 @@ def check_envelope(raw: Any) -> None:
     if not isinstance(raw, dict):
         raise InvalidMessage("a message is a JSON object {\"type\", \"session_id\", \"data\"}",
                              {"expected_types": CLIENT_TYPES})
-    stray = sorted(k for k in raw if k not in ENVELOPE_KEYS)
-    if stray and "data" not in raw:
+    stray = flat_fields(raw)
+    if stray:
         raise InvalidMessage(
             f"messages are envelopes {{\"type\", \"session_id\", \"data\": {{...}}}}: move "
             f"{', '.join(stray[:8])} into \"data\"",

@@ -120,9 +120,9 @@ class RemoteMuseTalkProcessor(AvatarService):
             try:
                 info = await self.client.reconnect()
             except RECONNECT_ERRORS as exc:
-                log.warning("avatar server: reconnect failed (%s); next try in %.1f s", exc,
-                            min(delay * 2, RECONNECT_MAX_S))
                 delay = min(delay * 2, RECONNECT_MAX_S)
+                log.warning("avatar server: reconnect failed (%s); next try in %.1f s", exc,
+                            delay)
                 continue
             log.info("avatar server: reconnected, session %s", info.get("session_id") or
                      self.client.session_id)
