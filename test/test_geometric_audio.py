@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from websocket_service.engines.geometric.audio import WINDOW, AudioAnalyzer
 
@@ -81,6 +82,43 @@ def test_lpc_finds_the_second_formant_of_synthetic_vowels():
     for f1, f2 in ((300, 2300), (350, 900), (500, 1500), (700, 1200)):
         est = second_formant(_vowel(f1, f2)[:WINDOW])
         assert est is not None and abs(est - f2) < 0.1 * f2, (f1, f2, est)
+
+
+def _textbook_f2(samples: np.ndarray) -> float | None:
+    """The same LPC formant estimate by the textbook route (FFT autocorrelation, SciPy's
+    Levinson solver, ``np.roots``): the oracle for the few-call version the engine runs."""
+    from scipy.linalg import solve_toeplitz
+
+    from websocket_service.engines.geometric.audio import FORMANT_MAX_BW_HZ, LPC_ORDER
+
+    x = samples.astype(np.float64) / 32768.0
+    x = np.append(x[0], x[1:] - 0.63 * x[:-1]) * np.hamming(len(x))
+    spec = np.fft.rfft(x, 2 * len(x))
+    r = np.fft.irfft(spec.real**2 + spec.imag**2)[: LPC_ORDER + 1]
+    if r[0] <= 1e-10:
+        return None
+    a = solve_toeplitz(r[:LPC_ORDER], -r[1:])
+    roots = np.roots(np.concatenate([[1.0], a]))
+    roots = roots[np.imag(roots) > 0]
+    freqs = np.angle(roots) * 16000 / (2 * np.pi)
+    bandwidths = -16000 / np.pi * np.log(np.abs(roots))
+    formants = np.sort(freqs[(freqs > 200) & (freqs < 4000) & (bandwidths < FORMANT_MAX_BW_HZ)])
+    return float(formants[1]) if len(formants) >= 2 else None
+
+
+def test_second_formant_equals_the_textbook_lpc_on_speech():
+    from websocket_service.engines.geometric.audio import WINDOW, second_formant
+
+    pcm = wav("speech_pauses_16k.wav")
+    found = 0
+    for start in range(0, len(pcm) - WINDOW, HOP):
+        x = pcm[start:start + WINDOW]
+        want, got = _textbook_f2(x), second_formant(x)
+        assert (want is None) == (got is None), start
+        if want is not None:
+            found += 1
+            assert got == pytest.approx(want, abs=1e-6), start
+    assert found > 50  # the fixture's voiced frames
 
 
 def test_closes_within_three_frames_after_speech():

@@ -19,6 +19,7 @@ from .api import management, metrics, rest, session_control
 from .config import Settings, get_settings
 from .errors import AuthFailed, ServiceError
 from .manager import Services
+from .media import threads as media_threads
 from .transports import recording, signaling, websocket
 
 log = logging.getLogger(__name__)
@@ -39,6 +40,7 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         svc = services if services is not None else await asyncio.to_thread(
             Services, settings or get_settings())
+        media_threads.configure(svc.settings.media_threads, svc.settings.opencv_threads)
         await asyncio.to_thread(svc.ensure_default_avatar)
         if svc.encoders is not None:
             await svc.encoders.start()

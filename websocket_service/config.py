@@ -82,6 +82,10 @@ class Settings(BaseSettings):
     speech_queue_frames: int = Field(25, ge=1)
     send_queue_frames: int = Field(8, ge=1)
     encoder_processes: int = Field(0, ge=0, le=64)
+    #: threads that render and encode frames (0: one more than the cores); OpenCV's own
+    #: threads per call (0: OpenCV's default, one per core)
+    media_threads: int = Field(0, ge=0, le=256)
+    opencv_threads: int = Field(1, ge=0, le=256)
     shared_idle_loops: bool = True
     recordings_dir: Path = Path("data/recordings")
     max_recordings_mb: int = Field(2048, ge=1)

@@ -59,7 +59,7 @@ class H264Encoder:
         if rgb.shape[0] != self.height or rgb.shape[1] != self.width:
             raise ValueError(f"frame is {rgb.shape[1]}x{rgb.shape[0]}, encoder is {self.width}x{self.height}")
         # OpenCV's BT.601 limited-range I420 conversion is ~10x faster than swscale's and
-        # releases the GIL; libx264 itself holds it (PyAV encodes without releasing it).
+        # releases the GIL; so does libx264's encode under PyAV 16 and later.
         return self.encode_i420(cv2.cvtColor(rgb, cv2.COLOR_RGB2YUV_I420))
 
     def encode_i420(self, yuv: np.ndarray) -> EncodedFrame:

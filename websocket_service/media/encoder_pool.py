@@ -1,11 +1,12 @@
-"""H.264 encoding in a small pool of worker processes, outside the server's GIL.
+"""H.264 encoding in a small pool of worker processes, outside the server process.
 
-PyAV holds the GIL while libx264 encodes, so in-process encoders of all sessions run one at a
-time and compete with rendering. Here each slot is a one-process
-``concurrent.futures.ProcessPoolExecutor`` hosting many encoders (:mod:`.encoder_worker`); a
-session's encoder stays in one slot (least-loaded at open). The parent converts RGB to I420
-with OpenCV (releases the GIL) straight into the encoder's shared-memory slot and submits a
-small call; its future is awaited on the event loop (``asyncio.wrap_future``).
+In-process encoders run on the media threads (:mod:`.threads`); PyAV (16 and later) releases
+the GIL while libx264 encodes, but the Python around each call still takes it. Here each
+slot is a one-process ``concurrent.futures.ProcessPoolExecutor`` hosting many encoders
+(:mod:`.encoder_worker`); a session's encoder stays in one slot (least-loaded at open). The
+parent converts RGB to I420 with OpenCV (releases the GIL) straight into the encoder's
+shared-memory slot and submits a small call; its future is awaited on the event loop
+(``asyncio.wrap_future``).
 
 Bounds: one frame in flight per encoder (``encode`` waits for the previous one), and at most
 ``MAX_PENDING`` calls per slot. If a worker dies, the executor breaks (``BrokenProcessPool``):
@@ -35,6 +36,7 @@ import numpy as np
 
 from ..errors import ProcessingError
 from . import encoder_worker as worker
+from . import threads as media_threads
 from .encoder import EncodedFrame, H264Encoder
 
 log = logging.getLogger(__name__)
@@ -230,7 +232,7 @@ class PoolEncoder:
 class InProcessEncoder:
     """The same async API over an in-process :class:`H264Encoder` (``encoder_processes=0``).
 
-    Encodes run in a worker thread, one at a time. A caller cancelled mid-encode leaves its
+    Encodes run on a media thread (:mod:`.threads`), one at a time. A caller cancelled mid-encode leaves its
     encode running in that thread, so :meth:`close` waits for it before freeing the x264
     context (about 4 MB at 512x512): freeing it under a running encode would crash.
     """
@@ -253,7 +255,7 @@ class InProcessEncoder:
         await self._settle()
         if self._enc is None:
             raise ProcessingError("encoder is closed")
-        self._inflight = asyncio.ensure_future(asyncio.to_thread(self._enc.encode, rgb))
+        self._inflight = asyncio.ensure_future(media_threads.run(self._enc.encode, rgb))
         return await asyncio.shield(self._inflight)
 
     async def close(self) -> None:

@@ -21,7 +21,6 @@ from collections import deque
 from dataclasses import dataclass
 
 import numpy as np
-from scipy.linalg import solve_toeplitz
 
 from ...units import SAMPLE_RATE, SAMPLES_PER_FRAME
 from .fields import MouthPose
@@ -65,6 +64,8 @@ _FREQS = np.fft.rfftfreq(WINDOW, 1.0 / SAMPLE_RATE).astype(np.float32)
 _IN_BAND = (_FREQS >= BAND[0]) & (_FREQS <= BAND[1])
 _NORM = 2.0 / (WINDOW * float(np.sum(_HANN**2)))
 _HAMMING = np.hamming(WINDOW)
+_TOEPLITZ = np.abs(np.subtract.outer(np.arange(LPC_ORDER), np.arange(LPC_ORDER)))
+_SHIFT = np.eye(LPC_ORDER, k=-1)  # companion matrix of a monic polynomial, first row apart
 
 
 def spectrum_features(samples: np.ndarray) -> tuple[float, float]:
@@ -80,21 +81,31 @@ def spectrum_features(samples: np.ndarray) -> tuple[float, float]:
 
 
 def second_formant(samples: np.ndarray) -> float | None:
-    """F2 in Hz from the roots of an LPC polynomial (autocorrelation method), or None."""
-    x = samples.astype(np.float64) / 32768.0
-    x = np.append(x[0], x[1:] - 0.63 * x[:-1]) * _HAMMING
-    spec = np.fft.rfft(x, 2 * len(x))  # zero-padded: a linear, not circular, correlation
-    r = np.fft.irfft(spec.real**2 + spec.imag**2)[: LPC_ORDER + 1]
+    """F2 in Hz from the roots of an LPC polynomial (autocorrelation method), or None.
+
+    Written for few NumPy calls (it runs on the event loop for every voiced frame): the
+    autocorrelation is one ``correlate``, the normal equations one ``solve``, and the roots
+    the eigenvalues of the companion matrix (what ``np.roots`` computes, without its checks).
+    """
+    x = samples.astype(np.float64) * (1.0 / 32768.0)
+    e = np.empty(len(x) + LPC_ORDER)
+    e[0] = x[0]
+    np.subtract(x[1:], 0.63 * x[:-1], out=e[1:len(x)])
+    e[: len(x)] *= _HAMMING
+    e[len(x):] = 0.0
+    r = np.correlate(e, e[: len(x)])  # r[k] = sum e[n] e[n + k], k = 0..LPC_ORDER
     if r[0] <= 1e-10:
         return None
     try:
-        a = solve_toeplitz(r[:LPC_ORDER], -r[1 : LPC_ORDER + 1])
+        a = np.linalg.solve(r[_TOEPLITZ], -r[1:])
     except np.linalg.LinAlgError:
         return None
-    roots = np.roots(np.concatenate([[1.0], a]))
-    roots = roots[np.imag(roots) > 0]
-    freqs = np.angle(roots) * SAMPLE_RATE / (2 * np.pi)
-    bandwidths = -SAMPLE_RATE / np.pi * np.log(np.abs(roots))
+    companion = _SHIFT.copy()
+    companion[0] = -a
+    roots = np.linalg.eigvals(companion)
+    roots = roots[roots.imag > 0]
+    freqs = np.angle(roots) * (SAMPLE_RATE / (2 * np.pi))
+    bandwidths = np.log(np.abs(roots)) * (-SAMPLE_RATE / np.pi)
     formants = np.sort(freqs[(freqs > 200) & (freqs < 4000) & (bandwidths < FORMANT_MAX_BW_HZ)])
     return float(formants[1]) if len(formants) >= 2 else None
 

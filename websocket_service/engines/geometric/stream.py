@@ -8,6 +8,7 @@ from collections.abc import Callable
 import numpy as np
 
 from ...avatars.model import BaseFrame
+from ...media import threads as media_threads
 from ..audio_buffer import FrameSlot, UtteranceBuffer
 from ..base import SAMPLES_PER_FRAME, LipSyncStream, SpeechFrame
 from .audio import WINDOW, AudioAnalyzer, Features
@@ -61,7 +62,7 @@ class GeometricStream(LipSyncStream):
             if epoch != self._epoch:
                 return []
         jobs = [(s, take_base(), *self._analyse(s)) for s in self.buf.take(max_frames)]
-        frames = await asyncio.to_thread(self._render_all, jobs)
+        frames = await media_threads.run(self._render_all, jobs)
         return [] if epoch != self._epoch else frames
 
     def _analyse(self, slot: FrameSlot) -> tuple[MouthPose, Features]:
