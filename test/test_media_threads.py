@@ -16,6 +16,8 @@ from websocket_service.media import threads
 from websocket_service.media.encoder import H264Encoder
 from websocket_service.media.encoder_pool import InProcessEncoder
 
+from .wsclient import Client
+
 
 @pytest.fixture(autouse=True)
 def _restore():
@@ -64,3 +66,56 @@ async def test_in_process_encoder_encodes_on_media_threads():
     await enc.close()
     assert out.keyframe and out.data.startswith(b"\x00\x00\x00\x01")
     assert seen and seen[0].startswith("media")
+
+
+def test_renders_go_before_encodes_waiting_longer():
+    pool = threads.PriorityPool(1, name="test-media")
+    gate = threading.Event()
+    order: list[str] = []
+    try:
+        busy = pool.submit(threads.ENCODE, gate.wait, 10)
+        done = [pool.submit(threads.ENCODE, order.append, "encode 1"),
+                pool.submit(threads.ENCODE, order.append, "encode 2"),
+                pool.submit(threads.RENDER, order.append, "render")]
+        gate.set()
+        assert busy.result(10) is True
+        for f in done:
+            f.result(10)
+        assert order == ["render", "encode 1", "encode 2"]
+        failing = pool.submit(threads.RENDER, lambda: 1 / 0)
+        with pytest.raises(ZeroDivisionError):
+            failing.result(10)
+    finally:
+        gate.set()
+        pool.shutdown()
+
+
+async def test_a_feed_that_fell_behind_encodes_its_backlog_in_one_call(make_server):
+    """Block every media thread; the session goes on emitting live frames (no shared loops),
+    which wait in its feed. Released, the feed encodes them in one call: every frame still
+    arrives, in order, and decodes."""
+    server = make_server(shared_idle_loops=False)
+    client, _ = await Client.connect(server.ws)  # decodes every frame: one picture each
+    await client.recv_for(0.2)
+    session = server.services.sessions.get(client.session_id)
+    pool = threads._get()
+    gate = threading.Event()
+    try:
+        blockers = [pool.submit(threads.RENDER, gate.wait, 30) for _ in range(pool.size)]
+        emitted = session.stats.frames_emitted
+        for _ in range(200):  # until 5 frames wait (the feed holds up to SEND_QUEUE_FRAMES)
+            if session.stats.frames_emitted >= emitted + 5 + pool.size:
+                break
+            await client.recv_for(0.05)
+        else:
+            raise AssertionError("the session stopped emitting frames")
+    finally:
+        gate.set()
+    for b in blockers:
+        assert b.result(10) is True
+    await client.recv_for(0.5)
+    assert session.stats.batched_frames >= 3
+    assert session.stats.frames_dropped == 0
+    indices = [f["frame_index"] for f in client.frames]
+    assert indices == list(range(indices[0], indices[0] + len(indices)))
+    await client.close()

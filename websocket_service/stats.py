@@ -45,6 +45,7 @@ class SessionStats:
     errors_sent: int = 0
     bytes_sent: int = 0
     loop_frames: int = 0  # frames sent from a shared pre-encoded loop (no encode)
+    batched_frames: int = 0  # frames encoded behind another in one call (a feed catching up)
     viewers: int = 0  # receive-only WebSocket connections on this session
     #: per WebSocket connection (owner first, then viewers): frames sent, dropped, bytes
     readers: Callable[[], list[dict[str, Any]]] | None = None
@@ -111,6 +112,7 @@ class SessionStats:
             "errors_sent": self.errors_sent,
             "bytes_sent": self.bytes_sent,
             "loop_frames": self.loop_frames,
+            "batched_frames": self.batched_frames,
             "viewers": self.viewers,
             "readers": self.readers() if self.readers is not None else [],
             "latency_ms": self.latency_ms(),

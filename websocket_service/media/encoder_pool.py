@@ -212,6 +212,10 @@ class PoolEncoder:
         self._pts = pts + 1
         return EncodedFrame(data, key, pts)
 
+    async def encode_many(self, images: list[np.ndarray]) -> list[EncodedFrame]:
+        """Each image in order (one worker call each: the slot holds one frame at a time)."""
+        return [await self.encode(rgb) for rgb in images]
+
     async def close(self) -> None:
         if self._shm is None:
             return
@@ -239,7 +243,7 @@ class InProcessEncoder:
 
     def __init__(self, encoder: H264Encoder) -> None:
         self._enc: H264Encoder | None = encoder
-        self._inflight: asyncio.Future[EncodedFrame] | None = None
+        self._inflight: asyncio.Future[Any] | None = None
 
     def request_keyframe(self) -> None:
         if self._enc is not None:
@@ -256,6 +260,16 @@ class InProcessEncoder:
         if self._enc is None:
             raise ProcessingError("encoder is closed")
         self._inflight = asyncio.ensure_future(media_threads.run(self._enc.encode, rgb))
+        return await asyncio.shield(self._inflight)
+
+    async def encode_many(self, images: list[np.ndarray]) -> list[EncodedFrame]:
+        """Each image in order, in one media-thread call (one hop for a feed catching up)."""
+        await self._settle()
+        if self._enc is None:
+            raise ProcessingError("encoder is closed")
+        enc = self._enc
+        self._inflight = asyncio.ensure_future(
+            media_threads.run(lambda: [enc.encode(rgb) for rgb in images]))
         return await asyncio.shield(self._inflight)
 
     async def close(self) -> None:

@@ -1,11 +1,17 @@
 """The threads that render and encode frames, apart from the event loop's default executor.
 
-Rendering (OpenCV, NumPy) and H.264 encoding (libx264 under PyAV) release the GIL for their
-heavy parts, so threads run them in parallel across sessions. More threads than cores buy
-nothing there and cost GIL hand-offs and context switches, which show up as late frames
-(measured in docs/BENCHMARKS.md §0), so the pool is sized to the cores (``MEDIA_THREADS``;
-0: one more than the cores). It is kept apart from the default executor, which also runs slow
-blocking work (avatar preparation, uploads), so that such work never holds up a frame.
+Rendering (OpenCV, NumPy) and H.264 encoding (libx264 under PyAV 16+) release the GIL for
+their heavy parts, so threads run them in parallel across sessions. More threads than cores buy
+nothing there and cost GIL hand-offs and context switches, so the pool is sized to the cores
+(``MEDIA_THREADS``; 0: one more than the cores). It is kept apart from the default executor,
+which also runs slow blocking work (avatar preparation, uploads), so that such work never
+holds up a frame.
+
+Work is taken by priority, then in order: speech renders (:data:`RENDER`) before encodes
+(:data:`ENCODE`). A render that waits shows as a frozen mouth (an underrun) within a frame or
+two; an encode that waits only delays its frame, and a feed that fell behind encodes its
+backlog in one call (``SessionFeed``), so under load the renders keep their deadlines and the
+encodes catch up in batches.
 
 OpenCV's own thread pool is set to ``OPENCV_THREADS`` (default 1): every call works on one
 small region, and the parallelism is across sessions.
@@ -14,18 +20,70 @@ small region, and the parallelism is across sessions.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import itertools
 import os
+import queue
 import threading
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
-from typing import TypeVar
+from concurrent.futures import Future
+from typing import Any, TypeVar
 
 import cv2
 
 T = TypeVar("T")
 
+RENDER = 0
+ENCODE = 1
+
+
+class PriorityPool:
+    """``threads`` daemon threads taking calls by (priority, submission order)."""
+
+    def __init__(self, threads: int, name: str = "media") -> None:
+        self.size = threads
+        self._queue: queue.PriorityQueue[tuple[int, int, Any]] = queue.PriorityQueue()
+        self._order = itertools.count()
+        self._threads = [threading.Thread(target=self._work, name=f"{name}_{i}", daemon=True)
+                         for i in range(threads)]
+        self._closed = False
+        for t in self._threads:
+            t.start()
+
+    def submit(self, priority: int, fn: Callable[..., T], *args: Any) -> Future[T]:
+        if self._closed:
+            raise RuntimeError("the media threads are shut down")
+        fut: Future[T] = Future()
+        self._queue.put((priority, next(self._order), (fut, fn, args)))
+        return fut
+
+    def pending(self) -> int:
+        return self._queue.qsize()
+
+    def _work(self) -> None:
+        while True:
+            _, _, item = self._queue.get()
+            if item is None:
+                return
+            fut, fn, args = item
+            if not fut.set_running_or_notify_cancel():
+                continue
+            try:
+                result = fn(*args)
+            except BaseException as exc:  # noqa: BLE001 - handed to the caller
+                fut.set_exception(exc)
+            else:
+                fut.set_result(result)
+
+    def shutdown(self) -> None:
+        """Threads end after the calls already queued (they are daemons: exit never waits)."""
+        self._closed = True
+        for _ in self._threads:
+            self._queue.put((1 << 30, next(self._order), None))
+
+
 _lock = threading.Lock()
-_pool: ThreadPoolExecutor | None = None
+_pool: PriorityPool | None = None
 _size = 0
 
 
@@ -36,24 +94,23 @@ def default_size() -> int:
 def configure(threads: int, opencv_threads: int) -> None:
     """Size the pool (0: :func:`default_size`) and OpenCV's threads (0: OpenCV's default).
 
-    A pool of another size replaces the current one; work already submitted finishes there.
+    A pool of another size replaces the current one; calls already queued finish there.
     """
     global _pool, _size
     cv2.setNumThreads(opencv_threads if opencv_threads > 0 else -1)
     size = threads if threads > 0 else default_size()
     with _lock:
-        if _pool is not None and size != _size:
-            _pool.shutdown(wait=False)
+        if _pool is not None and size != _pool.size:
+            _pool.shutdown()
             _pool = None
         _size = size
 
 
-def _executor() -> ThreadPoolExecutor:
-    global _pool, _size
+def _get() -> PriorityPool:
+    global _pool
     with _lock:
         if _pool is None:
-            _size = _size or default_size()
-            _pool = ThreadPoolExecutor(_size, thread_name_prefix="media")
+            _pool = PriorityPool(_size or default_size())
         return _pool
 
 
@@ -62,6 +119,12 @@ def size() -> int:
     return _size or default_size()
 
 
-async def run(fn: Callable[..., T], *args: object) -> T:
-    """``fn(*args)`` on a media thread."""
-    return await asyncio.get_running_loop().run_in_executor(_executor(), fn, *args)
+async def run(fn: Callable[..., T], *args: Any, priority: int = ENCODE) -> T:
+    """``fn(*args)`` on a media thread; cancelling the caller leaves a started call running."""
+    fut = _get().submit(priority, fn, *args)
+    try:
+        return await asyncio.wrap_future(fut)
+    except asyncio.CancelledError:
+        with contextlib.suppress(Exception):
+            fut.cancel()  # not started yet: never runs
+        raise

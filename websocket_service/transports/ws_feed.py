@@ -40,6 +40,7 @@ from ..wire import b64, event_message, frame_message
 log = logging.getLogger(__name__)
 
 MAX_PENDING_EVENTS = 256
+MAX_ENCODE_BATCH = 8  # frames one live-encode call may take (a feed catching up)
 
 
 class Overflow(Exception):
@@ -279,43 +280,65 @@ class SessionFeed:
                 await self._wake.wait()
                 continue
             item = self._queue.popleft()
+            outs: list[Item]
             if isinstance(item, OutputFrame):
                 self._frames -= 1
-                out = await self._encode(item)
-                if out is None:
-                    continue
+                outs = await self._encode(item)
             else:
                 msg = event_message(s.session_id, item, s.avatar.names)
-                out = Item(msg.to_json(), is_error=msg.type == "ERROR")
-            for box in list(self.outboxes):
-                box.put(out)
-            if out.frame is not None:
-                for rec in list(self.recorders):
-                    rec.put(out.data, out.keyframe, out.frame.pcm)
+                outs = [Item(msg.to_json(), is_error=msg.type == "ERROR")]
+            for out in outs:
+                for box in list(self.outboxes):
+                    box.put(out)
+                if out.frame is not None:
+                    for rec in list(self.recorders):
+                        rec.put(out.data, out.keyframe, out.frame.pcm)
 
-    async def _encode(self, f: OutputFrame) -> Item | None:
+    async def _encode(self, f: OutputFrame) -> list[Item]:
+        """``f``'s message; a live encode also takes the frames queued right behind it that
+        need one, in one call (one thread hop): a feed that fell behind catches up at once."""
         assert self.encoder is not None
         s = self.session
         copied = self._from_loop(f)
         if copied is not None:
-            data, keyframe = copied
             s.stats.loop_frames += 1
-        else:
-            if self._copying is not None:  # back to live: a fresh closed GOP
-                self._copying = None
-                self.encoder.request_keyframe()
-            try:
-                enc = await self.encoder.encode(f.image)
-            except ProcessingError as err:  # e.g. an encoder process died: the next is a keyframe
-                log.warning("session %s: %s", s.session_id, err.message)
-                self.on_event(err)
-                return None
-            data, keyframe = b64(enc.data), enc.keyframe
+            return [self._item(f, *copied)]
+        if self._copying is not None:  # back to live: a fresh closed GOP
+            self._copying = None
+            self.encoder.request_keyframe()
+        batch = [f]
+        while (len(batch) < MAX_ENCODE_BATCH and self._queue
+               and isinstance(head := self._queue[0], OutputFrame)
+               and self._loop_packet(head) is None):
+            self._queue.popleft()
+            batch.append(head)
+            self._frames -= 1
+        try:
+            encoded = await self.encoder.encode_many([g.image for g in batch])
+        except ProcessingError as err:  # e.g. an encoder process died: the next is a keyframe
+            log.warning("session %s: %s", s.session_id, err.message)
+            self.on_event(err)
+            return []
+        s.stats.batched_frames += len(batch) - 1
+        return [self._item(g, b64(enc.data), enc.keyframe) for g, enc in zip(batch, encoded, strict=True)]
+
+    def _item(self, f: OutputFrame, data: str, keyframe: bool) -> Item:
+        s = self.session
         return Item(frame_message(s.session_id, f, data, keyframe, s.avatar.names), f, keyframe,
                     data=data)
 
     def _from_loop(self, f: OutputFrame) -> tuple[str, bool] | None:
         """The shared loop's packet for ``f`` when it may be copied (base64, keyframe)."""
+        found = self._loop_packet(f)
+        if found is None:
+            return None
+        self._copying, data, keyframe = found
+        return data, keyframe
+
+    def _loop_packet(self, f: OutputFrame) -> tuple[tuple[LoopKey, int], str, bool] | None:
+        """(copy position, base64, keyframe) of ``f``'s packet in a shared loop, when the
+        stream may take it: at a keyframe of the loop, or right after the loop's previous
+        packet. No state changes."""
         if self.loops is None or f.loop_pos is None:
             return None
         s, v = self.session, self.session.video
@@ -328,8 +351,7 @@ class SessionFeed:
         prev = self._copying
         if loop.keyframe[p] or (prev is not None and prev[0] == key
                                 and (prev[1] + 1) % loop.period == p):
-            self._copying = (key, p)
-            return loop.b64[p], loop.keyframe[p]
+            return (key, p), loop.b64[p], loop.keyframe[p]
         return None
 
     def add_recorder(self, rec: Recorder) -> None:

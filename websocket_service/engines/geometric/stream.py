@@ -62,7 +62,7 @@ class GeometricStream(LipSyncStream):
             if epoch != self._epoch:
                 return []
         jobs = [(s, take_base(), *self._analyse(s)) for s in self.buf.take(max_frames)]
-        frames = await media_threads.run(self._render_all, jobs)
+        frames = await media_threads.run(self._render_all, jobs, priority=media_threads.RENDER)
         return [] if epoch != self._epoch else frames
 
     def _analyse(self, slot: FrameSlot) -> tuple[MouthPose, Features]:
