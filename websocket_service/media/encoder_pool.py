@@ -236,8 +236,8 @@ class PoolEncoder:
 class InProcessEncoder:
     """The same async API over an in-process :class:`H264Encoder` (``encoder_processes=0``).
 
-    Encodes run on a media thread (:mod:`.threads`), one at a time. A caller cancelled mid-encode leaves its
-    encode running in that thread, so :meth:`close` waits for it before freeing the x264
+    Encodes run on a media thread (:mod:`.threads`), one at a time. A caller cancelled
+    mid-encode leaves its encode running in that thread, so :meth:`close` waits for it before freeing the x264
     context (about 4 MB at 512x512): freeing it under a running encode would crash.
     """
 

@@ -20,7 +20,6 @@ small region, and the parallelism is across sessions.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import itertools
 import os
 import queue
@@ -56,9 +55,6 @@ class PriorityPool:
         fut: Future[T] = Future()
         self._queue.put((priority, next(self._order), (fut, fn, args)))
         return fut
-
-    def pending(self) -> int:
-        return self._queue.qsize()
 
     def _work(self) -> None:
         while True:
@@ -125,6 +121,5 @@ async def run(fn: Callable[..., T], *args: Any, priority: int = ENCODE) -> T:
     try:
         return await asyncio.wrap_future(fut)
     except asyncio.CancelledError:
-        with contextlib.suppress(Exception):
-            fut.cancel()  # not started yet: never runs
+        fut.cancel()  # not started yet: it never runs (a started call runs to its end)
         raise

@@ -320,7 +320,8 @@ class SessionFeed:
             self.on_event(err)
             return []
         s.stats.batched_frames += len(batch) - 1
-        return [self._item(g, b64(enc.data), enc.keyframe) for g, enc in zip(batch, encoded, strict=True)]
+        return [self._item(g, b64(enc.data), enc.keyframe)
+                for g, enc in zip(batch, encoded, strict=True)]
 
     def _item(self, f: OutputFrame, data: str, keyframe: bool) -> Item:
         s = self.session
