@@ -70,6 +70,9 @@ class PriorityPool:
                 fut.set_exception(exc)
             else:
                 fut.set_result(result)
+            # an idle thread must not keep the last call alive (its encoder, its frames)
+            del item, fut, fn, args
+            result = None
 
     def shutdown(self) -> None:
         """Threads end after the calls already queued (they are daemons: exit never waits)."""
