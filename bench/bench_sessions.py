@@ -8,9 +8,10 @@ from the clients'), then for each level N runs N WebSocket clients in this one a
 idle sessions first, then speaking sessions (each streams fixtures/speech_pauses_16k.wav in
 real time, looping, one utterance per pass). A level holds if the median client fps is at least
 24.5, no session skipped more than 1% of its frames and, speaking, at most 2% of the speech
-frames were underruns (the last picture repeated because the next was not rendered in time). The clients parse every message but
-decode only a sample of frames (to prove they are valid H.264), to keep their CPU low; they still
-share the machine's cores with the server, so their CPU is reported too.
+frames were underruns (the last picture repeated because the next was not rendered in time).
+The clients parse every message but decode only a sample of frames (to prove they are valid
+H.264), to keep their CPU low; they still share the machine's cores with the server, so their
+CPU is reported too.
 
 Writes a markdown section to stdout and to docs/bench_sessions.md.
 """
@@ -374,8 +375,7 @@ def encode_reference_ms() -> float:
 
     from websocket_service.media.encoder import H264Encoder
 
-    img = np.ascontiguousarray(astronaut()[:, :, :3])
-    img = img[:512, :512]
+    img = astronaut()  # 512x512 RGB
     enc = H264Encoder(512, 512)
     times = []
     for i in range(60):

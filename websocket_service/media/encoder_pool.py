@@ -236,9 +236,10 @@ class PoolEncoder:
 class InProcessEncoder:
     """The same async API over an in-process :class:`H264Encoder` (``encoder_processes=0``).
 
-    Encodes run on a media thread (:mod:`.threads`), one at a time. A caller cancelled
-    mid-encode leaves its encode running in that thread, so :meth:`close` waits for it before freeing the x264
-    context (about 4 MB at 512x512): freeing it under a running encode would crash.
+    Encodes run on a media thread (:mod:`.threads`), one call at a time. A caller cancelled
+    mid-encode leaves its encode running in that thread, so :meth:`close` waits for it before
+    freeing the x264 context (about 4 MB at 512x512): freeing it under a running encode would
+    crash.
     """
 
     def __init__(self, encoder: H264Encoder) -> None:
@@ -256,11 +257,7 @@ class InProcessEncoder:
         self._inflight = None
 
     async def encode(self, rgb: np.ndarray) -> EncodedFrame:
-        await self._settle()
-        if self._enc is None:
-            raise ProcessingError("encoder is closed")
-        self._inflight = asyncio.ensure_future(media_threads.run(self._enc.encode, rgb))
-        return await asyncio.shield(self._inflight)
+        return (await self.encode_many([rgb]))[0]
 
     async def encode_many(self, images: list[np.ndarray]) -> list[EncodedFrame]:
         """Each image in order, in one media-thread call (one hop for a feed catching up)."""

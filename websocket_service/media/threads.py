@@ -57,22 +57,18 @@ class PriorityPool:
         return fut
 
     def _work(self) -> None:
-        while True:
-            _, _, item = self._queue.get()
-            if item is None:
-                return
-            fut, fn, args = item
-            if not fut.set_running_or_notify_cancel():
-                continue
-            try:
-                result = fn(*args)
-            except BaseException as exc:  # noqa: BLE001 - handed to the caller
-                fut.set_exception(exc)
-            else:
-                fut.set_result(result)
-            # an idle thread must not keep the last call alive (its encoder, its frames)
-            del item, fut, fn, args
-            result = None
+        while (item := self._queue.get()[2]) is not None:
+            self._call(*item)
+            item = None  # an idle thread keeps no call alive (its encoder, its frames)
+
+    @staticmethod
+    def _call(fut: Future[Any], fn: Callable[..., Any], args: tuple[Any, ...]) -> None:
+        if not fut.set_running_or_notify_cancel():
+            return
+        try:
+            fut.set_result(fn(*args))
+        except BaseException as exc:  # noqa: BLE001 - handed to the caller
+            fut.set_exception(exc)
 
     def shutdown(self) -> None:
         """Threads end after the calls already queued (they are daemons: exit never waits)."""
@@ -109,7 +105,7 @@ def _get() -> PriorityPool:
     global _pool
     with _lock:
         if _pool is None:
-            _pool = PriorityPool(_size or default_size())
+            _pool = PriorityPool(size())
         return _pool
 
 
@@ -119,10 +115,6 @@ def size() -> int:
 
 
 async def run(fn: Callable[..., T], *args: Any, priority: int = ENCODE) -> T:
-    """``fn(*args)`` on a media thread; cancelling the caller leaves a started call running."""
-    fut = _get().submit(priority, fn, *args)
-    try:
-        return await asyncio.wrap_future(fut)
-    except asyncio.CancelledError:
-        fut.cancel()  # not started yet: it never runs (a started call runs to its end)
-        raise
+    """``fn(*args)`` on a media thread. Cancelling the caller cancels a call not started yet
+    (``wrap_future`` passes the cancellation on); a started call runs to its end."""
+    return await asyncio.wrap_future(_get().submit(priority, fn, *args))
