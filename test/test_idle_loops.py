@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import time
 
 import av
 import numpy as np
 
 from websocket_service.cursor import loop_period, pingpong
-from websocket_service.media.loops import LoopKey, encode_loop
+from websocket_service.media.loops import LIVE_WHILE_BUILDING, LoopKey, encode_loop
 
 from .conftest import FIXTURES
 from .geometric_support import builtin
@@ -74,3 +76,62 @@ async def test_idle_speech_idle_action_splices_decode_in_order(server):
     keys = [f["frame_index"] for f in client.frames if f["keyframe"]]
     assert keys[0] == 0 and max(np.diff(keys)) <= 25
     await client.close()
+
+
+BURST = 16  # sessions connecting at once (a restart's returning clients, scaled down)
+
+
+async def _burst(server, n: int, **init_fields) -> list[Client]:
+    """``n`` sessions connecting at once; every client but the first only parses its frames."""
+    got = await asyncio.gather(*(Client.connect(server.ws, f"burst{i}", **init_fields)
+                                 for i in range(n)))
+    for i, (client, reply) in enumerate(got):
+        assert reply["type"] == "INIT_SUCCESS", reply
+        client.decode = i == 0
+    return [c for c, _ in got]
+
+
+async def _until(clients: list[Client], done, timeout: float = 60.0) -> None:
+    """Receive on every client until ``done(client)`` holds for all (or fail after timeout)."""
+    async def one(c: Client) -> None:
+        end = time.monotonic() + timeout
+        while not done(c):
+            assert time.monotonic() < end, f"{c.session_id}: {len(c.frames)} frames"
+            await c.recv_for(0.1)
+    await asyncio.gather(*(one(c) for c in clients))
+
+
+async def test_a_cold_server_has_its_loop_before_any_session_and_a_burst_only_copies(make_server):
+    server = make_server(max_sessions=BURST + 2)
+    loops = server.services.loops
+    assert loops.stats()["loops"] == 1 and loops.stats()["built"] == 1  # built at start-up
+    clients = await _burst(server, BURST)
+    await _until(clients, lambda c: len(c.frames) >= 50)
+    for c in clients:
+        st = server.services.sessions.get(c.session_id).stats
+        assert st.live_frames == 0 and st.loop_waits == 0, c.session_id  # no encode at all
+        assert st.loop_frames >= len(c.frames)
+        idx = [f["frame_index"] for f in c.frames]
+        assert idx == list(range(len(idx))) and c.frames[0]["keyframe"]
+    assert len(clients[0].images) == len(clients[0].frames)  # each decoded to one picture
+    assert loops.stats()["built"] == 1
+    await asyncio.gather(*(c.close() for c in clients))
+
+
+async def test_a_burst_on_a_new_setting_builds_its_loop_once_and_few_encode_live(make_server):
+    server = make_server(max_sessions=BURST + 2)
+    loops = server.services.loops
+    clients = await _burst(server, BURST, video_config={"bitrate": 600_000})
+    sessions = [server.services.sessions.get(c.session_id) for c in clients]
+    await _until(clients, lambda c: server.services.sessions.get(c.session_id)
+                 .stats.loop_frames >= 30)
+    assert loops.stats()["built"] == 2  # the default's at start-up, this one's once
+    live = [s.stats.live_frames for s in sessions]
+    assert sum(n > 0 for n in live) <= LIVE_WHILE_BUILDING, live  # the others waited
+    for c, s in zip(clients, sessions, strict=True):
+        assert s.stats.live_frames or s.stats.loop_waits or s.stats.loop_frames >= len(c.frames)
+        assert c.frames[0]["keyframe"]  # a waiting session starts at one of the loop's IDRs
+        idx = [f["frame_index"] for f in c.frames]
+        assert idx == sorted(set(idx))
+    assert len(clients[0].images) == len(clients[0].frames)
+    await asyncio.gather(*(c.close() for c in clients))

@@ -41,7 +41,7 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
         svc = services if services is not None else await asyncio.to_thread(
             Services, settings or get_settings())
         media_threads.configure(svc.settings.media_threads, svc.settings.opencv_threads)
-        await asyncio.to_thread(svc.ensure_default_avatar)
+        await svc.build_idle_loops(await asyncio.to_thread(svc.ensure_default_avatar))
         if svc.encoders is not None:
             await svc.encoders.start()
         app.state.services = svc

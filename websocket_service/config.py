@@ -87,6 +87,10 @@ class Settings(BaseSettings):
     media_threads: int = Field(0, ge=0, le=256)
     opencv_threads: int = Field(1, ge=0, le=256)
     shared_idle_loops: bool = True
+    #: encode the default avatar's first idle loop at start-up, before the server is ready (a
+    #: burst of sessions on a cold server then copies it from the first frame)
+    idle_loops_at_start: bool = True
+    idle_loops_max: int = Field(16, ge=1, le=1024)  # encoded loops kept (LRU)
     recordings_dir: Path = Path("data/recordings")
     max_recordings_mb: int = Field(2048, ge=1)
     prebuffer_frames: int = Field(1, ge=1)

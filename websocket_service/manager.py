@@ -19,7 +19,7 @@ from .engines.base import LipSyncEngine
 from .errors import InvalidSession, ModelNotFound, RateLimitExceeded
 from .logs import session_id_var
 from .media.encoder_pool import EncoderPool
-from .media.loops import LoopCache
+from .media.loops import LoopCache, LoopKey
 from .metrics import ServiceMetrics
 from .protocol import VideoConfig
 from .session import Session, VideoSettings
@@ -86,13 +86,7 @@ class SessionManager:
         try:
             avatar = await self._avatar(config.avatar_id or self.settings.default_avatar)
             base_video = config.base_video or avatar.base_videos[0]
-            fps = self.settings.fps
-            gop = config.gop_seconds or self.settings.gop_seconds
-            width, height = config.size() or (avatar.width, avatar.height)
-            video = VideoSettings(
-                width=width, height=height,
-                bitrate=config.bitrate or self.settings.default_bitrate,
-                gop_frames=max(1, round(gop * fps)), fps=fps)
+            video = self.video_settings(avatar, config)
             session = Session(session_id, user_id, avatar, self.engine, self.settings, video,
                               base_video, clock=self.clock, transport=transport)
             self.sessions[session_id] = session
@@ -106,6 +100,15 @@ class SessionManager:
                  session_id, user_id, transport, avatar.avatar_id, video.width, video.height,
                  len(self.sessions), self.settings.max_sessions)
         return session
+
+    def video_settings(self, avatar: Avatar, config: VideoConfig) -> VideoSettings:
+        """What a session on ``avatar`` asking for ``config`` streams."""
+        fps = self.settings.fps
+        gop = config.gop_seconds or self.settings.gop_seconds
+        width, height = config.size() or (avatar.width, avatar.height)
+        return VideoSettings(width=width, height=height,
+                             bitrate=config.bitrate or self.settings.default_bitrate,
+                             gop_frames=max(1, round(gop * fps)), fps=fps)
 
     async def _avatar(self, avatar_id: str) -> Avatar:
         cached = self.store.cached(avatar_id)
@@ -190,7 +193,7 @@ class Services:
         #: WebSocket H.264 encoders run here when set; started in the app's lifespan
         self.encoders = EncoderPool(settings.encoder_processes) if settings.encoder_processes else None
         #: idle loops encoded once, shared by every WebSocket session (None: encode live)
-        self.loops = LoopCache() if settings.shared_idle_loops else None
+        self.loops = LoopCache(settings.idle_loops_max) if settings.shared_idle_loops else None
         #: each WebSocket-watched session's encoded output, shared by its connections
         self.ws_feeds: dict[str, Any] = {}
         #: the serving replica when the service runs scaled out (reported in INIT_SUCCESS)
@@ -198,6 +201,15 @@ class Services:
 
     def ensure_default_avatar(self) -> Avatar:
         return self.store.ensure_builtin(self.settings.default_avatar)
+
+    async def build_idle_loops(self, avatar: Avatar) -> None:
+        """Encode the loop that a session on ``avatar`` with default video settings starts on
+        (``IDLE_LOOPS_AT_START``), so that even the first sessions copy their idle frames."""
+        if self.loops is None or not self.settings.idle_loops_at_start:
+            return
+        clip = avatar.base_videos[0]
+        key = LoopKey.of(avatar.avatar_id, clip, self.sessions.video_settings(avatar, VideoConfig()))
+        await self.loops.ensure(key, avatar.clip(clip).frames)
 
     def initialize(self) -> None:
         """Load the engine unless it is loaded, and the default avatar (blocking, idempotent)."""

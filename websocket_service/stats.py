@@ -45,6 +45,8 @@ class SessionStats:
     errors_sent: int = 0
     bytes_sent: int = 0
     loop_frames: int = 0  # frames sent from a shared pre-encoded loop (no encode)
+    live_frames: int = 0  # frames encoded for this session alone (speech, actions, idle)
+    loop_waits: int = 0  # idle frames not sent: their shared loop was being built
     batched_frames: int = 0  # frames encoded behind another in one call (a feed catching up)
     viewers: int = 0  # receive-only WebSocket connections on this session
     #: per WebSocket connection (owner first, then viewers): frames sent, dropped, bytes
@@ -112,6 +114,8 @@ class SessionStats:
             "errors_sent": self.errors_sent,
             "bytes_sent": self.bytes_sent,
             "loop_frames": self.loop_frames,
+            "live_frames": self.live_frames,
+            "loop_waits": self.loop_waits,
             "batched_frames": self.batched_frames,
             "viewers": self.viewers,
             "readers": self.readers() if self.readers is not None else [],

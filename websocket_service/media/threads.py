@@ -7,11 +7,13 @@ nothing there and cost GIL hand-offs and context switches, so the pool is sized 
 which also runs slow blocking work (avatar preparation, uploads), so that such work never
 holds up a frame.
 
-Work is taken by priority, then in order: speech renders (:data:`RENDER`) before encodes
-(:data:`ENCODE`). A render that waits shows as a frozen mouth (an underrun) within a frame or
-two; an encode that waits only delays its frame, and a feed that fell behind encodes its
-backlog in one call (``SessionFeed``), so under load the renders keep their deadlines and the
-encodes catch up in batches.
+Work is taken by priority, then in order: an idle loop's build (:data:`BUILD`, rare: once per
+avatar and video setting, see :mod:`.loops`) before speech renders (:data:`RENDER`) before
+encodes (:data:`ENCODE`). Sessions wait for a loop being built instead of encoding their idle
+frames live, so it must not queue behind their work. A render that waits shows as a frozen
+mouth (an underrun) within a frame or two; an encode that waits only delays its frame, and a
+feed that fell behind encodes its backlog in one call (``SessionFeed``), so under load the
+renders keep their deadlines and the encodes catch up in batches.
 
 OpenCV's own thread pool is set to ``OPENCV_THREADS`` (default 1): every call works on one
 small region, and the parallelism is across sessions.
@@ -32,6 +34,7 @@ import cv2
 
 T = TypeVar("T")
 
+BUILD = -1
 RENDER = 0
 ENCODE = 1
 
@@ -114,7 +117,12 @@ def size() -> int:
     return _size or default_size()
 
 
+def submit(fn: Callable[..., T], *args: Any, priority: int = ENCODE) -> Future[T]:
+    """``fn(*args)`` on a media thread, from any thread: its future."""
+    return _get().submit(priority, fn, *args)
+
+
 async def run(fn: Callable[..., T], *args: Any, priority: int = ENCODE) -> T:
     """``fn(*args)`` on a media thread. Cancelling the caller cancels a call not started yet
     (``wrap_future`` passes the cancellation on); a started call runs to its end."""
-    return await asyncio.wrap_future(_get().submit(priority, fn, *args))
+    return await asyncio.wrap_future(submit(fn, *args, priority=priority))

@@ -175,8 +175,11 @@ class SessionFeed:
     """The session's WebSocket output, encoded once for all its connections.
 
     Plain idle-loop frames come from the shared pre-encoded loop (``loops``) when it is ready:
-    entered at one of its IDRs, left by forcing an IDR on the live encoder, and left too when a
-    frame is missing (dropped before encoding), so the stream always decodes in order.
+    entered at one of its IDRs, left by forcing an IDR on the live encoder. A frame missing
+    (skipped by the pacer or dropped before encoding) does not leave it: the loop goes on from
+    the packet sent last, so the stream always decodes in order and costs no encode, and
+    catches up with the session's cursor at its next IDR. While the loop is being built, a
+    session that may not encode live (``LoopCache.claim_live``) sends nothing for those frames.
     """
 
     def __init__(self, session: Session, max_frames: int, loops: LoopCache | None,
@@ -189,6 +192,8 @@ class SessionFeed:
         self.recorders: list[Recorder] = []
         self.encoder: PoolEncoder | InProcessEncoder | None = None
         self._copying: tuple[LoopKey, int] | None = None  # (loop, last position sent)
+        self._live_ok: LoopKey | None = None  # may encode this loop's frames live while it builds
+        self._waiting: LoopKey | None = None  # sends nothing until this loop's next IDR
         self._queue: deque[OutputFrame | SessionEvent | ServiceError] = deque()
         self._frames = 0
         self._wake = asyncio.Event()
@@ -303,6 +308,9 @@ class SessionFeed:
         if copied is not None:
             s.stats.loop_frames += 1
             return [self._item(f, *copied)]
+        if self._awaits_loop(f):
+            s.stats.loop_waits += 1
+            return []
         if self._copying is not None:  # back to live: a fresh closed GOP
             self._copying = None
             self.encoder.request_keyframe()
@@ -320,6 +328,7 @@ class SessionFeed:
             self.on_event(err)
             return []
         s.stats.batched_frames += len(batch) - 1
+        s.stats.live_frames += len(batch)
         return [self._item(g, b64(enc.data), enc.keyframe)
                 for g, enc in zip(batch, encoded, strict=True)]
 
@@ -334,26 +343,48 @@ class SessionFeed:
         if found is None:
             return None
         self._copying, data, keyframe = found
+        self._waiting = None
         return data, keyframe
+
+    def _loop_key(self, f: OutputFrame) -> LoopKey:
+        return LoopKey.of(self.session.avatar.avatar_id, f.clip, self.session.video)
 
     def _loop_packet(self, f: OutputFrame) -> tuple[tuple[LoopKey, int], str, bool] | None:
         """(copy position, base64, keyframe) of ``f``'s packet in a shared loop, when the
-        stream may take it: at a keyframe of the loop, or right after the loop's previous
-        packet. No state changes."""
+        stream may take it: at a keyframe of the loop, or, while copying that loop, the packet
+        after the one sent last (the same as ``f``'s unless frames went missing). No state
+        changes."""
         if self.loops is None or f.loop_pos is None:
             return None
-        s, v = self.session, self.session.video
-        key = LoopKey(s.avatar.avatar_id, f.clip, v.width, v.height, v.fps, v.bitrate,
-                      v.gop_frames)
-        loop = self.loops.get(key, s.avatar.clip(f.clip).frames)
+        key = self._loop_key(f)
+        loop = self.loops.get(key, self.session.avatar.clip(f.clip).frames)
         if loop is None:
             return None
         p = f.loop_pos % loop.period
         prev = self._copying
-        if loop.keyframe[p] or (prev is not None and prev[0] == key
-                                and (prev[1] + 1) % loop.period == p):
-            return (key, p), loop.b64[p], loop.keyframe[p]
-        return None
+        if prev is not None and prev[0] == key and not loop.keyframe[p]:
+            p = (prev[1] + 1) % loop.period
+        elif not loop.keyframe[p]:
+            return None
+        return (key, p), loop.b64[p], loop.keyframe[p]
+
+    def _awaits_loop(self, f: OutputFrame) -> bool:
+        """``f`` is a plain loop frame whose loop is being built, and enough sessions already
+        encode such frames live: this one sends nothing until the loop is there, and then
+        until its next IDR (under a second), rather than encode live meanwhile."""
+        if self.loops is None or f.loop_pos is None:
+            return False
+        key = self._loop_key(f)
+        if key == self._live_ok:
+            return False
+        if not self.loops.claim_live(key):
+            self._waiting = key
+            return True
+        if self._waiting == key and self.loops.has(key):
+            return True
+        self._waiting = None
+        self._live_ok = key
+        return False
 
     def add_recorder(self, rec: Recorder) -> None:
         self.recorders.append(rec)
