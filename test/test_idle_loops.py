@@ -135,3 +135,17 @@ async def test_a_burst_on_a_new_setting_builds_its_loop_once_and_few_encode_live
         assert idx == sorted(set(idx))
     assert len(clients[0].images) == len(clients[0].frames)
     await asyncio.gather(*(c.close() for c in clients))
+
+
+async def test_a_session_late_by_frames_stays_on_its_loop(make_server):
+    server = make_server(resync_after_frames=1)
+    client, _ = await Client.connect(server.ws)  # decodes every frame, one picture each
+    session = server.services.sessions.get(client.session_id)
+    await _until([client], lambda c: len(c.frames) >= 10)
+    server.loop.call_soon_threadsafe(time.sleep, 0.3)  # the server stalls: its pacers skip
+    await _until([client], lambda c: session.stats.skipped_frames > 0 and len(c.frames) >= 60)
+    idx = [f["frame_index"] for f in client.frames]
+    assert idx != list(range(len(idx)))  # frames went missing...
+    assert session.stats.live_frames == 0  # ...and the loop went on: nothing was encoded
+    assert session.stats.loop_frames >= len(client.frames)
+    await client.close()
