@@ -3,9 +3,9 @@
     python -m websocket_service.pipecat.bot                  # SmallWebRTC + browser UI, offline
     python -m websocket_service.pipecat.bot --room-url URL   # join a Daily room instead
 
-With no room URL it serves pipecat's prebuilt browser UI at ``http://HOST:PORT/client/``
-(default ``http://localhost:7860``) and talks to each visitor over SmallWebRTC, peer to
-peer, with no cloud service. Without ``BOT_SERVICES`` the avatar repeats what it heard
+With no room URL it serves its own browser page at ``http://HOST:PORT/client/`` (default
+``http://localhost:7860``; nothing on it comes from the internet) and talks to each visitor
+over SmallWebRTC, peer to peer, with no cloud service. Without ``BOT_SERVICES`` the avatar repeats what it heard
 (Silero VAD segments the speech), lip-synced. ``--config`` reads the service's settings
 (``ENGINE``, ``MODEL_PATH``, ``AVATARS_DIR``, ``DEFAULT_AVATAR``, ``ICE_SERVERS``,
 ``RTC_HOST_ADDRESSES``, ...) from an env file instead of ``.env``.

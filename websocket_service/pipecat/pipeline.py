@@ -31,6 +31,7 @@ from pipecat.pipeline.pipeline import Pipeline
 from pipecat.pipeline.worker import PipelineParams, PipelineWorker
 from pipecat.processors.audio.vad_processor import VADProcessor
 from pipecat.processors.frame_processor import FrameDirection, FrameProcessor
+from pipecat.processors.frameworks.rtvi import RTVIObserverParams
 from pipecat.transports.base_transport import BaseTransport, TransportParams
 
 from ..config import Settings
@@ -144,8 +145,10 @@ def build_worker(transport: BaseTransport, avatar: AvatarService,
     vad = VADProcessor(vad_analyzer=SileroVADAnalyzer())
     middle = services if services is not None else [EchoSpeech()]
     pipeline = Pipeline([transport.input(), vad, *middle, avatar, transport.output()])
+    # the VAD's own events reach the client too (RTVI): echo has no user-turn aggregator
     return PipelineWorker(pipeline, params=PipelineParams(audio_in_sample_rate=SAMPLE_RATE),
-                          cancel_on_idle_timeout=False)
+                          cancel_on_idle_timeout=False,
+                          rtvi_observer_params=RTVIObserverParams(vad_user_speaking_enabled=True))
 
 
 def check(processor: AvatarService, config: Settings) -> tuple[int, int]:

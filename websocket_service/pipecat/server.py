@@ -1,8 +1,11 @@
-"""The bot served over SmallWebRTC: its own FastAPI app, the prebuilt browser UI, no cloud.
+"""The bot served over SmallWebRTC: its own FastAPI app and browser client, no cloud.
 
 Routes (what ``pipecat-ai-small-webrtc-prebuilt`` calls, as pipecat's development runner):
 
-* ``GET /`` redirects to ``/client/``, the prebuilt UI;
+* ``GET /`` redirects to ``/client/``, this package's own small client (``static/``: plain
+  HTML and JS, nothing fetched from the internet); pipecat's prebuilt UI, which loads Daily's
+  call-object bundle from the internet, stays at ``/prebuilt/``;
+* ``GET /api/ice-servers``: ``ICE_SERVERS``, for the page's peer connection;
 * ``POST /start`` registers a session and returns ``{"sessionId"}``;
 * ``POST|PATCH /sessions/{id}/api/offer`` (and ``/api/offer``): the SDP offer and its
   trickled ICE candidates, handled by pipecat's ``SmallWebRTCRequestHandler``.
@@ -23,12 +26,14 @@ import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from fractions import Fraction
+from pathlib import Path
 from typing import Any
 
 import av
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.responses import RedirectResponse
+from fastapi.staticfiles import StaticFiles
 from pipecat.transports.base_transport import TransportParams
 from pipecat.transports.smallwebrtc.connection import IceServer, SmallWebRTCConnection
 from pipecat.transports.smallwebrtc.request_handler import (
@@ -57,6 +62,7 @@ from .service import AvatarService
 log = logging.getLogger(__name__)
 
 VIDEO_CLOCK = 90_000
+CLIENT_DIR = Path(__file__).resolve().parent / "static"
 MAX_PENDING_SESSIONS = 100
 
 
@@ -248,15 +254,24 @@ def _routes(app: FastAPI, bots: AvatarBots) -> None:
     async def session_offer(session_id: str, request: Request) -> dict[str, str] | None:
         return await offer(request, session_id)
 
+    @app.get("/api/ice-servers")
+    async def ice_servers() -> dict[str, Any]:
+        """The page's ICE servers: the bot's own (``ICE_SERVERS``), e.g. a TURN server."""
+        return {"iceServers": bots.config.ice_servers}
+
     @app.get("/", include_in_schema=False)
     async def root() -> RedirectResponse:
         return RedirectResponse("/client/")
 
 
 def _mount_ui(app: FastAPI) -> None:
+    app.mount("/client", StaticFiles(directory=CLIENT_DIR, html=True), name="client")
     # the module prints where it looks for its files; keep that out of our output
     with contextlib.redirect_stdout(None):
-        from pipecat_ai_small_webrtc_prebuilt.frontend import (  # noqa: PLC0415
-            SmallWebRTCPrebuiltUI,
-        )
-    app.mount("/client", SmallWebRTCPrebuiltUI)
+        try:
+            from pipecat_ai_small_webrtc_prebuilt.frontend import (  # noqa: PLC0415
+                SmallWebRTCPrebuiltUI,
+            )
+        except ImportError:  # optional: it needs the internet (Daily's bundle) anyway
+            return
+    app.mount("/prebuilt", SmallWebRTCPrebuiltUI)
