@@ -7,15 +7,13 @@ import uvicorn
 from websocket_service.app import create_app
 from websocket_service.config import get_settings
 from websocket_service.logs import configure_logging
+from websocket_service.serving import uvicorn_config
 
 
 def main() -> None:
     settings = get_settings()
     configure_logging(settings.log_level, settings.log_format)
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port,
-                log_level=settings.log_level, log_config=None, ws_max_size=4 * settings.max_message_bytes,
-                ws_per_message_deflate=settings.ws_per_message_deflate,
-                ws_ping_interval=20, ws_ping_timeout=20)
+    uvicorn.Server(uvicorn_config(create_app(settings), settings)).run()
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ from websocket_service.app import create_app
 from websocket_service.config import Settings
 from websocket_service.engines.base import LipSyncEngine
 from websocket_service.manager import Services
+from websocket_service.serving import uvicorn_config
 
 
 def free_port() -> int:
@@ -28,13 +29,14 @@ def free_port() -> int:
 class LiveServer:
     """uvicorn serving the real app in a background thread."""
 
-    def __init__(self, settings: Settings, engine: LipSyncEngine | None = None) -> None:
+    def __init__(self, settings: Settings, engine: LipSyncEngine | None = None,
+                 **config_overrides: Any) -> None:
         self.settings = settings
         services = Services(settings, engine=engine) if engine is not None else None
         self.app = create_app(settings, services)
-        config = uvicorn.Config(self.app, host="127.0.0.1", port=settings.port, log_level="warning",
-                                ws_max_size=4 * settings.max_message_bytes, lifespan="on",
-                                ws_per_message_deflate=settings.ws_per_message_deflate)
+        # the production configuration (websocket_service.serving), on loopback
+        config = uvicorn_config(self.app, settings, host="127.0.0.1", log_level="warning",
+                                log_config=uvicorn.config.LOGGING_CONFIG, **config_overrides)
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 

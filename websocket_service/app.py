@@ -16,6 +16,7 @@ from fastapi.staticfiles import StaticFiles
 
 from . import __version__
 from .api import management, metrics, rest, session_control
+from .api.body_guard import BodyGuard
 from .config import Settings, get_settings
 from .errors import AuthFailed, ServiceError
 from .manager import Services
@@ -60,6 +61,7 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
                   description=DESCRIPTION, lifespan=lifespan)
     app.state.startup_hooks = []
     app.state.shutdown_hooks = []
+    app.add_middleware(BodyGuard)  # inside CORS: its early 401/413 answers carry CORS headers
     app.add_middleware(CORSMiddleware, allow_origins=cfg.cors_origins, allow_methods=["*"],
                        allow_headers=["*"])
 

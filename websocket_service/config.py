@@ -26,6 +26,15 @@ class Settings(BaseSettings):
     cors_origins: list[str] = Field(default_factory=lambda: ["*"])
     log_level: str = "info"
     log_format: Literal["text", "json"] = "text"  # json: one object per line, with session_id
+    # proxies whose X-Forwarded-For / X-Forwarded-Proto uvicorn believes (addresses or CIDR
+    # networks, e.g. ["127.0.0.1"]); empty: none, every client is its socket's peer address
+    trusted_proxies: list[str] = Field(default_factory=list)
+    # a connection whose request head is not complete within this is closed (slow loris);
+    # a request body that stops arriving for BODY_TIMEOUT_S is answered 408
+    header_timeout_s: float = Field(10.0, gt=0, le=300)
+    body_timeout_s: float = Field(30.0, gt=0, le=3600)
+    # every HTTP request body but avatar uploads (those: MAX_UPLOAD_MB); over it: 413
+    max_body_kb: int = Field(2048, ge=1)
 
     # --- engine
     engine: EngineName = "geometric"
@@ -53,6 +62,12 @@ class Settings(BaseSettings):
     default_avatar: str = "default"
     max_upload_mb: int = Field(200, ge=1)
     max_prepare_seconds: float = Field(10.0, gt=0, le=120)
+    # avatar sources: an image's or a video frame's width x height, read from the file's header
+    # before anything is decoded; over it: 400 INVALID_MESSAGE. A video's kept frames are
+    # scaled down to 1280x720 pixels' worth as they are decoded, and decoding stops after
+    # MAX_VIDEO_FRAMES frames (docs/DEPLOYMENT.md: what this bounds)
+    max_image_pixels: int = Field(4096 * 4096, ge=64 * 64)
+    max_video_frames: int = Field(3000, ge=1)
 
     # --- sessions and streaming
     max_sessions: int = Field(32, ge=1)
@@ -120,6 +135,13 @@ class Settings(BaseSettings):
     @classmethod
     def _lower(cls, v: str) -> str:
         return v.lower()
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _networks(cls, v: list[str]) -> list[str]:
+        for net in v:
+            ipaddress.ip_network(net, strict=False)  # ValueError names the bad entry
+        return v
 
     @field_validator("rtc_host_addresses")
     @classmethod

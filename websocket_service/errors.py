@@ -2,11 +2,13 @@
 
 ServiceError
  ├── InvalidMessage          INVALID_MESSAGE        malformed or out-of-range client input
+ │    └── RequestTimeout     INVALID_MESSAGE        an HTTP body that stalls past BODY_TIMEOUT_S (408)
  ├── InvalidSession          INVALID_SESSION        no session yet, wrong session_id, duplicate id
  ├── InvalidStateTransition  INVALID_STATE_TRANSITION  move not in the state table
  ├── ModelNotFound           MODEL_NOT_FOUND        unknown avatar/action/base video, missing weights
  ├── ProcessingError         PROCESSING_ERROR       engine or media failure for one request
  ├── RateLimitExceeded       RATE_LIMIT_EXCEEDED    too much buffered audio, too many sessions
+ ├── PayloadTooLarge         PAYLOAD_TOO_LARGE      an HTTP body over its route's limit (413)
  ├── AuthFailed              AUTH_FAILED            wrong or missing token (fatal)
  └── InternalError           INTERNAL_ERROR         anything unexpected (details never leak)
 
@@ -34,6 +36,19 @@ class ServiceError(Exception):
 class InvalidMessage(ServiceError):
     code = "INVALID_MESSAGE"
     http_status = 400
+
+
+class RequestTimeout(InvalidMessage):
+    """An HTTP request body that stops arriving for ``BODY_TIMEOUT_S``."""
+
+    http_status = 408
+
+
+class PayloadTooLarge(ServiceError):
+    """An HTTP request body over its route's limit (``MAX_UPLOAD_MB``, ``MAX_BODY_KB``)."""
+
+    code = "PAYLOAD_TOO_LARGE"
+    http_status = 413
 
 
 class InvalidSession(ServiceError):
@@ -75,5 +90,5 @@ class InternalError(ServiceError):
 ERROR_CODES = [
     cls.code
     for cls in (InvalidMessage, InvalidSession, InvalidStateTransition, ModelNotFound,
-                ProcessingError, RateLimitExceeded, AuthFailed, InternalError)
+                ProcessingError, RateLimitExceeded, PayloadTooLarge, AuthFailed, InternalError)
 ]

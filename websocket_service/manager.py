@@ -188,7 +188,9 @@ class Services:
         self.store = AvatarStore(settings.avatars_dir, settings.default_width,
                                  settings.default_height, settings.fps,
                                  self.engine.prepare_avatar,
-                                 max_seconds=settings.max_prepare_seconds)
+                                 max_seconds=settings.max_prepare_seconds,
+                                 max_pixels=settings.max_image_pixels,
+                                 max_frames=settings.max_video_frames)
         self.sessions = SessionManager(settings, self.engine, self.store, clock)
         #: WebSocket H.264 encoders run here when set; started in the app's lifespan
         self.encoders = EncoderPool(settings.encoder_processes) if settings.encoder_processes else None

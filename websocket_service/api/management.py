@@ -30,7 +30,7 @@ from ..realtime import AudioFeeder, read_audio
 from ..units import ID_PATTERN
 from .auth import UNAUTHORIZED, require_token
 from .media_dir import check_suffix, media_file
-from .rest import ErrorBody, JobOut, check_job_slot, error_response, job_out
+from .rest import ErrorBody, JobOut, check_job_slot, check_media_size, error_response, job_out
 
 log = logging.getLogger(__name__)
 
@@ -124,6 +124,7 @@ async def prepare(request: Request,
     check_job_slot(svc)
     source = media_file(svc.settings.media_dir, video_path)
     check_suffix(source.name)
+    await check_media_size(source, svc.settings.max_image_pixels)
     return job_out(svc.store.submit(aid, source))
 
 

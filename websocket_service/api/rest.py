@@ -12,8 +12,9 @@ from fastapi import APIRouter, Depends, File, Form, Query, Request, UploadFile
 from fastapi.responses import JSONResponse, PlainTextResponse
 from pydantic import BaseModel, Field
 
+from ..avatars.probe import check_source
 from ..avatars.store import PrepareJob, validate_avatar_id
-from ..errors import InvalidMessage, InvalidSession, ModelNotFound
+from ..errors import InvalidMessage, InvalidSession, ModelNotFound, PayloadTooLarge, ProcessingError
 from ..manager import Services
 from .auth import UNAUTHORIZED, require_token
 from .media_dir import check_suffix, media_file
@@ -128,8 +129,18 @@ def _copy_limited(src: BinaryIO, suffix: str, max_bytes: int) -> Path:
             out.write(chunk)
     if size > max_bytes:
         Path(tmp).unlink(missing_ok=True)
-        raise InvalidMessage(f"upload exceeds {max_bytes >> 20} MB", {"max_bytes": max_bytes})
+        raise PayloadTooLarge(f"upload exceeds {max_bytes >> 20} MB (MAX_UPLOAD_MB)",
+                              {"max_bytes": max_bytes})
     return Path(tmp)
+
+
+async def check_media_size(source: Path, max_pixels: int) -> None:
+    """Refuse (400, before any 202) a source whose header declares more than ``max_pixels``;
+    one whose header cannot be read is left to the job, which fails it as PROCESSING_ERROR."""
+    try:
+        await asyncio.to_thread(check_source, source, max_pixels)
+    except ProcessingError:
+        pass
 
 
 @router.post("/prepare_avatar/{user_id}", status_code=202, response_model=JobOut,
@@ -152,11 +163,17 @@ async def prepare_avatar(
             suffix = check_suffix(file.filename or "")
             source = await asyncio.to_thread(_copy_limited, file.file, suffix,
                                              svc.settings.max_upload_mb << 20)
+            try:
+                await check_media_size(source, svc.settings.max_image_pixels)
+            except BaseException:
+                source.unlink(missing_ok=True)
+                raise
             job = svc.store.submit(aid, source, cleanup=True, claimed=True)
         else:
             assert path is not None
             source = media_file(svc.settings.media_dir, path)
             check_suffix(source.name)
+            await check_media_size(source, svc.settings.max_image_pixels)
             job = svc.store.submit(aid, source, claimed=True)
     except BaseException:
         svc.store.release_job_slot()  # the job never started
@@ -179,4 +196,4 @@ def error_response(code: str, message: str, details: dict[str, Any], status: int
                         headers=headers)
 
 
-__all__ = ["check_job_slot", "error_response", "job_out", "openapi_text", "public", "router"]
+__all__ = ["check_job_slot", "check_media_size", "error_response", "job_out", "openapi_text", "public", "router"]

@@ -33,6 +33,7 @@ from ..errors import InvalidMessage, ModelNotFound, ProcessingError, RateLimitEx
 from ..units import ID_RE
 from .face import crop_box_for_face, cut, detect_face
 from .model import Avatar, Clip, ClipKind
+from .probe import IMAGE_SUFFIXES, check_source, too_big
 from .synth import BUILTIN_ACTIONS, BUILTIN_BASES, render_motion
 
 log = logging.getLogger(__name__)
@@ -40,7 +41,11 @@ log = logging.getLogger(__name__)
 AVATAR_ID_RE = ID_RE
 FORMAT_VERSION = 1
 JPEG_QUALITY = 95
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp"}
+#: a video's kept frames are scaled down to at most this many pixels (720p) as they are
+#: decoded, so a job holds at most MAX_PREPARE_SECONDS * FPS + 1 such frames (docs/DEPLOYMENT.md)
+PREPARE_FRAME_PIXELS = 1280 * 720
+DEFAULT_MAX_PIXELS = 4096 * 4096
+DEFAULT_MAX_FRAMES = 3000
 MAX_JOBS_KEPT = 100
 MAX_RUNNING_JOBS = 2
 
@@ -77,8 +82,14 @@ def validate_avatar_id(avatar_id: str) -> str:
 
 # ---------------------------------------------------------------- reading sources
 
-def read_source(path: Path, max_seconds: float, fps: int) -> tuple[list[np.ndarray], bool]:
-    """RGB frames of an image or video file, resampled to ``fps``; (frames, is_still)."""
+def read_source(path: Path, max_seconds: float, fps: int, max_pixels: int = DEFAULT_MAX_PIXELS,
+                max_frames: int = DEFAULT_MAX_FRAMES) -> tuple[list[np.ndarray], bool]:
+    """RGB frames of an image or video file, resampled to ``fps``; (frames, is_still).
+
+    The size is checked from the header first (:mod:`.probe`, ``max_pixels``); a video stops
+    after ``max_seconds`` or ``max_frames`` decoded frames, and its kept frames are scaled
+    down to ``PREPARE_FRAME_PIXELS``."""
+    check_source(path, max_pixels)
     if path.suffix.lower() in IMAGE_SUFFIXES:
         bgr = cv2.imread(str(path), cv2.IMREAD_COLOR)
         if bgr is None:
@@ -89,18 +100,30 @@ def read_source(path: Path, max_seconds: float, fps: int) -> tuple[list[np.ndarr
         with av.open(str(path)) as container:
             stream = container.streams.video[0]
             next_t = 0.0
-            for frame in container.decode(stream):
+            for n, frame in enumerate(container.decode(stream)):
+                if frame.width * frame.height > max_pixels:  # a stream may change size
+                    raise too_big(path.name, frame.width, frame.height, max_pixels)
                 t = float(frame.time or 0.0)
-                if t > max_seconds:
+                if t > max_seconds or n >= max_frames:
                     break
                 if t + 1e-6 >= next_t:
-                    frames.append(frame.to_ndarray(format="rgb24"))
+                    frames.append(_rgb_fitted(frame))
                     next_t += 1.0 / fps
     except (av.error.FFmpegError, IndexError) as exc:
         raise ProcessingError(f"could not decode video {path.name}: {exc}") from exc
     if not frames:
         raise ProcessingError(f"{path.name} has no video frames")
     return frames, len(frames) == 1
+
+
+def _rgb_fitted(frame: av.VideoFrame) -> np.ndarray:
+    """The frame as RGB, scaled down (aspect kept, even sides) to ``PREPARE_FRAME_PIXELS``."""
+    w, h = frame.width, frame.height
+    if w * h <= PREPARE_FRAME_PIXELS:
+        return frame.to_ndarray(format="rgb24")
+    scale = (PREPARE_FRAME_PIXELS / (w * h)) ** 0.5
+    w, h = max(2, int(w * scale) // 2 * 2), max(2, int(h * scale) // 2 * 2)
+    return frame.reformat(width=w, height=h, format="rgb24").to_ndarray()
 
 
 # ---------------------------------------------------------------- building
@@ -200,12 +223,14 @@ class AvatarStore:
 
     def __init__(self, root: Path, width: int, height: int, fps: int,
                  prepare_engine: Callable[[Avatar, Progress], None],
-                 max_in_memory: int = 16, max_seconds: float = 10.0) -> None:
+                 max_in_memory: int = 16, max_seconds: float = 10.0,
+                 max_pixels: int = DEFAULT_MAX_PIXELS, max_frames: int = DEFAULT_MAX_FRAMES) -> None:
         self.root = root
         self.width, self.height, self.fps = width, height, fps
         self.prepare_engine = prepare_engine
         self.max_in_memory = max_in_memory
         self.max_seconds = max_seconds
+        self.max_pixels, self.max_frames = max_pixels, max_frames
         self._mem: OrderedDict[str, Avatar] = OrderedDict()
         self._jobs: OrderedDict[str, PrepareJob] = OrderedDict()
         self._lock = threading.Lock()
@@ -264,7 +289,8 @@ class AvatarStore:
     def prepare(self, avatar_id: str, source: Path, progress: Progress = _noop) -> Avatar:
         validate_avatar_id(avatar_id)
         progress(0.0, "reading source")
-        frames, still = read_source(source, self.max_seconds, self.fps)
+        frames, still = read_source(source, self.max_seconds, self.fps, self.max_pixels,
+                                    self.max_frames)
         avatar = build_avatar(avatar_id, frames, still, self.width, self.height, progress)
         progress(0.4, "saving")
         save_avatar(avatar, self.root)
