@@ -105,9 +105,13 @@ def with_gaps(parts: list[np.ndarray], gap_s: float, lead_s: float = 1.0) -> np.
                            *[x for p in parts for x in (p, gap)]])
 
 
+TOKEN = "browser-test-token"
+
+
 @pytest.fixture
 def bot(tmp_path: Path) -> Iterator[tuple[str, dict[str, float]]]:
-    with bot_server(tmp_path / "avatars") as (url, bots):
+    # with a token, as when it serves beyond localhost: the page passes on its ?token=
+    with bot_server(tmp_path / "avatars", auth_token=TOKEN) as (url, bots):
         avatar = bots.shared.avatar
         x0, y0, x1, y1 = mouth_box(avatar.meta["face_box"], (avatar.height, avatar.width))
         yield url, {"x0": x0, "y0": y0, "x1": x1, "y1": y1,
@@ -127,15 +131,16 @@ def open_bot(mic_wav: Path, url: str, box: dict[str, float]) -> Iterator[Page]:
             elsewhere: list[str] = []  # offline: the page may ask nothing of anyone but the bot
             page.on("request", lambda r: None if r.url.startswith(url + "/")
                     else elsewhere.append(r.url))
-            page.goto(url + "/")
-            assert page.url.endswith("/client/")
+            page.goto(f"{url}/?token={TOKEN}")
+            assert page.url == f"{url}/client/?token={TOKEN}"
             page.click("#connect")
             page.wait_for_function("window.avatarClient.events.some(e => e.type === 'bot-ready')",
                                    timeout=30_000)
             page.wait_for_function("window.avatarClient.video.srcObject?.getTracks().length === 2"
                                    " && window.avatarClient.video.videoWidth > 0",
                                    timeout=30_000)
-            assert page.evaluate("fetch('/api/ice-servers').then(r => r.json())") \
+            assert page.evaluate("fetch('/api/ice-servers').then(r => r.status)") == 401
+            assert page.evaluate(f"fetch('/api/ice-servers?token={TOKEN}').then(r => r.json())") \
                 == {"iceServers": []}
             page.evaluate(MEASURE, box)
             yield page

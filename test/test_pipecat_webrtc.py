@@ -14,6 +14,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import numpy as np
@@ -31,9 +32,9 @@ SIZE = 256
 
 
 @contextlib.contextmanager
-def bot_server(avatars: Path) -> Iterator[tuple[str, AvatarBots]]:
+def bot_server(avatars: Path, **settings: Any) -> Iterator[tuple[str, AvatarBots]]:
     config = Settings(avatars_dir=avatars, default_width=SIZE, default_height=SIZE,
-                      rtc_host_addresses=["127.0.0.1"])
+                      rtc_host_addresses=["127.0.0.1"], **settings)
     app = create_bot_app(config)
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))  # bound here: no race for a free port with other processes

@@ -8,7 +8,8 @@ With no room URL it serves its own browser page at ``http://HOST:PORT/client/`` 
 over SmallWebRTC, peer to peer, with no cloud service. Without ``BOT_SERVICES`` the avatar repeats what it heard
 (Silero VAD segments the speech), lip-synced. ``--config`` reads the service's settings
 (``ENGINE``, ``MODEL_PATH``, ``AVATARS_DIR``, ``DEFAULT_AVATAR``, ``ICE_SERVERS``,
-``RTC_HOST_ADDRESSES``, ...) from an env file instead of ``.env``.
+``RTC_HOST_ADDRESSES``, ...) from an env file instead of ``.env``. Serving beyond this
+machine (``--host`` other than localhost) needs ``AUTH_TOKEN``.
 """
 
 from __future__ import annotations
@@ -29,6 +30,9 @@ from .pipeline import avatar_service, build_worker, check, load_services, transp
 from .service import AvatarService
 
 log = logging.getLogger(__name__)
+
+#: hosts that serve this machine only; any other --host needs AUTH_TOKEN
+LOOPBACK = frozenset({"localhost", "127.0.0.1", "::1"})
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -96,8 +100,12 @@ def serve(args: argparse.Namespace, config: Settings) -> None:
 
     from .server import create_bot_app  # noqa: PLC0415
 
+    if args.host not in LOOPBACK and not config.auth_token:
+        raise SystemExit(f"--host {args.host} serves the bot beyond this machine: set AUTH_TOKEN "
+                         "(then open the page with ?token=...)")
     app = create_bot_app(config, load=not args.skip_checks)
-    print(f"avatar bot: open http://{args.host}:{args.port}/client/", flush=True)
+    query = "?token=<AUTH_TOKEN>" if config.auth_token else ""
+    print(f"avatar bot: open http://{args.host}:{args.port}/client/{query}", flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level="debug" if args.verbose else "info")
 
 

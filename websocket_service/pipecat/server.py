@@ -5,7 +5,10 @@ Routes (what ``pipecat-ai-small-webrtc-prebuilt`` calls, as pipecat's developmen
 * ``GET /`` redirects to ``/client/``, this package's own small client (``static/``: plain
   HTML and JS, nothing fetched from the internet); pipecat's prebuilt UI, which loads Daily's
   call-object bundle from the internet, stays at ``/prebuilt/``;
-* ``GET /api/ice-servers``: ``ICE_SERVERS``, for the page's peer connection;
+* ``GET /api/ice-servers``: ``ICE_SERVERS``, for the page's peer connection.
+
+With ``AUTH_TOKEN`` set, the API routes (not the pages) need it, as ``Authorization: Bearer``
+or ``?token=``; the bot's page passes on the ``?token=`` it was opened with.
 * ``POST /start`` registers a session and returns ``{"sessionId"}``;
 * ``POST|PATCH /sessions/{id}/api/offer`` (and ``/api/offer``): the SDP offer and its
   trickled ICE candidates, handled by pipecat's ``SmallWebRTCRequestHandler``.
@@ -21,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hmac
 import logging
 import uuid
 from collections.abc import AsyncIterator
@@ -31,7 +35,7 @@ from typing import Any
 
 import av
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
-from fastapi import FastAPI, HTTPException, Request
+from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.responses import RedirectResponse
 from fastapi.staticfiles import StaticFiles
 from pipecat.transports.base_transport import TransportParams
@@ -225,8 +229,24 @@ def create_bot_app(config: Settings | None = None, services: str | None = None,
     return app
 
 
+def _token_check(bots: AvatarBots) -> Any:
+    async def check_token(request: Request) -> None:
+        token = bots.config.auth_token
+        if not token:
+            return
+        bearer = request.headers.get("authorization", "")
+        given = bearer[7:] if bearer[:7].lower() == "bearer " else request.query_params.get(
+            "token", "")
+        if not hmac.compare_digest(given.encode(), token.encode()):
+            raise HTTPException(401, "this bot needs its AUTH_TOKEN: Authorization: Bearer or "
+                                     "?token=", headers={"WWW-Authenticate": "Bearer"})
+    return Depends(check_token)
+
+
 def _routes(app: FastAPI, bots: AvatarBots) -> None:
-    @app.post("/start")
+    authorized = [_token_check(bots)]
+
+    @app.post("/start", dependencies=authorized)
     async def start(request: Request) -> dict[str, Any]:
         try:
             body = await request.json()
@@ -246,22 +266,24 @@ def _routes(app: FastAPI, bots: AvatarBots) -> None:
             {k: v for k, v in data.items() if k in ("sdp", "type", "pc_id", "restart_pc",
                                                      "request_data", "requestData")}))
 
-    @app.api_route("/api/offer", methods=["POST", "PATCH"])
+    @app.api_route("/api/offer", methods=["POST", "PATCH"], dependencies=authorized)
     async def direct_offer(request: Request) -> dict[str, str] | None:
         return await offer(request)
 
-    @app.api_route("/sessions/{session_id}/api/offer", methods=["POST", "PATCH"])
+    @app.api_route("/sessions/{session_id}/api/offer", methods=["POST", "PATCH"],
+                   dependencies=authorized)
     async def session_offer(session_id: str, request: Request) -> dict[str, str] | None:
         return await offer(request, session_id)
 
-    @app.get("/api/ice-servers")
+    @app.get("/api/ice-servers", dependencies=authorized)
     async def ice_servers() -> dict[str, Any]:
         """The page's ICE servers: the bot's own (``ICE_SERVERS``), e.g. a TURN server."""
         return {"iceServers": bots.config.ice_servers}
 
     @app.get("/", include_in_schema=False)
-    async def root() -> RedirectResponse:
-        return RedirectResponse("/client/")
+    async def root(request: Request) -> RedirectResponse:
+        query = request.url.query  # e.g. ?token=, for the page
+        return RedirectResponse("/client/" + (f"?{query}" if query else ""))
 
 
 def _mount_ui(app: FastAPI) -> None:

@@ -5,6 +5,9 @@
 const $ = (id) => document.getElementById(id);
 const RTVI = "rtvi-ai";
 const MAX_EVENTS = 500;
+// the bot's AUTH_TOKEN, when it has one: open the page with ?token=...
+const TOKEN = new URLSearchParams(location.search).get("token");
+const AUTH = TOKEN ? { Authorization: `Bearer ${TOKEN}` } : {};
 
 /** What the bot is doing, from the RTVI events that say so. */
 const STATES = {
@@ -32,7 +35,8 @@ export class AvatarClient {
     this.mic = await navigator.mediaDevices.getUserMedia({
       audio: { echoCancellation: true, noiseSuppression: true, autoGainControl: true },
     });
-    const ice = await fetch(new URL("../api/ice-servers", location.href));
+    const ice = await fetch(new URL("../api/ice-servers", location.href), { headers: AUTH });
+    if (ice.status === 401) throw new Error("this bot needs its token: open the page with ?token=...");
     const { iceServers } = ice.ok ? await ice.json() : { iceServers: [] };
     const pc = (this.pc = new RTCPeerConnection({ iceServers }));
     // pipecat's SmallWebRTC takes the first transceiver as the mic, the second as video
@@ -51,7 +55,7 @@ export class AvatarClient {
     await gathered(pc, 3000);
     const r = await fetch(new URL("../api/offer", location.href), {  // the page is at /client/
       method: "POST",
-      headers: { "Content-Type": "application/json" },
+      headers: { "Content-Type": "application/json", ...AUTH },
       body: JSON.stringify({ sdp: pc.localDescription.sdp, type: "offer" }),
     });
     if (!r.ok) throw new Error(`offer refused: ${r.status} ${await r.text()}`);
