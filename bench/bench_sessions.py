@@ -162,12 +162,23 @@ async def sessions(http: httpx.AsyncClient) -> dict[str, dict[str, Any]]:
 
 # ---------------------------------------------------------------------------- clients
 
+def _idle_frame_index(raw: str | bytes) -> int | None:
+    """frame_index of a VIDEO_FRAME that is not speech, read from the text; None otherwise."""
+    if not isinstance(raw, str) or not raw.startswith('{"type": "VIDEO_FRAME"') \
+            or '"utterance_id"' in raw[-160:]:
+        return None
+    at = raw.rfind('"frame_index":')
+    end = raw.find(",", at)
+    return int(raw[at + 14:end]) if at > 0 and end > 0 else None
+
+
 @dataclass
 class Client:
     url: str
     speaking: bool
     chunks: list[bytes]
     decode_sample: bool = False
+    light: bool = False  # idle frames: read the index from the text, no JSON parse (cheaper)
     session_id: str = field(default_factory=lambda: str(uuid.uuid4()))
     frames: list[tuple[float, int, int | None, int | None]] = field(default_factory=list)
     send_times: list[float] = field(default_factory=list)
@@ -194,6 +205,9 @@ class Client:
         try:
             async for raw in self.ws:
                 now = time.monotonic()
+                if self.light and (index := _idle_frame_index(raw)) is not None:
+                    self.frames.append((now, index, None, None))
+                    continue
                 env = json.loads(raw)
                 kind, msg = env.get("type"), env.get("data") or {}
                 if kind in ("VIDEO_FRAME", "ACTION_FRAME"):

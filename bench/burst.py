@@ -95,7 +95,7 @@ async def run_burst(k: int, seconds: float) -> dict[str, Any]:
         await asyncio.sleep(1.0)  # settled, as a server is when its clients come back
         rss_ready = rss_mb(server.proc.pid)
         url = f"{server.ws}/musetalk/v1/ws/bench"
-        clients = [Client(url, False, [], decode_sample=(i == 0)) for i in range(k)]
+        clients = [Client(url, False, [], decode_sample=(i == 0), light=(i > 0)) for i in range(k)]
         samples: list[tuple[float, float, float]] = []
         stop = asyncio.Event()
         sampler = asyncio.create_task(sample(server, stop, samples))

@@ -11,6 +11,10 @@ import numpy as np
 
 from websocket_service.cursor import loop_period, pingpong
 from websocket_service.media.loops import LIVE_WHILE_BUILDING, LoopKey, encode_loop
+from websocket_service.playout import OutputFrame
+from websocket_service.states import AvatarState
+from websocket_service.transports import ws_feed
+from websocket_service.wire import frame_message
 
 from .conftest import FIXTURES
 from .geometric_support import builtin
@@ -149,3 +153,22 @@ async def test_a_session_late_by_frames_stays_on_its_loop(make_server):
     assert session.stats.live_frames == 0  # ...and the loop went on: nothing was encoded
     assert session.stats.loop_frames >= len(client.frames)
     await client.close()
+
+
+def test_a_copied_frames_message_is_the_text_frame_message_makes():
+    """Copied loop frames get their message from a template (no models per frame): the very
+    text that frame_message makes, for any packet, timestamp and index."""
+    names = builtin().names
+    for state in (AvatarState.IDLE, AvatarState.SPEAKING):
+        for key in (True, False):
+            f = OutputFrame(0, 0, state, np.zeros((2, 2, 3), np.uint8), b"", "idle", loop_pos=0)
+            probe = OutputFrame(ws_feed._INDEX_SLOT, ws_feed._TS_SLOT, state, f.image, b"", "idle",
+                                loop_pos=0)
+            texts, slots = ws_feed._template(frame_message("s1", probe, ws_feed._DATA_SLOT, key,
+                                                           names))
+            for index, ts, data in ((0, 0, "AAAA"), (123456, 4938400, "Zm9v+/8=")):
+                values = {"data": data, "timestamp": str(ts), "index": str(index)}
+                text = texts[0] + "".join(values[n] + t for n, t in zip(slots, texts[1:],
+                                                                          strict=True))
+                f.index, f.timestamp_ms = index, ts
+                assert text == frame_message("s1", f, data, key, names)

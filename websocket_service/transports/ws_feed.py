@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 from collections import deque
 from dataclasses import dataclass
@@ -41,6 +42,9 @@ log = logging.getLogger(__name__)
 
 MAX_PENDING_EVENTS = 256
 MAX_ENCODE_BATCH = 8  # frames one live-encode call may take (a feed catching up)
+#: stand-ins that a loop frame's message template is made with (each appears once in it)
+_DATA_SLOT, _TS_SLOT, _INDEX_SLOT = "@@frame-data@@", -918273645, -546372819
+_SLOTS = {"data": _DATA_SLOT, "timestamp": str(_TS_SLOT), "index": str(_INDEX_SLOT)}
 
 
 class Overflow(Exception):
@@ -194,6 +198,8 @@ class SessionFeed:
         self._copying: tuple[LoopKey, int] | None = None  # (loop, last position sent)
         self._live_ok: LoopKey | None = None  # may encode this loop's frames live while it builds
         self._waiting: LoopKey | None = None  # sends nothing until this loop's next IDR
+        #: a copied frame's message text in pieces, per (clip, state, keyframe): see _loop_item
+        self._templates: dict[tuple[str, str, bool], tuple[tuple[str, ...], tuple[str, ...]]] = {}
         self._queue: deque[OutputFrame | SessionEvent | ServiceError] = deque()
         self._frames = 0
         self._wake = asyncio.Event()
@@ -307,7 +313,7 @@ class SessionFeed:
         copied = self._from_loop(f)
         if copied is not None:
             s.stats.loop_frames += 1
-            return [self._item(f, *copied)]
+            return [self._loop_item(f, *copied)]
         if self._awaits_loop(f):
             s.stats.loop_waits += 1
             return []
@@ -336,6 +342,25 @@ class SessionFeed:
         s = self.session
         return Item(frame_message(s.session_id, f, data, keyframe, s.avatar.names), f, keyframe,
                     data=data)
+
+    def _loop_item(self, f: OutputFrame, data: str, keyframe: bool) -> Item:
+        """:meth:`_item` for a copied loop frame, without building and serialising message
+        models per frame: ``frame_message``'s text for this clip, state and keyframe flag is
+        made once with stand-ins, and this frame's packet, timestamp and index put in their
+        places (a plain loop frame's message depends on nothing else)."""
+        key = (f.clip, f.state.value, keyframe)
+        tpl = self._templates.get(key)
+        if tpl is None:
+            s = self.session
+            probe = dataclasses.replace(f, index=_INDEX_SLOT, timestamp_ms=_TS_SLOT)
+            text = frame_message(s.session_id, probe, _DATA_SLOT, keyframe, s.avatar.names)
+            tpl = self._templates[key] = _template(text)
+        values = {"data": data, "timestamp": str(f.timestamp_ms), "index": str(f.index)}
+        texts, names = tpl
+        out = [texts[0]]
+        for name, text in zip(names, texts[1:], strict=True):
+            out += (values[name], text)
+        return Item("".join(out), f, keyframe, data=data)
 
     def _from_loop(self, f: OutputFrame) -> tuple[str, bool] | None:
         """The shared loop's packet for ``f`` when it may be copied (base64, keyframe)."""
@@ -402,6 +427,18 @@ class SessionFeed:
                  "kbit_s": round(b.bytes * 8 / 1000 / max(now - b.started, 1e-3), 1),
                  "latency_ms": round(1000 * float(np.median(b.delays)), 1) if b.delays else None}
                 for b in self.outboxes]
+
+
+def _template(text: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """``text`` cut at each stand-in of :data:`_SLOTS`: (the texts around them, their names)."""
+    at = sorted((text.index(v), name, len(v)) for name, v in _SLOTS.items())
+    assert all(text.count(v) == 1 for v in _SLOTS.values()), text
+    texts, start = [], 0
+    for pos, _, n in at:
+        texts.append(text[start:pos])
+        start = pos + n
+    texts.append(text[start:])
+    return tuple(texts), tuple(name for _, name, _ in at)
 
 
 async def ensure_feed(services: Services, session: Session) -> SessionFeed:
