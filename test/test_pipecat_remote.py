@@ -4,19 +4,26 @@ the envelope WebSocket protocol, with the server's H.264 decoded by the processo
 from __future__ import annotations
 
 import asyncio
+import time
+from collections.abc import AsyncIterator
+from typing import Any
 
 import numpy as np
 import soxr
 from pipecat.frames.frames import (
     ErrorFrame,
+    Frame,
     InterruptionFrame,
     TTSAudioRawFrame,
     TTSStoppedFrame,
 )
+from pipecat.pipeline.pipeline import Pipeline
+from pipecat.processors.frame_processor import FrameDirection, FrameProcessor
 from pipecat.tests.utils import SleepFrame, run_test
 
 from bench.mouth_metrics import evaluate
 from websocket_service.pipecat.remote import RemoteMuseTalkProcessor
+from websocket_service.pipecat.remote_client import RemoteAvatarClient, RemoteFrame
 
 from .geometric_support import wav
 from .test_pipecat_processor import split, tts
@@ -77,3 +84,68 @@ async def test_remote_avatar_reconnects_when_the_server_ends_its_session(server)
     assert len(speech) == -(-len(pcm) // 640), "the reply after the reconnection is lip-synced"
     assert np.array_equal(np.frombuffer(b"".join(audio), np.int16)[:len(pcm)], pcm)
     assert len(idle) > 25, "idle pictures before and after the new session"
+
+
+class StallingClient(RemoteAvatarClient):
+    """The network stalls once: after the ``at``-th speech picture nothing comes for
+    ``stall_s``, then the backlog at once."""
+
+    def __init__(self, url: str, stall_s: float, at: int) -> None:
+        super().__init__(url)
+        self.stall_s, self.at, self.speech = stall_s, at, 0
+
+    async def events(self) -> AsyncIterator[RemoteFrame | dict[str, Any]]:
+        async for event in super().events():
+            if isinstance(event, RemoteFrame) and event.utterance_id is not None:
+                self.speech += 1
+                if self.speech == self.at:
+                    await asyncio.sleep(self.stall_s)
+            yield event
+
+
+class AudioTimes(FrameProcessor):
+    """When each 40 ms of speech audio leaves the avatar."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.times: list[float] = []
+
+    async def process_frame(self, frame: Frame, direction: FrameDirection) -> None:
+        await super().process_frame(frame, direction)
+        if isinstance(frame, TTSAudioRawFrame):
+            self.times.append(time.monotonic())
+        await self.push_frame(frame, direction)
+
+
+def silence_heard(times: list[float], frame_s: float = 0.04) -> float:
+    """Seconds a real-time player of that audio (from its first chunk on) runs dry."""
+    end, gaps = times[0], 0.0
+    for t in times:
+        gaps += max(0.0, t - end)
+        end = max(end, t) + frame_s
+    return gaps
+
+
+async def _stalled_reply(server, jitter_s: float) -> float:
+    """The silence heard in a reply whose frames stall for 0.3 s midway."""
+    pcm = np.tile(wav("short_16k.wav"), 2)  # 60 pictures
+    proc = RemoteMuseTalkProcessor(server.ws, jitter_s=jitter_s)
+    proc.client = StallingClient(server.ws, stall_s=0.3, at=25)
+    times = AudioTimes()
+    down, _ = await run_test(Pipeline([proc, times]), frames_to_send=[SleepFrame(0.3), *tts(pcm),
+                                                                      SleepFrame(0.5)],
+                             start_timeout=10)
+    speech, audio, _ = split(down)
+    assert len(speech) == -(-len(pcm) // 640) == len(times.times)
+    assert np.array_equal(np.frombuffer(b"".join(audio), np.int16)[:len(pcm)], pcm)
+    return silence_heard(times.times)
+
+
+async def test_remote_jitter_buffer_absorbs_a_network_stall(server) -> None:
+    """0.3 s without frames mid-reply: heard as a gap without the buffer, not with 0.4 s."""
+    without = await _stalled_reply(server, jitter_s=0.0)
+    buffered = await _stalled_reply(server, jitter_s=0.4)
+    print(f"\nsilence heard in a reply with a 0.3 s stall: {without:.3f} s without a jitter "
+          f"buffer, {buffered:.3f} s with 0.4 s")
+    assert without >= 0.2, without
+    assert buffered < 0.1, buffered

@@ -5,7 +5,8 @@ the user says (segmented by the VAD) and replays it as TTS audio, so the avatar 
 with lip-sync. ``BOT_SERVICES=package.module:function`` names a function returning the
 processors (e.g. STT, LLM context aggregators, TTS) to use instead; their API keys and
 models come from the environment as usual in pipecat. ``AVATAR_SERVER_URL=ws://gpu-host:8000``
-(and ``AVATAR_SERVER_TOKEN`` for its ``AUTH_TOKEN``) renders on a remote avatar server.
+(and ``AVATAR_SERVER_TOKEN`` for its ``AUTH_TOKEN``) renders on a remote avatar server;
+``AVATAR_SERVER_JITTER_MS`` (120) is its jitter buffer.
 """
 
 from __future__ import annotations
@@ -125,8 +126,10 @@ def avatar_service(config: Settings, shared: MuseTalkProcessor | None = None) ->
     """
     url = os.environ.get("AVATAR_SERVER_URL")
     if url:
+        jitter_ms = float(os.environ.get("AVATAR_SERVER_JITTER_MS", "120"))
         return RemoteMuseTalkProcessor(url, auth_token=os.environ.get("AVATAR_SERVER_TOKEN"),
-                                       resolution=f"{config.default_width}x{config.default_height}")
+                                       resolution=f"{config.default_width}x{config.default_height}",
+                                       jitter_s=jitter_ms / 1000)
     if shared is None:
         return MuseTalkProcessor(config=config)
     return MuseTalkProcessor(engine=shared.engine, avatar=shared.avatar, config=config)

@@ -8,6 +8,11 @@ all the audio sent (``frame_timestamp``, ms), so the processor pushes the pictur
 exactly those 40 ms of the original TTS audio; idle frames are pushed as they arrive. The
 server paces the frames, so the processor needs no clock of its own.
 
+A jitter buffer: the first ``jitter_s`` (120 ms) of each reply's pictures are held and then
+pushed together, so the output transport's audio queue runs that far ahead of the network
+and a stall of the connection up to that long is not heard as a gap (the reply starts that
+much later; an interruption still stops it at once).
+
 If the connection is lost (the server restarts, drains or drops it), the speech buffered for
 the avatar is dropped, TTS audio passes through without video meanwhile (the bot keeps
 talking), and the processor reconnects with a new session after a back-off that doubles from
@@ -27,7 +32,7 @@ from websockets import ConnectionClosed
 
 from ..units import SAMPLES_PER_FRAME
 from .remote_client import RECONNECT_ERRORS, RemoteAvatarClient, RemoteFrame
-from .service import AvatarService
+from .service import FRAME_S, AvatarService
 from .speech import Utterance
 
 log = logging.getLogger(__name__)
@@ -41,8 +46,12 @@ class RemoteMuseTalkProcessor(AvatarService):
 
     def __init__(self, url: str, *, user_id: str = "pipecat", auth_token: str | None = None,
                  resolution: str | None = None, reconnect: bool = True,
-                 reconnect_backoff_s: float = 0.5, **kwargs: Any) -> None:
+                 reconnect_backoff_s: float = 0.5, jitter_s: float = 0.12,
+                 **kwargs: Any) -> None:
         super().__init__(**kwargs)
+        self.jitter_s = jitter_s
+        #: a reply's first pictures, held until they make ``jitter_s`` (None: passing through)
+        self._held: list[tuple[Utterance, np.ndarray, int]] | None = []
         self.client = RemoteAvatarClient(url, user_id, auth_token, resolution)
         self.reconnect = reconnect
         self.reconnect_backoff_s = reconnect_backoff_s
@@ -132,12 +141,33 @@ class RemoteMuseTalkProcessor(AvatarService):
 
     async def _frame(self, f: RemoteFrame) -> None:
         if f.utterance_id is None:
+            await self._release()
+            self._held = []  # the next reply is held again
             await self._show_idle(f.image)
             return
         sample = f.timestamp_ms * SAMPLES_PER_MS  # in all the audio sent
         utt = self._utterance_at(sample)
-        if utt is not None:  # else: speech from before an interruption, still in flight
+        if utt is None:  # speech from before an interruption, still in flight
+            return
+        if self._held is None:
             await self._show(utt, f.image, sample - utt.offset)
+            return
+        self._held.append((utt, f.image, sample - utt.offset))
+        last = utt.ended and sample - utt.offset + SAMPLES_PER_FRAME >= utt.engine_samples
+        if last or len(self._held) * FRAME_S >= self.jitter_s - 1e-9:
+            await self._release()
+
+    async def _release(self) -> None:
+        """Push the held pictures (and their audio); what follows passes straight through."""
+        held, self._held, epoch = self._held or [], None, self._epoch
+        for utt, image, sample in held:
+            if self._epoch != epoch:  # interrupted meanwhile
+                return
+            await self._show(utt, image, sample)
+
+    async def interrupt(self) -> None:
+        self._held = []
+        await super().interrupt()
 
     def _utterance_at(self, sample: int) -> Utterance | None:
         for utt in self._utts:
