@@ -2,9 +2,9 @@
 
 What every client does after a deploy, a crash or a replica failover. Run through
 ``bench/bench_sessions.py --burst-levels 256,512`` (one fresh server per level). Per session it
-measures the time from connect to its first frame and to *sustained* 24 fps (the start of
-the first one-second window at >= 24 frames after which every one-second window, stepped by
-0.1 s, to the end of the run stays there; not before the first frame), and its fps over the steady window (the last
+measures the time from connect to its first frame and to *sustained* 24 fps (the first
+moment, in 0.1 s steps and not before its first frame, from which it never falls more than
+2 frames behind 24 fps to the end of the run: see :func:`sustained_at`), and its fps over the steady window (the last
 ``STEADY_S`` seconds); per level the server's CPU (in the first two seconds after the burst
 and in the steady window) and its RSS (peak, sampled every 0.25 s). A level holds if every
 session reached sustained 24 fps within ``REACH_S`` of connecting, none is below 24 fps in
@@ -43,6 +43,7 @@ REACH_FPS = 24
 REACH_S = 2.0
 STEADY_S = 4.0
 STEP_S = 0.1
+SLACK_FRAMES = 2  # delivery jitter tolerated by the sustained-rate test (80 ms at 25 fps)
 
 
 def raise_fd_limit() -> int:
@@ -59,15 +60,21 @@ def rss_mb(pid: int) -> float:
 
 
 def sustained_at(times: np.ndarray, start: float, end: float) -> float | None:
-    """Seconds from ``start`` to the first 1 s window at >= REACH_FPS frames after which every
-    window (stepped by STEP_S) up to ``end`` stays there; None if never."""
-    starts = np.arange(start, end - 1.0 + 1e-9, STEP_S)
-    if not len(starts):
-        return None
-    counts = np.searchsorted(times, starts + 1.0) - np.searchsorted(times, starts)
-    bad = np.flatnonzero(counts < REACH_FPS)
-    first = 0 if not len(bad) else bad[-1] + 1
-    return None if first >= len(starts) else float(starts[first] - start)
+    """Seconds from ``start`` to the first moment r (in STEP_S steps) from which the session
+    never falls more than SLACK_FRAMES behind REACH_FPS up to ``end``: for every s in [r, end],
+    frames received in [r, s] >= REACH_FPS * (s - r) - SLACK_FRAMES. None if never.
+
+    The slack lets delivery jitter pass (a frame late by up to 80 ms, then the next right
+    behind it) that a count per one-second window would take for a drop below 24 fps; a
+    session that really runs slower falls behind for good."""
+    for r in np.arange(start, end, STEP_S):
+        after = times[times >= r]
+        # the count is lowest just before each frame arrives, and at the end
+        lows = np.arange(len(after)) - REACH_FPS * (after - r)
+        if (not len(after) or lows.min() >= -SLACK_FRAMES) and \
+                len(after) - REACH_FPS * (end - r) >= -SLACK_FRAMES:
+            return float(r - start)
+    return None
 
 
 async def sample(server: Server, stop: asyncio.Event, out: list[tuple[float, float, float]]) -> None:
@@ -204,9 +211,11 @@ def report(m: dict[str, str], rows: list[dict[str, Any]], seconds: float, fds: i
         "video settings), ready (`/health` answers) and idle for 1 s, then K idle WebSocket "
         f"sessions connect at the same instant from one asyncio process on the same cores; "
         f"observed for {seconds:g} s. Open-files limit {fds}.",
-        f"- Sustained {REACH_FPS} fps: from the session's connect to the start of the first "
-        f"one-second window with >= {REACH_FPS} frames after which every one-second window "
-        f"(stepped by {STEP_S:g} s) to the end stays there. Steady fps: the last {STEADY_S:g} s. "
+        f"- Sustained {REACH_FPS} fps: from the session's connect to the first moment r "
+        f"(in {STEP_S:g} s steps, not before its first frame) from which it never falls more than "
+        f"{SLACK_FRAMES} frames behind {REACH_FPS} fps to the end: frames received in [r, s] >= "
+        f"{REACH_FPS} (s - r) - {SLACK_FRAMES} for every s (the slack lets delivery jitter of "
+        f"~{1000 * SLACK_FRAMES // 25} ms pass). Steady fps: the last {STEADY_S:g} s. "
         f"A level holds if every session sustains {REACH_FPS} fps within {REACH_S:g} s, none is "
         f"below {REACH_FPS} fps in the steady window and their median is >= {HOLD_FPS}.",
         "- CPU is % of one core; 'other load' is what the rest of the machine used meanwhile. "
