@@ -84,6 +84,13 @@ class Settings(BaseSettings):
     # client messages per connection: a token bucket refilled at this rate, of this size
     max_messages_per_s: float = Field(100.0, gt=0)
     message_burst: int = Field(1000, ge=1)
+    # sockets not yet authenticated (a protocol socket before INIT, a signaling socket before
+    # its authenticated offer) per client address at a time; 0: no limit. They have
+    # INIT_TIMEOUT_S in all to authenticate.
+    max_pending_per_ip: int = Field(32, ge=0)
+    # a connection whose replies pile up and that takes nothing from its socket for this long
+    # is not reading: closed 1008 "client not reading"
+    send_stall_s: float = Field(10.0, gt=0, le=300)
     fps: int = Field(25, ge=1, le=60)
     gop_seconds: float = Field(1.0, gt=0, le=1.0)  # the protocol: an I-frame at least every second
     default_width: int = Field(512, ge=64, le=1920)

@@ -17,6 +17,7 @@ from .config import Settings
 from .engines import select_engine
 from .engines.base import LipSyncEngine
 from .errors import InvalidSession, ModelNotFound, RateLimitExceeded
+from .limits import PendingLimit
 from .logs import session_id_var
 from .media.encoder_pool import EncoderPool
 from .media.loops import LoopCache, LoopKey
@@ -198,6 +199,8 @@ class Services:
         self.loops = LoopCache(settings.idle_loops_max) if settings.shared_idle_loops else None
         #: each WebSocket-watched session's encoded output, shared by its connections
         self.ws_feeds: dict[str, Any] = {}
+        #: sockets not yet authenticated, per client address (both WebSocket transports)
+        self.pending = PendingLimit(settings.max_pending_per_ip)
         #: the serving replica when the service runs scaled out (reported in INIT_SUCCESS)
         self.replica_id: str | None = None
 

@@ -6,9 +6,9 @@ Transports call these and only move the text (WebSocket) or the dict (signaling 
 from __future__ import annotations
 
 import base64
-import json
 from typing import Any
 
+import pydantic_core
 from pydantic import ValidationError
 
 from .avatars.model import VideoNames
@@ -108,13 +108,23 @@ def check_envelope(raw: Any) -> None:
                                                       "data": {k: "..." for k in stray[:3]}}})
 
 
-def explain_invalid(text: str, exc: ValidationError) -> InvalidMessage:
-    """Why a text frame that failed validation was refused: not JSON, not an envelope (with
-    how to wrap it), or the first bad field. Parses the text again: the error path only."""
+def parse_json(text: str | bytes) -> Any:
+    """``text`` parsed with the same bounds as the message models' own parser (nesting depth,
+    number size); InvalidMessage saying what is wrong when it is not JSON within them."""
     try:
-        raw = json.loads(text)
-    except json.JSONDecodeError:
-        return InvalidMessage("message is not valid JSON")
+        return pydantic_core.from_json(text)
+    except ValueError as exc:  # e.g. "recursion limit exceeded", "number out of range"
+        raise InvalidMessage(f"message is not valid JSON: {str(exc)[:120]}") from None
+
+
+def explain_invalid(text: str, exc: ValidationError) -> InvalidMessage:
+    """Why a text frame that failed validation was refused: not JSON (or nested too deep, a
+    number too long), not an envelope (with how to wrap it), or the first bad field. Parses
+    the text again: the error path only."""
+    try:
+        raw = parse_json(text)
+    except InvalidMessage as err:
+        return err
     try:
         check_envelope(raw)
     except InvalidMessage as err:

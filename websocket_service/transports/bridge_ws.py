@@ -29,7 +29,7 @@ from ..bridge import FORMATS, Bridge
 from ..errors import InvalidMessage, ServiceError
 from ..protocol import pcm_from_bytes
 from ..session import Session
-from ..wire import error_message
+from ..wire import error_message, parse_json
 from .session_socket import open_session_socket
 
 HEADER = struct.Struct("<Bd")  # kind, timestamp_ms
@@ -79,10 +79,10 @@ async def _handle(ws: WebSocket, session: Session, bridge: Bridge | None,
         kind, ts = HEADER.unpack_from(raw)
         _push(session, bridge, kind, ts, raw[HEADER.size:], now)
         return bridge
+    env = parse_json(msg.get("text") or "")  # InvalidMessage when not JSON, or nested too deep
     try:
-        env = json.loads(msg.get("text") or "")
         type_, data = env["type"], env.get("data") or {}
-    except (json.JSONDecodeError, TypeError, KeyError):
+    except (AttributeError, TypeError, KeyError):
         raise InvalidMessage("a text message is an envelope {type, session_id, data}") from None
     try:
         if type_ == "BRIDGE_CONFIG":

@@ -9,7 +9,9 @@ instead of opening one (:meth:`RtcHub.view`); its owner keeps control.
 
 With ``AUTH_TOKEN`` set, ``POST /offer`` takes the token as a Bearer header or ``auth_token``
 in its body; the signaling socket as ``?token=`` or ``auth_token`` in its first message, which
-must then be an offer (browsers cannot set headers on a WebSocket).
+must then be an offer (browsers cannot set headers on a WebSocket). Until it authenticates the
+socket takes no ``MAX_RTC_CLIENTS`` slot: it is one of its address's ``MAX_PENDING_PER_IP``
+unauthenticated sockets, and has ``INIT_TIMEOUT_S`` in all to send its offer.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from ..api.auth import (
     origin_allowed,
 )
 from ..errors import AuthFailed, InvalidMessage, InvalidSession, RateLimitExceeded, ServiceError
+from ..limits import Pending
 from ..protocol import VideoConfig
 from ..units import ID_PATTERN, ID_RE
 from ..wire import signaling_error
@@ -133,7 +136,7 @@ async def offer(request: Request, body: OfferRequest, credentials: Credentials) 
 
 
 class SignalingConnection:
-    """One signaling socket: at most one peer at a time, one client slot throughout."""
+    """One signaling socket: at most one peer at a time, one client slot once authenticated."""
 
     def __init__(self, ws: WebSocket, hub: RtcHub, user_id: str) -> None:
         self.ws = ws
@@ -144,6 +147,8 @@ class SignalingConnection:
         self.authed = not auth_required(hub.settings)
         self.close_code = 1000
         self.outbox: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue(MAX_OUTBOX)
+        #: until authenticated: one of its address's pending sockets, and no client slot
+        self._pending: Pending | None = None
         self._overflow = False
 
     def send(self, msg: dict[str, Any]) -> None:
@@ -174,9 +179,14 @@ class SignalingConnection:
                 return
             self.authed = True
         try:
-            self.hub.reserve(self.key)
+            if self.authed:
+                self.hub.reserve(self.key)
+            else:
+                self._pending = self.hub.services.pending.enter(
+                    self.ws.client.host if self.ws.client else None)
         except RateLimitExceeded as err:
-            await self._refuse(err, CLOSE_TRY_AGAIN)
+            await self._refuse(err, CLOSE_TRY_AGAIN, None if self.authed else
+                               "too many unauthenticated connections from this address")
             return
         sender = asyncio.create_task(self._send_loop(), name=f"sig-send-{self.user_id}")
         receiver = asyncio.create_task(self._receive_loop(), name=f"sig-recv-{self.user_id}")
@@ -189,6 +199,8 @@ class SignalingConnection:
             await self._drop_peer("signaling closed")
             await self._flush(sender)
             self.hub.release(self.key)
+            if self._pending is not None:
+                self._pending.done()
             if self.ws.application_state is WebSocketState.CONNECTED:
                 with contextlib.suppress(Exception):
                     await self.ws.close(self.close_code)
@@ -203,10 +215,10 @@ class SignalingConnection:
         with contextlib.suppress(asyncio.CancelledError, Exception):
             await sender
 
-    async def _refuse(self, err: ServiceError, code: int) -> None:
+    async def _refuse(self, err: ServiceError, code: int, reason: str | None = None) -> None:
         with contextlib.suppress(Exception):
             await self.ws.send_text(json.dumps(signaling_error(err)))
-            await self.ws.close(code, err.code)
+            await self.ws.close(code, reason or err.code)
 
     async def _receive_loop(self) -> None:
         loop = asyncio.get_running_loop()
@@ -239,6 +251,8 @@ class SignalingConnection:
         self.send(signaling_error(err))
         if isinstance(err, AuthFailed):
             self.close_code = CLOSE_POLICY
+        elif isinstance(err, RateLimitExceeded) and err.fatal:
+            self.close_code = CLOSE_TRY_AGAIN
 
     async def _handle(self, text: str) -> None:
         if len(text) > MAX_SIGNAL_BYTES:
@@ -254,6 +268,7 @@ class SignalingConnection:
                 raise AuthFailed("send the auth token as ?token= or in the first message, an offer")
             authorize(self.hub.settings, self.user_id, msg.auth_token)
             self.authed = True
+            self._admit()
         if isinstance(msg, SigPing):
             loop = asyncio.get_running_loop()
             self.send({"type": "pong", "t": msg.t, "server_time_ms": int(loop.time() * 1000)})
@@ -263,6 +278,13 @@ class SignalingConnection:
             await self._candidate(msg)
         elif isinstance(msg, SigBye):
             await self._drop_peer("client said bye")
+
+    def _admit(self) -> None:
+        """Authenticated: no longer pending, it now takes a client slot (none free: a fatal
+        RATE_LIMIT_EXCEEDED, close 1013)."""
+        if self._pending is not None:
+            self._pending.done()
+        self.hub.reserve(self.key)
 
     async def _offer(self, msg: SigOffer) -> None:
         await self._drop_peer("renegotiated with a new offer")

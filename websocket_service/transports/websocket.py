@@ -28,7 +28,7 @@ from ..errors import (
     ServiceError,
 )
 from ..events import ClosedByClient, SessionEvent
-from ..limits import TokenBucket
+from ..limits import DropReport, Pending, TokenBucket
 from ..manager import Services
 from ..protocol import (
     CLIENT_ADAPTER,
@@ -81,6 +81,8 @@ class Connection:
         self._closing = False
         self._bucket = TokenBucket(self.settings.max_messages_per_s, self.settings.message_burst,
                                    services.sessions.clock.now())
+        self._drops = DropReport()  # messages over the rate: one error a second with a count
+        self._pending: Pending | None = None  # until INIT succeeds: the per-address bound
 
     # ---------------------------------------------------------------- sending
     async def _send_direct(self, msg: ServerMessage) -> None:
@@ -118,6 +120,14 @@ class Connection:
                 {"user_id": self.user_id[:80]}), None))
             await self._close(CLOSE_POLICY, "invalid user_id")
             return
+        try:
+            pending = self._pending = self.services.pending.enter(
+                self.ws.client.host if self.ws.client else None)
+        except RateLimitExceeded as err:
+            await self._send_direct(error_message(err, None))
+            await self._close(CLOSE_TRY_AGAIN, "too many unauthenticated connections from "
+                                               "this address")
+            return
         self._recv = asyncio.create_task(self._receive_loop(), name=f"ws-recv-{self.user_id}")
         try:
             # the sender cancels the receive task if the client stops reading
@@ -127,6 +137,7 @@ class Connection:
                 if exc is not None and not isinstance(exc, WebSocketDisconnect):
                     log.error("connection %s failed", self.user_id, exc_info=exc)
         finally:
+            pending.done()
             self._recv.cancel()
             try:
                 await self._teardown()
@@ -137,16 +148,27 @@ class Connection:
                 self._sender = None
 
     async def _receive_loop(self) -> None:
+        # INIT's time counts from the connection, not from the last message: a client that
+        # sends anything else does not stay unauthenticated longer
+        init_deadline = self.services.sessions.clock.now() + self.settings.init_timeout_s
         while not self._closing:
-            timeout = None if self.session else self.settings.init_timeout_s
+            if self.outbox is not None:
+                try:  # replies pile up: wait for the client to read them
+                    await self.outbox.make_room(self._backlog, self.settings.send_stall_s)
+                except Overflow:
+                    log.warning("session %s: client not reading; closing",
+                                self.session.session_id if self.session else "-")
+                    await self._close(CLOSE_POLICY, "client not reading")
+                    return
             try:
-                async with asyncio.timeout(timeout):
-                    message = await self.ws.receive()
+                message = await self._receive(init_deadline)
             except TimeoutError:
                 await self.report(InvalidSession(
                     f"no INIT within {self.settings.init_timeout_s:g} s", fatal=True))
                 await self._close(CLOSE_POLICY, "INIT timeout")
                 return
+            if message is None:
+                continue  # the dropped messages' report was due
             if message["type"] == "websocket.disconnect":
                 return  # the client went away: nothing to report, the caller tears down
             try:
@@ -161,14 +183,45 @@ class Connection:
                 log.exception("connection %s: request failed", self.user_id)
                 await self.report(InternalError("internal error; the request was dropped"))
 
+    def _backlog(self) -> int:
+        """Events waiting for this client: in its outbox, and on their way in the feed."""
+        assert self.outbox is not None
+        return self.outbox.pending_events + (self.feed.pending_events if self.feed else 0)
+
+    async def _receive(self, init_deadline: float) -> Mapping[str, Any] | None:
+        """The next client message; None when instead the report of dropped messages fell
+        due (and was sent). TimeoutError: no INIT by ``init_deadline``."""
+        clock = self.services.sessions.clock
+        due = [] if self.session else [init_deadline]
+        if (report_at := self._drops.due_at()) is not None:
+            due.append(report_at)
+        try:
+            async with asyncio.timeout(min(due) - clock.now() if due else None):
+                return await self.ws.receive()
+        except TimeoutError:
+            dropped = self._drops.take(clock.now())
+            if dropped:
+                await self.report(self._rate_limited(dropped))
+                return None
+            if self.session is None and clock.now() >= init_deadline:
+                raise
+            return None
+
+    def _rate_limited(self, dropped: int) -> RateLimitExceeded:
+        return RateLimitExceeded(
+            f"more than {self.settings.max_messages_per_s:g} messages per second: {dropped} "
+            "dropped (reported at most once a second)",
+            {"max_messages_per_s": self.settings.max_messages_per_s,
+             "message_burst": self.settings.message_burst, "dropped": dropped})
+
     async def _handle(self, message: Mapping[str, Any]) -> None:
-        if not self._bucket.take(self.services.sessions.clock.now()):
+        now = self.services.sessions.clock.now()
+        if not self._bucket.take(now):
             self.services.sessions.metrics.message_rate_limited()
-            raise RateLimitExceeded(
-                f"more than {self.settings.max_messages_per_s:g} messages per second; "
-                "this message was dropped",
-                {"max_messages_per_s": self.settings.max_messages_per_s,
-                 "message_burst": self.settings.message_burst})
+            dropped = self._drops.drop(now)
+            if dropped:
+                raise self._rate_limited(dropped)
+            return  # counted into the next report
         text, data = message.get("text"), message.get("bytes")
         if data is not None:
             size = len(data)
@@ -296,6 +349,8 @@ class Connection:
         await self._attach(session, feed)
 
     async def _attach(self, session: Session, feed: SessionFeed) -> None:
+        if self._pending is not None:
+            self._pending.done()  # authenticated: no longer counted as pending
         await self._send_direct(self._init_success(session))
         self.outbox = Outbox(session, self.settings.send_queue_frames)
         feed.subscribe(self.outbox)

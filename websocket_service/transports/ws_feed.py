@@ -10,8 +10,12 @@ encode.
 Each ``Outbox`` is one connection's bounded send queue. A reader that falls behind loses
 frames there, and then every frame up to the next keyframe (at most one GOP, one second),
 so what it does receive still decodes; it never slows the feed or the other readers.
-Events are never dropped; a connection whose events pile up past ``MAX_PENDING_EVENTS`` is
-not reading at all and is disconnected.
+Events are never dropped. Whether a client reads is judged by its socket, not by how many
+replies wait: while ``REPLY_HIGH_WATER`` events wait for a connection, it reads no more of its
+client's messages (:meth:`Outbox.make_room`), so a client that floods and reads is slowed by
+TCP, never dropped; one that takes nothing from its socket for ``SEND_STALL_S`` meanwhile is
+not reading and is disconnected, and so is any whose events pile up past
+``MAX_PENDING_EVENTS`` (e.g. a viewer far behind its session's owner).
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import contextlib
 import dataclasses
 import logging
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -41,6 +46,7 @@ from ..wire import b64, event_message, frame_message
 log = logging.getLogger(__name__)
 
 MAX_PENDING_EVENTS = 256
+REPLY_HIGH_WATER = 64  # events waiting for a connection before it stops reading its client
 MAX_ENCODE_BATCH = 8  # frames one live-encode call may take (a feed catching up)
 #: stand-ins that a loop frame's message template is made with (each appears once in it)
 _DATA_SLOT, _TS_SLOT, _INDEX_SLOT = "@@frame-data@@", -918273645, -546372819
@@ -79,8 +85,17 @@ class Outbox:
         self.bytes = 0
         self.started = session.clock.now()
         self.delays: deque[float] = deque(maxlen=100)  # frame made -> handed to this reader
+        self._last_send = self.started  # or when the queue last stopped being empty
+        self._moved = asyncio.Event()  # set on every put and send: make_room looks again
+
+    @property
+    def pending_events(self) -> int:
+        return self._events
 
     def put(self, item: Item) -> None:
+        if not self._items:
+            self._last_send = self.session.clock.now()  # the wait for the reader starts now
+        self._moved.set()
         if item.frame is not None:
             if self._skip_to_key and not item.keyframe:
                 self._drop()
@@ -158,12 +173,28 @@ class Outbox:
                 self._events -= 1
                 s.stats.errors_sent += item.is_error
             await ws.send_text(item.text)
+            self._last_send = s.clock.now()
+            self._moved.set()
             self.sent += item.frame is not None
             self.bytes += len(item.text)
             if item.frame is not None:
                 f = item.frame
                 s.stats.frame_sent(f.audio_arrival, f.created, s.clock.now(), len(item.text))
                 self.delays.append(s.clock.now() - f.created)
+
+    async def make_room(self, backlog: Callable[[], int], stall_s: float) -> None:
+        """Return once fewer than ``REPLY_HIGH_WATER`` events wait for this reader (``backlog``
+        counts them, those still on their way in the feed too); the caller reads no more client
+        messages until then. Raises Overflow if meanwhile nothing was taken from the socket for
+        ``stall_s``: the client is not reading."""
+        while backlog() >= REPLY_HIGH_WATER:
+            waited = self.session.clock.now() - self._last_send
+            if self._items and waited >= stall_s:
+                raise Overflow
+            self._moved.clear()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(stall_s - waited if self._items else stall_s):
+                    await self._moved.wait()
 
     async def drain(self, ws: WebSocket, timeout: float = 2.0) -> None:
         """Send the events still queued (frames are dropped), e.g. before closing."""
@@ -202,6 +233,7 @@ class SessionFeed:
         self._templates: dict[tuple[str, str, bool], tuple[tuple[str, ...], tuple[str, ...]]] = {}
         self._queue: deque[OutputFrame | SessionEvent | ServiceError] = deque()
         self._frames = 0
+        self.pending_events = 0  # events queued here, not yet handed to the outboxes
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
 
@@ -242,6 +274,7 @@ class SessionFeed:
         if self.encoder is not None:
             await self.encoder.close()
         self._queue.clear()
+        self.pending_events = 0
         self.outboxes.clear()
 
     def subscribe(self, outbox: Outbox) -> None:
@@ -280,6 +313,7 @@ class SessionFeed:
 
     def on_event(self, event: SessionEvent | ServiceError) -> None:
         self._queue.append(event)
+        self.pending_events += 1
         self._wake.set()
 
     # ------------------------------------------------------------------ encoding
@@ -296,6 +330,7 @@ class SessionFeed:
                 self._frames -= 1
                 outs = await self._encode(item)
             else:
+                self.pending_events -= 1
                 msg = event_message(s.session_id, item, s.avatar.names)
                 outs = [Item(msg.to_json(), is_error=msg.type == "ERROR")]
             for out in outs:
