@@ -202,6 +202,9 @@ def test_browser_hears_the_user_and_the_avatar_lip_syncs_the_echo(
         assert events(page, "vad-user-started-speaking"), "the VAD heard the user"
         assert page.locator("#state").inner_text() in ("listening", "user speaking", "thinking")
         f = frames(page)
+        page.click("#mic")  # mute: the track sends silence
+        assert page.evaluate("window.avatarClient.micOn") is False
+        assert page.locator("#mic").inner_text() == "Mic on"
     fps = rate(before, after)
     audio_db = level_db(f[:, 3])
     lag, r = lag_correlation(f[:, 1], audio_db)
