@@ -302,3 +302,29 @@ def _raw_client(port: int, path: str) -> tuple[socket.socket, ClientProtocol]:
 def _send(sock: socket.socket, proto: ClientProtocol, msg: dict[str, Any] | str) -> None:
     proto.send_text((msg if isinstance(msg, str) else json.dumps(msg)).encode())
     sock.sendall(b"".join(proto.data_to_send()))
+
+
+async def test_a_viewer_that_stops_reading_is_closed_while_its_owner_floods(
+        make_server: MakeServer, caplog: pytest.LogCaptureFixture) -> None:
+    """Events for a reader whose socket is blocked stay bounded even if it sends nothing."""
+    server = make_server()
+    owner, reply = await Client.connect(server.ws, video_config=BIG_FRAMES)
+    assert reply is not None and reply["type"] == "INIT_SUCCESS"
+    owner.decode = False
+    sock, proto = _raw_client(server.settings.port, "/musetalk/v1/ws/u1")
+    _send(sock, proto, envelope("INIT", owner.session_id, user_id="u1", viewer=True))
+    try:
+        feed = server.services.ws_feeds[owner.session_id]
+        async with asyncio.timeout(20):  # the viewer's buffers are full: its frames drop
+            while not (len(feed.outboxes) == 2 and feed.outboxes[1].dropped):
+                await owner.recv_for(0.05)
+        replies = await _flood_and_read(owner, _flood(owner.session_id), lambda r: len(r) >= 1000)
+        assert len(replies) == 1000
+        async with asyncio.timeout(20):  # the viewer is disconnected, the owner streams on
+            while len(feed.outboxes) > 1:
+                await owner.recv_for(0.05)
+        assert "client not reading" in caplog.text
+        await _still_streams(owner)
+    finally:
+        sock.close()
+        await owner.close()

@@ -79,6 +79,7 @@ class Connection:
         self._sender: asyncio.Task[None] | None = None
         self._recv: asyncio.Task[None]
         self._closing = False
+        self._not_reading = False  # its events piled up past their bound: close it
         self._bucket = TokenBucket(self.settings.max_messages_per_s, self.settings.message_burst,
                                    services.sessions.clock.now())
         self._drops = DropReport()  # messages over the rate: one error a second with a count
@@ -132,6 +133,10 @@ class Connection:
         try:
             # the sender cancels the receive task if the client stops reading
             await asyncio.wait({self._recv})
+            if self._not_reading:
+                log.warning("session %s: client not reading; closing",
+                            self.session.session_id if self.session else "-")
+                await self._close(CLOSE_POLICY, "client not reading")
             if not self._recv.cancelled():
                 exc = self._recv.exception()
                 if exc is not None and not isinstance(exc, WebSocketDisconnect):
@@ -353,8 +358,15 @@ class Connection:
             self._pending.done()  # authenticated: no longer counted as pending
         await self._send_direct(self._init_success(session))
         self.outbox = Outbox(session, self.settings.send_queue_frames)
+        self.outbox.on_overflow = self._overflowed
         feed.subscribe(self.outbox)
         self._sender = asyncio.create_task(self._send_loop(), name=f"ws-send-{session.session_id[:8]}")
+
+    def _overflowed(self) -> None:
+        """Events pile up past their bound (e.g. a viewer that sends nothing and reads nothing
+        while its session's owner is busy): stop; :meth:`run` closes the socket."""
+        self._not_reading = True
+        self._recv.cancel()
 
     def _init_success(self, session: Session) -> ServerMessage:
         names = session.avatar.names

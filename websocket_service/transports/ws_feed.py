@@ -87,6 +87,9 @@ class Outbox:
         self.delays: deque[float] = deque(maxlen=100)  # frame made -> handed to this reader
         self._last_send = self.started  # or when the queue last stopped being empty
         self._moved = asyncio.Event()  # set on every put and send: make_room looks again
+        #: called (once) when events pile up past MAX_PENDING_EVENTS: the sender may be stuck
+        #: in a send that never completes, where it cannot see that itself
+        self.on_overflow: Callable[[], None] | None = None
 
     @property
     def pending_events(self) -> int:
@@ -109,6 +112,9 @@ class Outbox:
             self._frames += 1
         else:
             self._events += 1
+            if self._events > MAX_PENDING_EVENTS and self.on_overflow is not None:
+                overflow, self.on_overflow = self.on_overflow, None
+                overflow()
         self._items.append(item)
         self._wake.set()
 
