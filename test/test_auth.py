@@ -66,6 +66,7 @@ async def test_every_protected_rest_route_needs_the_bearer_token(make_server: Ma
         ("POST", f"/sessions/{sid}/action/nod", {}),
         ("POST", f"/sessions/{sid}/interrupt", {}),
         ("POST", f"/sessions/{sid}/end_of_speech", {}),
+        ("POST", f"/sessions/{sid}/view_token", {}),
     ]
     async with httpx.AsyncClient(base_url=server.http, timeout=10) as http:
         for route in [*routes, ("GET", "/jobs/whatever", {})]:

@@ -18,6 +18,7 @@ from typing import Any
 
 import av
 import httpx
+import jwt
 import pytest
 import websockets
 
@@ -32,6 +33,17 @@ from .wsclient import read_wav
 
 MAX_SESSIONS = 2
 CHUNK = 1280  # 40 ms of 16 kHz s16le: one frame's audio
+# users connect with JWTs of their own; the test's REST calls act as the operator
+SECRET = "a-jwt-secret-of-at-least-32-bytes!!"
+OPERATOR = {"Authorization": "Bearer operator-token"}
+
+
+def bearer(user_id: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {user_token(user_id)}"}
+
+
+def user_token(user_id: str) -> str:
+    return jwt.encode({"sub": user_id, "exp": int(time.time() + 3600)}, SECRET, algorithm="HS256")
 
 
 class Cluster:
@@ -40,7 +52,7 @@ class Cluster:
         self.ws = f"ws://127.0.0.1:{port}"
 
     def get(self, path: str) -> Any:
-        r = httpx.get(self.http + path, timeout=30)
+        r = httpx.get(self.http + path, headers=OPERATOR, timeout=30)
         r.raise_for_status()
         return r.json() if r.headers["content-type"].startswith("application/json") else r.text
 
@@ -54,7 +66,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
                         # cost frames (drop-oldest for slow readers, overdue speech dropped,
                         # silent frames dropped to catch up)
                         max_speech_lag_frames=10_000, send_queue_frames=250,
-                        catch_up_in_pauses=False)
+                        catch_up_in_pauses=False, jwt_secret=SECRET, auth_token="operator-token")
     # half a CPU each: Ray may start a replacement replica while the killed one's CPU is held
     spec = ClusterSettings(replicas=2, replica_cpus=0.5, drain_timeout_s=5.0,
                            max_queued_sessions=1, ray_address=None)
@@ -96,7 +108,7 @@ class Peer:
     async def open(cls, base: str, user_id: str) -> Peer:
         ws = await websockets.connect(f"{base}/musetalk/v1/ws/{user_id}", max_size=2**24)
         peer = cls(ws, user_id)
-        await peer.send("INIT", user_id=user_id,
+        await peer.send("INIT", user_id=user_id, auth_token=user_token(user_id),
                         video_config={"resolution": "512x512", "fps": 25})
         peer.reader = asyncio.create_task(peer._read())
         return peer
@@ -214,12 +226,26 @@ async def test_sessions_spread_full_cluster_refuses_and_a_replica_kill_spares_th
     metrics = cluster.get("/metrics")
     for rid in by_replica:
         assert f'avatar_sessions{{replica="{rid}"}} {MAX_SESSIONS}' in metrics
-    # session controls reach the replica that holds the session
-    for peer in peers:
-        ack = httpx.post(f"{cluster.http}/sessions/{peer.session_id}/end_of_speech", timeout=30)
+    # session controls reach the replica that holds the session, for its own user only
+    for i, peer in enumerate(peers):
+        ack = httpx.post(f"{cluster.http}/sessions/{peer.session_id}/end_of_speech",
+                         headers=bearer(f"user{i}"), timeout=30)
         assert ack.status_code == 200 and ack.json()["session_id"] == peer.session_id
-    missing = httpx.post(f"{cluster.http}/sessions/nope/interrupt", timeout=30)
+        other = bearer(f"user{(i + 1) % len(peers)}")
+        for r in (httpx.post(f"{cluster.http}/sessions/{peer.session_id}/interrupt",
+                             headers=other, timeout=30),
+                  httpx.get(f"{cluster.http}/sessions/{peer.session_id}", headers=other,
+                            timeout=30)):
+            assert r.status_code == 403 and r.json()["code"] == "AUTH_FAILED", r.text
+            assert r.json()["details"] == {"session_id": peer.session_id, "reason": "not_owner"}
+        mine = httpx.get(f"{cluster.http}/sessions", headers=bearer(f"user{i}"), timeout=30)
+        assert [s["session_id"] for s in mine.json()["sessions"]] == [peer.session_id]
+    assert 'session="' not in metrics  # no session ids in the open /metrics while auth is on
+    missing = httpx.post(f"{cluster.http}/sessions/nope/interrupt", headers=OPERATOR, timeout=30)
     assert missing.status_code == 404 and missing.json()["code"] == "INVALID_SESSION"
+    missing = httpx.post(f"{cluster.http}/sessions/nope/interrupt", headers=bearer("user0"),
+                         timeout=30)
+    assert missing.status_code == 403 and missing.json()["details"]["reason"] == "not_owner"
 
     # the cluster is full: a fifth session is refused with the protocol's error, at once
     fifth, reply = await open_session(cluster, "user-fifth")

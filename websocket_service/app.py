@@ -18,7 +18,7 @@ from . import __version__
 from .api import management, metrics, rest, session_control
 from .api.body_guard import BodyGuard
 from .config import Settings, get_settings
-from .errors import AuthFailed, ServiceError
+from .errors import ServiceError
 from .manager import Services
 from .media import threads as media_threads
 from .transports import recording, signaling, websocket
@@ -67,7 +67,7 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
 
     @app.exception_handler(ServiceError)
     async def _service_error(_: Request, exc: ServiceError) -> JSONResponse:
-        headers = {"WWW-Authenticate": "Bearer"} if isinstance(exc, AuthFailed) else None
+        headers = {"WWW-Authenticate": "Bearer"} if exc.http_status == 401 else None
         return rest.error_response(exc.code, exc.message, exc.details, exc.http_status, headers)
 
     @app.exception_handler(RequestValidationError)

@@ -81,6 +81,13 @@ class Settings(BaseSettings):
     allowed_origins: list[str] = Field(default_factory=list)
     max_sessions_per_user: int = Field(0, ge=0)  # 0: only MAX_SESSIONS applies
     max_sessions_per_ip: int = Field(0, ge=0)
+    # receive-only viewers (WebSocket INIT.data.viewer and WebRTC), 0: no limit of that kind
+    max_viewers: int = Field(1000, ge=0)
+    max_viewers_per_session: int = Field(100, ge=0)
+    max_viewers_per_ip: int = Field(100, ge=0)
+    # GET /metrics with this Bearer token gains per-session gauges (session ids); without it,
+    # /metrics is open and carries no session ids while any auth is configured
+    metrics_token: str | None = None
     # client messages per connection: a token bucket refilled at this rate, of this size
     max_messages_per_s: float = Field(100.0, gt=0)
     message_burst: int = Field(1000, ge=1)
@@ -128,7 +135,7 @@ class Settings(BaseSettings):
     rtc_host_addresses: list[str] = Field(default_factory=list)
     max_rtc_clients: int = Field(16, ge=1)
 
-    @field_validator("auth_token", "jwt_secret", "jwt_public_key")
+    @field_validator("auth_token", "jwt_secret", "jwt_public_key", "metrics_token")
     @classmethod
     def _empty_is_none(cls, v: str | None) -> str | None:
         return v or None

@@ -9,7 +9,8 @@ ServiceError
  ├── ProcessingError         PROCESSING_ERROR       engine or media failure for one request
  ├── RateLimitExceeded       RATE_LIMIT_EXCEEDED    too much buffered audio, too many sessions
  ├── PayloadTooLarge         PAYLOAD_TOO_LARGE      an HTTP body over its route's limit (413)
- ├── AuthFailed              AUTH_FAILED            wrong or missing token (fatal)
+ ├── AuthFailed              AUTH_FAILED            wrong or missing token (fatal, 401)
+ │    └── NotYours           AUTH_FAILED            a valid token, someone else's (or no) session (403)
  └── InternalError           INTERNAL_ERROR         anything unexpected (details never leak)
 
 ``fatal`` says whether the transport should close the connection after reporting it.
@@ -80,6 +81,17 @@ class AuthFailed(ServiceError):
     code = "AUTH_FAILED"
     fatal = True
     http_status = 401
+
+
+class NotYours(AuthFailed):
+    """A valid token naming a session that is not its user's. The same answer for a session
+    that does not exist, so that another user learns nothing, not even that the id exists."""
+
+    http_status = 403
+
+    def __init__(self, ident: str, kind: str = "session") -> None:
+        super().__init__(f"no {kind} {ident[:64]} of this user",
+                         {f"{kind}_id": ident[:64], "reason": "not_owner"})
 
 
 class InternalError(ServiceError):

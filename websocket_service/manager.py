@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hmac
 import logging
+import secrets
 import threading
 import time
 from typing import Any, Protocol
@@ -49,6 +51,10 @@ class SessionManager:
         #: (user_id, client address) of every reserved or live session, for the per-user and
         #: per-address limits
         self._owners: dict[str, tuple[str, str | None]] = {}
+        #: view grants: the token that lets its holder watch a session (its owner shares it)
+        self._grants: dict[str, str] = {}
+        #: every admitted viewer (WebSocket or WebRTC): its session and client address
+        self._viewers: dict[str, tuple[str, str | None]] = {}
         self.metrics = ServiceMetrics()
 
     def _reserve(self, session_id: str, user_id: str, client_ip: str | None) -> None:
@@ -126,6 +132,49 @@ class SessionManager:
         except KeyError:
             raise InvalidSession(f"no active session {session_id}", {"session_id": session_id}) from None
 
+    # ---------------------------------------------------------------- viewers
+    def grant_view(self, session_id: str) -> str:
+        """The session's view token (made on first use): whoever holds it may watch."""
+        self.get(session_id)
+        return self._grants.setdefault(session_id, secrets.token_urlsafe(24))
+
+    def revoke_view(self, session_id: str) -> bool:
+        """Forget the view token: viewers already watching stay, new ones need a new grant."""
+        self.get(session_id)
+        return self._grants.pop(session_id, None) is not None
+
+    def view_granted(self, session_id: str, *tokens: str | None) -> bool:
+        grant = self._grants.get(session_id)
+        if grant is None:
+            return False
+        want = grant.encode()
+        return any(t is not None and hmac.compare_digest(t.encode(), want) for t in tokens)
+
+    def admit_viewer(self, session_id: str, client_ip: str | None) -> str:
+        """Count a viewer of ``session_id`` against the viewer limits (per session, per
+        address, in all); its key, for :meth:`release_viewer`. Raises RateLimitExceeded."""
+        s = self.settings
+        rows = self._viewers.values()
+        for limit, count, name in (
+                (s.max_viewers, len(self._viewers), "max_viewers"),
+                (s.max_viewers_per_session, sum(sid == session_id for sid, _ in rows),
+                 "max_viewers_per_session"),
+                (s.max_viewers_per_ip if client_ip is not None else 0,
+                 sum(ip == client_ip for _, ip in rows), "max_viewers_per_ip")):
+            if limit and count >= limit:
+                raise RateLimitExceeded(f"viewer limit reached ({name.upper()}={limit})",
+                                        {name: limit}, fatal=True)
+        key = f"viewer-{secrets.token_hex(8)}"
+        self._viewers[key] = (session_id, client_ip)
+        return key
+
+    def release_viewer(self, key: str | None) -> None:
+        if key is not None:
+            self._viewers.pop(key, None)
+
+    def viewer_count(self) -> int:
+        return len(self._viewers)
+
     def latest(self) -> Session | None:
         """The most recently opened session still active."""
         return next(reversed(self.sessions.values()), None)
@@ -160,6 +209,9 @@ class SessionManager:
             except Exception:  # noqa: BLE001 - one failing attachment must not keep the session
                 log.exception("session %s: closing %r failed", session_id, thing)
         self._owners.pop(session_id, None)
+        self._grants.pop(session_id, None)
+        for key in [k for k, (sid, _) in self._viewers.items() if sid == session_id]:
+            del self._viewers[key]  # its viewers are closed with it (their attachments)
         if session is not None:
             await session.close()
             st = session.stats

@@ -6,6 +6,11 @@ signed with the configured key (HS256 with ``JWT_SECRET``; RS256 or ES256 with
 ``JWT_PUBLIC_KEY``), not expired (``exp`` is required), whose ``sub`` is the user_id it is
 used for (REST requests carry no user_id; any valid subject is accepted there).
 
+Authentication gives a :class:`Principal`: a JWT's subject, who may act only on its own
+sessions, or the operator (the static ``AUTH_TOKEN``, or no auth configured: the single-tenant
+mode), who may act on all. What a principal may do to whose session is decided in
+:mod:`.access`.
+
 REST routes depend on :func:`require_token` (an ``Authorization: Bearer`` header); the
 WebSocket transports, which browsers cannot give headers, call :func:`authorize` with the
 token their protocol carries. Both raise :class:`AuthFailed`, which the edge translates to
@@ -15,6 +20,7 @@ token their protocol carries. Both raise :class:`AuthFailed`, which the edge tra
 from __future__ import annotations
 
 import hmac
+from dataclasses import dataclass
 from typing import Annotated, Any
 
 import jwt
@@ -36,6 +42,25 @@ UNAUTHORIZED: dict[int | str, dict[str, Any]] = {
 
 HS_ALGORITHMS = ["HS256"]
 PK_ALGORITHMS = ["RS256", "ES256"]
+
+
+@dataclass(frozen=True)
+class Principal:
+    """Who a request acts for. ``subject``: a JWT's ``sub``; ``None``: the operator (the
+    static ``AUTH_TOKEN``, or auth off), who may act on every session."""
+
+    subject: str | None
+
+    @property
+    def operator(self) -> bool:
+        return self.subject is None
+
+    def owns(self, user_id: str) -> bool:
+        """May act on what ``user_id`` owns (sessions, recordings, figures)."""
+        return self.subject is None or self.subject == user_id
+
+
+OPERATOR = Principal(None)
 
 
 def token_matches(expected: str | None, *given: str | None) -> bool:
@@ -69,13 +94,13 @@ def _jwt_claims(settings: Settings, token: str) -> dict[str, Any] | None:
     return None
 
 
-def authorize(settings: Settings, user_id: str | None, *given: str | None) -> None:
-    """Raise :class:`AuthFailed` unless auth is off or one of ``given`` is acceptable for
-    ``user_id`` (``None``: a request without a user, e.g. REST)."""
+def authorize(settings: Settings, user_id: str | None, *given: str | None) -> Principal:
+    """Who ``given`` authenticates, for ``user_id`` (``None``: a request without a user, e.g.
+    REST); raise :class:`AuthFailed` unless auth is off or one of ``given`` is acceptable."""
     if not auth_required(settings):
-        return
+        return OPERATOR
     if settings.auth_token and token_matches(settings.auth_token, *given):
-        return
+        return OPERATOR
     if settings.jwt_secret or settings.jwt_public_key:
         for token in given:
             if not token:
@@ -85,7 +110,7 @@ def authorize(settings: Settings, user_id: str | None, *given: str | None) -> No
                 continue
             if user_id is not None and claims.get("sub") != user_id:
                 raise AuthFailed("the token's subject is not this user_id", {"reason": "subject"})
-            return
+            return Principal(str(claims["sub"]))
     raise AuthFailed("auth token is missing or wrong")
 
 
@@ -104,10 +129,15 @@ def bearer_token(credentials: HTTPAuthorizationCredentials | None) -> str | None
 Credentials = Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]
 
 
-async def require_token(request: Request, credentials: Credentials) -> None:
-    """FastAPI dependency: the request must carry ``Authorization: Bearer <token>``."""
-    authorize(request.app.state.services.settings, None, bearer_token(credentials))
+async def require_token(request: Request, credentials: Credentials) -> Principal:
+    """FastAPI dependency: the request must carry ``Authorization: Bearer <token>``; who it
+    authenticates."""
+    return authorize(request.app.state.services.settings, None, bearer_token(credentials))
 
 
-__all__ = ["UNAUTHORIZED", "Credentials", "auth_required", "authorize", "bearer", "bearer_token",
+#: a route's parameter: who the request acts for (the token checked once per request)
+Caller = Annotated[Principal, Depends(require_token)]
+
+
+__all__ = ["OPERATOR", "UNAUTHORIZED", "Caller", "Credentials", "Principal", "auth_required", "authorize", "bearer", "bearer_token",
            "origin_allowed", "require_token", "token_matches"]

@@ -28,7 +28,8 @@ from ..manager import Services
 from ..protocol import VideoConfig
 from ..realtime import AudioFeeder, read_audio
 from ..units import ID_PATTERN
-from .auth import UNAUTHORIZED, require_token
+from .access import check_user, owned_session
+from .auth import UNAUTHORIZED, Caller, require_token
 from .media_dir import check_suffix, media_file
 from .rest import ErrorBody, JobOut, check_job_slot, check_media_size, error_response, job_out
 
@@ -39,7 +40,8 @@ router = APIRouter(prefix="/api/webrtc", tags=["management"],
 
 SERVER_TRANSPORT = "server"
 PATH = Query(min_length=1, max_length=1024, description="a file inside MEDIA_DIR")
-WHY = {400: "bad input, or a path that leads out of MEDIA_DIR", 404: "no such file, avatar or session",
+WHY = {400: "bad input, or a path that leads out of MEDIA_DIR",
+       403: "a JWT naming another user's session, or one that does not exist", 404: "no such file, avatar or session",
        409: "a session with this id is active", 422: "the audio file cannot be decoded",
        429: "too many sessions or preparations", 503: "the engine could not load; the message says why"}
 
@@ -132,6 +134,7 @@ async def prepare(request: Request,
              responses=_errors(400, 404, 409, 422, 429))
 async def realtime_start(
     request: Request,
+    caller: Caller,
     session_id: Annotated[str | None, Query(pattern=ID_PATTERN,
                                             description="a new id (default: a UUID)")] = None,
     avatar_id: Annotated[str | None, Query(pattern=ID_PATTERN,
@@ -140,11 +143,16 @@ async def realtime_start(
         min_length=1, max_length=1024,
         description="a WAV (any rate or channels) or other audio file inside MEDIA_DIR; "
                     "without it the session only idles")] = None,
-    user_id: Annotated[str, Query(pattern=ID_PATTERN)] = "server",
+    user_id: Annotated[str | None, Query(
+        pattern=ID_PATTERN,
+        description="the session's owner (default: the token's subject, else 'server'); a "
+                    "JWT may open sessions only for its own subject")] = None,
 ) -> RealtimeOut | JSONResponse:
     """Start a server-side session that plays ``audio_path`` lip-synced, then idles, until
     ``/realtime/stop`` or shutdown. Watch it with ``POST /offer`` ``{"session_id": ...}``."""
     svc = _services(request)
+    user_id = user_id or caller.subject or "server"
+    check_user(caller, user_id)
     pcm = None
     if audio_path is not None:
         pcm = await asyncio.to_thread(read_audio, media_file(svc.settings.media_dir, audio_path))
@@ -168,12 +176,12 @@ async def realtime_start(
                        audio_seconds=round(feeder.seconds, 3) if feeder else 0.0)
 
 
-@router.post("/realtime/stop", response_model=StopOut, responses=_errors(400, 404))
-async def realtime_stop(request: Request,
+@router.post("/realtime/stop", response_model=StopOut, responses=_errors(400, 403, 404))
+async def realtime_stop(request: Request, caller: Caller,
                         session_id: Annotated[str, Query(pattern=ID_PATTERN)]) -> StopOut:
     """Close a server-side session; its viewers are disconnected."""
     mgr = _services(request).sessions
-    if mgr.get(session_id).transport != SERVER_TRANSPORT:
+    if owned_session(mgr, caller, session_id).transport != SERVER_TRANSPORT:
         raise InvalidMessage("this session belongs to a client connection and closes with it",
                              {"session_id": session_id})
     await mgr.close(session_id)

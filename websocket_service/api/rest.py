@@ -16,7 +16,8 @@ from ..avatars.probe import check_source
 from ..avatars.store import PrepareJob, validate_avatar_id
 from ..errors import InvalidMessage, InvalidSession, ModelNotFound, PayloadTooLarge, ProcessingError
 from ..manager import Services
-from .auth import UNAUTHORIZED, require_token
+from .access import owned_session
+from .auth import UNAUTHORIZED, Caller, require_token
 from .media_dir import check_suffix, media_file
 
 public = APIRouter()  # open even when AUTH_TOKEN is set
@@ -55,7 +56,8 @@ class JobOut(BaseModel):
 
 
 ERRORS: dict[int | str, dict[str, Any]] = {
-    400: {"model": ErrorBody}, 404: {"model": ErrorBody}, 413: {"model": ErrorBody},
+    400: {"model": ErrorBody}, 403: {"model": ErrorBody}, 404: {"model": ErrorBody},
+    413: {"model": ErrorBody},
     429: {"model": ErrorBody},
 }
 
@@ -71,19 +73,20 @@ async def health(request: Request) -> dict[str, Any]:
 
 
 @router.get("/sessions", tags=["service"])
-async def sessions(request: Request) -> dict[str, Any]:
-    """Every active session with its counters and latency percentiles."""
+async def sessions(request: Request, caller: Caller) -> dict[str, Any]:
+    """Every active session of the caller's user (the operator: every session) with its
+    counters and latency percentiles."""
     svc = _services(request)
     mgr = svc.sessions
-    items = [s.describe() for s in mgr.sessions.values()]
+    items = [s.describe() for s in mgr.sessions.values() if caller.owns(s.user_id)]
     return {"count": len(items), "max_sessions": mgr.settings.max_sessions,
             "engine": {"name": svc.engine.name, **svc.engine.stats()}, "sessions": items}
 
 
 @router.get("/sessions/{session_id}", tags=["service"], responses=ERRORS)
-async def session_detail(request: Request, session_id: str) -> dict[str, Any]:
+async def session_detail(request: Request, session_id: str, caller: Caller) -> dict[str, Any]:
     try:
-        return _services(request).sessions.get(session_id).describe()
+        return owned_session(_services(request).sessions, caller, session_id).describe()
     except InvalidSession:
         raise ModelNotFound(f"no active session {session_id}", {"session_id": session_id[:64]}) from None
 

@@ -23,7 +23,8 @@ from ..manager import Services
 from ..protocol import pcm_from_bytes
 from ..session import Session
 from ..units import SAMPLE_RATE
-from .auth import UNAUTHORIZED, require_token
+from .access import owned_session
+from .auth import UNAUTHORIZED, Caller, require_token
 
 router = APIRouter(tags=["session control"], dependencies=[Depends(require_token)],
                    responses=UNAUTHORIZED)
@@ -37,9 +38,9 @@ class AudioBody(BaseModel):
     end_of_speech: bool = False
 
 
-def _session(request: Request, session_id: str) -> Session:
+def _session(request: Request, session_id: str, caller: Caller) -> Session:
     services: Services = request.app.state.services
-    return services.sessions.get(session_id)
+    return owned_session(services.sessions, caller, session_id)
 
 
 def _ack(session: Session, **extra: Any) -> dict[str, Any]:
@@ -55,10 +56,10 @@ def _pcm(raw: bytes, max_ms: int) -> np.ndarray:
 
 
 @router.post("/sessions/{session_id}/audio", status_code=202)
-async def push_audio(request: Request, session_id: str,
+async def push_audio(request: Request, session_id: str, caller: Caller,
                      end_of_speech: bool = Query(False)) -> dict[str, Any]:
     """Queue speech for the avatar to say; it is played on the session's own timeline."""
-    session = _session(request, session_id)
+    session = _session(request, session_id, caller)
     max_ms = int(session.settings.max_buffered_audio_s * 1000)
     body = await request.body()
     if request.headers.get("content-type", "").startswith("application/json"):
@@ -76,24 +77,48 @@ async def push_audio(request: Request, session_id: str,
 
 
 @router.post("/sessions/{session_id}/action/{name}", status_code=202)
-async def action(request: Request, session_id: str, name: str) -> dict[str, Any]:
-    session = _session(request, session_id)
+async def action(request: Request, session_id: str, name: str, caller: Caller) -> dict[str, Any]:
+    session = _session(request, session_id, caller)
     session.start_action(name)
     return _ack(session, action=name)
 
 
 @router.post("/sessions/{session_id}/interrupt")
-async def interrupt(request: Request, session_id: str) -> dict[str, Any]:
-    session = _session(request, session_id)
+async def interrupt(request: Request, session_id: str, caller: Caller) -> dict[str, Any]:
+    session = _session(request, session_id, caller)
     session.interrupt()
     return _ack(session)
 
 
 @router.post("/sessions/{session_id}/end_of_speech")
-async def end_of_speech(request: Request, session_id: str) -> dict[str, Any]:
-    session = _session(request, session_id)
+async def end_of_speech(request: Request, session_id: str, caller: Caller) -> dict[str, Any]:
+    session = _session(request, session_id, caller)
     session.end_of_speech()
     return _ack(session)
+
+
+class ViewToken(BaseModel):
+    session_id: str
+    view_token: str = Field(description="lets its holder watch this session, receive-only: "
+                                        "INIT.data.auth_token with viewer, or auth_token of "
+                                        "POST /offer and of the signaling offer")
+
+
+@router.post("/sessions/{session_id}/view_token", response_model=ViewToken)
+async def grant_view(request: Request, session_id: str, caller: Caller) -> ViewToken:
+    """Share the session with viewers: its owner gets the token that lets anyone who holds it
+    watch (the same token until revoked; it ends with the session)."""
+    session = _session(request, session_id, caller)
+    token = request.app.state.services.sessions.grant_view(session.session_id)
+    return ViewToken(session_id=session.session_id, view_token=token)
+
+
+@router.delete("/sessions/{session_id}/view_token")
+async def revoke_view(request: Request, session_id: str, caller: Caller) -> dict[str, Any]:
+    """Stop sharing: new viewers need a new grant; those watching stay."""
+    session = _session(request, session_id, caller)
+    revoked = request.app.state.services.sessions.revoke_view(session.session_id)
+    return {"session_id": session.session_id, "revoked": revoked}
 
 
 @public.get("/samples/{name}", include_in_schema=False)

@@ -70,13 +70,13 @@ class SessionReplica:
         self.service_app = create_app(services=self.services)
         return _AtRoot(self.service_app)
 
-    async def sessions(self) -> dict[str, Any]:
-        """This replica's part of ``GET /sessions``."""
-        return front.replica_sessions(self.services)
+    async def sessions(self, subject: str | None = None) -> dict[str, Any]:
+        """This replica's part of ``GET /sessions`` (``subject``'s sessions; None: all)."""
+        return front.replica_sessions(self.services, subject)
 
-    async def metrics(self) -> dict[str, Any]:
+    async def metrics(self, with_sessions: bool = False) -> dict[str, Any]:
         """This replica's ``GET /metrics`` text."""
-        return front.replica_metrics(self.services)
+        return front.replica_metrics(self.services, with_sessions)
 
     async def forward(self, session_id: str, request: dict[str, Any]) -> dict[str, Any] | None:
         """A session-control request for ``session_id``, if this replica holds the session."""

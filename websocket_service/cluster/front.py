@@ -20,8 +20,9 @@ from fastapi.routing import APIRoute, APIWebSocketRoute
 from ray.serve.handle import DeploymentHandle
 from starlette.types import ASGIApp
 
-from ..api.auth import UNAUTHORIZED, require_token
-from ..errors import InternalError, InvalidMessage, InvalidSession, ModelNotFound
+from ..api.auth import UNAUTHORIZED, Caller, Credentials, Principal, require_token
+from ..api.metrics import session_gauges_allowed
+from ..errors import InternalError, InvalidMessage, InvalidSession, ModelNotFound, NotYours
 from ..manager import Services
 
 #: how long the front waits for the replicas' answers
@@ -34,20 +35,24 @@ open_router = APIRouter()
 
 
 # ------------------------------------------------------------------ on each session replica
-def replica_sessions(services: Services) -> dict[str, Any]:
+def replica_sessions(services: Services, subject: str | None = None) -> dict[str, Any]:
+    """This replica's sessions: ``subject``'s only, unless None (the operator)."""
     mgr = services.sessions
     rid = services.replica_id
+    caller = Principal(subject)
     return {"replica_id": rid, "count": len(mgr.sessions),
             "max_sessions": services.settings.max_sessions,
             "engine": {"name": services.engine.name, **services.engine.stats()},
-            "sessions": [{**s.describe(), "replica_id": rid} for s in mgr.sessions.values()]}
+            "sessions": [{**s.describe(), "replica_id": rid} for s in mgr.sessions.values()
+                         if caller.owns(s.user_id)]}
 
 
-def replica_metrics(services: Services) -> dict[str, Any]:
+def replica_metrics(services: Services, with_sessions: bool = False) -> dict[str, Any]:
     mgr = services.sessions
-    text = mgr.metrics.render((s.stats for s in mgr.sessions.values()),
-                              services.settings.max_sessions,
-                              {"name": services.engine.name, **services.engine.stats()})
+    live = {sid: s.stats for sid, s in mgr.sessions.items()}
+    text = mgr.metrics.render(live.values(), services.settings.max_sessions,
+                              {"name": services.engine.name, **services.engine.stats()},
+                              live if with_sessions else None)
     return {"replica_id": services.replica_id, "text": text}
 
 
@@ -77,9 +82,11 @@ async def _gather(request: Request, method: str, *args: Any) -> list[Any]:
 
 
 @router.get("/sessions", tags=["service"])
-async def sessions(request: Request) -> dict[str, Any]:
-    """Every active session on every replica, each with its ``replica_id``."""
-    parts = sorted(await _gather(request, "sessions"), key=lambda p: str(p["replica_id"]))
+async def sessions(request: Request, caller: Caller) -> dict[str, Any]:
+    """Every active session of the caller's user (the operator: all) on every replica, each
+    with its ``replica_id``."""
+    parts = sorted(await _gather(request, "sessions", caller.subject),
+                   key=lambda p: str(p["replica_id"]))
     items = [s for p in parts for s in p["sessions"]]
     return {"count": len(items), "max_sessions": sum(p["max_sessions"] for p in parts),
             "replicas": [{k: p[k] for k in ("replica_id", "count", "max_sessions", "engine")}
@@ -88,16 +95,20 @@ async def sessions(request: Request) -> dict[str, Any]:
 
 
 @router.get("/sessions/{session_id}", tags=["service"])
-async def session_detail(request: Request, session_id: str) -> dict[str, Any]:
-    for part in await _gather(request, "sessions"):
+async def session_detail(request: Request, session_id: str, caller: Caller) -> dict[str, Any]:
+    for part in await _gather(request, "sessions", caller.subject):
         for s in part["sessions"]:
             if s["session_id"] == session_id:
                 return s
+    if not caller.operator:
+        raise NotYours(session_id)  # another user's, or none: one answer
     raise ModelNotFound(f"no active session {session_id}", {"session_id": session_id[:64]})
 
 
-@router.post("/sessions/{session_id}/{control:path}", include_in_schema=False)
-async def session_control(request: Request, session_id: str, control: str) -> Response:
+@router.api_route("/sessions/{session_id}/{control:path}", methods=["POST", "DELETE"],
+                  include_in_schema=False)
+async def session_control(request: Request, session_id: str, control: str,
+                          caller: Caller) -> Response:
     """Forward to the replica that holds the session; it answers with its own routes."""
     forwarded = {"method": request.method, "path": request.url.path,
                  "query": str(request.url.query),
@@ -106,6 +117,8 @@ async def session_control(request: Request, session_id: str, control: str) -> Re
     for answer in await _gather(request, "forward", session_id, forwarded):
         if answer is not None:
             return Response(answer["body"], answer["status"], media_type=answer["media_type"])
+    if not caller.operator:
+        raise NotYours(session_id)
     raise InvalidSession(f"no active session {session_id}", {"session_id": session_id[:64]})
 
 
@@ -117,9 +130,10 @@ async def offer() -> None:
 
 
 @open_router.get("/metrics", tags=["service"])
-async def metrics(request: Request) -> Response:
-    """Every replica's counters, labelled ``replica``."""
-    parts = await _gather(request, "metrics")
+async def metrics(request: Request, credentials: Credentials) -> Response:
+    """Every replica's counters, labelled ``replica`` (per-session gauges as on one host)."""
+    allowed = session_gauges_allowed(request.app.state.services.settings, credentials)
+    parts = await _gather(request, "metrics", allowed)
     text = merge_metrics({str(p["replica_id"]): p["text"] for p in parts})
     return Response(text, media_type="text/plain; version=0.0.4")
 

@@ -40,11 +40,12 @@ class RecordingInfo:
     frames: int = 0
     started: float = field(default_factory=time.time)
     finished: float | None = None
+    user_id: str = ""  # the session's owner: only they (or the operator) may list or fetch it
 
     def as_dict(self) -> dict[str, Any]:
         size = self.path.stat().st_size if self.path.exists() else 0
         return {"recording_id": self.recording_id, "session_id": self.session_id,
-                "status": self.status, "reason": self.reason, "frames": self.frames,
+                "user_id": self.user_id, "status": self.status, "reason": self.reason, "frames": self.frames,
                 "duration_s": round(self.frames * SAMPLES_PER_FRAME / SAMPLE_RATE, 3),
                 "bytes": size, "url": f"/recordings/{self.recording_id}"}
 

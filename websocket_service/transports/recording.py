@@ -16,8 +16,9 @@ from typing import Any
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import FileResponse
 
-from ..api.auth import UNAUTHORIZED, require_token
-from ..errors import InvalidSession, ModelNotFound, RateLimitExceeded
+from ..api.access import owned_session
+from ..api.auth import UNAUTHORIZED, Caller, Principal, require_token
+from ..errors import InvalidSession, ModelNotFound, NotYours, RateLimitExceeded
 from ..manager import Services
 from ..media.recorder import Recorder, RecordingInfo
 from ..session import Session
@@ -57,7 +58,7 @@ class Recordings:
                            {"used_mb": used // 2**20, "max_mb": self.max_bytes // 2**20})
         self.dir.mkdir(parents=True, exist_ok=True)
         rid = uuid.uuid4().hex
-        info = RecordingInfo(rid, sid, self.dir / f"{rid}.mp4")
+        info = RecordingInfo(rid, sid, self.dir / f"{rid}.mp4", user_id=session.user_id)
         v = session.video
         rec = Recorder(info, v.width, v.height, v.fps, self.max_bytes - used)
         feed = await ensure_feed(self.services, session)
@@ -68,6 +69,9 @@ class Recordings:
         while len(self.known) > MAX_KEPT:
             self.known.pop(next(iter(self.known)))
         return info
+
+    def visible(self, caller: Principal) -> list[RecordingInfo]:
+        return [i for i in self.known.values() if caller.owns(i.user_id)]
 
     async def stop(self, session_id: str) -> RecordingInfo:
         entry = self.running.pop(session_id, None)
@@ -98,28 +102,33 @@ def _recordings(request: Request) -> Recordings:
 
 
 @router.post("/sessions/{session_id}/recording", status_code=201)
-async def start_recording(request: Request, session_id: str) -> dict[str, Any]:
+async def start_recording(request: Request, session_id: str, caller: Caller) -> dict[str, Any]:
     """Start recording the session (its own H.264 packets, remuxed, and its audio as AAC)."""
-    session = request.app.state.services.sessions.get(session_id)
+    session = owned_session(request.app.state.services.sessions, caller, session_id)
     return (await _recordings(request).start(session)).as_dict()
 
 
 @router.delete("/sessions/{session_id}/recording")
-async def stop_recording(request: Request, session_id: str) -> dict[str, Any]:
+async def stop_recording(request: Request, session_id: str, caller: Caller) -> dict[str, Any]:
     """Stop the session's recording and finish the file; answers where to download it."""
+    owned_session(request.app.state.services.sessions, caller, session_id)
     return (await _recordings(request).stop(session_id)).as_dict()
 
 
 @router.get("/recordings")
-async def list_recordings(request: Request) -> dict[str, Any]:
+async def list_recordings(request: Request, caller: Caller) -> dict[str, Any]:
+    """The caller's user's recordings (the operator: all), and the folder's disk use."""
     recs = _recordings(request)
-    return {"recordings": [i.as_dict() for i in recs.known.values()],
+    return {"recordings": [i.as_dict() for i in recs.visible(caller)],
             "used_mb": round(recs.used_bytes() / 2**20, 1), "max_mb": recs.max_bytes // 2**20}
 
 
 @router.get("/recordings/{recording_id}", response_model=None)
-async def download_recording(request: Request, recording_id: str) -> FileResponse:
+async def download_recording(request: Request, recording_id: str,
+                             caller: Caller) -> FileResponse:
     info = _recordings(request).known.get(recording_id)
+    if not caller.operator and (info is None or not caller.owns(info.user_id)):
+        raise NotYours(recording_id, "recording")  # another user's, or none: one answer
     if info is None or info.status != "done" or not info.path.exists():
         raise ModelNotFound(f"no finished recording {recording_id[:64]}",
                             {"recording_id": recording_id[:64]})

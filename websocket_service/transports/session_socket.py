@@ -2,13 +2,15 @@
 
 The same gate for each: the Origin allow-list (before the handshake: a 403), then the token
 (``?token=``: the static AUTH_TOKEN, or a JWT whose subject is the session's user), then the
-session. A refusal is one ``ERROR`` envelope and close 1008.
+session (:func:`~..api.access.owned_session`: a JWT learns nothing of other users' sessions).
+A refusal is one ``ERROR`` envelope and close 1008.
 """
 
 from __future__ import annotations
 
 from fastapi import WebSocket
 
+from ..api.access import owned_session
 from ..api.auth import authorize, origin_allowed
 from ..errors import ServiceError
 from ..manager import Services
@@ -26,10 +28,8 @@ async def open_session_socket(ws: WebSocket, session_id: str) -> Session | None:
         return None
     await ws.accept()
     try:
-        token = ws.query_params.get("token")
-        authorize(services.settings, None, token)  # nothing about sessions before auth
-        session = services.sessions.get(session_id)
-        authorize(services.settings, session.user_id, token)  # a JWT: the session's user
+        principal = authorize(services.settings, None, ws.query_params.get("token"))
+        session = owned_session(services.sessions, principal, session_id)
     except ServiceError as err:
         await ws.send_text(error_message(err, None).to_json())
         await ws.close(code=CLOSE_POLICY)

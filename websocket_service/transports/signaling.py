@@ -28,9 +28,12 @@ from fastapi import APIRouter, Request, WebSocket, WebSocketDisconnect
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 from starlette.websockets import WebSocketState
 
+from ..api.access import check_user, owned_session, viewable_session
 from ..api.auth import (
+    OPERATOR,
     UNAUTHORIZED,
     Credentials,
+    Principal,
     auth_required,
     authorize,
     bearer_token,
@@ -118,15 +121,22 @@ async def offer(request: Request, body: OfferRequest, credentials: Credentials) 
     """Answer a WebRTC offer with a new session. Poll ``GET /sessions/{session_id}``
     (``rtc.connection_state``) to learn about failures; the session closes with the peer.
     With ``session_id``, attach a receive-only viewer to that running session instead
-    (404 ``INVALID_SESSION`` if there is none); it is disconnected when the session closes.
+    (404 ``INVALID_SESSION`` if there is none; with a JWT, 403 ``AUTH_FAILED`` for a session
+    that is not its user's, unless ``auth_token`` is the session's view grant); it is
+    disconnected when the session closes.
     With ``AUTH_TOKEN`` set, send it as a Bearer header or as ``auth_token`` in the body."""
     hub = _hub(request.app)
-    authorize(hub.settings, body.user_id, bearer_token(credentials), body.auth_token)
-    if body.session_id is not None:
-        peer = await hub.view(body.session_id, body.sdp, body.type)
+    tokens = (bearer_token(credentials), body.auth_token)
+    client_ip = request.client.host if request.client else None
+    if body.session_id is not None:  # a viewer: the session's owner, or a view grant
+        viewable_session(hub.settings, hub.services.sessions, body.session_id, body.user_id,
+                         *tokens)
+        peer = await hub.view(body.session_id, body.sdp, body.type, client_ip)
     elif body.user_id is None:
+        authorize(hub.settings, None, *tokens)
         raise InvalidMessage("send user_id to open a session, or session_id to view one")
     else:
+        authorize(hub.settings, body.user_id, *tokens)  # a JWT: its subject is user_id
         peer = await hub.connect(
             body.user_id, body.sdp, body.type,
             VideoConfig(avatar_id=body.avatar_id, base_video=body.base_video))
@@ -145,6 +155,9 @@ class SignalingConnection:
         self.key = f"sig-{uuid.uuid4()}"
         self.peer: RtcPeer | None = None
         self.authed = not auth_required(hub.settings)
+        #: who the socket acts for; None while unauthenticated, or when it holds only a view
+        #: grant (it may then watch that session, nothing else)
+        self.principal: Principal | None = OPERATOR if self.authed else None
         self.close_code = 1000
         self.outbox: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue(MAX_OUTBOX)
         #: until authenticated: one of its address's pending sockets, and no client slot
@@ -173,7 +186,7 @@ class SignalingConnection:
         url_token = self.ws.query_params.get("token")
         if url_token is not None and not self.authed:
             try:
-                authorize(self.hub.settings, self.user_id, url_token)
+                self.principal = authorize(self.hub.settings, self.user_id, url_token)
             except AuthFailed as err:
                 await self._refuse(err, CLOSE_POLICY)
                 return
@@ -266,7 +279,9 @@ class SignalingConnection:
         if not self.authed:
             if not isinstance(msg, SigOffer):
                 raise AuthFailed("send the auth token as ?token= or in the first message, an offer")
-            authorize(self.hub.settings, self.user_id, msg.auth_token)
+            if not (msg.session_id is not None and self.hub.services.sessions.view_granted(
+                    msg.session_id, msg.auth_token)):
+                self.principal = authorize(self.hub.settings, self.user_id, msg.auth_token)
             self.authed = True
             self._admit()
         if isinstance(msg, SigPing):
@@ -288,10 +303,14 @@ class SignalingConnection:
 
     async def _offer(self, msg: SigOffer) -> None:
         await self._drop_peer("renegotiated with a new offer")
+        mgr = self.hub.services.sessions
         if msg.session_id is not None:
-            self.peer = await self.hub.view(msg.session_id, msg.sdp, "offer",
+            if not mgr.view_granted(msg.session_id, msg.auth_token):
+                owned_session(mgr, self._principal(), msg.session_id)
+            self.peer = await self.hub.view(msg.session_id, msg.sdp, "offer", self._client_ip(),
                                             notify=self.send, slot=self.key)
         else:
+            check_user(self._principal(), self.user_id)
             self.peer = await self.hub.connect(
                 self.user_id, msg.sdp, "offer",
                 VideoConfig(avatar_id=msg.avatar_id, base_video=msg.base_video),
@@ -299,6 +318,14 @@ class SignalingConnection:
         desc = self.peer.pc.localDescription
         self.send({"type": "answer", "sdp": desc.sdp, "session_id": self.peer.session_id,
                    "viewer": self.peer.viewer})
+
+    def _principal(self) -> Principal:
+        if self.principal is None:
+            raise AuthFailed("a view grant only lets this socket watch its session")
+        return self.principal
+
+    def _client_ip(self) -> str | None:
+        return self.ws.client.host if self.ws.client else None
 
     async def _candidate(self, msg: SigCandidate) -> None:
         if self.peer is None:

@@ -251,6 +251,7 @@ class RtcPeer:
         finally:
             self.hub.release(self.key)
             if self.viewer:
+                self.hub.services.sessions.release_viewer(self.key)
                 self.hub.count_viewers(self.session)
             self._closed.set()
 
@@ -310,13 +311,19 @@ class RtcHub:
                 self.release(session_id)
             raise
 
-    async def view(self, session_id: str, sdp: str, type_: str, notify: Notify | None = None,
-                   slot: str | None = None) -> RtcPeer:
-        """Attach a receive-only viewer peer to the running session ``session_id``."""
-        session = self.services.sessions.get(session_id)
-        key = f"viewer-{uuid.uuid4()}"
+    async def view(self, session_id: str, sdp: str, type_: str, client_ip: str | None,
+                   notify: Notify | None = None, slot: str | None = None) -> RtcPeer:
+        """Attach a receive-only viewer peer to the running session ``session_id`` (the
+        caller has checked that it may watch; this checks the viewer limits)."""
+        mgr = self.services.sessions
+        session = mgr.get(session_id)
+        key = mgr.admit_viewer(session_id, client_ip)
         if slot is None:
-            self.reserve(key)
+            try:
+                self.reserve(key)
+            except RateLimitExceeded:
+                mgr.release_viewer(key)
+                raise
         peer = RtcPeer(self, session, notify, viewer_key=key)
         self.peers[key] = peer
         try:
@@ -329,6 +336,7 @@ class RtcHub:
             with contextlib.suppress(Exception):
                 await peer.pc.close()
             self.release(peer.key)
+            mgr.release_viewer(key)
             raise
 
     async def close_all(self) -> None:

@@ -19,6 +19,7 @@ from fastapi import WebSocket, WebSocketDisconnect
 from pydantic import ValidationError
 from starlette.websockets import WebSocketState
 
+from ..api.access import viewable_session
 from ..api.auth import authorize, origin_allowed
 from ..errors import (
     InternalError,
@@ -76,6 +77,7 @@ class Connection:
         self.outbox: Outbox | None = None
         self.feed: SessionFeed | None = None
         self.viewer = False  # receive-only: a viewer of someone else's session
+        self._viewer_key: str | None = None  # its place in the viewer limits
         self._sender: asyncio.Task[None] | None = None
         self._recv: asyncio.Task[None]
         self._closing = False
@@ -318,6 +320,7 @@ class Connection:
         session.start_action(d.action_type, pcm, legacy=True)
 
     def _check_init(self, msg: InitMsg) -> None:
+        """What INIT must satisfy, owner or viewer (a viewer's token is checked in _view)."""
         if self.session is not None:
             raise InvalidMessage("this connection already has a session",
                                  {"session_id": self.session.session_id})
@@ -325,7 +328,8 @@ class Connection:
         if d.user_id != self.user_id:
             raise InvalidMessage("INIT user_id does not match the URL's user_id",
                                  {"url_user_id": self.user_id})
-        authorize(self.settings, self.user_id, d.auth_token)
+        if not d.viewer:
+            authorize(self.settings, self.user_id, d.auth_token)
         if d.video_config.fps is not None and d.video_config.fps != self.settings.fps:
             raise InvalidMessage(f"this server streams at {self.settings.fps} fps",
                                  {"fps": self.settings.fps})
@@ -334,9 +338,9 @@ class Connection:
         """A new session, owned by this connection."""
         self._check_init(msg)
         session_id = msg.session_id or str(uuid.uuid4())
-        client_ip = self.ws.client.host if self.ws.client else None
         session = await self.services.sessions.create(session_id, self.user_id,
-                                                      msg.data.video_config, client_ip=client_ip)
+                                                      msg.data.video_config,
+                                                      client_ip=self._client_ip())
         self.session = session
         self.feed = await ensure_feed(self.services, session)
         await self._attach(session, self.feed)
@@ -347,11 +351,18 @@ class Connection:
         self._check_init(msg)
         if msg.session_id is None:
             raise InvalidMessage("a viewer names the session it views in session_id")
-        session = self.services.sessions.get(msg.session_id)
+        mgr = self.services.sessions
+        # its owner, or a holder of its view grant
+        session = viewable_session(self.settings, mgr, msg.session_id, self.user_id,
+                                   msg.data.auth_token)
+        self._viewer_key = mgr.admit_viewer(session.session_id, self._client_ip())
         # e.g. a server-side session has no feed until someone watches it
         feed = await ensure_feed(self.services, session)
         self.session, self.feed, self.viewer = session, feed, True
         await self._attach(session, feed)
+
+    def _client_ip(self) -> str | None:
+        return self.ws.client.host if self.ws.client else None
 
     async def _attach(self, session: Session, feed: SessionFeed) -> None:
         if self._pending is not None:
@@ -401,6 +412,7 @@ class Connection:
         self._recv.cancel()
 
     async def _teardown(self) -> None:
+        self.services.sessions.release_viewer(self._viewer_key)
         if self._sender is not None:
             self._sender.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
