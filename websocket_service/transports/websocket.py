@@ -413,6 +413,8 @@ class Connection:
 
     async def _teardown(self) -> None:
         self.services.sessions.release_viewer(self._viewer_key)
+        if self.outbox is not None:
+            self.outbox.on_overflow = None  # a bound method of ours: no cycle outlives us
         if self._sender is not None:
             self._sender.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
