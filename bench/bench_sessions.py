@@ -2,7 +2,7 @@
 
     python bench/bench_sessions.py            # full ramp, ~3-6 min
     python bench/bench_sessions.py --quick    # ~1 min
-    python bench/bench_sessions.py --burst-levels 256,512   # cold bursts (bench/burst.py)
+    python -m bench.burst --levels 256,512   # cold bursts: bench/burst.py
 
 It starts the server itself in a subprocess (so its CPU can be read from /proc/<pid>/stat apart
 from the clients'), then for each level N runs N WebSocket clients in this one asyncio process:
@@ -515,19 +515,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--speaking-levels", help="comma-separated speaking session counts")
     ap.add_argument("--duration", type=float, help="measured seconds per level")
     ap.add_argument("--out", default=str(ROOT / "docs" / "bench_sessions.md"))
-    ap.add_argument("--burst-levels", help="comma-separated K: instead of the ramps, a fresh "
-                    "server per K and K idle sessions connecting at once (bench/burst.py)")
-    ap.add_argument("--burst-seconds", type=float, default=12.0, help="observed per burst")
     args = ap.parse_args(argv)
-    if args.burst_levels:
-        sys.path.insert(0, str(ROOT))
-        from bench.burst import main_burst
-
-        out = ROOT / "docs" / "bench_sessions_burst.md" if "--out" not in (argv or sys.argv) \
-            else Path(args.out)
-        print(main_burst([int(x) for x in args.burst_levels.split(",")], args.burst_seconds,
-                         out, machine()))
-        return 0
     idle = "1,8,16,32" if args.quick else "1,8,16,32,48,64,80,96,128"
     speaking = "1,4,8" if args.quick else "1,4,8,10,12,14,16,20,24"
     args.idle_levels = sorted({int(x) for x in (args.idle_levels or idle).split(",")})

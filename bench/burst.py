@@ -1,7 +1,8 @@
 """Cold burst: a FRESH server, then K idle sessions connecting at the same instant.
 
-What every client does after a deploy, a crash or a replica failover. Run through
-``bench/bench_sessions.py --burst-levels 256,512`` (one fresh server per level). Per session it
+What every client does after a deploy, a crash or a replica failover. Run from the
+repository's root as ``python -m bench.burst --levels 256,512`` (one fresh server per level;
+writes docs/bench_sessions_burst.md). Per session it
 measures the time from connect to its first frame and to *sustained* 24 fps (the first
 moment, in 0.1 s steps and not before its first frame, from which it never falls more than
 2 frames behind 24 fps to the end of the run: see :func:`sustained_at`), and its fps over the steady window (the last
@@ -17,6 +18,7 @@ client comes from 127.0.0.1.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import os
 import resource
@@ -31,8 +33,10 @@ import numpy as np
 
 from bench.bench_sessions import (
     HOLD_FPS,
+    ROOT,
     Client,
     Server,
+    machine,
     machine_busy_s,
     pct,
     proc_cpu_s,
@@ -203,7 +207,7 @@ def table(rows: list[dict[str, Any]]) -> list[str]:
 def report(m: dict[str, str], rows: list[dict[str, Any]], seconds: float, fds: int) -> str:
     problems = [p for r in rows for p in r["problems"]]
     return "\n".join([
-        "## Cold burst benchmark (`bench/bench_sessions.py --burst-levels`)", "",
+        "## Cold burst benchmark (`python -m bench.burst --levels`)", "",
         f"- Machine: {m['cpu']}, {m['cores']} cores, {m['mem']} RAM, no GPU; Python "
         f"{m['python']}, PyAV {m['av']}; {m['date']}. Speed reference: one 512x512 x264 frame "
         f"encodes in {m['x264_ms']} ms.",
@@ -247,3 +251,18 @@ def main_burst(levels: list[int], seconds: float, out: Path, m: dict[str, str]) 
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(text)
     return text
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--levels", default="256,512", help="comma-separated K, a fresh server each")
+    ap.add_argument("--seconds", type=float, default=12.0, help="observed per burst")
+    ap.add_argument("--out", default=str(ROOT / "docs" / "bench_sessions_burst.md"))
+    args = ap.parse_args(argv)
+    print(main_burst([int(x) for x in args.levels.split(",")], args.seconds, Path(args.out),
+                     machine()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
