@@ -55,7 +55,10 @@ async def test_musetalk_speaks_one_frame_per_chunk_touching_only_the_lower_face(
     client, reply = await Client.connect(mt_server.ws)
     assert reply["type"] == "INIT_SUCCESS" and reply["engine"] == "musetalk"
     await client.recv_for(0.3)
-    idle = client.images[-1].astype(int)
+    # the picture before encoding: idle frames are copied from the avatar's shared loop (its own
+    # encoder), speech frames come from the session's encoder, so both are compared with it
+    idle = mt_server.services.store.cached("default").clips["idle"].frames[0].astype(int)
+    assert np.abs(client.images[-1] - idle).mean() < 3.0  # the idle loop shows the base
     pcm = speech(10)
     for i in range(0, len(pcm), 1280):  # ten 40 ms chunks
         await client.send(chunk_msg(client.session_id, pcm[i : i + 1280]))
@@ -68,7 +71,8 @@ async def test_musetalk_speaks_one_frame_per_chunk_touching_only_the_lower_face(
     diff = np.mean([np.abs(im - idle).mean(axis=2) for im in imgs], axis=0)
     face = mt_server.services.store.cached("default").meta["face_box"]
     mid = face[1] + face[3] // 2
-    assert diff[: face[1]].mean() < 1.5, "pixels above the face changed"
+    # one H.264 encode of this 256x256 picture differs from it by ~1.5-2 levels on average
+    assert diff[: face[1]].mean() < 3.0, "pixels above the face changed"
     assert diff[mid:].max() > 20, "the lower face did not change"
     await client.close()
 
