@@ -50,6 +50,7 @@ async def test_concurrent_requests_never_run_more_than_two_jobs(make_server) -> 
                 status = r.json()["status_url"]
                 async with asyncio.timeout(30):
                     while (job := (await http.get(status)).json())["status"] != "done":
+                        assert job["status"] != "failed", (job["message"], job["error"])
                         await asyncio.sleep(0.05)
                 assert job["progress"] == 1.0
         again = await upload("held-again")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import threading
 from functools import cache
+from typing import Any
 
 import cv2
 import numpy as np
@@ -39,13 +40,21 @@ def cascade(name: str) -> cv2.CascadeClassifier:
     return clf
 
 
+def detect(name: str, gray: np.ndarray, scale_factor: float, min_neighbors: int,
+           min_size: tuple[int, int], max_size: tuple[int, int] = (0, 0)) -> Any:
+    """``detectMultiScale`` of the cached cascade ``name``, one call at a time: a cached
+    CascadeClassifier is not thread-safe (two avatar jobs at once failed inside OpenCV)."""
+    with _detect_lock:
+        return cascade(name).detectMultiScale(gray, scale_factor, min_neighbors,
+                                              minSize=min_size, maxSize=max_size)
+
+
 def detect_face(rgb: np.ndarray) -> Box | None:
     """The largest frontal face in an RGB image, or None."""
     gray = cv2.equalizeHist(cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY))
     min_side = max(24, min(gray.shape) // 12)
     for name in ("haarcascade_frontalface_default.xml", "haarcascade_frontalface_alt2.xml"):
-        with _detect_lock:
-            faces = cascade(name).detectMultiScale(gray, 1.1, 5, minSize=(min_side, min_side))
+        faces = detect(name, gray, 1.1, 5, (min_side, min_side))
         if len(faces):
             x, y, w, h = max(faces, key=lambda f: f[2] * f[3])
             return int(x), int(y), int(w), int(h)

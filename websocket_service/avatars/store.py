@@ -29,7 +29,7 @@ import av
 import cv2
 import numpy as np
 
-from ..errors import InvalidMessage, ModelNotFound, ProcessingError, RateLimitExceeded
+from ..errors import InvalidMessage, ModelNotFound, ProcessingError, RateLimitExceeded, ServiceError
 from ..units import ID_RE
 from .face import crop_box_for_face, cut, detect_face
 from .model import Avatar, Clip, ClipKind
@@ -379,9 +379,12 @@ class AvatarStore:
             self.prepare(job.avatar_id, source, progress)
             job.status = "done"
         except Exception as exc:  # noqa: BLE001 - reported through the job, never raised
-            code = getattr(exc, "code", "PROCESSING_ERROR")
-            msg = getattr(exc, "message", None) or "avatar preparation failed"
-            if not hasattr(exc, "code"):
+            # only our own errors say what went wrong (others, e.g. cv2.error, carry a code of
+            # their own that is not ours to show)
+            ours = exc if isinstance(exc, ServiceError) else None
+            code = ours.code if ours else "PROCESSING_ERROR"
+            msg = (ours.message if ours else None) or "avatar preparation failed"
+            if ours is None:
                 log.exception("avatar preparation %s failed", job.avatar_id)
             job.status, job.error = "failed", {"code": code, "message": msg}
         finally:

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
-from ...avatars.face import cascade
+from ...avatars.face import detect
 
 #: columns of a geometry row, in output pixels / radians
 FIELDS = ("cx", "cy", "width", "angle", "nose_y", "face_found", "mouth_found", "teeth",
@@ -59,8 +59,7 @@ def _faces(gray: np.ndarray, scale: float, min_side: int, max_side: int) -> Box 
     small = cv2.resize(gray, None, fx=scale, fy=scale, interpolation=cv2.INTER_AREA)
     small = cv2.equalizeHist(small)
     for name in ("haarcascade_frontalface_default.xml", "haarcascade_frontalface_alt2.xml"):
-        faces = cascade(name).detectMultiScale(small, 1.08, 4, minSize=(min_side, min_side),
-                                                maxSize=(max_side, max_side))
+        faces = detect(name, small, 1.08, 4, (min_side, min_side), (max_side, max_side))
         if len(faces):
             x, y, w, h = max(faces, key=lambda f: f[2] * f[3])
             return x / scale, y / scale, w / scale, h / scale
@@ -94,8 +93,7 @@ def _smile_hint(gray_region: np.ndarray, face_w: float) -> tuple[float, float, f
     scale = min(1.0, SMILE_FACE_SIDE / max(face_w, 1.0))
     small = cv2.resize(gray_region, None, fx=scale, fy=scale, interpolation=cv2.INTER_AREA)
     min_w = max(36, int(0.22 * face_w * scale))
-    boxes = cascade("haarcascade_smile.xml").detectMultiScale(
-        small, 1.1, 8, minSize=(min_w, max(18, min_w // 3)))
+    boxes = detect("haarcascade_smile.xml", small, 1.1, 8, (min_w, max(18, min_w // 3)))
     rh, rw = small.shape
     best, best_d = None, 1e9
     for bx, by, bw, bh in boxes:
