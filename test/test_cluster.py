@@ -218,6 +218,9 @@ async def test_sessions_spread_full_cluster_refuses_and_a_replica_kill_spares_th
         by_replica[rid] = by_replica.get(rid, 0) + 1
     assert sorted(by_replica.values()) == [MAX_SESSIONS, MAX_SESSIONS], by_replica
 
+    # ready: every session replica answers
+    health = cluster.get("/health")
+    assert health["ready"] is True and health["replicas"] == {"up": 2, "target": 2}, health
     # the REST front gathers from every replica
     listed = cluster.get("/sessions")
     assert listed["count"] == 2 * MAX_SESSIONS
@@ -301,6 +304,10 @@ async def test_draining_finishes_open_sessions_and_sends_new_ones_away(cluster: 
     assert peer.utterances() == [list(range(n))] and not drain.done()
     await peer.close()
     await asyncio.wait_for(drain, 60)
+    # no session replica is left: /health says so to a load balancer
+    r = httpx.get(cluster.http + "/health", timeout=30)
+    assert r.status_code == 503 and r.json()["ready"] is False, r.text
+    assert r.json()["replicas"] == {"up": 0, "target": 2} and r.json()["status"] == "not_ready"
 
 
 def test_settings_reach_replicas_as_absolute_paths(tmp_path: Path,

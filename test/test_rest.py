@@ -28,6 +28,7 @@ def test_health_and_landing_page(server):
     assert h["status"] == "ok" and h["engine"] == "geometric" and h["model_loaded"]
     assert h["device"] == "cpu" and h["version"]
     assert h["sessions"] == 0 and h["max_sessions"] == server.settings.max_sessions
+    assert h["ready"] is True and h["replicas"] is None  # one process: no replicas to wait for
     later = server.get("/health").json()
     assert later["uptime_s"] >= h["uptime_s"] > 0  # counts from start-up, forwards
     page = server.get("/")

@@ -281,7 +281,9 @@ class Services:
                 "model_loaded": bool(info.get("loaded")), "device": info.get("device"),
                 "engine_info": info, "uptime_s": round(time.time() - self.started, 3),
                 "sessions": len(self.sessions.sessions),
-                "max_sessions": self.settings.max_sessions}
+                "max_sessions": self.settings.max_sessions,
+                # uvicorn answers only after start-up (engine, default avatar, idle loop)
+                "ready": bool(info.get("loaded")), "replicas": None}
 
     async def aclose(self) -> None:
         await self.sessions.close_all()

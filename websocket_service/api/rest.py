@@ -41,6 +41,10 @@ class Health(BaseModel):
     uptime_s: float
     sessions: int
     max_sessions: int
+    ready: bool = Field(description="takes sessions now: the engine is loaded (on the cluster: "
+                                    "every session replica is up; else 503 with this body)")
+    replicas: dict[str, int] | None = Field(
+        None, description="on the cluster: session replicas answering (up) and wanted (target)")
 
 
 class JobOut(BaseModel):
@@ -66,9 +70,11 @@ def _services(request: Request) -> Services:
     return request.app.state.services
 
 
-@public.get("/health", response_model=Health, tags=["service"])
+@public.get("/health", response_model=Health, tags=["service"],
+            responses={503: {"model": Health, "description": "not ready (the cluster: session "
+                                                             "replicas missing)"}})
 async def health(request: Request) -> dict[str, Any]:
-    """Liveness plus what the engine loaded."""
+    """Liveness plus what the engine loaded, and whether sessions can be taken (``ready``)."""
     return _services(request).health()
 
 

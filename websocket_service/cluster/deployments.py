@@ -89,13 +89,14 @@ class RestFront:
     (the weight-free one prepares avatars' frames; each replica adds its engine's analysis
     when it first loads one)."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, target_replicas: int = 1) -> None:
         self.settings = settings
+        self.target_replicas = target_replicas
 
     def __serve_build_asgi_app__(self) -> ASGIApp:
         replicas: DeploymentHandle = serve.get_deployment_handle(SESSION_DEPLOYMENT, SESSION_APP)
         app = create_app(self.settings)
-        front.install(app, replicas)
+        front.install(app, replicas, self.target_replicas)
         return app
 
 
@@ -123,7 +124,7 @@ def build(settings: Settings, cluster: ClusterSettings) -> dict[str, Any]:
         name=FRONT_DEPLOYMENT,
         num_replicas=1, max_ongoing_requests=64, ray_actor_options={"num_cpus": 0})(RestFront)
     return {SESSION_APP: (sessions.bind(settings), SESSION_PREFIX),
-            FRONT_APP: (rest.bind(rest_settings), "/")}
+            FRONT_APP: (rest.bind(rest_settings, cluster.replicas or cluster.min_replicas), "/")}
 
 
 def run(settings: Settings, cluster: ClusterSettings) -> None:

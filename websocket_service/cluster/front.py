@@ -16,6 +16,7 @@ from typing import Any
 
 import httpx
 from fastapi import APIRouter, Depends, FastAPI, Request, Response, WebSocket
+from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute, APIWebSocketRoute
 from ray.serve.handle import DeploymentHandle
 from starlette.types import ASGIApp
@@ -129,6 +130,22 @@ async def offer() -> None:
                          "/musetalk/v1/rtc/{user_id}.")
 
 
+@open_router.get("/health", tags=["service"])
+async def health(request: Request) -> Response:
+    """The front's health, ready when every wanted session replica answers (else 503): what a
+    load balancer's readiness probe asks."""
+    services: Services = request.app.state.services
+    try:
+        up = len(await _gather(request, "sessions", None))
+    except Exception:  # noqa: BLE001 - no session application (starting, drained): none up
+        up = 0
+    target: int = request.app.state.target_replicas
+    body = {**services.health(), "replicas": {"up": up, "target": target}}
+    body["ready"] = bool(body["ready"]) and up >= target
+    body["status"] = "ok" if body["ready"] else "not_ready"
+    return JSONResponse(body, 200 if body["ready"] else 503)
+
+
 @open_router.get("/metrics", tags=["service"])
 async def metrics(request: Request, credentials: Credentials) -> Response:
     """Every replica's counters, labelled ``replica`` (per-session gauges as on one host)."""
@@ -169,10 +186,12 @@ async def no_sessions_here(ws: WebSocket) -> None:
     await ws.close(CLOSE_TRY_AGAIN, "no session replica is taking sessions; try again later")
 
 
-def install(app: FastAPI, replicas: DeploymentHandle) -> None:
+def install(app: FastAPI, replicas: DeploymentHandle, target_replicas: int = 1) -> None:
     """Put the cluster's routes in place of the single-process ones with the same path, and
-    refuse sessions (they belong on the session replicas)."""
+    refuse sessions (they belong on the session replicas); ``target_replicas``: how many must
+    answer for ``/health`` to say ready."""
     app.state.replicas = replicas
+    app.state.target_replicas = target_replicas
     routes = app.router.routes
     routes[:] = [r for r in routes if not isinstance(r, APIWebSocketRoute)]
     app.add_api_websocket_route("/musetalk/{path:path}", no_sessions_here)

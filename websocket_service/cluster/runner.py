@@ -36,8 +36,8 @@ def deploy(settings: Settings, cluster: ClusterSettings) -> None:
     """Start Serve's HTTP proxy on ``HOST:PORT`` and run both applications."""
     serve.start(http_options={"host": settings.host, "port": settings.port})
     deployments.run(settings, cluster)
-    log.info("serving on %s:%d: %s", settings.host, settings.port,
-             serve.status().applications.keys())
+    log.info("ready to take sessions on %s:%d (GET /health says ready): %s", settings.host,
+             settings.port, sorted(serve.status().applications.keys()))
 
 
 def drain_sessions(poll_s: float = 1.0) -> None:
