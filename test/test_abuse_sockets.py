@@ -14,12 +14,10 @@ from typing import Any
 import pytest
 import websockets
 from websockets.client import ClientProtocol
-from websockets.protocol import State
-from websockets.uri import parse_uri
 
 from .live_server import LiveServer
 from .rtc_client import ClientPeer
-from .wsclient import Client, envelope, flatten
+from .wsclient import Client, envelope, flatten, next_of_type, raw_ws_client
 
 MakeServer = Callable[..., LiveServer]
 TOKEN = "s3cret"
@@ -30,14 +28,6 @@ LONG_INT = '{"type": "PING", "session_id": null, "data": {"t": ' + "9" * 200_000
 def _rtc_server(make_server: MakeServer, **kw: Any) -> LiveServer:
     return make_server(auth_token=TOKEN, rtc_host_addresses=["127.0.0.1"], default_width=256,
                        default_height=256, **kw)
-
-
-async def _next(ws: Any, want: str, timeout: float = 15.0) -> dict[str, Any]:
-    async with asyncio.timeout(timeout):
-        while True:
-            msg = json.loads(await ws.recv())
-            if msg["type"] == want:
-                return msg
 
 
 async def _closed(ws: Any, timeout: float = 10.0) -> tuple[int | None, str]:
@@ -59,14 +49,14 @@ async def test_idle_unauthenticated_signaling_sockets_take_no_client_slot(
     idle = [await websockets.connect(url) for _ in range(4)]  # N + 2, never authenticating
     for ws in idle:  # each is open and answered (not refused for want of a slot)
         await ws.send(json.dumps({"type": "hello"}))
-        assert (await _next(ws, "error"))["code"] == "INVALID_MESSAGE"
+        assert (await next_of_type(ws, "error"))["code"] == "INVALID_MESSAGE"
     assert server.services.pending.count("127.0.0.1") == 4
 
     client = ClientPeer()
     offer = await client.offer()
     async with websockets.connect(url) as ws:  # the 5th pending socket: within the bound
         await ws.send(json.dumps({"type": "offer", "sdp": offer.sdp, "auth_token": TOKEN}))
-        answer = await _next(ws, "answer")
+        answer = await next_of_type(ws, "answer")
         assert answer["session_id"] and not answer["viewer"]
         await client.accept(answer["sdp"])
         await client.wait_connected()
@@ -74,15 +64,15 @@ async def test_idle_unauthenticated_signaling_sockets_take_no_client_slot(
 
         async with websockets.connect(url) as late:  # 4 idle + this one: still within
             async with websockets.connect(url) as over:  # the 6th pending one is refused
-                err = await _next(over, "error")
+                err = await next_of_type(over, "error")
                 assert err["code"] == "RATE_LIMIT_EXCEEDED"
                 assert err["details"] == {"max_pending_per_ip": 5}
                 code, reason = await _closed(over)
                 assert code == 1013 and "unauthenticated" in reason
             await late.send(json.dumps({"type": "ping", "t": 1}))  # not an offer: refused
-            assert (await _next(late, "error"))["code"] == "AUTH_FAILED"
+            assert (await next_of_type(late, "error"))["code"] == "AUTH_FAILED"
         await ws.send(json.dumps({"type": "bye"}))
-        await _next(ws, "disconnected")
+        await next_of_type(ws, "disconnected")
     await client.close()
     for ws in idle:
         await ws.close()
@@ -111,7 +101,7 @@ async def test_pending_sockets_are_closed_at_the_init_timeout(make_server: MakeS
     assert closed.value.rcvd is not None and closed.value.rcvd.code == 1008
     assert replies[-1]["type"] == "ERROR" and replies[-1]["code"] == "INVALID_SESSION"
     assert replies[-1]["message"] == "no INIT within 1 s"
-    err = await _next(sig, "error")
+    err = await next_of_type(sig, "error")
     assert err["code"] == "AUTH_FAILED"
     code, _ = await _closed(sig)
     assert code == 1008
@@ -162,10 +152,10 @@ async def test_deep_json_and_long_numbers_on_the_signaling_socket(make_server: M
         # as sent (over the signaling size limit), and cut to fit under it
         for bad in (DEEP, LONG_INT, "[" * 30_000 + "]" * 30_000, "9" * 60_000):
             await ws.send(bad)
-            err = await _next(ws, "error")
+            err = await next_of_type(ws, "error")
             assert err["code"] == "INVALID_MESSAGE", err
             await ws.send(json.dumps({"type": "ping", "t": 4}))
-            assert (await _next(ws, "pong"))["t"] == 4
+            assert (await next_of_type(ws, "pong"))["t"] == 4
 
 
 async def test_deep_json_and_long_numbers_on_the_bridge_socket(make_server: MakeServer) -> None:
@@ -264,7 +254,7 @@ async def test_a_flooding_client_that_stops_reading_is_closed(make_server: MakeS
     """The counterpart: one that floods and never reads is still closed as not reading."""
     server = make_server(send_stall_s=1.0)
     session_id = str(uuid.uuid4())
-    sock, proto = _raw_client(server.settings.port, "/musetalk/v1/ws/flood")
+    sock, proto = raw_ws_client(server.settings.port, "/musetalk/v1/ws/flood", timeout=20)
     # big all-keyframe frames, so that its socket buffers fill at once
     _send(sock, proto, envelope("INIT", session_id, user_id="flood", video_config={
         "resolution": "1024x1024", "gop_seconds": 0.04, "bitrate": 20_000_000}))
@@ -283,22 +273,6 @@ async def test_a_flooding_client_that_stops_reading_is_closed(make_server: MakeS
         sock.close()
 
 
-def _raw_client(port: int, path: str) -> tuple[socket.socket, ClientProtocol]:
-    """A WebSocket client on a raw socket (websockets' sans-I/O protocol) that reads nothing
-    after the handshake, so that its buffers fill up."""
-    s = socket.create_connection(("127.0.0.1", port), timeout=20)
-    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-    proto = ClientProtocol(parse_uri(f"ws://127.0.0.1:{port}{path}"))
-    proto.send_request(proto.connect())
-    s.sendall(b"".join(proto.data_to_send()))
-    while proto.state is State.CONNECTING:
-        data = s.recv(4096)
-        assert data, "the server closed the connection during the handshake"
-        proto.receive_data(data)
-    assert proto.handshake_exc is None, proto.handshake_exc
-    return s, proto
-
-
 def _send(sock: socket.socket, proto: ClientProtocol, msg: dict[str, Any] | str) -> None:
     proto.send_text((msg if isinstance(msg, str) else json.dumps(msg)).encode())
     sock.sendall(b"".join(proto.data_to_send()))
@@ -311,7 +285,7 @@ async def test_a_viewer_that_stops_reading_is_closed_while_its_owner_floods(
     owner, reply = await Client.connect(server.ws, video_config=BIG_FRAMES)
     assert reply is not None and reply["type"] == "INIT_SUCCESS"
     owner.decode = False
-    sock, proto = _raw_client(server.settings.port, "/musetalk/v1/ws/u1")
+    sock, proto = raw_ws_client(server.settings.port, "/musetalk/v1/ws/u1", timeout=20)
     _send(sock, proto, envelope("INIT", owner.session_id, user_id="u1", viewer=True))
     try:
         feed = server.services.ws_feeds[owner.session_id]

@@ -18,7 +18,7 @@ from skimage import data
 from .browser import chromium
 from .live_server import LiveServer
 from .rtc_client import ClientPeer
-from .wsclient import Client
+from .wsclient import Client, next_of_type
 
 TOKEN = "s3cret"
 GOOD = {"Authorization": f"Bearer {TOKEN}"}
@@ -135,16 +135,8 @@ async def test_offer_needs_the_token_as_header_or_in_the_body(make_server: MakeS
             await client.close()
 
 
-async def _next(ws: Any, want: str, timeout: float = 10.0) -> dict[str, Any]:
-    async with asyncio.timeout(timeout):
-        while True:
-            msg = json.loads(await ws.recv())
-            if msg["type"] == want:
-                return msg
-
-
 async def _expect_refusal(ws: Any) -> None:
-    err = await _next(ws, "error")
+    err = await next_of_type(ws, "error")
     assert err["code"] == "AUTH_FAILED", err
     await asyncio.wait_for(ws.wait_closed(), 5)
     assert ws.close_code == 1008
@@ -174,7 +166,7 @@ async def test_signaling_needs_the_token_in_the_url_or_the_first_offer(make_serv
             while True:
                 with contextlib.suppress(websockets.ConnectionClosed):
                     await ws.send(json.dumps({"type": "hello"}))
-                err = await _next(ws, "error")
+                err = await next_of_type(ws, "error")
                 if err["code"] == "AUTH_FAILED":
                     break
                 assert err["code"] == "INVALID_MESSAGE"
@@ -185,21 +177,21 @@ async def test_signaling_needs_the_token_in_the_url_or_the_first_offer(make_serv
 
     async with websockets.connect(url) as ws:
         await ws.send(json.dumps({"type": "offer", "sdp": offer.sdp, "auth_token": TOKEN}))
-        answer = await _next(ws, "answer")
+        answer = await next_of_type(ws, "answer")
         await _answer_and_connect(client, answer["sdp"])
         await ws.send(json.dumps({"type": "ping", "t": 7}))
-        assert (await _next(ws, "pong"))["t"] == 7
+        assert (await next_of_type(ws, "pong"))["t"] == 7
         await ws.send(json.dumps({"type": "bye"}))
-        await _next(ws, "disconnected")
+        await next_of_type(ws, "disconnected")
     await client.close()
 
     client = ClientPeer()
     offer = await client.offer()
     async with websockets.connect(f"{url}?token={TOKEN}") as ws:
         await ws.send(json.dumps({"type": "ping", "t": 8}))
-        assert (await _next(ws, "pong"))["t"] == 8
+        assert (await next_of_type(ws, "pong"))["t"] == 8
         await ws.send(json.dumps({"type": "offer", "sdp": offer.sdp}))
-        await _answer_and_connect(client, (await _next(ws, "answer"))["sdp"])
+        await _answer_and_connect(client, (await next_of_type(ws, "answer"))["sdp"])
     await client.close()
 
 

@@ -9,9 +9,8 @@ import uuid
 from typing import Any
 
 import pytest
-from websockets.client import ClientProtocol
-from websockets.protocol import State
-from websockets.uri import parse_uri
+
+from .wsclient import raw_ws_client
 
 
 def rss_mb() -> float:
@@ -25,17 +24,7 @@ def rss_mb() -> float:
 def non_reading_socket(port: int, path: str, message: dict[str, Any]) -> socket.socket:
     """A raw socket speaking WebSocket through websockets' sans-I/O client protocol: it sends
     ``message`` and then never reads again, so its buffers fill up."""
-    s = socket.socket()
-    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-    s.connect(("127.0.0.1", port))
-    proto = ClientProtocol(parse_uri(f"ws://127.0.0.1:{port}{path}"))
-    proto.send_request(proto.connect())
-    s.sendall(b"".join(proto.data_to_send()))
-    while proto.state is State.CONNECTING:
-        data = s.recv(4096)
-        assert data, "the server closed the connection during the handshake"
-        proto.receive_data(data)
-    assert proto.handshake_exc is None, proto.handshake_exc
+    s, proto = raw_ws_client(port, path)
     proto.send_text(json.dumps(message).encode())
     s.sendall(b"".join(proto.data_to_send()))
     return s

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import socket
 import time
 import uuid
 from pathlib import Path
@@ -17,6 +18,9 @@ from typing import Any
 import av
 import numpy as np
 import websockets
+from websockets.client import ClientProtocol
+from websockets.protocol import State
+from websockets.uri import parse_uri
 
 from bench import run_stream
 
@@ -127,3 +131,29 @@ class Client:
 
     async def close(self) -> None:
         await self.ws.close()
+
+
+async def next_of_type(ws: Any, want: str, timeout: float = 15.0) -> dict[str, Any]:
+    """The next flat message (signaling's own protocol) of type ``want`` on ``ws``."""
+    async with asyncio.timeout(timeout):
+        while True:
+            msg = json.loads(await ws.recv())
+            if msg["type"] == want:
+                return msg
+
+
+def raw_ws_client(port: int, path: str,
+                  timeout: float | None = None) -> tuple[socket.socket, ClientProtocol]:
+    """A WebSocket client on a raw socket with a small receive buffer (websockets' sans-I/O
+    protocol), past its handshake: it reads only when told to, so its buffers fill up."""
+    s = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    proto = ClientProtocol(parse_uri(f"ws://127.0.0.1:{port}{path}"))
+    proto.send_request(proto.connect())
+    s.sendall(b"".join(proto.data_to_send()))
+    while proto.state is State.CONNECTING:
+        data = s.recv(4096)
+        assert data, "the server closed the connection during the handshake"
+        proto.receive_data(data)
+    assert proto.handshake_exc is None, proto.handshake_exc
+    return s, proto
