@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import io
 import json
 import time
 import uuid
@@ -29,6 +30,8 @@ from websocket_service.manager import Services
 
 from .conftest import FIXTURES
 from .live_server import free_port
+from .rtc_client import ClientPeer, WavTrack
+from .rtc_client import read_wav as rtc_wav
 from .wsclient import read_wav
 
 MAX_SESSIONS = 2
@@ -66,10 +69,11 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
                         # cost frames (drop-oldest for slow readers, overdue speech dropped,
                         # silent frames dropped to catch up)
                         max_speech_lag_frames=10_000, send_queue_frames=250,
-                        catch_up_in_pauses=False, jwt_secret=SECRET, auth_token="operator-token")
+                        catch_up_in_pauses=False, jwt_secret=SECRET, auth_token="operator-token",
+                        rtc_host_addresses=["127.0.0.1"],
+                        recordings_dir=tmp_path_factory.mktemp("cluster-recordings"))
     # half a CPU each: Ray may start a replacement replica while the killed one's CPU is held
-    spec = ClusterSettings(replicas=2, replica_cpus=0.5, drain_timeout_s=5.0,
-                           max_queued_sessions=1, ray_address=None)
+    spec = ClusterSettings(replicas=2, replica_cpus=0.5, drain_timeout_s=5.0, ray_address=None)
     with ThreadPoolExecutor(1) as pool:  # the avatar is built once (not per replica) meanwhile
         avatar = pool.submit(lambda: Services(settings).ensure_default_avatar())
         started = runner.start_ray(spec, num_cpus=2)
@@ -105,11 +109,18 @@ class Peer:
         self.closed = False
 
     @classmethod
-    async def open(cls, base: str, user_id: str) -> Peer:
-        ws = await websockets.connect(f"{base}/musetalk/v1/ws/{user_id}", max_size=2**24)
+    async def open(cls, base: str, user_id: str, view: tuple[str, str] | None = None) -> Peer:
+        """A session of ``user_id``'s; ``view``: (session id, view token) to watch instead,
+        the session named in the URL too (a browser's socket can carry no header)."""
+        query = f"?session_id={view[0]}" if view else ""
+        ws = await websockets.connect(f"{base}/musetalk/v1/ws/{user_id}{query}", max_size=2**24)
         peer = cls(ws, user_id)
-        await peer.send("INIT", user_id=user_id, auth_token=user_token(user_id),
-                        video_config={"resolution": "512x512", "fps": 25})
+        if view:
+            peer.session_id = view[0]
+            await peer.send("INIT", user_id=user_id, auth_token=view[1], viewer=True)
+        else:
+            await peer.send("INIT", user_id=user_id, auth_token=user_token(user_id),
+                            video_config={"resolution": "512x512", "fps": 25})
         peer.reader = asyncio.create_task(peer._read())
         return peer
 
@@ -201,6 +212,208 @@ async def open_session(cluster: Cluster, user_id: str) -> tuple[Peer, dict[str, 
     peer = await Peer.open(cluster.ws, user_id)
     reply = await peer.until(lambda: peer.events[0] if peer.events else None, timeout=30)
     return peer, reply
+
+
+async def until(cond: Callable[[], Any], what: str, timeout: float = 30.0) -> Any:
+    """Wait for ``cond()`` to hold (counters that aiortc's tasks or the servers change)."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not (value := cond()):  # noqa: ASYNC110 - no event to wait on
+        assert asyncio.get_running_loop().time() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.05)
+    return value
+
+
+async def poll(http: httpx.AsyncClient, path: str, pred: Callable[[Any], bool],
+               timeout: float = 30.0) -> Any:
+    """GET ``path`` (as the operator) until its JSON satisfies ``pred``."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not pred(body := (await http.get(path, headers=OPERATOR)).json()):
+        assert asyncio.get_running_loop().time() < deadline, body
+        await asyncio.sleep(0.05)
+    return body
+
+
+async def no_sessions_left(cluster: Cluster) -> None:
+    """The next test starts from an empty cluster (closing is asynchronous on the replicas)."""
+    async with httpx.AsyncClient(base_url=cluster.http, timeout=30) as http:
+        await poll(http, "/sessions", lambda b: b["count"] == 0)
+
+
+def replica(reply: dict[str, Any]) -> str:
+    return reply["data"]["replica_id"]
+
+
+async def test_a_burst_within_capacity_all_streams_and_past_it_each_is_refused_cleanly(
+        cluster: Cluster) -> None:
+    """Sockets opened all at once: none waits in Serve's queue or gets an HTTP error."""
+    capacity = 2 * MAX_SESSIONS
+    opened = await asyncio.gather(*(open_session(cluster, f"burst{i}") for i in range(capacity)))
+    assert [r["type"] for _, r in opened] == ["INIT_SUCCESS"] * capacity, opened
+    per_replica = sorted(sum(replica(r) == rid for _, r in opened)
+                         for rid in {replica(r) for _, r in opened})
+    assert per_replica == [MAX_SESSIONS, MAX_SESSIONS]  # spread before any of them reached INIT
+    # past capacity: the protocol's refusal and close 1013, over WebSocket ...
+    late = await asyncio.gather(*(open_session(cluster, f"late{i}") for i in range(2)))
+    for peer, reply in late:
+        assert reply["type"] == "ERROR" and reply["data"]["code"] == "RATE_LIMIT_EXCEEDED", reply
+        await peer.until(lambda peer=peer: peer.close_code is not None)
+        assert peer.close_code == 1013
+    # ... and over HTTP: a new WebRTC session is refused with a hint when to try again
+    rtc = ClientPeer()
+    offer = await rtc.offer()
+    r = httpx.post(f"{cluster.http}/offer", headers=bearer("late-rtc"), timeout=30,
+                   json={"sdp": offer.sdp, "type": "offer", "user_id": "late-rtc"})
+    await rtc.close()
+    assert r.status_code == 429 and r.json()["code"] == "RATE_LIMIT_EXCEEDED", r.text
+    assert r.headers["retry-after"] == "1"
+    for peer, _ in opened:  # every admitted session streams
+        await peer.until(lambda peer=peer: len(peer.frames) >= 5)
+        assert peer.close_code is None
+        await peer.close()
+    await no_sessions_left(cluster)
+
+    # more than capacity at once: as many stream as fit, each of the others is refused
+    opened = await asyncio.gather(*(open_session(cluster, f"six{i}") for i in range(6)))
+    kinds = sorted(r["type"] for _, r in opened)
+    assert kinds == ["ERROR"] * (6 - capacity) + ["INIT_SUCCESS"] * capacity, opened
+    for peer, reply in opened:
+        if reply["type"] == "ERROR":
+            assert reply["data"]["code"] == "RATE_LIMIT_EXCEEDED"
+            await peer.until(lambda peer=peer: peer.close_code is not None)
+            assert peer.close_code == 1013
+        else:
+            await peer.until(lambda peer=peer: len(peer.frames) >= 5)
+        await peer.close()
+    await no_sessions_left(cluster)
+
+
+def same_frames(owner: Peer, viewers: list[Peer]) -> int:
+    """How many frame indices every reader got; asserts they carry the same bytes."""
+    by_index = [{f["frame_index"]: f["frame_data"] for f in p.frames} for p in (owner, *viewers)]
+    common = set.intersection(*(set(d) for d in by_index))
+    assert all(len({d[i] for d in by_index}) == 1 for i in common)
+    return len(common)
+
+
+async def test_viewers_recording_and_bridge_reach_the_replica_of_their_session(
+        cluster: Cluster) -> None:
+    """WebSocket viewers (named in the URL), view grants, recording start/stop/download and
+    the media bridge, for a session on each replica."""
+    pcm = read_wav(FIXTURES / "short_16k.wav")
+    owners = [await open_session(cluster, f"owner{i}") for i in range(2)]
+    assert len({replica(r) for _, r in owners}) == 2  # one session on each replica
+    async with httpx.AsyncClient(base_url=cluster.http, timeout=30) as http:
+        audience: list[list[Peer]] = []
+        for i, (owner, reply) in enumerate(owners):
+            sid = owner.session_id
+            grant = await http.post(f"/sessions/{sid}/view_token", headers=bearer(f"owner{i}"))
+            assert grant.status_code == 200, grant.text
+            fans = [await Peer.open(cluster.ws, f"fan{i}{k}", (sid, grant.json()["view_token"]))
+                    for k in range(3)]
+            for fan in fans:
+                got = await fan.until(lambda fan=fan: fan.events and fan.events[0])
+                assert got["type"] == "INIT_SUCCESS" and got["data"]["viewer"] is True, got
+                assert replica(got) == replica(reply)
+            audience.append(fans)
+        sid0 = owners[0][0].session_id
+        started = await http.post(f"/sessions/{sid0}/recording", headers=bearer("owner0"))
+        assert started.status_code == 201, started.text
+        rid = started.json()["recording_id"]
+
+        chunks = await asyncio.gather(*(owner.speak(pcm) for owner, _ in owners))
+        for (owner, _), fans, n in zip(owners, audience, chunks, strict=True):
+            await owner.until(lambda o=owner, n=n: o.utterances() and len(o.utterances()[0]) >= n)
+            for fan in fans:
+                await fan.until(lambda f=fan, n=n: f.utterances() and len(f.utterances()[0]) >= n)
+            assert same_frames(owner, fans) > n  # encoded once, byte for byte the same
+
+        stopped = await http.delete(f"/sessions/{sid0}/recording", headers=bearer("owner0"))
+        assert stopped.status_code == 200 and stopped.json()["status"] == "done", stopped.text
+        mp4 = await http.get(f"/recordings/{rid}", headers=bearer("owner0"))
+        assert mp4.status_code == 200 and mp4.headers["content-type"] == "video/mp4"
+        with av.open(io.BytesIO(mp4.content)) as container:
+            assert sum(1 for _ in container.decode(video=0)) > chunks[0]
+        listed = (await http.get("/recordings", headers=bearer("owner0"))).json()
+        assert [r["recording_id"] for r in listed["recordings"]] == [rid]
+
+        # the media bridge of the session on the other replica
+        sid1, user1 = owners[1][0].session_id, owners[1][0].user_id
+        async with websockets.connect(f"{cluster.ws}/musetalk/v1/bridge/{sid1}"
+                                      f"?token={user_token(user1)}") as bridge:
+            await bridge.send(json.dumps(envelope("BRIDGE_CONFIG", sid1, {"format": "rgb24"})))
+            ready = json.loads(await bridge.recv())
+            assert ready["type"] == "BRIDGE_READY", ready
+    for peer in [*(o for o, _ in owners), *(f for fans in audience for f in fans)]:
+        await peer.close()
+    await no_sessions_left(cluster)
+
+
+async def test_webrtc_sessions_mic_and_realtime_viewers_live_on_a_replica(
+        cluster: Cluster) -> None:
+    """``POST /offer`` opens a peer on a replica (the microphone socket finds it there);
+    a management realtime session's WebRTC viewers (``POST /offer`` and the signaling socket
+    with ``?session_id=``) reach its replica, and it stops there."""
+    speech = rtc_wav("short_16k.wav")
+    caller = ClientPeer(WavTrack(speech, lead_s=0.3))
+    watchers = [ClientPeer() for _ in range(3)]
+    async with httpx.AsyncClient(base_url=cluster.http, timeout=30) as http:
+        offer = await caller.offer()
+        r = await http.post("/offer", headers=bearer("caller"),
+                            json={"sdp": offer.sdp, "type": "offer", "user_id": "caller"})
+        assert r.status_code == 200, r.text
+        sid = r.json()["session_id"]
+        mic = await websockets.connect(f"{cluster.ws}/musetalk/v1/mic/{sid}"
+                                       f"?token={user_token('caller')}", max_size=2**22)
+        await caller.accept(r.json()["sdp"])
+        samples = 0
+        async with asyncio.timeout(30):
+            while samples < 16000:  # a second of the caller's microphone
+                msg = json.loads(await mic.recv())
+                assert msg["type"] == "MIC_AUDIO" and msg["session_id"] == sid, msg
+                samples += msg["data"]["samples"]
+        listed = (await http.get("/sessions", headers=OPERATOR)).json()
+        held = {s["session_id"]: s["replica_id"] for s in listed["sessions"]}
+        assert listed["count"] == 1 and held[sid] is not None  # it counts on its replica
+
+        show = await http.post("/api/webrtc/realtime/start", headers=bearer("presenter"),
+                               params={"session_id": "show"})
+        assert show.status_code == 200, show.text
+        grant = await http.post("/sessions/show/view_token", headers=bearer("presenter"))
+        token = grant.json()["view_token"]
+        for w in watchers[:2]:
+            offer = await w.offer()
+            r = await http.post("/offer", json={"sdp": offer.sdp, "type": "offer",
+                                                "session_id": "show", "auth_token": token})
+            assert r.status_code == 200 and r.json()["viewer"] is True, r.text
+            await w.accept(r.json()["sdp"])
+        async with websockets.connect(f"{cluster.ws}/musetalk/v1/rtc/watcher"
+                                      "?session_id=show") as sig:
+            offer = await watchers[2].offer()
+            await sig.send(json.dumps({"type": "offer", "sdp": offer.sdp, "session_id": "show",
+                                       "auth_token": token}))
+            answer = await next_json(sig, "answer")
+            assert answer["viewer"] is True
+            await watchers[2].accept(answer["sdp"])
+            await asyncio.gather(*(w.wait_connected(20) for w in watchers))
+            await until(lambda: all(w.video_frames > 25 for w in watchers), "a second of video")
+            detail = await poll(http, "/sessions/show", lambda d: d["rtc"]["viewers"] == 3)
+            assert detail["transport"] == "server" and detail["replica_id"] is not None
+            stop = await http.post("/api/webrtc/realtime/stop", headers=bearer("presenter"),
+                                   params={"session_id": "show"})
+            assert stop.status_code == 200, stop.text
+            assert (await next_json(sig, "disconnected"))["session_id"] == "show"
+        await caller.close()
+        await mic.close()
+        for w in watchers:
+            await w.close()
+    await no_sessions_left(cluster)
+
+
+async def next_json(ws: Any, want: str, timeout: float = 20.0) -> dict[str, Any]:
+    async with asyncio.timeout(timeout):
+        while (msg := json.loads(await ws.recv()))["type"] != want:
+            pass
+    return msg
 
 
 async def test_sessions_spread_full_cluster_refuses_and_a_replica_kill_spares_the_other(

@@ -38,6 +38,17 @@ class Attachment(Protocol):
         """Stop; called when the session closes (idempotent)."""
 
 
+class Placement(Protocol):
+    """Tells a cluster's session registry which ids this process holds, so that every request
+    naming one is routed here (:mod:`.cluster.registry`); None on one host."""
+
+    async def claim(self, key: str, session: bool = True) -> None:
+        """Before the client hears of ``key`` (a session id; else a recording id)."""
+
+    async def release(self, key: str) -> None:
+        """The session ``key`` closed."""
+
+
 class SessionManager:
     def __init__(self, settings: Settings, engine: LipSyncEngine, store: AvatarStore,
                  clock: Clock | None = None) -> None:
@@ -56,6 +67,7 @@ class SessionManager:
         #: every admitted viewer (WebSocket or WebRTC): its session and client address
         self._viewers: dict[str, tuple[str, str | None]] = {}
         self.metrics = ServiceMetrics()
+        self.placement: Placement | None = None
 
     def _reserve(self, session_id: str, user_id: str, client_ip: str | None) -> None:
         if session_id in self.sessions or session_id in self._reserved:
@@ -103,6 +115,8 @@ class SessionManager:
             if session_id not in self.sessions:
                 self._owners.pop(session_id, None)
                 session_id_var.reset(token)
+        if self.placement is not None:  # counted once: no longer reserved
+            await self.placement.claim(session_id)
         log.info("session %s opened: user=%s transport=%s avatar=%s %dx%d (%d/%d sessions)",
                  session_id, user_id, transport, avatar.avatar_id, video.width, video.height,
                  len(self.sessions), self.settings.max_sessions)
@@ -213,6 +227,8 @@ class SessionManager:
         for key in [k for k, (sid, _) in self._viewers.items() if sid == session_id]:
             del self._viewers[key]  # its viewers are closed with it (their attachments)
         if session is not None:
+            if self.placement is not None:
+                await self.placement.release(session_id)
             await session.close()
             st = session.stats
             self.metrics.session_closed(st)

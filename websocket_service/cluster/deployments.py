@@ -26,6 +26,7 @@ from __future__ import annotations
 from typing import Any
 
 from ray import serve
+from ray.serve.config import BackpressureConfig, RequestRouterConfig
 from ray.serve.handle import DeploymentHandle
 from starlette.types import ASGIApp, Receive, Scope, Send
 
@@ -33,6 +34,7 @@ from ..app import create_app
 from ..config import Settings
 from ..manager import Services
 from . import front
+from .registry import RegistryPlacement
 from .settings import ClusterSettings
 
 SESSION_APP = "avatar-sessions"
@@ -40,8 +42,12 @@ FRONT_APP = "avatar"
 SESSION_PREFIX = "/musetalk"  # the WebSocket protocol and WebRTC signaling live under it
 SESSION_DEPLOYMENT = "SessionReplica"
 FRONT_DEPLOYMENT = "RestFront"
-#: replica slots beyond MAX_SESSIONS for the front's calls (see the module docstring)
-CONTROL_SLOTS = 1
+#: replica slots for the front's calls (see the module docstring)
+CONTROL_SLOTS = 8
+#: sockets of a session beside its own: its media bridge and its microphone
+MEDIA_SOCKETS = 2
+#: viewers' slots when MAX_VIEWERS is 0 (no limit of the service's own)
+VIEWER_SLOTS_UNBOUNDED = 1000
 
 
 class _AtRoot:
@@ -65,6 +71,8 @@ class SessionReplica:
         self.services = Services(settings)
         # INIT_SUCCESS carries it, so a client knows which replica serves its session
         self.services.replica_id = serve.get_replica_context().replica_tag
+        # the routers send every request naming one of this replica's sessions here
+        self.services.sessions.placement = RegistryPlacement(self.services.replica_id)
 
     def __serve_build_asgi_app__(self) -> ASGIApp:
         self.service_app = create_app(services=self.services)
@@ -78,9 +86,9 @@ class SessionReplica:
         """This replica's ``GET /metrics`` text."""
         return front.replica_metrics(self.services, with_sessions)
 
-    async def forward(self, session_id: str, request: dict[str, Any]) -> dict[str, Any] | None:
-        """A session-control request for ``session_id``, if this replica holds the session."""
-        return await front.replica_forward(self.services, self.service_app, session_id, request)
+    async def forward(self, request: dict[str, Any]) -> dict[str, Any]:
+        """A request the front forwards here (routed by the session or recording it names)."""
+        return await front.replica_forward(self.service_app, request)
 
 
 @serve.ingress()
@@ -105,7 +113,16 @@ def replica_settings(settings: Settings) -> Settings:
     that is not there."""
     return settings.model_copy(update={
         "avatars_dir": settings.avatars_dir.resolve(), "model_path": settings.model_path.resolve(),
-        "media_dir": settings.media_dir.resolve()})
+        "media_dir": settings.media_dir.resolve(),
+        "recordings_dir": settings.recordings_dir.resolve()})
+
+
+def replica_slots(settings: Settings) -> int:
+    """Serve's ``max_ongoing_requests`` of a session replica: above every limit of the
+    service's own (sessions, their media sockets, viewers, the front's calls), so that the
+    replica itself answers each socket, a refusal included, and none waits in a queue."""
+    viewers = settings.max_viewers or VIEWER_SLOTS_UNBOUNDED
+    return settings.max_sessions * (1 + MEDIA_SOCKETS) + viewers + CONTROL_SLOTS
 
 
 def build(settings: Settings, cluster: ClusterSettings) -> dict[str, Any]:
@@ -113,8 +130,11 @@ def build(settings: Settings, cluster: ClusterSettings) -> dict[str, Any]:
     settings = replica_settings(settings)
     sessions = serve.deployment(
         name=SESSION_DEPLOYMENT,
-        max_ongoing_requests=settings.max_sessions + CONTROL_SLOTS,
+        max_ongoing_requests=replica_slots(settings),
         max_queued_requests=cluster.max_queued_sessions,
+        backpressure_config=BackpressureConfig(status_code=503, retry_after_s=1),
+        request_router_config=RequestRouterConfig(
+            request_router_class="websocket_service.cluster.routing.SessionRouter"),
         graceful_shutdown_timeout_s=cluster.drain_timeout_s,
         graceful_shutdown_wait_loop_s=1.0,
         ray_actor_options={"num_cpus": cluster.replica_cpus, "num_gpus": cluster.replica_gpus},

@@ -1,16 +1,20 @@
 """The REST front's view over every session replica.
 
-``GET /sessions``, ``GET /sessions/{id}`` and ``GET /metrics`` gather from every replica with
-``DeploymentHandle.broadcast`` (a control-plane call: it bypasses the session slots, so a full
-replica still answers); the session controls (``POST /sessions/{id}/audio``, ``/action/{name}``,
-``/interrupt``, ``/end_of_speech``) are forwarded to the replica that holds the session and
-answered by its own routes. ``POST /offer`` ends at the answer, so its peer connection would be
-neither pinned to nor counted on a replica: on the cluster WebRTC clients use the signaling
-WebSocket ``/musetalk/v1/rtc/{user_id}`` instead.
+``GET /sessions``, ``GET /sessions/{id}``, ``GET /metrics`` and ``GET /recordings`` gather from
+every replica with ``DeploymentHandle.broadcast`` (a control-plane call: it bypasses the
+routers and the replicas' slots, so a full replica still answers). A request that names a session
+or a recording (``POST|DELETE /sessions/{id}/...``: controls, recording, view grants;
+``GET /recordings/{id}``; ``POST /offer`` for a viewer; ``/api/webrtc/realtime/stop``) is
+forwarded with ``handle.options(session_id=id)``: Serve's router for the session replicas
+(:mod:`.routing`) sends it to the replica that holds the id, which answers with its own routes.
+A request that opens a session (``POST /offer`` for a new peer, ``/api/webrtc/realtime/start``)
+is forwarded without one, and the router places it on the replica with the fewest sessions: the
+peer connection or server-side session then lives, and counts, there.
 """
 
 from __future__ import annotations
 
+import json
 import re
 from typing import Any
 
@@ -23,13 +27,21 @@ from starlette.types import ASGIApp
 
 from ..api.auth import UNAUTHORIZED, Caller, Credentials, Principal, require_token
 from ..api.metrics import session_gauges_allowed
-from ..errors import InternalError, InvalidMessage, InvalidSession, ModelNotFound, NotYours
+from ..errors import InternalError, ModelNotFound, NotYours, RateLimitExceeded
 from ..manager import Services
 
 #: how long the front waits for the replicas' answers
 GATHER_TIMEOUT_S = 5.0
 CLOSE_TRY_AGAIN = 1013
 FORWARDED_HEADERS = ("authorization", "content-type")
+ANSWERED_HEADERS = ("content-disposition", "retry-after")
+#: what a refused new session is told to wait (the front adds it to 429 and 503 answers)
+RETRY_AFTER_S = 1
+
+class ServiceUnavailable(RateLimitExceeded):
+    """No session replica could answer (one died under the request): try again."""
+    http_status = 503
+
 
 router = APIRouter(dependencies=[Depends(require_token)], responses=UNAUTHORIZED)
 open_router = APIRouter()
@@ -57,16 +69,14 @@ def replica_metrics(services: Services, with_sessions: bool = False) -> dict[str
     return {"replica_id": services.replica_id, "text": text}
 
 
-async def replica_forward(services: Services, app: ASGIApp, session_id: str,
-                          request: dict[str, Any]) -> dict[str, Any] | None:
-    """Answer a forwarded session-control request if this replica holds the session."""
-    if session_id not in services.sessions.sessions:
-        return None
+async def replica_forward(app: ASGIApp, request: dict[str, Any]) -> dict[str, Any]:
+    """Answer a forwarded request with this replica's own routes."""
     transport = httpx.ASGITransport(app=app)
     async with httpx.AsyncClient(transport=transport, base_url="http://replica") as client:
         r = await client.request(request["method"], request["path"], params=request["query"],
                                  headers=request["headers"], content=request["body"])
     return {"status": r.status_code, "media_type": r.headers.get("content-type"),
+            "headers": {k: v for k, v in r.headers.items() if k in ANSWERED_HEADERS},
             "body": r.content}
 
 
@@ -106,28 +116,69 @@ async def session_detail(request: Request, session_id: str, caller: Caller) -> d
     raise ModelNotFound(f"no active session {session_id}", {"session_id": session_id[:64]})
 
 
+async def _forwarded(request: Request) -> dict[str, Any]:
+    return {"method": request.method, "path": request.url.path,
+            "query": str(request.url.query),
+            "headers": {k: v for k, v in request.headers.items() if k in FORWARDED_HEADERS},
+            "body": await request.body()}
+
+
+async def forward(request: Request, key: str | None) -> Response:
+    """Have the replica that holds ``key`` (None: the one a new session goes to) answer."""
+    handle: DeploymentHandle = request.app.state.replicas
+    if key:
+        handle = handle.options(session_id=key)
+    try:
+        answer = await handle.forward.remote(await _forwarded(request))
+    except Exception as exc:  # noqa: BLE001 - the replica died under the request
+        raise ServiceUnavailable("the session replica did not answer; try again",
+                                 {"reason": type(exc).__name__}) from None
+    headers = answer.get("headers", {})
+    if answer["status"] in (429, 503):
+        headers.setdefault("retry-after", str(RETRY_AFTER_S))
+    return Response(answer["body"], answer["status"], headers=headers,
+                    media_type=answer["media_type"])
+
+
 @router.api_route("/sessions/{session_id}/{control:path}", methods=["POST", "DELETE"],
                   include_in_schema=False)
-async def session_control(request: Request, session_id: str, control: str,
-                          caller: Caller) -> Response:
-    """Forward to the replica that holds the session; it answers with its own routes."""
-    forwarded = {"method": request.method, "path": request.url.path,
-                 "query": str(request.url.query),
-                 "headers": {k: v for k, v in request.headers.items() if k in FORWARDED_HEADERS},
-                 "body": await request.body()}
-    for answer in await _gather(request, "forward", session_id, forwarded):
-        if answer is not None:
-            return Response(answer["body"], answer["status"], media_type=answer["media_type"])
-    if not caller.operator:
-        raise NotYours(session_id)
-    raise InvalidSession(f"no active session {session_id}", {"session_id": session_id[:64]})
+async def session_control(request: Request, session_id: str) -> Response:
+    """Controls, recording and view grants: answered by the replica that holds the session."""
+    return await forward(request, session_id)
 
 
-@router.post("/offer", tags=["webrtc"])
-async def offer() -> None:
-    raise InvalidMessage("POST /offer is not available on the cluster: its peer connection would "
-                         "not be pinned to a replica. Use the signaling WebSocket "
-                         "/musetalk/v1/rtc/{user_id}.")
+@router.get("/recordings/{recording_id}", include_in_schema=False)
+async def recording_download(request: Request, recording_id: str) -> Response:
+    return await forward(request, recording_id)
+
+
+@open_router.post("/offer", include_in_schema=False)
+async def offer(request: Request) -> Response:
+    """A viewer's offer goes to its session's replica; a new peer to the least loaded one.
+    The replica checks the token (a Bearer header, or ``auth_token`` in the body)."""
+    try:
+        key = json.loads(await request.body()).get("session_id")
+    except (ValueError, AttributeError):
+        key = None  # the replica answers the bad body
+    return await forward(request, key if isinstance(key, str) else None)
+
+
+@router.post("/api/webrtc/realtime/start", include_in_schema=False)
+@router.post("/api/webrtc/realtime/stop", include_in_schema=False)
+async def realtime(request: Request) -> Response:
+    return await forward(request, request.query_params.get("session_id"))
+
+
+@router.get("/recordings", include_in_schema=False)
+async def recordings(request: Request) -> Response:
+    """Every replica's recordings (one folder's use when they share it: the largest)."""
+    parts = [json.loads(a["body"]) for a in
+             await _gather(request, "forward", await _forwarded(request)) if a["status"] == 200]
+    if not parts:
+        raise ServiceUnavailable("no session replica answered; try again")
+    return JSONResponse({"recordings": [r for p in parts for r in p["recordings"]],
+                         "used_mb": max(p["used_mb"] for p in parts),
+                         "max_mb": parts[0]["max_mb"]})
 
 
 @open_router.get("/health", tags=["service"])
@@ -199,7 +250,7 @@ def install(app: FastAPI, replicas: DeploymentHandle, target_replicas: int = 1) 
         assert isinstance(new, APIRoute)
         same = [i for i, old in enumerate(routes) if isinstance(old, APIRoute)
                 and old.path == new.path and old.methods == new.methods]
-        if same:
+        if same and new.include_in_schema:
             routes[same[0]] = new
-        else:  # the forwarding route: ahead of the replica-only controls it stands for
+        else:  # a forwarding route: ahead of (and documented by) the route it stands for
             routes.insert(0, new)

@@ -13,7 +13,7 @@ import ray
 from ray import serve
 
 from ..config import Settings
-from . import deployments
+from . import deployments, registry
 from .settings import ClusterSettings
 
 log = logging.getLogger(__name__)
@@ -34,6 +34,7 @@ def start_ray(cluster: ClusterSettings, **init: Any) -> bool:
 
 def deploy(settings: Settings, cluster: ClusterSettings) -> None:
     """Start Serve's HTTP proxy on ``HOST:PORT`` and run both applications."""
+    registry.start(reservation_ttl_s=settings.init_timeout_s)
     serve.start(http_options={"host": settings.host, "port": settings.port})
     deployments.run(settings, cluster)
     log.info("ready to take sessions on %s:%d (GET /health says ready): %s", settings.host,
@@ -53,6 +54,7 @@ def shutdown(started_ray: bool) -> None:
     """Stop Serve (what is still open is cut), and Ray when this process started it."""
     try:
         serve.shutdown()
+        registry.stop()
     finally:
         if started_ray:
             ray.shutdown()

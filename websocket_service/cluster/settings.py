@@ -29,10 +29,11 @@ class ClusterSettings(BaseSettings):
     replica_cpus: float = Field(1.0, gt=0)
     #: a replica chosen for shutdown takes no new sessions and waits this long for open ones
     drain_timeout_s: float = Field(3600.0, ge=0)
-    #: calls that may wait (in each proxy) while every replica has all its slots taken
-    #: (sessions and the control slot); beyond them a new socket is refused at the handshake
-    #: (HTTP 500). -1: no bound
-    max_queued_sessions: int = Field(2, ge=-1)
+    #: requests that may wait in each proxy to be routed (a burst of new sessions waits there
+    #: for a moment); beyond them the proxy answers 503 with Retry-After. -1 (the default): no
+    #: bound, as every replica has a slot for every socket its own limits may take, and refuses
+    #: the rest itself (RATE_LIMIT_EXCEEDED, close 1013)
+    max_queued_sessions: int = Field(-1, ge=-1)
     #: join this Ray cluster instead of starting one on this machine
     ray_address: str | None = None
 

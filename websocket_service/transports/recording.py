@@ -66,6 +66,8 @@ class Recordings:
         self.running[sid] = (rec, feed)
         self.services.sessions.attach(sid, _StopOnClose(self, sid))
         self.known[rid] = info
+        if (placement := self.services.sessions.placement) is not None:
+            await placement.claim(rid, session=False)  # its download is routed here
         while len(self.known) > MAX_KEPT:
             self.known.pop(next(iter(self.known)))
         return info
