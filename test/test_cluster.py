@@ -416,6 +416,66 @@ async def next_json(ws: Any, want: str, timeout: float = 20.0) -> dict[str, Any]
     return msg
 
 
+def kill_replica(replica_id: str) -> None:
+    import ray  # here: websocket_service.cluster, imported first, keeps Ray on loopback
+    actor = next(a for a in ray.util.list_named_actors(all_namespaces=True)
+                 if a["name"].endswith(replica_id) and deployments.SESSION_DEPLOYMENT in a["name"])
+    ray.kill(ray.get_actor(actor["name"], namespace=actor["namespace"]), no_restart=True)
+
+
+async def test_the_pipecat_processor_of_a_killed_replica_goes_on_on_a_live_one(
+        cluster: Cluster) -> None:
+    """Failover: the remote processor's replica dies; it says so, opens a new session (back-off
+    from 0.5 s) on the replica that lives, and lip-syncs the next reply there."""
+    from pipecat.frames.frames import ErrorFrame, Frame, TTSStartedFrame
+    from pipecat.pipeline.pipeline import Pipeline
+    from pipecat.processors.frame_processor import FrameDirection, FrameProcessor
+    from pipecat.tests.utils import SleepFrame, run_test
+
+    from websocket_service.pipecat.remote import RemoteMuseTalkProcessor
+
+    from .geometric_support import wav
+    from .test_pipecat_processor import split, tts
+
+    bystander, reply = await open_session(cluster, "bystander")
+    proc = RemoteMuseTalkProcessor(cluster.ws, user_id="bot", auth_token=user_token("bot"))
+    lost_at: list[float] = []
+
+    async def kill_the_bots_replica() -> str:
+        victim = await until(lambda: proc.client.info.get("replica_id"), "the bot's session")
+        assert victim != replica(reply)  # placed on the other replica
+        lost_at.append(time.monotonic())
+        kill_replica(victim)
+        return str(victim)
+
+    class AfterReconnecting(FrameProcessor):
+        """Holds the reply until the processor has its new session."""
+
+        async def process_frame(self, frame: Frame, direction: FrameDirection) -> None:
+            await super().process_frame(frame, direction)
+            if isinstance(frame, TTSStartedFrame):
+                await until(lambda: proc.reconnects, "the processor to reconnect")
+                print(f"reconnected {time.monotonic() - lost_at[0]:.2f} s after the kill")
+            await self.push_frame(frame, direction)
+
+    killer = asyncio.create_task(kill_the_bots_replica())
+    pcm = wav("short_16k.wav")
+    down, up = await run_test(Pipeline([AfterReconnecting(), proc]), start_timeout=10,
+                              frames_to_send=[SleepFrame(0.3), *tts(pcm), SleepFrame(0.3)])
+    victim = await killer
+    assert proc.reconnects == 1 and proc.client.info["replica_id"] == replica(reply) != victim
+    said = [f.error for f in up if isinstance(f, ErrorFrame)]
+    assert len(said) == 1 and "reconnecting" in said[0], said
+    speech, _, _ = split(down)
+    assert len(speech) == -(-len(pcm) // 640), "the reply after the failover is lip-synced"
+    assert bystander.close_code is None  # the other replica's session never noticed
+    await bystander.close()
+    # Serve replaces the killed replica: the next test has both again
+    async with httpx.AsyncClient(base_url=cluster.http, timeout=30) as http:
+        await poll(http, "/health", lambda b: b["replicas"] == {"up": 2, "target": 2}, 120)
+        await poll(http, "/sessions", lambda b: b["count"] == 0)
+
+
 async def test_sessions_spread_full_cluster_refuses_and_a_replica_kill_spares_the_other(
         cluster: Cluster) -> None:
     pcm = read_wav(FIXTURES / "short_16k.wav")
