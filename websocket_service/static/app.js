@@ -13,7 +13,7 @@ const stats = (window.__stats = {
   ttffMs: null, g2gMs: [], speakingSeen: 0, actionSeen: 0, reconnects: 0, errors: [],
 });
 const userId = "demo-" + Math.random().toString(36).slice(2, 8);
-let client = null, connectClickedAt = 0, wanted = false, backoff = 1000, retryTimer = null;
+let client = null, connectClickedAt = 0, wanted = false, backoff = 500, retryTimer = null;
 let sample = null, lastBytes = 0, lastAt = 0;
 const avatars = new AvatarPanel({ userId, log });
 
@@ -103,6 +103,7 @@ async function connect() {
   $("transportTag").textContent = kind === "webrtc" ? "WebRTC" : "WebSocket · WebCodecs";
   const opts = { userId, log, onEvent, onClose: lost };
   try {
+    let where = "";
     if (kind === "webrtc") {
       client = new RtcClient({ ...opts, video: $("video"), avatarId: avatars.selected });
       await client.connect();
@@ -111,11 +112,14 @@ async function connect() {
       client = new WsClient({ ...opts, canvas: $("canvas"), avatarId: avatars.selected });
       const init = await client.connect();
       showActions(init.actions);
+      // scaled out: a lost replica's session comes back on another one
+      if (init.replica_id) where = ` on replica ${init.replica_id}`;
     }
     stats.sessionId = client.sessionId;
-    log(`connected over ${kind}: session ${client.sessionId}`);
+    log(`${stats.reconnects ? "reconnected" : "connected"} over ${kind}: session ` +
+        `${client.sessionId}${where}`);
     avatars.refresh();
-    backoff = 1000;
+    backoff = 500;
     setConnected(true);
   } catch (err) {
     log(`connect failed: ${err.message}`, "error");
