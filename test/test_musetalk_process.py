@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from websocket_service.engines.musetalk.core_loop import CoreLoop
 from websocket_service.engines.musetalk.process import SHM_PREFIX, InferenceProcess, ThreadRunner
 from websocket_service.errors import ModelNotFound, ProcessingError, RateLimitExceeded
 
@@ -93,6 +94,21 @@ def test_process_and_thread_give_identical_faces_batched_across_jobs(
         assert a.shape == (n, *FACE) and a.dtype == np.uint8
         np.testing.assert_array_equal(a, expected(pcm, n))
         np.testing.assert_array_equal(a, b)
+
+
+def test_the_loop_reports_a_step_in_one_message() -> None:
+    """Faces go straight into their jobs' slots; one "done" per step, not one per frame."""
+    out = np.zeros((9, *FACE), np.uint8)
+    inp = np.arange(8 * WINDOW, dtype=np.int16).reshape(8, WINDOW)
+    sent: list[tuple] = []
+    loop = CoreLoop(process_support.make_toy_core(FACE, 0.0), inp, out, sent.append)
+    for j in range(4):
+        loop.handle(("submit", 10 + j, {"frames": 2}, j, [7 - 2 * j, 6 - 2 * j]))
+    loop.handle(("submit", 20, {"frames": 1, "fail": True}, 4, [8]))
+    assert loop.step() == float("inf")
+    assert sent == [("done", [10, 11, 12, 13], [(20, "toy failure of job 20")])]
+    for j in range(4):
+        assert out[7 - 2 * j, 0, 0, 0] == inp[j, 0] % 256 and out[6 - 2 * j, 0, 0, 0] == inp[j, 1] % 256
 
 
 def test_many_threads_get_their_own_faces(runner: InferenceProcess | ThreadRunner) -> None:

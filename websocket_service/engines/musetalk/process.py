@@ -56,9 +56,10 @@ _MAX_DRAIN = 256  # ThreadRunner: messages handled before the core steps again
 class Runner(Protocol):
     """What the engine uses; ``InferenceProcess`` and ``ThreadRunner`` implement it."""
 
-    alive: bool
     restarts: int
 
+    @property
+    def alive(self) -> bool: ...
     def start(self) -> dict[str, Any]: ...
     def control(self, method: str, *args: Any) -> Future: ...
     def submit(self, meta: dict[str, Any], pcm: np.ndarray, n_frames: int) -> Future: ...
@@ -148,14 +149,15 @@ class _Host:
         with self._lock:
             call_id, gen = next(self._ids), self._gen
             self._calls[call_id] = fut
+        why = self._down
         try:
             sent = self._send(gen, ("control", call_id, method, args))
-        except Exception as exc:
-            sent, self._down = False, f"cannot send {method}: {exc}"
+        except Exception as exc:  # the arguments could not be pickled
+            sent, why = False, f"cannot send {method}: {exc}"
         if not sent:
             with self._lock:
                 self._calls.pop(call_id, None)
-            _resolve(fut, exc=ProcessingError(self._down, {"reason": "inference_down"}))
+            _resolve(fut, exc=ProcessingError(why, {"reason": "inference_down"}))
         return fut
 
     def _send(self, gen: int, msg: tuple) -> bool:
@@ -361,6 +363,7 @@ class InferenceProcess(_Host):
             self._owned.child = (proc, rx, tx)
         child_rx.close()
         child_tx.close()  # so that the child's death reads as EOF here
+        _widen(tx)
         try:
             msg = rx.recv()
         except (EOFError, OSError):
@@ -398,10 +401,11 @@ class InferenceProcess(_Host):
                 return
 
     def _crashed(self, fatal: str | None) -> None:
+        self._go_down("the inference process stopped")
         code = reap(self._owned.take_child())
         reason = f"{fatal} ({_exit_reason(code)})" if fatal else _exit_reason(code)
         log.error("the inference process stopped: %s", reason)
-        self._go_down(f"the inference process is restarting after: {reason}")
+        self._down = f"the inference process is restarting after: {reason}"
         self._fail_pending(f"the inference process stopped: {reason}", {"reason": reason})
         if time.monotonic() - self._up_since >= HEALTHY_S:
             self._crashes = 0
@@ -454,6 +458,17 @@ class InferenceProcess(_Host):
             self._inp = self._out = np.empty((0,), np.uint8)
             for shm in self._owned.segments:
                 shm.close()
+
+
+def _widen(conn: Any) -> None:
+    """Give the pipe to the child 1 MB (Linux; 64 KB by default), so that submits from the event
+    loop never block on a child busy in a long step: a full ring of jobs fits."""
+    try:
+        import fcntl  # noqa: PLC0415 - POSIX only
+
+        fcntl.fcntl(conn.fileno(), getattr(fcntl, "F_SETPIPE_SZ", 1031), 1 << 20)
+    except (ImportError, OSError):
+        pass
 
 
 def _create_segment(name: str, size: int) -> shared_memory.SharedMemory:
