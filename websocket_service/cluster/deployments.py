@@ -25,6 +25,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import ray
 from ray import serve
 from ray.serve.config import BackpressureConfig, RequestRouterConfig
 from ray.serve.handle import DeploymentHandle
@@ -73,6 +74,10 @@ class SessionReplica:
         self.services.replica_id = serve.get_replica_context().replica_tag
         # the routers send every request naming one of this replica's sessions here
         self.services.sessions.placement = RegistryPlacement(self.services.replica_id)
+        ctx = ray.get_runtime_context()
+        #: where it runs: its node, and the GPUs Ray gave it (CUDA_VISIBLE_DEVICES)
+        self.where = {"node_id": ctx.get_node_id(),
+                      "gpus": [str(g) for g in ctx.get_accelerator_ids().get("GPU", [])]}
 
     def __serve_build_asgi_app__(self) -> ASGIApp:
         self.service_app = create_app(services=self.services)
@@ -80,7 +85,7 @@ class SessionReplica:
 
     async def sessions(self, subject: str | None = None) -> dict[str, Any]:
         """This replica's part of ``GET /sessions`` (``subject``'s sessions; None: all)."""
-        return front.replica_sessions(self.services, subject)
+        return {**front.replica_sessions(self.services, subject), **self.where}
 
     async def metrics(self, with_sessions: bool = False) -> dict[str, Any]:
         """This replica's ``GET /metrics`` text."""

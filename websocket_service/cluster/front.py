@@ -100,8 +100,8 @@ async def sessions(request: Request, caller: Caller) -> dict[str, Any]:
                    key=lambda p: str(p["replica_id"]))
     items = [s for p in parts for s in p["sessions"]]
     return {"count": len(items), "max_sessions": sum(p["max_sessions"] for p in parts),
-            "replicas": [{k: p[k] for k in ("replica_id", "count", "max_sessions", "engine")}
-                         for p in parts],
+            "replicas": [{k: p.get(k) for k in ("replica_id", "count", "max_sessions", "engine",
+                                                "node_id", "gpus")} for p in parts],
             "sessions": items}
 
 

@@ -1,0 +1,117 @@
+"""The service on a two-node Ray cluster on this machine (two raylets, ``ray.cluster_utils``):
+a proxy on each node, one GPU declared on each, one session replica on each (REPLICA_GPUS=1).
+
+A session is used through the proxy of the node it does not run on: opened there, watched,
+controlled and bridged through the other node's proxy.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+from collections.abc import Iterator
+
+import httpx
+import pytest
+import websockets
+
+from websocket_service.cluster import runner
+from websocket_service.cluster.settings import ClusterSettings
+from websocket_service.config import Settings
+from websocket_service.manager import Services
+
+from .conftest import FIXTURES
+from .live_server import free_port
+from .test_cluster import (
+    MAX_SESSIONS,
+    OPERATOR,
+    SECRET,
+    Cluster,
+    Peer,
+    bearer,
+    envelope,
+    open_session,
+    replica,
+    same_frames,
+    user_token,
+)
+from .wsclient import read_wav
+
+
+@pytest.fixture(scope="module")
+def proxies(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Cluster, Cluster]]:
+    """(the head node's proxy, the worker node's proxy)."""
+    from ray.cluster_utils import Cluster as RayCluster
+
+    head_port, worker_port = free_port(), free_port()
+    # both proxies run on this machine: the worker node's binds a port of its own (Serve reads
+    # this in each proxy; the head node's keeps PORT)
+    os.environ["RAY_SERVE_WORKER_PROXY_HTTP_PORT"] = str(worker_port)
+    nodes = RayCluster(initialize_head=True, head_node_args={
+        "num_cpus": 1, "num_gpus": 1, "include_dashboard": False})
+    nodes.add_node(num_cpus=1, num_gpus=1)
+    del os.environ["RAY_SERVE_WORKER_PROXY_HTTP_PORT"]
+    settings = Settings(avatars_dir=tmp_path_factory.mktemp("nodes-avatars"), port=head_port,
+                        host="127.0.0.1", max_sessions=MAX_SESSIONS, init_timeout_s=5.0,
+                        max_speech_lag_frames=10_000, send_queue_frames=250,
+                        catch_up_in_pauses=False, jwt_secret=SECRET, auth_token="operator-token")
+    Services(settings).ensure_default_avatar()
+    spec = ClusterSettings(replicas=2, replica_cpus=0.5, replica_gpus=1, drain_timeout_s=5.0,
+                           ray_address=nodes.address)
+    try:
+        runner.start_ray(spec)
+        runner.deploy(settings, spec)
+        yield Cluster(head_port), Cluster(worker_port)
+    finally:
+        runner.shutdown(False)
+        import ray
+        ray.shutdown()
+        nodes.shutdown()
+
+
+def test_one_gpu_replica_per_node(proxies: tuple[Cluster, Cluster]) -> None:
+    head, worker = proxies
+    for proxy in proxies:  # either node's proxy answers for the whole cluster
+        assert proxy.get("/health")["replicas"] == {"up": 2, "target": 2}
+    replicas = head.get("/sessions")["replicas"]
+    assert len({r["node_id"] for r in replicas}) == 2  # one on each node ...
+    assert [r["gpus"] for r in replicas] == [["0"], ["0"]]  # ... each with its node's GPU
+
+
+async def test_a_session_is_usable_through_the_other_nodes_proxy(
+        proxies: tuple[Cluster, Cluster]) -> None:
+    head, worker = proxies
+    node_of = {r["replica_id"]: r["node_id"] for r in head.get("/sessions")["replicas"]}
+    # opened through the worker node's proxy: one lands on each node
+    owners = [await open_session(worker, f"owner{i}") for i in range(2)]
+    assert {node_of[replica(r)] for _, r in owners} == set(node_of.values())
+    pcm = read_wav(FIXTURES / "short_16k.wav")
+    async with httpx.AsyncClient(base_url=head.http, timeout=30) as http:
+        fans = []
+        for i, (owner, reply) in enumerate(owners):
+            sid = owner.session_id
+            # through the head node's proxy: a view grant, a viewer, the bridge, a control
+            grant = await http.post(f"/sessions/{sid}/view_token", headers=bearer(f"owner{i}"))
+            assert grant.status_code == 200, grant.text
+            fan = await Peer.open(head.ws, f"fan{i}", (sid, grant.json()["view_token"]))
+            got = await fan.until(lambda fan=fan: fan.events and fan.events[0])
+            assert got["type"] == "INIT_SUCCESS" and replica(got) == replica(reply), got
+            fans.append(fan)
+            async with websockets.connect(f"{head.ws}/musetalk/v1/bridge/{sid}"
+                                          f"?token={user_token(owner.user_id)}") as bridge:
+                await bridge.send(json.dumps(envelope("BRIDGE_CONFIG", sid, {"format": "rgb24"})))
+                assert json.loads(await bridge.recv())["type"] == "BRIDGE_READY"
+            ack = await http.post(f"/sessions/{sid}/interrupt", headers=bearer(owner.user_id))
+            assert ack.status_code == 200 and ack.json()["session_id"] == sid, ack.text
+        chunks = await asyncio.gather(*(owner.speak(pcm) for owner, _ in owners))
+        for (owner, _), fan, n in zip(owners, fans, chunks, strict=True):
+            await fan.until(lambda f=fan, n=n: f.utterances() and len(f.utterances()[0]) >= n)
+            await owner.until(lambda o=owner, n=n: o.utterances() and len(o.utterances()[0]) >= n)
+            assert owner.utterances() == [list(range(n))]
+            assert same_frames(owner, [fan]) > n
+        listed = (await http.get("/sessions", headers=OPERATOR)).json()
+        assert listed["count"] == 2
+    for peer in [*(o for o, _ in owners), *fans]:
+        await peer.close()
+
