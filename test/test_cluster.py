@@ -224,10 +224,10 @@ async def until(cond: Callable[[], Any], what: str, timeout: float = 30.0) -> An
 
 
 async def poll(http: httpx.AsyncClient, path: str, pred: Callable[[Any], bool],
-               timeout: float = 30.0) -> Any:
-    """GET ``path`` (as the operator) until its JSON satisfies ``pred``."""
+               timeout: float = 30.0, headers: dict[str, str] = OPERATOR) -> Any:
+    """GET ``path`` (as the operator, unless ``headers``) until its JSON satisfies ``pred``."""
     deadline = asyncio.get_running_loop().time() + timeout
-    while not pred(body := (await http.get(path, headers=OPERATOR)).json()):
+    while not pred(body := (await http.get(path, headers=headers)).json()):
         assert asyncio.get_running_loop().time() < deadline, body
         await asyncio.sleep(0.05)
     return body
@@ -441,12 +441,16 @@ async def test_the_pipecat_processor_of_a_killed_replica_goes_on_on_a_live_one(
     proc = RemoteMuseTalkProcessor(cluster.ws, user_id="bot", auth_token=user_token("bot"))
     lost_at: list[float] = []
 
-    async def kill_the_bots_replica() -> str:
+    async def kill_the_bots_replica() -> tuple[str, str]:
         victim = await until(lambda: proc.client.info.get("replica_id"), "the bot's session")
         assert victim != replica(reply)  # placed on the other replica
+        async with httpx.AsyncClient(base_url=cluster.http, timeout=30) as http:
+            started = await http.post(f"/sessions/{proc.client.session_id}/recording",
+                                      headers=bearer("bot"))
+        assert started.status_code == 201, started.text
         lost_at.append(time.monotonic())
         kill_replica(victim)
-        return str(victim)
+        return str(victim), started.json()["recording_id"]
 
     class AfterReconnecting(FrameProcessor):
         """Holds the reply until the processor has its new session."""
@@ -462,7 +466,7 @@ async def test_the_pipecat_processor_of_a_killed_replica_goes_on_on_a_live_one(
     pcm = wav("short_16k.wav")
     down, up = await run_test(Pipeline([AfterReconnecting(), proc]), start_timeout=10,
                               frames_to_send=[SleepFrame(0.3), *tts(pcm), SleepFrame(0.3)])
-    victim = await killer
+    victim, rid = await killer
     assert proc.reconnects == 1 and proc.client.info["replica_id"] == replica(reply) != victim
     said = [f.error for f in up if isinstance(f, ErrorFrame)]
     assert len(said) == 1 and "reconnecting" in said[0], said
@@ -470,8 +474,15 @@ async def test_the_pipecat_processor_of_a_killed_replica_goes_on_on_a_live_one(
     assert len(speech) == -(-len(pcm) // 640), "the reply after the failover is lip-synced"
     assert bystander.close_code is None  # the other replica's session never noticed
     await bystander.close()
-    # Serve replaces the killed replica: the next test has both again
     async with httpx.AsyncClient(base_url=cluster.http, timeout=30) as http:
+        # the recording the dead replica was making is not lost silently
+        mine = bearer("bot")
+        listed = await poll(http, "/recordings", lambda b: b["recordings"], headers=mine)
+        assert [(r["recording_id"], r["status"], r["reason"]) for r in listed["recordings"]] \
+            == [(rid, "failed", "replica_lost")]
+        r = await http.get(f"/recordings/{rid}", headers=mine)
+        assert r.status_code == 404 and r.json()["details"]["status"] == "failed", r.text
+        # Serve replaces the killed replica: the next test has both again
         await poll(http, "/health", lambda b: b["replicas"] == {"up": 2, "target": 2}, 120)
         await poll(http, "/sessions", lambda b: b["count"] == 0)
 

@@ -42,11 +42,12 @@ class Placement(Protocol):
     """Tells a cluster's session registry which ids this process holds, so that every request
     naming one is routed here (:mod:`.cluster.registry`); None on one host."""
 
-    async def claim(self, key: str, session: bool = True) -> None:
-        """Before the client hears of ``key`` (a session id; else a recording id)."""
+    async def claim(self, key: str, recording: dict[str, Any] | None = None) -> None:
+        """Before the client hears of ``key``: a session id, or a recording's id and its
+        description (its owner, for a recording its replica's loss would otherwise lose)."""
 
     async def release(self, key: str) -> None:
-        """The session ``key`` closed."""
+        """The session ``key`` closed, or the recording ``key`` is finished."""
 
 
 class SessionManager:

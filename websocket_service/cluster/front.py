@@ -14,6 +14,7 @@ peer connection or server-side session then lives, and counts, there.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 from typing import Any
@@ -29,6 +30,7 @@ from ..api.auth import UNAUTHORIZED, Caller, Credentials, Principal, require_tok
 from ..api.metrics import session_gauges_allowed
 from ..errors import InternalError, ModelNotFound, NotYours, RateLimitExceeded
 from ..manager import Services
+from . import registry
 
 #: how long the front waits for the replicas' answers
 GATHER_TIMEOUT_S = 5.0
@@ -147,8 +149,28 @@ async def session_control(request: Request, session_id: str) -> Response:
     return await forward(request, session_id)
 
 
+async def _registry(request: Request, method: str, *args: Any) -> Any:
+    """Ask the session registry (:mod:`.registry`)."""
+    if getattr(request.app.state, "registry", None) is None:
+        request.app.state.registry = registry.get()
+    try:
+        return await asyncio.wait_for(
+            getattr(request.app.state.registry, method).remote(*args), GATHER_TIMEOUT_S)
+    except Exception:  # noqa: BLE001 - e.g. restarting: ask again next time
+        request.app.state.registry = None
+        raise
+
+
 @router.get("/recordings/{recording_id}", include_in_schema=False)
-async def recording_download(request: Request, recording_id: str) -> Response:
+async def recording_download(request: Request, recording_id: str, caller: Caller) -> Response:
+    """From the replica that made it; one whose replica stopped while recording: failed."""
+    info = await _registry(request, "recording", recording_id)
+    if info is not None and info["status"] == "failed":
+        if not caller.owns(info["user_id"]):
+            raise NotYours(recording_id, "recording")
+        raise ModelNotFound(f"recording {recording_id} failed: its replica stopped while "
+                            "recording", {"recording_id": recording_id, "status": "failed",
+                                          "reason": info["reason"]})
     return await forward(request, recording_id)
 
 
@@ -170,13 +192,18 @@ async def realtime(request: Request) -> Response:
 
 
 @router.get("/recordings", include_in_schema=False)
-async def recordings(request: Request) -> Response:
-    """Every replica's recordings (one folder's use when they share it: the largest)."""
+async def recordings(request: Request, caller: Caller) -> Response:
+    """Every replica's recordings, and those lost with a replica (status failed); the
+    folder's use is the largest (one folder when they share it)."""
     parts = [json.loads(a["body"]) for a in
              await _gather(request, "forward", await _forwarded(request)) if a["status"] == 200]
     if not parts:
         raise ServiceUnavailable("no session replica answered; try again")
-    return JSONResponse({"recordings": [r for p in parts for r in p["recordings"]],
+    listed = [r for p in parts for r in p["recordings"]]
+    ids = {r["recording_id"] for r in listed}
+    listed += [r for r in await _registry(request, "failed_recordings")
+               if r["recording_id"] not in ids and caller.owns(r["user_id"])]
+    return JSONResponse({"recordings": listed,
                          "used_mb": max(p["used_mb"] for p in parts),
                          "max_mb": parts[0]["max_mb"]})
 

@@ -40,15 +40,16 @@ class SessionRegistry:
         self.sessions: dict[str, set[str]] = {}
         #: live sessions' replicas
         self.owner: dict[str, str] = {}
-        #: recordings' replicas (their files outlive the session; bounded, oldest dropped)
-        self.recordings: OrderedDict[str, str] = OrderedDict()
+        #: recordings: their replica and description (status "recording" until finished);
+        #: bounded, the oldest dropped
+        self.recordings: OrderedDict[str, tuple[str, dict[str, Any]]] = OrderedDict()
         #: replica -> {request id: expiry} of new sessions sent there, not opened yet
         self.reserved: dict[str, dict[str, float]] = {}
 
-    def claim(self, replica: str, key: str, session: bool = True) -> None:
+    def claim(self, replica: str, key: str, recording: dict[str, Any] | None = None) -> None:
         """``replica`` holds ``key`` from now on (a session's claim settles a reservation)."""
-        if not session:
-            self.recordings[key] = replica
+        if recording is not None:
+            self.recordings[key] = (replica, recording)
             while len(self.recordings) > MAX_RECORDINGS:
                 self.recordings.popitem(last=False)
             return
@@ -59,13 +60,18 @@ class SessionRegistry:
             del pending[min(pending, key=pending.__getitem__)]  # the oldest
 
     def release(self, replica: str, key: str) -> None:
-        """A session closed: it no longer counts, and nothing routes by its id."""
+        """A session closed (nothing routes by its id any more), or a recording finished."""
+        if key in self.recordings:
+            self.recordings[key][1].update(status="done", reason=None)
+            return
         self.sessions.get(replica, set()).discard(key)
         if self.owner.get(key) == replica:
             del self.owner[key]
 
     def lookup(self, key: str) -> str | None:
-        return self.owner.get(key) or self.recordings.get(key)
+        if key in self.owner:
+            return self.owner[key]
+        return self.recordings[key][0] if key in self.recordings else None
 
     def place(self, candidates: list[str], request_id: str) -> list[str]:
         """``candidates`` (live replicas) from the best place for a new session to the worst:
@@ -75,8 +81,6 @@ class SessionRegistry:
         for pending in self.reserved.values():
             for rid in [r for r, expiry in pending.items() if expiry < now]:
                 del pending[rid]
-        for gone in set(self.sessions) - set(candidates):
-            self.forget(gone)
         ranked = sorted(candidates, key=lambda r: (self.load(r), random.random()))
         if ranked:
             self.reserved.setdefault(ranked[0], {})[request_id] = now + self.ttl
@@ -91,11 +95,22 @@ class SessionRegistry:
         return len(self.sessions.get(replica, ())) + len(self.reserved.get(replica, ()))
 
     def forget(self, replica: str) -> None:
-        """``replica`` is gone: its sessions with it (its recordings stay known: their ids
-        route to nothing live, as a session's that ended)."""
+        """Serve took ``replica`` out of routing (it died, or it drains): its sessions are
+        no longer reachable by id, and a recording it had not finished is marked failed, not
+        lost silently (a draining replica that finishes it after all makes it done)."""
         for key in self.sessions.pop(replica, set()):
             self.owner.pop(key, None)
         self.reserved.pop(replica, None)
+        for held, info in self.recordings.values():
+            if held == replica and info.get("status") == "recording":
+                info.update(status="failed", reason="replica_lost")
+
+    def recording(self, key: str) -> dict[str, Any] | None:
+        """A recording's description as its replica last told (status failed: lost with it)."""
+        return self.recordings[key][1] if key in self.recordings else None
+
+    def failed_recordings(self) -> list[dict[str, Any]]:
+        return [info for _, info in self.recordings.values() if info.get("status") == "failed"]
 
     def snapshot(self) -> dict[str, Any]:
         """Sessions and reservations per replica (tests, debugging)."""
@@ -122,8 +137,8 @@ class RegistryPlacement:
             self._registry = None
             log.warning("session registry: %s%r failed", method, args, exc_info=True)
 
-    async def claim(self, key: str, session: bool = True) -> None:
-        await self._call("claim", key, session)
+    async def claim(self, key: str, recording: dict[str, Any] | None = None) -> None:
+        await self._call("claim", key, recording)
 
     async def release(self, key: str) -> None:
         await self._call("release", key)

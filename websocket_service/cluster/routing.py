@@ -85,6 +85,7 @@ class SessionRouter(ConsistentHashRouter):
         super().__init__(*args, **kwargs)
         self._registry: Any = None
         self._placed: set[str] = set()  # requests holding a reservation in the registry
+        self._known: set[str] = set()  # the replicas routed to (their tags)
 
     def initialize_state(self, **kwargs: Any) -> None:
         super().initialize_state(num_virtual_nodes=1, num_fallback_replicas=0)
@@ -116,6 +117,23 @@ class SessionRouter(ConsistentHashRouter):
             self._registry = None
             return [candidate_replicas]
         return [[by_tag[t]] for t in ranked if t in by_tag] or [candidate_replicas]
+
+    def update_replicas(self, replicas: list[RunningReplica]) -> None:
+        super().update_replicas(replicas)
+        now = {r.unique_id for r in self._replica_id_set}
+        self._forget(self._known - now)  # Serve took them out of routing
+        self._known = now
+
+    def on_replica_actor_died(self, replica_id: Any) -> None:
+        super().on_replica_actor_died(replica_id)
+        self._forget({replica_id.unique_id})
+
+    def _forget(self, tags: set[str]) -> None:
+        for tag in tags:
+            try:
+                self._get_registry().forget.remote(tag)
+            except Exception:  # noqa: BLE001 - no registry: nothing to forget in
+                log.warning("session registry unavailable: replica %s not forgotten", tag)
 
     def on_request_completed(self, replica_id: Any, internal_request_id: str) -> None:
         super().on_request_completed(replica_id, internal_request_id)

@@ -67,7 +67,7 @@ class Recordings:
         self.services.sessions.attach(sid, _StopOnClose(self, sid))
         self.known[rid] = info
         if (placement := self.services.sessions.placement) is not None:
-            await placement.claim(rid, session=False)  # its download is routed here
+            await placement.claim(rid, info.as_dict())  # its download is routed here
         while len(self.known) > MAX_KEPT:
             self.known.pop(next(iter(self.known)))
         return info
@@ -84,6 +84,8 @@ class Recordings:
         rec.stop()
         await asyncio.to_thread(rec.join)
         await release_feed(self.services, feed)
+        if (placement := self.services.sessions.placement) is not None:
+            await placement.release(rec.info.recording_id)  # finished, not lost
         return rec.info
 
 
