@@ -2,23 +2,24 @@
 
 Every session replica is the whole service in one process (engine, avatars, sessions,
 encoders), built by :func:`~websocket_service.app.create_app`, so a session behaves exactly as
-on one host. Serve's proxy pins a WebSocket to the replica it picked at connect (power of two
-choices: the less busy of two) and counts it as one ongoing request for as long as it is open:
+on one host. Serve's proxy routes each request once, before it reaches a replica, with
+:class:`~.routing.SessionRouter` (session affinity: a request naming a session goes to the
+replica that holds it, a new session to the one with the fewest), and counts an open WebSocket
+as one ongoing request for as long as it is open:
 
-* ``max_ongoing_requests`` is ``MAX_SESSIONS`` plus one *control slot*: Serve makes every call
-  to a replica take a slot, the front's calls too (``/sessions``, ``/metrics``, forwarded
-  session controls), so a replica full of sessions must keep one for them. A socket that lands
-  in it is refused by the replica's own limit at INIT (``RATE_LIMIT_EXCEEDED``, close 1013),
-  as on one host: a full cluster refuses quickly with the protocol's error;
-* the autoscaler (``target_ongoing_requests``) counts open sessions;
+* ``max_ongoing_requests`` is above every limit of the service's own (:func:`replica_slots`),
+  and the proxies' queue is unbounded (``MAX_QUEUED_SESSIONS=-1``): Serve never holds a socket
+  back or answers it with an HTTP error; the replica itself refuses what is over its limits
+  (``RATE_LIMIT_EXCEEDED``, close 1013), as on one host;
+* the autoscaler (``target_ongoing_requests``) counts open sockets;
 * a replica chosen for shutdown leaves the routers' replica set at once (no new sessions) and
   Serve waits ``graceful_shutdown_timeout_s`` (``DRAIN_TIMEOUT_S``) for its open sockets before
   the app's shutdown closes what is left;
 * ``request_timeout_s`` would cut open sockets too, so it stays unset.
 
 REST, ``/docs`` and ``/metrics`` go to a CPU front (route prefix ``/``) so that they never wait
-for a session slot; what needs every replica it gathers with ``DeploymentHandle.broadcast``
-(:mod:`.front`).
+for a session replica; what needs every replica it gathers with ``DeploymentHandle.broadcast``,
+what names a session it forwards through the handle (:mod:`.front`).
 """
 
 from __future__ import annotations

@@ -49,7 +49,7 @@ class ClusterSettings(BaseSettings):
         """``num_replicas`` or ``autoscaling_config`` for the session deployment's options."""
         if self.replicas is not None:
             return {"num_replicas": self.replicas}
-        # each open socket holds one max_ongoing_requests slot, so Serve counts sessions
+        # each open socket holds one max_ongoing_requests slot: Serve counts sockets
         return {"autoscaling_config": {
             "min_replicas": self.min_replicas, "max_replicas": self.max_replicas,
             "target_ongoing_requests": max(1.0, self.target_session_share * max_sessions),
