@@ -25,7 +25,6 @@ from websocket_service.manager import Services
 from .conftest import FIXTURES
 from .live_server import free_port
 from .test_cluster import (
-    MAX_SESSIONS,
     OPERATOR,
     SECRET,
     Cluster,
@@ -33,11 +32,14 @@ from .test_cluster import (
     bearer,
     envelope,
     open_session,
+    poll,
     replica,
     same_frames,
     user_token,
 )
 from .wsclient import read_wav
+
+MAX_SESSIONS = 4  # per replica: capacity 8
 
 
 @pytest.fixture(scope="module")
@@ -116,5 +118,24 @@ async def test_a_session_is_usable_through_either_nodes_proxy(
         listed = (await http.get("/sessions", headers=OPERATOR)).json()
         assert listed["count"] == 2
     for peer in [*(o for o, _ in owners), *fans]:
+        await peer.close()
+    async with httpx.AsyncClient(base_url=head.http, timeout=30) as http:
+        await poll(http, "/sessions", lambda b: b["count"] == 0)
+
+
+async def test_a_burst_through_both_proxies_spreads_and_all_of_it_streams(
+        proxies: tuple[Cluster, Cluster]) -> None:
+    """6 at once at capacity 8, half through each node's proxy: two routers place at once,
+    and none of it is refused or gets an HTTP error."""
+    head, worker = proxies
+    opened = await asyncio.gather(*(open_session(proxy, f"burst{i}{k}")
+                                    for k in range(3) for i, proxy in enumerate(proxies)))
+    assert [r["type"] for _, r in opened] == ["INIT_SUCCESS"] * 6, opened
+    per_replica = sorted(sum(replica(r) == rid for _, r in opened)
+                         for rid in {replica(r) for _, r in opened})
+    assert per_replica == [3, 3]
+    for peer, _ in opened:
+        await peer.until(lambda peer=peer: len(peer.frames) >= 5)
+        assert peer.close_code is None
         await peer.close()
 
