@@ -43,6 +43,8 @@ SESSION_APP = "avatar-sessions"
 FRONT_APP = "avatar"
 SESSION_PREFIX = "/musetalk"  # the WebSocket protocol and WebRTC signaling live under it
 SESSION_DEPLOYMENT = "SessionReplica"
+#: the session replicas' request router (session affinity; :mod:`.routing`)
+SESSION_ROUTER = "websocket_service.cluster.routing.SessionRouter"
 FRONT_DEPLOYMENT = "RestFront"
 #: replica slots for the front's calls (see the module docstring)
 CONTROL_SLOTS = 8
@@ -139,8 +141,7 @@ def build(settings: Settings, cluster: ClusterSettings) -> dict[str, Any]:
         max_ongoing_requests=replica_slots(settings),
         max_queued_requests=cluster.max_queued_sessions,
         backpressure_config=BackpressureConfig(status_code=503, retry_after_s=1),
-        request_router_config=RequestRouterConfig(
-            request_router_class="websocket_service.cluster.routing.SessionRouter"),
+        request_router_config=RequestRouterConfig(request_router_class=SESSION_ROUTER),
         graceful_shutdown_timeout_s=cluster.drain_timeout_s,
         graceful_shutdown_wait_loop_s=1.0,
         ray_actor_options={"num_cpus": cluster.replica_cpus, "num_gpus": cluster.replica_gpus},
