@@ -141,7 +141,10 @@ def build(settings: Settings, cluster: ClusterSettings) -> dict[str, Any]:
         max_ongoing_requests=replica_slots(settings),
         max_queued_requests=cluster.max_queued_sessions,
         backpressure_config=BackpressureConfig(status_code=503, retry_after_s=1),
-        request_router_config=RequestRouterConfig(request_router_class=SESSION_ROUTER),
+        # a class path (Serve imports it in each proxy and handle); mypy reads the field's
+        # serialised type
+        request_router_config=RequestRouterConfig(
+            request_router_class=SESSION_ROUTER),  # type: ignore[arg-type]
         graceful_shutdown_timeout_s=cluster.drain_timeout_s,
         graceful_shutdown_wait_loop_s=1.0,
         ray_actor_options={"num_cpus": cluster.replica_cpus, "num_gpus": cluster.replica_gpus},
