@@ -1,0 +1,309 @@
+"""MuseTalk GPU path benchmark (issue 21): per-bucket graphs of UNet + decoder, SD-VAE vs TAESD.
+
+Random full-size weights built in memory (UNet from shared/MUSETALK.md, sd-vae-ft-mse's VAE,
+TAESD = diffusers AutoencoderTiny's default config), fp16 on CUDA; nothing is downloaded.
+
+    python bench/bench_gpu_path.py                       # on a GPU: one command, < 7 min on an H100
+    python bench/bench_gpu_path.py --tiny --device cpu   # CPU smoke: the test suite's tiny model
+
+Per decoder and bucket: capture time and median time of a batch through ``BucketRunner`` in
+cuda-graph mode (CUDA events around the whole call: input copies, replay, copy-out to pinned
+memory), the same in eager mode, and the largest graph-vs-eager difference (uint8 levels). Then
+compile mode (one ``torch.compile(dynamic=False)`` per bucket) for buckets 1 and 8, time-boxed:
+compiles per bucket and dynamic-shape compiles (expected 1 and 0) after runs of every size.
+Frames/s at batch 32 against the issue's goals (SD-VAE >= 400, TAESD >= 800). Streaming
+1/16/24/32 sessions: :func:`stream_sessions`, to be written against the new engine.
+
+Writes ``--json`` (default bench/results/gpu_path.json) and, only on CUDA, the GPU section of
+docs/bench_musetalk.md between ``<!-- gpu-path:start -->`` and ``<!-- gpu-path:end -->``. On a
+CPU the graph mode is compile mode with torch.compile's "eager" backend (no CUDA graphs there).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "test")]
+
+import torch  # noqa: E402
+
+LATENT = (8, 32, 32)
+AUDIO = (50, 384)
+GOALS = {"sd-vae": 400.0, "taesd": 800.0}  # frames/s at batch 32 on one H100 (issue 21)
+START, END = "<!-- gpu-path:start -->", "<!-- gpu-path:end -->"
+UNET = dict(in_channels=8, out_channels=4, sample_size=64, block_out_channels=[320, 640, 1280, 1280],
+            layers_per_block=2, down_block_types=["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"],
+            up_block_types=["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3, cross_attention_dim=384,
+            attention_head_dim=8, norm_num_groups=32, norm_eps=1e-5, act_fn="silu",
+            flip_sin_to_cos=True, freq_shift=0)
+VAE = dict(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=[128, 256, 512, 512],
+           down_block_types=["DownEncoderBlock2D"] * 4, up_block_types=["UpDecoderBlock2D"] * 4,
+           layers_per_block=2, norm_num_groups=32, sample_size=256, scaling_factor=0.18215)
+TINY_TAESD = dict(encoder_block_out_channels=(8, 8, 8, 8), decoder_block_out_channels=(8, 8, 8, 8),
+                  num_encoder_blocks=(1, 1, 1, 1), num_decoder_blocks=(1, 1, 1, 1))
+
+
+@dataclass
+class Models:
+    unet: Any
+    decoders: dict[str, Any]  # "sd-vae" -> AutoencoderKL, "taesd" -> AutoencoderTiny
+    pe: torch.Tensor
+    device: torch.device
+    dtype: torch.dtype
+    label: str
+
+
+def build_models(tiny: bool, device: torch.device, fp16: bool) -> Models:
+    from diffusers import AutoencoderKL, AutoencoderTiny, UNet2DConditionModel
+
+    from websocket_service.engines.musetalk.audio import positional_encoding
+
+    dtype = torch.float16 if (fp16 and device.type == "cuda") else torch.float32
+    torch.manual_seed(0)
+    if tiny:
+        from musetalk_tiny import write_tiny_model
+
+        from websocket_service.engines.musetalk.loader import load_bundle
+
+        bundle = load_bundle(write_tiny_model(Path(tempfile.mkdtemp()) / "tiny"), "v15",
+                             str(device), fp16)
+        unet, vae, taesd = bundle.unet, bundle.vae, AutoencoderTiny(**TINY_TAESD)
+        label = "tiny (test model)"
+    else:
+        with torch.device(device):  # random init on the device: seconds instead of a minute
+            unet, vae, taesd = UNet2DConditionModel(**UNET), AutoencoderKL(**VAE), AutoencoderTiny()
+        label = "full size, random weights"
+    for m in (unet, vae, taesd):
+        m.to(device=device, dtype=dtype).eval().requires_grad_(False)
+    return Models(unet, {"sd-vae": vae, "taesd": taesd}, positional_encoding(*AUDIO), device,
+                  dtype, label)
+
+
+def machine(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}"
+    return f"CPU {platform.machine()} x{os.cpu_count()}, torch {torch.__version__}"
+
+
+def runner(models: Models, decoder: str, mode: str, buckets: tuple[int, ...], backend: str):
+    from websocket_service.engines.musetalk.decoder import decoder_scale, make_generate
+    from websocket_service.engines.musetalk.graphs import BucketRunner
+
+    dec = models.decoders[decoder]
+    fn = make_generate(models.unet, dec, models.pe, decoder_scale(dec))
+    return BucketRunner(fn, LATENT, AUDIO, models.device, models.dtype, mode=mode,
+                        buckets=buckets, compile_backend=backend)
+
+
+def random_inputs(models: Models, n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn((n, *LATENT), generator=g).to(models.device, models.dtype),
+            torch.randn((n, *AUDIO), generator=g).to(models.device, models.dtype))
+
+
+def free(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.empty_cache()
+
+
+def bench_graphs(models: Models, decoder: str, mode: str, buckets: tuple[int, ...],
+                 repeats: int, backend: str) -> dict[str, Any]:
+    """Graph mode vs eager per bucket for one decoder."""
+    graph = runner(models, decoder, mode, buckets, backend)
+    capture = graph.warm_up()
+    graph_s = graph.measure(repeats)
+    eager = runner(models, decoder, "eager", buckets, backend)
+    eager.warm_up()
+    eager_s = eager.measure(repeats)
+    rows = []
+    for b in buckets:
+        lat, aud = random_inputs(models, b, seed=b)
+        diff = int(abs(graph.run(lat, aud).astype(int) - eager.run(lat, aud).astype(int)).max())
+        rows.append({"bucket": b, "capture_s": round(capture[b], 3),
+                     "graph_ms": round(1000 * graph_s[b], 3), "eager_ms": round(1000 * eager_s[b], 3),
+                     "graph_fps": round(b / graph_s[b], 1), "eager_fps": round(b / eager_s[b], 1),
+                     "max_abs_diff": diff})
+        print(f"{decoder:6s} {mode} b{b:<3d} capture {capture[b]:7.2f} s  graph "
+              f"{1000 * graph_s[b]:8.2f} ms  eager {1000 * eager_s[b]:8.2f} ms  "
+              f"{b / graph_s[b]:7.1f} fps  diff {diff}", flush=True)
+    out = {"mode": graph.mode, "rows": rows, "counts": graph.compile_counts}
+    del graph, eager
+    free(models.device)
+    return out
+
+
+def bench_compile(models: Models, decoder: str, buckets: tuple[int, ...], repeats: int,
+                  backend: str) -> dict[str, Any]:
+    """Compile mode: one static graph per bucket, none dynamic, after runs of every size."""
+    r = runner(models, decoder, "compile", buckets, backend)
+    t0 = time.perf_counter()
+    compile_s = r.warm_up()
+    for n in range(1, r.max_batch + 1):
+        r.run(*random_inputs(models, n, seed=1000 + n))
+    times = r.measure(repeats)
+    ok = (all(c == 1 for c in r.compile_counts.values())
+          and not any(r.dynamic_counts.values()))
+    out = {"decoder": decoder, "backend": backend, "compile_mode": r.compile_mode,
+           "buckets": list(buckets), "compile_s": {b: round(s, 1) for b, s in compile_s.items()},
+           "compile_counts": r.compile_counts, "dynamic_counts": r.dynamic_counts,
+           "ms": {b: round(1000 * s, 3) for b, s in times.items()}, "one_static_graph_each": ok,
+           "wall_s": round(time.perf_counter() - t0, 1)}
+    print(f"compile {decoder}: counts {r.compile_counts} dynamic {r.dynamic_counts} "
+          f"compile_s {out['compile_s']} ms {out['ms']}", flush=True)
+    del r
+    free(models.device)
+    return out
+
+
+def stream_sessions(models: Models, decoder: str, sessions: int, seconds: float) -> dict[str, Any]:
+    """LEAD: streaming ``sessions`` speaking sessions through the new engine (core + inference
+    process + deadline scheduler) with ``decoder``, audio fed in real time for ``seconds``.
+    Return {"sessions", "frames", "fps_out_min", "p50_ms", "p95_ms"} (audio-in -> frame-out).
+    Not written yet: the engine it needs is being rebuilt in issue 21."""
+    raise NotImplementedError("stream_sessions() is not written yet: it must stream through the "
+                              "new MuseTalk engine (issue 21); no streaming figures measured")
+
+
+def guarded(what: str, fn, *args) -> dict[str, Any]:
+    """Run one stage; a failure is recorded in the results instead of ending the benchmark."""
+    try:
+        return fn(*args)
+    except Exception as exc:  # any failure of one stage: report it, keep the others
+        traceback.print_exc()
+        return {"error": f"{what}: {type(exc).__name__}: {str(exc)[:500]}"}
+
+
+def goals(graphs: dict[str, Any]) -> dict[str, Any]:
+    out = {}
+    for decoder, goal in GOALS.items():
+        rows = graphs.get(decoder, {}).get("rows") or []
+        best = max(rows, key=lambda r: r["bucket"]) if rows else None
+        out[decoder] = {"goal_fps": goal, "bucket": best and best["bucket"],
+                        "fps": best and best["graph_fps"],
+                        "meets": bool(best and best["bucket"] == 32 and best["graph_fps"] >= goal)}
+    return out
+
+
+def table(res: dict[str, Any]) -> list[str]:
+    lines = ["| decoder | bucket | capture | graph ms/batch | eager ms/batch | graph frames/s | "
+             "eager frames/s | max diff (levels) |", "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for decoder, g in res["graphs"].items():
+        if "error" in g:
+            lines.append(f"| {decoder} | failed: {g['error'][:200]} | | | | | | |")
+            continue
+        lines += [f"| {decoder} | {r['bucket']} | {r['capture_s']:.2f} s | {r['graph_ms']:.2f} | "
+                  f"{r['eager_ms']:.2f} | {r['graph_fps']:.1f} | {r['eager_fps']:.1f} | "
+                  f"{r['max_abs_diff']} |" for r in g["rows"]]
+    lines += ["", "| decoder | goal at batch 32 | measured | meets |", "| --- | ---: | ---: | --- |"]
+    lines += [f"| {d} | {g['goal_fps']:.0f} frames/s | {g['fps']} frames/s (bucket {g['bucket']}) | "
+              f"{'yes' if g['meets'] else 'NO'} |" for d, g in res["goals"].items()]
+    lines += ["", "Compile mode, one `torch.compile(dynamic=False)` per bucket; counts after runs "
+              "of every size 1..max (expected: 1 compile and 0 dynamic per bucket):", "",
+              "| decoder | backend (mode) | bucket | compile | compiles | dynamic | ms/batch |",
+              "| --- | --- | ---: | ---: | ---: | ---: | ---: |"]
+    for c in res["compile"]:
+        if "buckets" not in c:
+            lines.append(f"| {c.get('decoder', '')} | {c.get('skipped') or c.get('error')} | | | | | |")
+            continue
+        lines += [f"| {c['decoder']} | {c['backend']} ({c['compile_mode']}) | {b} | "
+                  f"{c['compile_s'][b]} s | {c['compile_counts'][b]} | {c['dynamic_counts'][b]} | "
+                  f"{c['ms'][b]} |" for b in c["buckets"]]
+    lines += ["", f"Streaming (1/16/24/32 sessions): {json.dumps(res['streaming'])}"]
+    return lines
+
+
+def write_doc(path: Path, res: dict[str, Any]) -> None:
+    lines = [START, f"## GPU path (issue 21): {res['machine']}", "",
+             f"Measured {res['started']} with `python bench/bench_gpu_path.py` ({res['label']}, "
+             f"{res['dtype']}, {res['elapsed_s']:.0f} s). Times are CUDA events around a whole "
+             "`BucketRunner.run` (input copies, replay, copy-out to pinned memory), median of "
+             f"{res['repeats']}; graph mode `{res['graph_mode']}`. Streaming figures are not measured "
+             "unless the streaming line below has numbers.", "", *table(res), END]
+    old = path.read_text() if path.exists() else "# MuseTalk engine benchmark\n"
+    if START in old and END in old:
+        new = old[: old.index(START)] + "\n".join(lines) + old[old.index(END) + len(END):]
+    else:
+        new = old.rstrip() + "\n\n" + "\n".join(lines) + "\n"
+    path.write_text(new)
+    print(f"wrote {path}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--tiny", action="store_true", help="the tiny test model (CPU smoke)")
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--no-fp16", action="store_true")
+    ap.add_argument("--buckets", help="default 1,2,4,8,16,32 (tiny: 1,2,4,8)")
+    ap.add_argument("--repeats", type=int, help="timed runs per bucket (default 10; tiny 2)")
+    ap.add_argument("--compile-buckets", default="1,8")
+    ap.add_argument("--budget-s", type=float, default=400.0,
+                    help="skip compile stages that would not fit in this many seconds")
+    ap.add_argument("--sessions", default="1,16,24,32")
+    ap.add_argument("--seconds", type=float, default=10.0)
+    ap.add_argument("--json", type=Path, default=ROOT / "bench" / "results" / "gpu_path.json")
+    ap.add_argument("--doc", type=Path, default=ROOT / "docs" / "bench_musetalk.md")
+    args = ap.parse_args()
+    t_start = time.perf_counter()
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu")
+                          if args.device == "auto" else args.device)
+    cuda = device.type == "cuda"
+    buckets = tuple(int(x) for x in (args.buckets or ("1,2,4,8" if args.tiny else
+                                                      "1,2,4,8,16,32")).split(","))
+    repeats = args.repeats or (2 if args.tiny else 10)
+    mode, backend = ("cuda-graph", "inductor") if cuda else ("compile", "eager")
+    models = build_models(args.tiny, device, not args.no_fp16)
+    print(f"{models.label} on {machine(device)}, {models.dtype}; built in "
+          f"{time.perf_counter() - t_start:.1f} s", flush=True)
+    res: dict[str, Any] = {"machine": machine(device), "label": models.label,
+                           "dtype": str(models.dtype).replace("torch.", ""),
+                           "started": time.strftime("%Y-%m-%d %H:%M"), "repeats": repeats,
+                           "graph_mode": mode, "graphs": {}, "compile": [], "streaming": {}}
+    for decoder in ("sd-vae", "taesd"):
+        res["graphs"][decoder] = guarded(f"{decoder} {mode}", bench_graphs, models, decoder, mode,
+                                         buckets, repeats, backend)
+    res["goals"] = goals(res["graphs"])
+    cbuckets = tuple(int(x) for x in args.compile_buckets.split(","))
+    last = 0.0
+    for decoder in ("sd-vae", "taesd"):  # time-boxed: skip a stage that would not fit
+        elapsed = time.perf_counter() - t_start
+        if elapsed + 1.2 * last > args.budget_s:
+            res["compile"].append({"decoder": decoder, "skipped": f"time box: {elapsed:.0f} s "
+                                   f"used, last compile stage took {last:.0f} s"})
+            continue
+        t0 = time.perf_counter()
+        res["compile"].append(guarded(f"{decoder} compile", bench_compile, models, decoder,
+                                      cbuckets, repeats, "inductor" if cuda else "eager"))
+        last = time.perf_counter() - t0
+    for decoder in ("sd-vae", "taesd"):
+        for n in (int(x) for x in args.sessions.split(",")):
+            try:
+                res["streaming"][f"{decoder}/{n}"] = stream_sessions(models, decoder, n, args.seconds)
+            except NotImplementedError as exc:
+                res["streaming"] = {"not_measured": str(exc)}
+                break
+        if "not_measured" in res["streaming"]:
+            break
+    res["elapsed_s"] = round(time.perf_counter() - t_start, 1)
+    print("\n".join(table(res)))
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(res, indent=1, default=str))
+    print(f"wrote {args.json} ({res['elapsed_s']:.0f} s)")
+    if cuda:
+        write_doc(args.doc, res)
+
+
+if __name__ == "__main__":
+    main()
