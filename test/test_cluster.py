@@ -10,6 +10,7 @@ import asyncio
 import base64
 import io
 import json
+import struct
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -20,6 +21,7 @@ from typing import Any
 import av
 import httpx
 import jwt
+import numpy as np
 import pytest
 import websockets
 
@@ -267,7 +269,7 @@ async def test_a_burst_within_capacity_all_streams_and_past_it_each_is_refused_c
     assert r.status_code == 429 and r.json()["code"] == "RATE_LIMIT_EXCEEDED", r.text
     assert r.headers["retry-after"] == "1"
     for peer, _ in opened:  # every admitted session streams
-        await peer.until(lambda peer=peer: len(peer.frames) >= 5)
+        assert await peer.until(lambda peer=peer: len(peer.frames) >= 5)
         assert peer.close_code is None
         await peer.close()
     await no_sessions_left(cluster)
@@ -282,7 +284,7 @@ async def test_a_burst_within_capacity_all_streams_and_past_it_each_is_refused_c
             await peer.until(lambda peer=peer: peer.close_code is not None)
             assert peer.close_code == 1013
         else:
-            await peer.until(lambda peer=peer: len(peer.frames) >= 5)
+            assert await peer.until(lambda peer=peer: len(peer.frames) >= 5)
         await peer.close()
     await no_sessions_left(cluster)
 
@@ -336,13 +338,22 @@ async def test_viewers_recording_and_bridge_reach_the_replica_of_their_session(
         listed = (await http.get("/recordings", headers=bearer("owner0"))).json()
         assert [r["recording_id"] for r in listed["recordings"]] == [rid]
 
-        # the media bridge of the session on the other replica
-        sid1, user1 = owners[1][0].session_id, owners[1][0].user_id
+        # the media bridge of the session on the other replica drives what its owner sees
+        owner1 = owners[1][0]
+        sid1 = owner1.session_id
         async with websockets.connect(f"{cluster.ws}/musetalk/v1/bridge/{sid1}"
-                                      f"?token={user_token(user1)}") as bridge:
+                                      f"?token={user_token(owner1.user_id)}",
+                                      max_size=2**24) as bridge:
             await bridge.send(json.dumps(envelope("BRIDGE_CONFIG", sid1, {"format": "rgb24"})))
             ready = json.loads(await bridge.recv())
             assert ready["type"] == "BRIDGE_READY", ready
+            picture = np.full((ready["data"]["height"], ready["data"]["width"], 3), 200, np.uint8)
+            t0 = time.monotonic()
+            for k in range(25):  # a second of pictures at 25 fps, on their deadlines
+                await bridge.send(struct.pack("<Bd", 1, 40.0 * k) + picture.tobytes())
+                await asyncio.sleep(max(0.0, t0 + 0.04 * (k + 1) - time.monotonic()))
+            assert await owner1.until(
+                lambda: any(f["base_video"] == "bridge" for f in owner1.frames))
     for peer in [*(o for o, _ in owners), *(f for fans in audience for f in fans)]:
         await peer.close()
     await no_sessions_left(cluster)

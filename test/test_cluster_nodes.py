@@ -135,7 +135,7 @@ async def test_a_burst_through_both_proxies_spreads_and_all_of_it_streams(
                          for rid in {replica(r) for _, r in opened})
     assert per_replica == [3, 3]
     for peer, _ in opened:
-        await peer.until(lambda peer=peer: len(peer.frames) >= 5)
+        assert await peer.until(lambda peer=peer: len(peer.frames) >= 5)
         assert peer.close_code is None
         await peer.close()
 

@@ -70,11 +70,12 @@ def test_the_session_a_url_names(path: str, query: bytes, key: str | None) -> No
 
 
 def pending(*args: object, session_id: str = "") -> PendingRequest:
+    """(Called in a running loop: the request carries an asyncio future.)"""
     meta = RequestMetadata(request_id="r", internal_request_id="i", session_id=session_id)
     return PendingRequest(args=list(args), kwargs={}, metadata=meta)
 
 
-def test_the_session_a_request_names() -> None:
+async def test_the_session_a_request_names() -> None:
     scope = {"type": "websocket", "path": "/musetalk/v1/ws/u", "query_string": b"session_id=s"}
     proxied = pickle.dumps(StreamingHTTPRequest(scope, proxy_actor_name="proxy"))
     assert request_key(pending(proxied)) == "s"  # from the proxy: its URL
