@@ -32,14 +32,17 @@ CHUNK = 640  # samples per 40 ms chunk = one video frame
 FRAME_MS = 40.0
 
 EXIT_OK, EXIT_USAGE, EXIT_UNREACHABLE, EXIT_SERVER_ERROR, EXIT_CHECK = 0, 2, 3, 4, 5
+RECONNECT_FIRST_S, RECONNECT_MAX_S = 0.5, 8.0
 
 
 class ClientError(Exception):
-    """A failure with a readable message and an exit code."""
+    """A failure with a readable message and an exit code; ``lost``: the connection went (or
+    never came), which ``--reconnect`` retries."""
 
-    def __init__(self, message: str, code: int = EXIT_SERVER_ERROR) -> None:
+    def __init__(self, message: str, code: int = EXIT_SERVER_ERROR, lost: bool = False) -> None:
         super().__init__(message)
         self.code = code
+        self.lost = lost
 
 
 # ---------------------------------------------------------------------------- audio input
@@ -125,6 +128,8 @@ class Summary:
     errors: list[dict[str, Any]] = field(default_factory=list)
     video_config: dict[str, Any] = field(default_factory=dict)
     out: str | None = None
+    replica_id: str | None = None  # the serving replica when scaled out
+    reconnects: int = 0  # sessions opened again after a lost connection (--reconnect)
 
     def text(self) -> str:
         srv, lat = self.server, self.latency_ms
@@ -173,10 +178,12 @@ class StreamClient:
         self._offset: dict[int, int] = {}  # utterance_id -> global index of its frame 0
         self._speech_done = asyncio.Event()
         self._close_ack = asyncio.Event()
+        self._lost = asyncio.Event()  # the server's side of the socket is gone
         self._last_progress = 0.0
         self._speaking = 0
         self.t_init = 0.0
         self.video_config: dict[str, Any] = {}
+        self.replica_id: str | None = None
 
     # -- receiving
     def _on_frame(self, msg: dict[str, Any], now: float) -> None:
@@ -207,6 +214,12 @@ class StreamClient:
         sys.stderr.flush()
 
     async def _receive(self, ws: Any) -> None:
+        try:
+            await self._receive_all(ws)
+        finally:
+            self._lost.set()
+
+    async def _receive_all(self, ws: Any) -> None:
         async for raw in ws:
             now = time.monotonic()
             msg = unwrap(raw)
@@ -232,7 +245,8 @@ class StreamClient:
         try:
             ws = await asyncio.wait_for(websockets.connect(url, max_size=16 << 20), 10)
         except (OSError, TimeoutError, websockets.exceptions.WebSocketException) as exc:
-            raise ClientError(f"cannot connect to {url}: {exc}", EXIT_UNREACHABLE) from None
+            raise ClientError(f"cannot connect to {url}: {exc}", EXIT_UNREACHABLE,
+                              lost=True) from None
         async with ws:
             vc: dict[str, Any] = {"fps": 25}
             if self.cfg.avatar_id:
@@ -245,11 +259,14 @@ class StreamClient:
             try:
                 reply = unwrap(await asyncio.wait_for(ws.recv(), 15))
             except (TimeoutError, websockets.exceptions.ConnectionClosed) as exc:
-                raise ClientError(f"no INIT_SUCCESS from the server: {exc!r}") from None
+                raise ClientError(f"no INIT_SUCCESS from the server: {exc!r}",
+                                  lost=True) from None
             if reply.get("type") != "INIT_SUCCESS":
                 raise ClientError(f"INIT failed: {reply.get('code')}: {reply.get('message')} "
-                                  f"{reply.get('details') or ''}")
+                                  f"{reply.get('details') or ''}",
+                                  lost=reply.get("code") == "RATE_LIMIT_EXCEEDED")
             self.video_config = reply.get("video_config", {})
+            self.replica_id = reply.get("replica_id")
             receiver = asyncio.create_task(self._receive(ws))
             try:
                 await self._stream(ws)
@@ -258,7 +275,7 @@ class StreamClient:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._close_ack.wait(), 3)
             except websockets.exceptions.ConnectionClosed as exc:
-                raise ClientError(f"the server closed the connection: {exc}") from None
+                raise ClientError(f"the server closed the connection: {exc}", lost=True) from None
             finally:
                 receiver.cancel()
                 await asyncio.gather(receiver, return_exceptions=True)
@@ -278,11 +295,15 @@ class StreamClient:
             self.send_times.append(time.monotonic())
             await ws.send(text)
         await ws.send(envelope("END_OF_SPEECH", self.session_id))
-        try:
-            await asyncio.wait_for(self._speech_done.wait(), 10 + len(self.pcm) / RATE)
-        except TimeoutError:
-            if not self.cfg.quiet:
-                sys.stderr.write("\nwarning: no SPEECH_ENDED for all the audio\n")
+        done, lost = (asyncio.create_task(e.wait()) for e in (self._speech_done, self._lost))
+        await asyncio.wait({done, lost}, timeout=10 + len(self.pcm) / RATE,
+                           return_when=asyncio.FIRST_COMPLETED)
+        for task in (done, lost):
+            task.cancel()
+        if self._lost.is_set():
+            raise ClientError("the server closed the connection", lost=True)
+        if not self._speech_done.is_set() and not self.cfg.quiet:
+            sys.stderr.write("\nwarning: no SPEECH_ENDED for all the audio\n")
         await asyncio.sleep(self.cfg.tail_s)
 
     # -- results
@@ -316,6 +337,7 @@ class StreamClient:
         s.utterances = [{k: v for k, v in e.items() if k != "_t"}
                         for e in self.events if e.get("type") == "SPEECH_ENDED"]
         s.errors = [e for e in self.events if e.get("type") == "ERROR"]
+        s.replica_id = self.replica_id
         return s
 
 
@@ -412,6 +434,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--tail-s", type=float, default=1.0, help="idle time kept after SPEECH_ENDED")
     ap.add_argument("--quiet", action="store_true", help="no progress line")
     ap.add_argument("--json", action="store_true", help="print the summary as JSON")
+    ap.add_argument("--reconnect", type=int, default=0, metavar="N",
+                    help="a lost connection (e.g. its replica died) opens a new session and "
+                         "streams the audio again, up to N times, after 0.5 s, doubling")
     a = ap.parse_args(argv)
     if not a.server.startswith(("ws://", "wss://")):
         ap.error("--server must start with ws:// or wss://")
@@ -428,8 +453,22 @@ async def run(cfg: argparse.Namespace) -> tuple[Summary, StreamClient]:
     pcm, note = load_wav(cfg.audio_file)
     if note and not cfg.quiet:
         sys.stderr.write(f"note: {note}\n")
-    client = StreamClient(cfg, pcm)
-    summary = await client.run()
+    delay, reconnects = RECONNECT_FIRST_S, 0
+    while True:
+        client = StreamClient(cfg, pcm)
+        try:
+            summary = await client.run()
+            break
+        except ClientError as exc:
+            if not exc.lost or reconnects >= cfg.reconnect:
+                raise
+            sys.stderr.write(f"\nconnection lost ({exc}); reconnecting in {delay:.1f} s\n")
+            await asyncio.sleep(delay)
+            delay, reconnects = min(delay * 2, RECONNECT_MAX_S), reconnects + 1
+    summary.reconnects = reconnects
+    if reconnects:
+        sys.stderr.write(f"reconnected: session {client.session_id} on replica "
+                         f"{client.replica_id or '-'}\n")
     if cfg.out:
         await asyncio.to_thread(write_mp4, client, cfg.out)
         summary.out = str(cfg.out)
