@@ -5,7 +5,10 @@ The only package that imports ``ray``; the service itself imports and runs witho
 * ``settings``: the cluster's own settings (replicas, autoscaling, GPUs, draining).
 * ``deployments``: the session deployment (one replica per GPU, WebSockets under
   ``/musetalk``) and the REST front (everything else), and :func:`build` that binds both.
-* ``front``: the REST front's routes that need every replica (``/sessions``, ``/metrics``).
+* ``front``: the REST front's routes that need every replica (``/sessions``, ``/metrics``,
+  ``/recordings``) or the one that holds a session (forwarded through the handle).
+* ``routing``: the session replicas' Serve request router (session affinity), and
+  ``registry``: the named actor that knows which replica holds each session.
 * ``__main__``: ``python -m websocket_service.cluster`` starts Ray (or joins ``RAY_ADDRESS``),
   deploys both applications and shuts down what it started on SIGTERM or Ctrl-C.
 """
