@@ -3,12 +3,15 @@ running (the actor's class is plain Python; the proxy's request is a pickled ASG
 
 from __future__ import annotations
 
+import json
 import pickle
 
 import pytest
+from fastapi import FastAPI, Request
 from ray.serve._private.common import RequestMetadata, StreamingHTTPRequest
 from ray.serve._private.request_router.common import PendingRequest
 
+from websocket_service.cluster.front import replica_forward
 from websocket_service.cluster.registry import SessionRegistry
 from websocket_service.cluster.routing import request_key, url_key
 
@@ -83,3 +86,17 @@ async def test_the_session_a_request_names() -> None:
     assert request_key(pending({"method": "POST"}, session_id="k")) == "k"  # the front's call
     assert request_key(pending({"method": "POST"})) is None  # a new session
     assert request_key(pending(b"not a pickle")) is None
+
+
+async def test_a_forwarded_request_keeps_the_callers_address() -> None:
+    """The front forwards for many clients: the replica's per-address limits count each."""
+    app = FastAPI()
+
+    @app.get("/who")
+    async def who(request: Request) -> dict[str, str | None]:
+        return {"ip": request.client.host if request.client else None}
+
+    forwarded = {"method": "GET", "path": "/who", "query": "", "headers": {}, "body": b"",
+                 "client": "203.0.113.7"}
+    answer = await replica_forward(app, forwarded)
+    assert answer["status"] == 200 and json.loads(answer["body"]) == {"ip": "203.0.113.7"}

@@ -73,7 +73,8 @@ def replica_metrics(services: Services, with_sessions: bool = False) -> dict[str
 
 async def replica_forward(app: ASGIApp, request: dict[str, Any]) -> dict[str, Any]:
     """Answer a forwarded request with this replica's own routes."""
-    transport = httpx.ASGITransport(app=app)
+    # the caller's address, not the front's: the per-address limits count it
+    transport = httpx.ASGITransport(app=app, client=(request.get("client") or "127.0.0.1", 0))
     async with httpx.AsyncClient(transport=transport, base_url="http://replica") as client:
         r = await client.request(request["method"], request["path"], params=request["query"],
                                  headers=request["headers"], content=request["body"])
@@ -121,6 +122,7 @@ async def session_detail(request: Request, session_id: str, caller: Caller) -> d
 async def _forwarded(request: Request) -> dict[str, Any]:
     return {"method": request.method, "path": request.url.path,
             "query": str(request.url.query),
+            "client": request.client.host if request.client else None,
             "headers": {k: v for k, v in request.headers.items() if k in FORWARDED_HEADERS},
             "body": await request.body()}
 
