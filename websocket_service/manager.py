@@ -118,6 +118,8 @@ class SessionManager:
                 session_id_var.reset(token)
         if self.placement is not None:  # counted once: no longer reserved
             await self.placement.claim(session_id)
+            if session_id not in self.sessions:  # closed meanwhile: its release came first
+                await self.placement.release(session_id)
         log.info("session %s opened: user=%s transport=%s avatar=%s %dx%d (%d/%d sessions)",
                  session_id, user_id, transport, avatar.avatar_id, video.width, video.height,
                  len(self.sessions), self.settings.max_sessions)
@@ -217,6 +219,9 @@ class SessionManager:
             session_id_var.reset(token)
 
     async def _close(self, session_id: str) -> None:
+        if self.placement is not None and session_id in self.sessions:
+            # first: once it is gone from here, nothing is routed or placed by it any more
+            await self.placement.release(session_id)
         session = self.sessions.pop(session_id, None)
         for thing in self._attached.pop(session_id, []):
             try:
@@ -228,8 +233,6 @@ class SessionManager:
         for key in [k for k, (sid, _) in self._viewers.items() if sid == session_id]:
             del self._viewers[key]  # its viewers are closed with it (their attachments)
         if session is not None:
-            if self.placement is not None:
-                await self.placement.release(session_id)
             await session.close()
             st = session.stats
             self.metrics.session_closed(st)
