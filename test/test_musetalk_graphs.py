@@ -122,6 +122,9 @@ def test_modes_resolve():
         resolve_mode("cuda-graph", CPU)
     with pytest.raises(ValueError, match="unknown"):
         resolve_mode("tensorrt", CPU)
+    with pytest.raises(ValueError, match="compile_kernels"):
+        BucketRunner(lambda a, b: a, LATENT, AUDIO, CPU, torch.float32, mode="eager",
+                     compile_kernels=True)
 
 
 # -- compile mode against eager

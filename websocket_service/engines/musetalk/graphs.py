@@ -98,7 +98,7 @@ def _has_symbolic_shape(example_inputs: list[Any]) -> bool:
 def _grad_off() -> contextlib.ExitStack:
     """no_grad, and never inference mode, whatever the caller's mode: warm-up and every run see
     the same autograd state (dynamo guards on it: a change would recompile), and tracing under
-    inference mode was 3x slower to compile and failed a contiguity check in AOTAutograd."""
+    inference mode took 3x longer to compile (tiny model, CPU)."""
     stack = contextlib.ExitStack()
     stack.enter_context(torch.inference_mode(False))
     stack.enter_context(torch.no_grad())
@@ -124,12 +124,19 @@ class BucketRunner:
 
     ``compile_backend`` / ``compile_mode`` choose torch.compile's backend in ``compile`` mode
     (default: inductor, "reduce-overhead" on CUDA); tests on CPU use a cheap backend.
+
+    ``compile_kernels`` (cuda-graph mode only): each bucket's graph captures inductor-compiled
+    kernels (one static ``torch.compile`` per bucket, default inductor mode, no cudagraph trees)
+    instead of the eager modules. Why: a CUDA graph over eager modules removes the UNet's launch
+    cost but not the SD-VAE's compute (135 ms at batch 32 measured, against 49 ms for the compiled
+    VAE decoder), and the issue's 400 frames/s at batch 32 needs both. Costs minutes of start-up
+    per bucket; measured by ``bench/bench_gpu_path.py``.
     """
 
     def __init__(self, fn: Fn, latent_shape: tuple[int, ...], audio_shape: tuple[int, ...],
                  device: torch.device, dtype: torch.dtype, mode: GraphMode = "auto",
                  buckets: tuple[int, ...] = BUCKETS, *, compile_backend: str = "inductor",
-                 compile_mode: str | None = None) -> None:
+                 compile_mode: str | None = None, compile_kernels: bool = False) -> None:
         if not buckets or min(buckets) < 1:
             raise ValueError(f"buckets must be positive batch sizes, got {buckets}")
         self.fn = fn
@@ -138,6 +145,10 @@ class BucketRunner:
         self.mode: str = resolve_mode(mode, self.device)
         self.buckets = tuple(sorted(set(buckets)))
         self.max_batch = self.buckets[-1]
+        if compile_kernels and self.mode != "cuda-graph":
+            raise ValueError("compile_kernels is an option of the 'cuda-graph' mode, not "
+                             f"{self.mode!r}")
+        self.compile_kernels = compile_kernels
         self.compile_backend = compile_backend
         self.compile_mode = compile_mode if compile_mode is not None else (
             "reduce-overhead" if self.device.type == "cuda" else None)
@@ -179,26 +190,33 @@ class BucketRunner:
 
     def _capture(self, b: int, pool: Any) -> None:
         lat, aud = self._inputs[b]
+        fn = self.fn
+        if self.compile_kernels:  # compiled (and autotuned) by the first warm-up iteration
+            fn = torch.compile(_own_code(self.fn, b), dynamic=False, fullgraph=True,
+                               backend=self._backend(b, kernels_only=True))
         side = torch.cuda.Stream(self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(side):
             for _ in range(CUDA_WARMUP_ITERS):
-                self.fn(lat, aud)
+                fn(lat, aud)
         torch.cuda.current_stream(self.device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=pool):
-            out = self.fn(lat, aud)
+            out = fn(lat, aud)
         self._check_output(out, b)
         self._graphs[b], self._outputs[b] = graph, out
-        self.compile_counts[b] += 1
+        if not self.compile_kernels:  # there the backend counted the compile
+            self.compile_counts[b] += 1
         graph.replay()  # one replay now: its errors surface at start-up, not on the first batch
         torch.cuda.current_stream(self.device).synchronize()
 
-    def _backend(self, b: int) -> Callable[..., Any]:
+    def _backend(self, b: int, kernels_only: bool = False) -> Callable[..., Any]:
         if self.compile_backend == "inductor" and hasattr(torch, "_TorchCompileInductorWrapper"):
             # torch.compile(mode=...) only applies to its own inductor wrapper; build the same one
-            # so that a counting wrapper can sit in front of it
-            inner = torch._TorchCompileInductorWrapper(self.compile_mode, None, False)
+            # so that a counting wrapper can sit in front of it. Kernels captured in our own
+            # graph must not record cudagraph trees of their own: inductor's default mode.
+            mode = None if kernels_only else self.compile_mode
+            inner = torch._TorchCompileInductorWrapper(mode, None, False)
         else:
             inner = torch._dynamo.lookup_backend(self.compile_backend)
 
