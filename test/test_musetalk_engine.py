@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import importlib.util
 import os
+import time
 from pathlib import Path
 
 os.environ["HF_HUB_OFFLINE"] = "1"
@@ -21,11 +22,11 @@ from websocket_service.config import Settings  # noqa: E402
 from websocket_service.engines import create_engine  # noqa: E402
 from websocket_service.engines.musetalk import MuseTalkEngine  # noqa: E402
 from websocket_service.engines.musetalk.audio import (  # noqa: E402
+    fixed_window,
+    fixed_window_samples,
     frame_window,
     positional_encoding,
-    window_bounds,
 )
-from websocket_service.engines.musetalk.worker import Request  # noqa: E402
 from websocket_service.errors import ModelNotFound, RateLimitExceeded  # noqa: E402
 
 from .musetalk_tiny import copy_without, write_tiny_model  # noqa: E402
@@ -34,6 +35,9 @@ SIZE = 256
 
 
 def settings(model: Path, **kw) -> Settings:
+    """In-process inference (a thread: no child to start per engine) unless a test asks, and no
+    admission limit from the tiny model's CPU speed."""
+    kw = {"musetalk_process": False, "musetalk_max_streams": 64, "batch_max": 4, **kw}
     return Settings(_env_file=None, engine="musetalk", model_path=model, device="cpu", **kw)
 
 
@@ -44,7 +48,7 @@ def model(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def engine(model):
-    eng = create_engine(settings(model, batch_max=16, batch_wait_ms=30))
+    eng = create_engine(settings(model, batch_max=8, batch_wait_ms=30))
     yield eng
     asyncio.run(eng.aclose())
 
@@ -191,19 +195,18 @@ def test_positional_encoding_is_sin_even_cos_odd():
     assert torch.equal(pe[0, 0::2], torch.zeros(192)) and torch.equal(pe[0, 1::2], torch.ones(192))
 
 
-def test_window_bounds_cover_the_lookahead():
-    start, end = window_bounds(10, 11, received=20 * 640, ended=False, context_samples=16000,
-                               max_samples=480000)
-    assert start == 0 and end == (11 + 1 + 3) * 640
-    start, end = window_bounds(40, 41, received=60 * 640, ended=False, context_samples=16000,
-                               max_samples=480000)
-    assert start == 40 * 640 - 16000 and start % 320 == 0
-    _, end = window_bounds(5, 6, received=6 * 640 + 100, ended=True, context_samples=0,
-                           max_samples=480000)
+def test_fixed_windows_cover_the_lookahead_with_one_length():
+    length = fixed_window_samples(16000, 2, 480000)
+    assert length == 16000 + (2 + 3) * 640 and length % 320 == 0
+    assert fixed_window_samples(16000, 2, 10000) == 10000 - 10000 % 320  # capped
+    start, end = fixed_window(11, received=20 * 640, ended=False, length=length)
+    assert end == (11 + 1 + 3) * 640 and end - start == length and start < 0  # left zero padding
+    start, end = fixed_window(41, received=60 * 640, ended=False, length=length)
+    assert (start, end) == ((41 + 4) * 640 - length, (41 + 4) * 640)
+    _, end = fixed_window(6, received=6 * 640 + 100, ended=True, length=length)
     assert end == 7 * 640  # an ended utterance: up to the last frame's own slot, no further
-    _, end = window_bounds(2, 3, received=6 * 640 + 100, ended=True, context_samples=0,
-                           max_samples=480000)
-    assert end == 6 * 640 + 320  # the utterance's end, rounded up to an encoder frame
+    start, end = fixed_window(3, received=6 * 640 + 100, ended=True, length=length)
+    assert end == 6 * 640 + 320 and end - start == length  # the end, rounded to an encoder frame
 
 
 # ------------------------------------------------------------------ avatar cache
@@ -211,8 +214,9 @@ def test_window_bounds_cover_the_lookahead():
 def test_latent_cache_round_trip(engine, avatar):
     first = avatar.engine_data.pop("musetalk")
     assert (avatar.path / "musetalk_v15.pt").is_file()
-    again = MuseTalkEngine(engine.settings)
-    again.bundle, again.worker = engine.bundle, engine.worker  # a restarted engine, same weights
+    again = MuseTalkEngine(engine.settings)  # a restarted engine, same weights and core
+    for name in ("runner", "core_info", "vae", "parsing", "files", "device", "dtype"):
+        setattr(again, name, getattr(engine, name))
     again.prepare_avatar(avatar)
     second = avatar.engine_data["musetalk"]
     assert second["source"] == "disk" and second["key"] == first["key"]
@@ -293,7 +297,7 @@ def test_interrupt_returns_empty(engine, avatar):
 
 
 def test_frames_of_several_sessions_share_one_forward_pass(engine, avatar):
-    before = engine.stats()
+    before = engine.stats_now()
     n, sessions = 8, 3
 
     async def one(k: int):
@@ -307,7 +311,7 @@ def test_frames_of_several_sessions_share_one_forward_pass(engine, avatar):
 
     results = asyncio.run(run())
     assert [len(r) for r in results] == [n] * sessions
-    after = engine.stats()
+    after = engine.stats_now()
     frames = after["frames"] - before["frames"]
     batches = after["batches"] - before["batches"]
     assert frames == n * sessions
@@ -316,16 +320,22 @@ def test_frames_of_several_sessions_share_one_forward_pass(engine, avatar):
     assert after["fps_capacity"] > 0 and after["realtime_factor"] > 0
 
 
-def test_worker_queue_is_bounded(model):
-    eng = MuseTalkEngine(settings(model, musetalk_queue_frames=4, batch_max=1))
+def test_inference_queue_is_bounded(model, avatar):
+    eng = MuseTalkEngine(settings(model, musetalk_queue_frames=4, batch_max=1,
+                                  batch_wait_ms=100, musetalk_deadline_ms=5000))
     eng.load()
     try:
-        lat = torch.zeros(3, 8, 32, 32)
-        audio = torch.zeros(3, 50, 384)
-        eng.worker.submit(Request(1, lat, audio))
-        with pytest.raises(RateLimitExceeded):
-            eng.worker.submit(Request(2, lat, audio))
-        assert eng.stats()["rejected"] == 3
+        eng.prepare_avatar(avatar)
+        key = avatar.engine_data["musetalk"]["key"]
+        due = time.monotonic() + 60
+        meta = {"session": 1, "avatar": key, "offset": 0, "n_valid": None,
+                "frames": [[k, "idle", 0, due] for k in range(3)]}
+        pcm = np.zeros(eng.window_samples, np.int16)
+        first = eng.runner.submit(meta, pcm, 3)
+        with pytest.raises(RateLimitExceeded):  # 3 + 3 frames > 4 slots: refused at once
+            eng.runner.submit({**meta, "session": 2}, pcm, 3)
+        assert first.result(timeout=60).shape == (3, 256, 256, 3)
+        assert eng.runner.submit(meta, pcm, 3).result(timeout=60).shape == (3, 256, 256, 3)
     finally:
         asyncio.run(eng.aclose())
 

@@ -39,7 +39,8 @@ def avatars_dir(tmp_path) -> Path:
 def mt_server(make_server, tiny_model, avatars_dir):
     return make_server(engine="musetalk", model_path=tiny_model, avatars_dir=avatars_dir,
                        device="cpu", default_width=SIZE, default_height=SIZE,
-                       batch_wait_ms=40, max_buffered_audio_s=5)
+                       batch_wait_ms=40, max_buffered_audio_s=5, musetalk_max_streams=8,
+                       batch_max=4)
 
 
 def speech(n_frames: int, seed: int = 0) -> bytes:
@@ -78,11 +79,13 @@ async def test_musetalk_speaks_one_frame_per_chunk_touching_only_the_lower_face(
 
 
 async def test_two_sessions_share_forward_passes(make_server, tiny_model, avatars_dir):
-    # the worker waits up to 100 ms (the most it may) for a full batch (16 frames: both
-    # sessions' 8), so on a loaded machine the second request still joins the first pass
+    # the core waits up to 100 ms (the most it may) for a full batch (8 frames), and the
+    # frames' deadline is far (2 s), so on a loaded machine the second session's windows still
+    # join the first session's in a pass
     mt_server = make_server(engine="musetalk", model_path=tiny_model, avatars_dir=avatars_dir,
                             device="cpu", default_width=SIZE, default_height=SIZE,
-                            batch_wait_ms=100, batch_max=16, max_buffered_audio_s=5)
+                            batch_wait_ms=100, batch_max=8, max_buffered_audio_s=5,
+                            musetalk_max_streams=8, musetalk_deadline_ms=2000)
     a, _ = await Client.connect(mt_server.ws, "a")
     b, _ = await Client.connect(mt_server.ws, "b")
     a.decode = b.decode = False
@@ -93,12 +96,40 @@ async def test_two_sessions_share_forward_passes(make_server, tiny_model, avatar
         a.recv_until(lambda m: m["type"] == "SPEECH_ENDED", timeout=60),
         b.recv_until(lambda m: m["type"] == "SPEECH_ENDED", timeout=60))
     assert [d["frames"] for d in done] == [8, 8]
-    stats = mt_server.services.engine.stats()
+    stats = await asyncio.to_thread(mt_server.services.engine.stats_now)
     assert stats["sessions_per_batch_max"] >= 2, stats
-    info = mt_server.get("/sessions").json()
+    info = mt_server.get("/sessions").json()  # the figures it shows are at most a second old
     assert info["engine"]["name"] == "musetalk" and info["engine"]["realtime_factor"] > 0
     assert len(info["sessions"]) == 2
     assert all(s["realtime_factor"] > 0 for s in info["sessions"])
+    await a.close()
+    await b.close()
+
+
+async def test_gpu_standin_serves_through_the_socket_and_admits_what_it_can(make_server,
+                                                                           avatars_dir):
+    """GPU_STANDIN: no model files; /health says so; past the admission limit a session is
+    refused at INIT with RATE_LIMIT_EXCEEDED and close 1013, the others go on speaking."""
+    server = make_server(engine="musetalk", gpu_standin="h100", avatars_dir=avatars_dir,
+                         default_width=SIZE, default_height=SIZE, musetalk_max_streams=2,
+                         model_path=avatars_dir / "no-models-here")
+    health = server.get("/health").json()
+    assert health["engine_info"]["gpu_standin"] == "h100"
+    assert health["engine_info"]["inference_process"]["separate"] is True
+    assert health["event_loop_lag_ms"]["samples"] >= 0
+    a, ra = await Client.connect(server.ws, "a")
+    b, rb = await Client.connect(server.ws, "b")
+    assert ra["type"] == rb["type"] == "INIT_SUCCESS"
+    c, rc = await Client.connect(server.ws, "c")
+    assert rc["type"] == "ERROR" and rc["code"] == "RATE_LIMIT_EXCEEDED", rc
+    assert rc["details"] == {"streams": 2, "limit": 2}
+    await c.ws.wait_closed()
+    assert c.ws.close_code == 1013
+    a.decode = False
+    await a.send(chunk_msg(a.session_id, speech(8, 3)))
+    await a.msg("END_OF_SPEECH")
+    done = await a.recv_until(lambda m: m["type"] == "SPEECH_ENDED", timeout=60)
+    assert done["frames"] == 8
     await a.close()
     await b.close()
 

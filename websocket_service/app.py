@@ -19,6 +19,7 @@ from .api import management, metrics, rest, session_control
 from .api.body_guard import BodyGuard
 from .config import Settings, get_settings
 from .errors import ServiceError
+from .loop_lag import LoopLag
 from .manager import Services
 from .media import threads as media_threads
 from .transports import recording, signaling, websocket
@@ -46,6 +47,7 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
         if svc.encoders is not None:
             await svc.encoders.start()
         app.state.services = svc
+        app.state.loop_lag.start()
         for hook in app.state.startup_hooks:
             await hook(app)
         log.info("ready: engine=%s avatar=%s", svc.engine.name, svc.settings.default_avatar)
@@ -54,12 +56,14 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
         finally:
             for hook in app.state.shutdown_hooks:
                 await hook(app)
+            await app.state.loop_lag.stop()
             await svc.aclose()
 
     cfg = settings or (services.settings if services else get_settings())
     app = FastAPI(title="MuseTalk real-time avatar service", version=__version__,
                   description=DESCRIPTION, lifespan=lifespan)
     app.state.startup_hooks = []
+    app.state.loop_lag = LoopLag()
     app.state.shutdown_hooks = []
     app.add_middleware(BodyGuard)  # inside CORS: its early 401/413 answers carry CORS headers
     app.add_middleware(CORSMiddleware, allow_origins=cfg.cors_origins, allow_methods=["*"],

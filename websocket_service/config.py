@@ -42,7 +42,10 @@ class Settings(BaseSettings):
     device: str = "auto"
     use_float16: bool = True
     musetalk_version: Literal["v15", "v10"] = "v15"
-    batch_max: int = Field(16, ge=1, le=256)
+    # MuseTalk's inference batches: at most this many frames (padded up to a bucket of 1, 2,
+    # 4, 8, 16, 32), launched when full, when the most urgent frame's slack is down to the
+    # predicted batch time, or after BATCH_WAIT_MS
+    batch_max: int = Field(32, ge=1, le=32)
     batch_wait_ms: float = Field(4.0, ge=0, le=100)
     # MuseTalk only: audio-encoder hop (frames per Whisper pass), left audio context of each
     # pass, Whisper window ("short": positional embedding cut to the window; "full": 30 s),
@@ -52,7 +55,25 @@ class Settings(BaseSettings):
     musetalk_whisper_window: Literal["short", "full"] = "short"
     musetalk_extra_margin: int = Field(10, ge=0, le=200)
     musetalk_bbox_shift: int = Field(0, ge=-100, le=100)
-    musetalk_queue_frames: int = Field(512, ge=1)
+    musetalk_queue_frames: int = Field(512, ge=1, le=8192)
+    # the face decoder: "sd-vae" (upstream quality) or "taesd" (diffusers AutoencoderTiny from
+    # MODEL_PATH/taesd/, ~8x fewer FLOPs, blurs fine detail); avatars are encoded by the SD-VAE
+    musetalk_decoder: Literal["sd-vae", "taesd"] = "sd-vae"
+    # per batch-size bucket: "cuda-graph" (captured at start-up), "compile" (torch.compile, one
+    # static graph per bucket), "eager"; "auto": cuda-graph on CUDA, eager on a CPU
+    musetalk_graphs: Literal["auto", "eager", "compile", "cuda-graph"] = "auto"
+    # inference in its own process (models, latents and schedule there; faces over shared
+    # memory); false: a thread of the server
+    musetalk_process: bool = True
+    # a speech frame is due this long after its audio arrived (the scheduler's deadline)
+    musetalk_deadline_ms: int = Field(120, ge=10, le=5000)
+    # sessions admitted at once; 0: what the measured (or stand-in) per-batch costs serve in
+    # real time with the GPU at most MUSETALK_GPU_UTILISATION busy
+    musetalk_max_streams: int = Field(0, ge=0, le=4096)
+    musetalk_gpu_utilisation: float = Field(0.95, gt=0, le=1.0)
+    # capacity planning without a GPU: the three networks replaced by an H100's measured
+    # per-batch waits, faces = the avatar's own crops ("h100": SD-VAE decoder; "h100-taesd")
+    gpu_standin: Literal["", "h100", "h100-taesd"] = ""
 
     # --- avatars
     avatars_dir: Path = Path("data/avatars")

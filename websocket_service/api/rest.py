@@ -45,6 +45,9 @@ class Health(BaseModel):
                                     "every session replica is up; else 503 with this body)")
     replicas: dict[str, int] | None = Field(
         None, description="on the cluster: session replicas answering (up) and wanted (target)")
+    event_loop_lag_ms: dict[str, float] | None = Field(
+        None, description="how late the event loop woke up over the last minute: p50, p99, max "
+                          "(and samples); frame pacing is only as good as this")
 
 
 class JobOut(BaseModel):
@@ -75,7 +78,7 @@ def _services(request: Request) -> Services:
                                                              "replicas missing)"}})
 async def health(request: Request) -> dict[str, Any]:
     """Liveness plus what the engine loaded, and whether sessions can be taken (``ready``)."""
-    return _services(request).health()
+    return {**_services(request).health(), "event_loop_lag_ms": request.app.state.loop_lag.summary()}
 
 
 @router.get("/sessions", tags=["service"])

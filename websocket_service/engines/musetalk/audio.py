@@ -70,13 +70,15 @@ class LogMel:
         self.window = torch.hann_window(n_fft, device=device)
 
     def __call__(self, audio: torch.Tensor) -> torch.Tensor:
-        """[samples] float in [-1, 1] -> [n_mels, samples // hop]."""
+        """[samples] or [batch, samples] float in [-1, 1] -> [(batch,) n_mels, samples // hop].
+
+        Each row is normalised against its own maximum, as if computed alone."""
         spec = torch.stft(audio, self.n_fft, self.hop, window=self.window, center=True,
                           pad_mode="reflect", return_complex=True)
         power = spec[..., :-1].abs() ** 2
         mel = self.filters.T @ power
         log = torch.clamp(mel, min=1e-10).log10()
-        log = torch.maximum(log, log.max() - 8.0)
+        log = torch.maximum(log, log.amax(dim=(-2, -1), keepdim=True) - 8.0)
         return (log + 4.0) / 4.0
 
 
@@ -101,17 +103,22 @@ class WhisperStates:
 
     def __call__(self, pcm: np.ndarray) -> torch.Tensor:
         """int16 PCM (a multiple of 320 samples, at most 30 s) -> [len // 320, L, D] float32."""
-        n = len(pcm) // WHISPER_HOP
+        return self.batch(pcm[None])[0]
+
+    def batch(self, pcm: np.ndarray) -> torch.Tensor:
+        """[B, samples] int16 windows of one length -> [B, samples // 320, L, D] float32: one
+        encoder call for every window (each row equals the window encoded alone)."""
+        n = pcm.shape[1] // WHISPER_HOP
         if n > self.max_frames:
             raise ValueError(f"audio window of {n} encoder frames > {self.max_frames}")
         dev = self.logmel.filters.device
         audio = torch.as_tensor(pcm.astype(np.float32) / 32768.0, device=dev)
         if self.mode == "full":
-            audio = F.pad(audio, (0, self.logmel.n_samples - len(audio)))
+            audio = F.pad(audio, (0, self.logmel.n_samples - audio.shape[1]))
         mel = self.logmel(audio)
         dtype = self.encoder.conv1.weight.dtype
-        states = self._encode(mel[None].to(dtype))
-        return states[0, :n].float()
+        states = self._encode(mel.to(dtype))
+        return states[:, :n].float()
 
     def _encode(self, mel: torch.Tensor) -> torch.Tensor:
         enc = self.encoder
@@ -143,3 +150,24 @@ def window_bounds(first_frame: int, last_frame: int, received: int, ended: bool,
         start = end - max_samples
         start += (-start) % WHISPER_HOP
     return start, math.ceil(end / WHISPER_HOP) * WHISPER_HOP
+
+
+def fixed_window_samples(context_samples: int, hop: int, max_samples: int) -> int:
+    """The one window length every encoder pass uses: the left context plus a hop of frames and
+    their look-ahead, in whole encoder frames, at most ``max_samples``. One length for every
+    session and every pass is what lets one call (and one captured graph) serve them all."""
+    want = context_samples + (hop + AUDIO_LOOKAHEAD_FRAMES) * SAMPLES_PER_FRAME
+    want = math.ceil(want / WHISPER_HOP) * WHISPER_HOP
+    return min(want, max_samples - max_samples % WHISPER_HOP)
+
+
+def fixed_window(last_frame: int, received: int, ended: bool, length: int) -> tuple[int, int]:
+    """Sample range [start, end) of length ``length`` (a multiple of 320) whose end serves
+    ``last_frame``'s look-ahead (as :func:`window_bounds`); ``start`` is negative at the start of
+    an utterance, where the window is zero-padded on the left (frames before 0 read as zeros in
+    :func:`frame_window` anyway)."""
+    need_end = (last_frame + 1 + AUDIO_LOOKAHEAD_FRAMES) * SAMPLES_PER_FRAME
+    end = min(received, need_end) if ended else need_end
+    end = max(end, (last_frame + 1) * SAMPLES_PER_FRAME)
+    end = math.ceil(end / WHISPER_HOP) * WHISPER_HOP
+    return end - length, end

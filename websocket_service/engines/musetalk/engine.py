@@ -1,8 +1,16 @@
-"""The MuseTalk engine: loads the models, prepares avatars, owns the inference worker."""
+"""The MuseTalk engine: prepares avatars here and runs inference in its own process.
+
+The inference process (:mod:`.process`) owns the networks, the avatars' latents and the
+schedule (:mod:`.core`); this side keeps what the sessions need to blend faces into their
+frames (crop boxes and masks), and the VAE encoder and face parser that prepare avatars.
+``GPU_STANDIN`` replaces the three networks with an H100's measured waits (:mod:`.standin`):
+no model files are read, and ``/health`` says so.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import threading
@@ -16,32 +24,27 @@ import torch
 
 from ...avatars.model import Avatar
 from ...config import Settings
-from ...errors import ModelNotFound, ProcessingError
+from ...errors import ModelNotFound, ProcessingError, RateLimitExceeded
 from ..base import LipSyncEngine, LipSyncStream, ProgressFn
 from . import prep
-from .audio import (
-    AUDIO_LOOKAHEAD_FRAMES,
-    WHISPER_HOP,
-    WINDOW,
-    LogMel,
-    WhisperStates,
-    frame_window,
-    positional_encoding,
-)
-from .loader import Bundle, load_bundle
+from .audio import AUDIO_LOOKAHEAD_FRAMES, fixed_window_samples
+from .core import CoreSpec, build_core
+from .loader import Bundle, load_parsing, load_vae, pick_device
 from .prep import ClipData
+from .process import InferenceProcess, Runner, ThreadRunner
 from .stream import MuseTalkStream, StreamDeps
-from .worker import InferenceWorker
 
 log = logging.getLogger(__name__)
 DEFAULT_HOP = Settings.model_fields["musetalk_hop_frames"].default
+WHISPER_SAMPLES = 480_000  # Whisper's 30 s: the longest window any encoder takes
+STATS_EVERY_S = 1.0
 
 
 class MuseTalkEngine(LipSyncEngine):
     """MuseTalk v1.5 / v1.0 on diffusers + transformers: single-step latent inpainting per frame."""
 
     name = "musetalk"
-    #: the window reaches 3 frames past a frame's slot, and features are computed once per hop
+    #: the window reaches 3 frames past a frame's slot, and a window is sent once per hop
     lookahead_frames = AUDIO_LOOKAHEAD_FRAMES + DEFAULT_HOP - 1
 
     def __init__(self, settings: Settings) -> None:
@@ -49,102 +52,198 @@ class MuseTalkEngine(LipSyncEngine):
         self.version = settings.musetalk_version
         self.hop = settings.musetalk_hop_frames
         self.lookahead_frames = AUDIO_LOOKAHEAD_FRAMES + self.hop - 1
-        self.context_samples = settings.musetalk_audio_context_ms * 16
-        self.bundle: Bundle | None = None
-        self.worker: InferenceWorker | None = None
-        self.whisper: WhisperStates | None = None
-        self.max_window_samples = 0
-        self._enc_lock = threading.Lock()
+        self.standin = settings.gpu_standin
+        context = settings.musetalk_audio_context_ms * 16
+        self.window_samples = fixed_window_samples(context, self.hop, WHISPER_SAMPLES)
+        self.bundle: Bundle | None = None  # in-memory models handed to attach()
+        self.vae: Any = None  # the VAE that encodes avatar crops (none in the stand-in)
+        self.parsing: Any = None
+        self.device = torch.device("cpu")
+        self.dtype = torch.float32
+        self.files: dict[str, str] = {}
+        self.warnings: list[str] = []
+        self.runner: Runner | None = None
+        self.core_info: dict[str, Any] = {}
+        self._streams = 0
+        self._avatars: dict[str, dict[str, Any]] = {}  # key -> what the core holds (re-sent)
+        self._stats: dict[str, Any] = {}
+        self._stats_at = 0.0
+        self._stats_call: Any = None
         self._prep_lock = threading.Lock()
 
     # -- loading
     def load(self) -> None:
+        """Start the inference process on the model files (or the stand-in); the avatar
+        preparation models (VAE, face parser) load here."""
         s = self.settings
-        self.attach(load_bundle(Path(s.model_path), self.version, s.device, s.use_float16))
+        if not self.standin:
+            root = Path(s.model_path)
+            if not root.is_dir():
+                raise ModelNotFound(f"MuseTalk model folder (MODEL_PATH) not found: {root}",
+                                    {"file": str(root)}, fatal=True)
+            self.device = pick_device(s.device)
+            self.dtype = torch.float16 if (self.device.type == "cuda" and s.use_float16) \
+                else torch.float32
+            vae, files = load_vae(root)
+            self.vae = vae.to(self.device, self.dtype).eval().requires_grad_(False)
+            self.parsing, f2, self.warnings = load_parsing(root)
+            if self.parsing is not None:
+                self.parsing.to(self.device).eval().requires_grad_(False)
+            self.files = {**files, **f2}
+        self._start(functools.partial(build_core, self._spec()), in_process=not s.musetalk_process)
 
     def attach(self, b: Bundle) -> None:
-        """Start on already-built models (``load`` from files, or the benchmark's in-memory ones)."""
-        s = self.settings
-        d_model = int(b.whisper_config.d_model)
-        cross = int(b.unet.config.cross_attention_dim)
-        if cross != d_model:
-            raise ModelNotFound(f"UNet cross_attention_dim {cross} != Whisper d_model {d_model}",
-                                {"file": b.files.get("unet_config", "")}, fatal=True)
-        fe = b.feature_extractor
-        logmel = LogMel(fe.mel_filters, fe.n_fft, fe.hop_length, fe.n_samples, b.device)
-        self.whisper = WhisperStates(b.encoder, logmel, s.musetalk_whisper_window)
-        self.max_window_samples = min(fe.n_samples, self.whisper.max_frames * WHISPER_HOP)
-        pe = positional_encoding(WINDOW * self.whisper.n_layers, d_model)
-        self.worker = InferenceWorker(b.unet, b.vae, pe, b.device, b.dtype, s.batch_max,
-                                      s.batch_wait_ms, s.musetalk_queue_frames)
+        """Start on already-built models (the benchmark's in-memory ones), in this process."""
         self.bundle = b
-        log.info("MuseTalk %s loaded on %s (%s); mask: %s", self.version, b.device, b.dtype,
-                 self.mask_kind)
+        self.vae, self.parsing, self.device, self.dtype = b.vae, b.parsing, b.device, b.dtype
+        self.files, self.warnings = dict(b.files), list(b.warnings)
+        self._start(functools.partial(build_core, self._spec(), b), in_process=True)
+
+    def _spec(self) -> CoreSpec:
+        s = self.settings
+        return CoreSpec(str(Path(s.model_path).resolve()), self.version, s.device, s.use_float16,
+                        s.musetalk_decoder, s.musetalk_graphs, self.standin, s.batch_max,
+                        s.batch_wait_ms, self.hop, s.musetalk_whisper_window, self.window_samples,
+                        s.musetalk_gpu_utilisation)
+
+    def _start(self, factory: Callable[[], Any], in_process: bool) -> None:
+        shape = (prep.CROP, prep.CROP, 3)
+        slots = self.settings.musetalk_queue_frames
+        if in_process:
+            runner: Runner = ThreadRunner(factory, face_shape=shape,
+                                          window_samples=self.window_samples, slots=slots)
+        else:
+            runner = InferenceProcess(factory, face_shape=shape, window_samples=self.window_samples,
+                                      slots=slots, on_crash=self._crashed,
+                                      on_restart=self._restarted)
+        self.core_info = runner.start()
+        self.runner = runner
+        log.info("MuseTalk %s: inference %s on %s (%s), decoder %s, graphs %s, started in %.1f s%s",
+                 self.version, "in this process" if in_process else "process",
+                 self.core_info.get("device"), self.core_info.get("dtype"),
+                 self.settings.musetalk_decoder, self.core_info.get("graphs"),
+                 self.core_info.get("startup_s", 0.0),
+                 f"; GPU STAND-IN {self.standin!r}: no inference" if self.standin else "")
+
+    def _crashed(self, reason: str) -> None:
+        log.error("MuseTalk inference process stopped (%s); restarting", reason)
+
+    def _restarted(self) -> None:
+        """A new inference process: give it every prepared avatar again."""
+        runner = self.runner
+        if runner is None:
+            return
+        self.core_info = dict(getattr(runner, "info", None) or self.core_info)
+        for key, payload in list(self._avatars.items()):
+            runner.control("add_avatar", key, payload)
+        log.info("MuseTalk inference process restarted with %d avatars", len(self._avatars))
 
     @property
     def mask_kind(self) -> str:
-        if self.bundle is not None and self.bundle.parsing is not None:
+        if self.parsing is not None:
             return "face-parsing"
-        if self.bundle is not None and self.bundle.warnings:
+        if self.warnings:
             return "geometric (face-parse-bisent/79999_iter.pth did not load)"
         return "geometric (face-parse-bisent/79999_iter.pth not found)"
 
+    @property
+    def admission_limit(self) -> int:
+        """Sessions admitted at once: MUSETALK_MAX_STREAMS, else what the measured (or stand-in)
+        per-batch costs serve in real time, at least 1."""
+        return self.settings.musetalk_max_streams or max(1, int(
+            self.core_info.get("admission_limit", 1)))
+
     def info(self) -> dict[str, Any]:
-        b = self.bundle
-        out: dict[str, Any] = {"name": self.name, "loaded": b is not None,
-                               "device": str(b.device) if b else "none", "version": self.version}
-        if b is None:
+        runner = self.runner
+        out: dict[str, Any] = {"name": self.name, "loaded": runner is not None,
+                               "device": self.core_info.get("device", "none"),
+                               "version": self.version,
+                               "gpu_standin": self.standin or None}
+        if runner is None:
             return out
-        out.update({"dtype": str(b.dtype).replace("torch.", ""), "files": b.files,
-                    "warnings": b.warnings,
-                    "mask": self.mask_kind, "hop_frames": self.hop,
+        out.update({"dtype": self.core_info.get("dtype"),
+                    "files": {**self.core_info.get("files", {}), **self.files},
+                    "warnings": self.warnings, "mask": self.mask_kind, "hop_frames": self.hop,
                     "lookahead_ms": 40 * self.lookahead_frames,
                     "whisper_window": self.settings.musetalk_whisper_window,
-                    "batch_max": self.settings.batch_max, "stats": self.stats()})
+                    "window_ms": self.window_samples // 16,
+                    "decoder": self.settings.musetalk_decoder,
+                    "graphs": self.core_info.get("graphs"),
+                    "buckets": self.core_info.get("buckets"),
+                    "startup_s": self.core_info.get("startup_s"),
+                    "capture_s": self.core_info.get("capture_s"),
+                    "batch_max": self.settings.batch_max,
+                    "streams": self._streams, "admission_limit": self.admission_limit,
+                    "inference_process": {"alive": bool(getattr(runner, "alive", True)),
+                                          "restarts": int(getattr(runner, "restarts", 0)),
+                                          "separate": isinstance(runner, InferenceProcess)},
+                    "stats": self.stats()})
         return out
 
-    def stats(self) -> dict[str, float]:
-        """Batching counters: batches, frames, max_batch, sessions_per_batch_max, rates."""
-        return self.worker.stats() if self.worker else {}
+    def stats(self) -> dict[str, Any]:
+        """Batching counters from the inference core (refreshed in the background, at most
+        once a second: never a blocking call on the event loop)."""
+        runner = self.runner
+        now = time.monotonic()
+        if runner is not None and self._stats_call is None and now - self._stats_at >= STATS_EVERY_S:
+            self._stats_at = now
+            try:
+                call = runner.control("stats")
+            except Exception:  # noqa: BLE001 - no core right now (restarting): keep the last
+                return dict(self._stats)
+            self._stats_call = call
+            call.add_done_callback(self._got_stats)
+        return dict(self._stats)
 
-    # -- audio features (called from worker threads)
-    def features(self, jobs: list[tuple]) -> list[torch.Tensor]:
-        """Audio tokens [tokens, d_model] for each frame of each job (see MuseTalkStream)."""
-        assert self.whisper is not None
-        out: list[torch.Tensor] = []
-        with self._enc_lock, torch.inference_mode():
-            for pcm, offset, n_valid, indices in jobs:
-                states = self.whisper(pcm)
-                out.extend(frame_window(states, f, offset, n_valid) for f in indices)
-        return out
+    def _got_stats(self, call: Any) -> None:
+        self._stats_call = None
+        if not call.cancelled() and call.exception() is None:
+            self._stats = call.result()
+
+    def stats_now(self, timeout: float = 30.0) -> dict[str, Any]:
+        """The core's counters now (blocking: tests and benchmarks, never the event loop)."""
+        assert self.runner is not None
+        self._stats = self.runner.control("stats").result(timeout)
+        return dict(self._stats)
 
     # -- avatars
     def _cache_settings(self) -> dict[str, Any]:
         return {"version": self.version, "margin": self.settings.musetalk_extra_margin,
                 "shift": self.settings.musetalk_bbox_shift, "mask": self.mask_kind,
-                "crop": prep.CROP, "dtype": "float16"}
+                "crop": prep.CROP, "dtype": "float16", "standin": self.standin}
 
     def prepare_avatar(self, avatar: Avatar, progress: ProgressFn | None = None) -> None:
-        if self.bundle is None:
+        runner = self.runner
+        if runner is None:
             raise ProcessingError("MuseTalk engine is not loaded")
         report = progress or (lambda _f, _m: None)
-        files = {k: os.path.getsize(v) for k, v in self.bundle.files.items()}
-        key = prep.cache_key(avatar.meta, files, dict(self.bundle.vae.config),
-                             self._cache_settings())
+        files = {k: os.path.getsize(v) for k, v in self.files.items() if os.path.isfile(v)}
+        vae_config = dict(self.vae.config) if self.vae is not None else {}
+        key = prep.cache_key(avatar.meta, files, vae_config, self._cache_settings())
         current = avatar.engine_data.get(self.name)
-        if current and current.get("key") == key:
+        if current and current.get("key") == key and key in self._avatars:
             return
         with self._prep_lock:
-            clips = self._load_cache(avatar, key)
+            clips = None if self.standin else self._load_cache(avatar, key)
             source = "disk"
             if clips is None:
                 clips = self._compute(avatar, report)
-                self._save_cache(avatar, key, clips)
+                if not self.standin:
+                    self._save_cache(avatar, key, clips)
                 source = "computed"
-        dev = {n: c.latents.to(self.bundle.device, self.bundle.dtype) for n, c in clips.items()}
-        avatar.engine_data[self.name] = {"key": key, "clips": clips, "latents_dev": dev,
-                                         "source": source}
+            payload = self._payload(avatar, clips)
+            runner.control("add_avatar", key, payload).result(timeout=300)
+            self._avatars[key] = payload
+        avatar.engine_data[self.name] = {"key": key, "clips": clips, "source": source}
         report(1.0, "MuseTalk cache ready")
+
+    def _payload(self, avatar: Avatar, clips: dict[str, ClipData]) -> dict[str, Any]:
+        """What the inference core keeps per avatar: the latents (real networks) or, for the
+        stand-in, the reference face crops it returns as its faces."""
+        if self.standin:
+            return {"faces": {n: prep.crop_images(avatar.clip(n).frames, list(map(tuple, c.boxes)))
+                              for n, c in clips.items()}}
+        return {"latents": {n: c.latents for n, c in clips.items()}}
 
     def _cache_path(self, avatar: Avatar) -> Path | None:
         return avatar.path / f"musetalk_{self.version}.pt" if avatar.path else None
@@ -177,8 +276,6 @@ class MuseTalkEngine(LipSyncEngine):
         tmp.replace(path)
 
     def _compute(self, avatar: Avatar, report: ProgressFn) -> dict[str, ClipData]:
-        b = self.bundle
-        assert b is not None
         s = self.settings
         size = (avatar.width, avatar.height)
         face = avatar.meta.get("face_box") or [avatar.width // 4, avatar.height // 4,
@@ -193,10 +290,12 @@ class MuseTalkEngine(LipSyncEngine):
             report(k / len(names), f"MuseTalk: {name}")
             shifts = prep.track_shifts(frames, ref, face)
             boxes = [prep.shifted(box0, d, size) for d in shifts]
-            latents = prep.encode_latents(b.vae, prep.crop_images(frames, boxes), b.device, b.dtype)
+            latents = (torch.zeros(0) if self.vae is None else
+                       prep.encode_latents(self.vae, prep.crop_images(frames, boxes), self.device,
+                                           self.dtype))
             ctx, masks = [], []
             for frame, box in zip(frames, boxes, strict=True):
-                c, m = prep.frame_mask(frame, box, b.parsing, b.device, self.version)
+                c, m = prep.frame_mask(frame, box, self.parsing, self.device, self.version)
                 ctx.append(c)
                 masks.append(m)
             out[name] = ClipData(np.array(boxes, np.int32), np.array(ctx, np.int32), latents, masks)
@@ -205,14 +304,28 @@ class MuseTalkEngine(LipSyncEngine):
     # -- streams
     def open_stream(self, avatar: Avatar, clock: Callable[[], float] = time.monotonic
                     ) -> LipSyncStream:
-        if self.worker is None:
+        """A stream, if one more fits: past the admission limit RATE_LIMIT_EXCEEDED (at INIT),
+        instead of every session's frames coming late."""
+        if self.runner is None:
             raise ProcessingError("MuseTalk engine is not loaded")
         if self.name not in avatar.engine_data:
             raise ProcessingError(f"avatar {avatar.avatar_id!r} is not prepared for MuseTalk")
-        deps = StreamDeps(self.hop, self.context_samples, self.max_window_samples,
-                          self.settings.batch_max, self.features, lambda: self.worker)
+        limit = self.admission_limit
+        if self._streams >= limit:
+            raise RateLimitExceeded(
+                f"MuseTalk is serving {self._streams} sessions, all it can keep in real time "
+                "on this device; try again later", {"streams": self._streams, "limit": limit},
+                fatal=True)
+        deps = StreamDeps(self.hop, self.window_samples,
+                          self.settings.musetalk_deadline_ms / 1000.0, lambda: self.runner,
+                          self._stream_closed)
+        self._streams += 1
         return MuseTalkStream(deps, avatar, avatar.engine_data[self.name], clock)
 
+    def _stream_closed(self) -> None:
+        self._streams -= 1
+
     async def aclose(self) -> None:
-        if self.worker is not None:
-            await asyncio.to_thread(self.worker.close)
+        runner, self.runner = self.runner, None
+        if runner is not None:
+            await asyncio.to_thread(runner.close)

@@ -327,6 +327,12 @@ class InferenceProcess(_Host):
     def _closed(self) -> bool:
         return self._owned.closed.is_set()
 
+    @property
+    def pid(self) -> int | None:
+        """The current child's process id (None while there is none)."""
+        child = self._owned.child
+        return child[0].pid if child else None
+
     def start(self) -> dict[str, Any]:
         if self._owned.segments or self._closed():
             raise RuntimeError("an InferenceProcess starts once")

@@ -1,24 +1,24 @@
-"""One session's MuseTalk stream: audio in, features once per hop, frames through the worker."""
+"""One session's MuseTalk stream: audio in, one window per hop to the inference core, faces
+back, blended into the avatar's frames."""
 
 from __future__ import annotations
 
 import asyncio
 import itertools
-from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import cv2
 import numpy as np
-import torch
 
 from ...avatars.model import Avatar, BaseFrame
 from ...errors import ProcessingError
+from ...media import threads as media_threads
 from ..audio_buffer import FrameSlot, UtteranceBuffer
 from ..base import SAMPLES_PER_FRAME, LipSyncStream, SpeechFrame
-from .audio import AUDIO_LOOKAHEAD_FRAMES, WHISPER_HOP, window_bounds
-from .worker import InferenceWorker, Request
+from .audio import AUDIO_LOOKAHEAD_FRAMES, WHISPER_HOP, fixed_window
+from .process import Runner
 
 MAX_TAKE = 32  # slots per encoder pass (bounds the audio history the buffer keeps)
 _ids = itertools.count(1)
@@ -42,26 +42,28 @@ def blend(image: np.ndarray, face: np.ndarray, box: np.ndarray, mask: np.ndarray
 class StreamDeps:
     """What a stream needs from the engine (injected, so this module never imports it)."""
 
-    hop: int  # frames per audio-encoder pass
-    context_samples: int  # left audio context of each pass
-    max_window_samples: int
-    batch_max: int
-    features: Callable[[list[tuple]], list[torch.Tensor]]  # audio windows -> frame tokens
-    worker: Callable[[], InferenceWorker | None]  # None once the engine is closed
+    hop: int  # frames per audio window (per encoder pass)
+    window_samples: int  # the one length of every window (audio.fixed_window_samples)
+    deadline_s: float  # a frame is due this long after its audio arrived
+    runner: Callable[[], Runner | None]  # None once the engine is closed
+    on_close: Callable[[], None]  # the engine's open-stream count
 
 
 class MuseTalkStream(LipSyncStream):
+    """One session's speech: audio in, one job per hop (a window + its frames) to the inference
+    core, faces back, blended into the avatar frames here."""
+
     def __init__(self, engine: StreamDeps, avatar: Avatar, data: dict[str, Any],
                  clock: Callable[[], float]) -> None:
         self.engine = engine
         self.avatar = avatar
         self.data = data
         self.session = next(_ids)
-        history = engine.context_samples + SAMPLES_PER_FRAME * (MAX_TAKE + 8)
+        history = engine.window_samples + SAMPLES_PER_FRAME * (MAX_TAKE + 8)
         self.buf = UtteranceBuffer(AUDIO_LOOKAHEAD_FRAMES, clock, history_samples=history)
-        self._pending: deque[tuple[FrameSlot, torch.Tensor]] = deque()
         self._epoch = 0
         self._ready = asyncio.Event()
+        self._closed = False
 
     # -- input
     def push_audio(self, pcm: np.ndarray) -> None:
@@ -76,19 +78,28 @@ class MuseTalkStream(LipSyncStream):
 
     def interrupt(self) -> None:
         self.buf.clear()
-        self._pending.clear()
         self._epoch += 1
+        self._drop_in_core()
         self._ready.set()  # a waiting render_next returns []
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self._drop_in_core()
+            self.engine.on_close()
+
+    def _drop_in_core(self) -> None:
+        runner = self.engine.runner()
+        if runner is not None:
+            runner.control("drop_session", self.session)  # its frames still queued there
 
     # -- state
     def buffered_samples(self) -> int:
-        return self.buf.buffered_samples() + SAMPLES_PER_FRAME * len(self._pending)
+        return self.buf.buffered_samples()
 
     def _renderable(self) -> int:
-        if self._pending:
-            return len(self._pending)
         ready = self.buf.ready()
-        # one encoder pass per hop; an ended utterance's tail goes out at once
+        # one audio window per hop; an ended utterance's tail goes out at once
         return ready if ready >= self.engine.hop or self.buf.ready_final() else 0
 
     def ready_frames(self) -> int:
@@ -103,49 +114,50 @@ class MuseTalkStream(LipSyncStream):
             await self._ready.wait()
             if epoch != self._epoch:
                 return []
-        if not self._pending:
-            slots = self.buf.take(MAX_TAKE)
-            jobs = self._feature_jobs(slots)
-            tokens = await asyncio.to_thread(self.engine.features, jobs)
-            if epoch != self._epoch:
+        slots = self.buf.take(max(1, min(max_frames, MAX_TAKE)))
+        bases = [take_base() for _ in slots]
+        runner = self.engine.runner()
+        if runner is None:
+            raise ProcessingError("MuseTalk engine is closed")
+        futures = [runner.submit(meta, pcm, len(meta["frames"]))
+                   for meta, pcm in self._jobs(slots, bases)]
+        try:
+            parts = await asyncio.gather(*(asyncio.wrap_future(f) for f in futures))
+        except ProcessingError:
+            if epoch != self._epoch:  # the core dropped them for the interrupt
                 return []
-            self._pending.extend(zip(slots, tokens, strict=True))
-        picked = [self._pending.popleft() for _ in range(min(max_frames, len(self._pending)))]
-        bases = [take_base() for _ in picked]
-        faces = await self._generate(bases, [t for _, t in picked])
+            raise
         if epoch != self._epoch:
             return []
-        images = await asyncio.to_thread(self._blend_all, bases, faces)
+        faces = np.concatenate(parts)
+        images = await media_threads.run(self._blend_all, bases, faces,
+                                         priority=media_threads.RENDER)
         if epoch != self._epoch:
             return []
         return [SpeechFrame(s.utterance_id, s.index, img, s.pcm, s.last, b, {}, s.arrival,
                             s.audio_ms)
-                for (s, _), b, img in zip(picked, bases, images, strict=True)]
+                for s, b, img in zip(slots, bases, images, strict=True)]
 
-    def _feature_jobs(self, slots: list[FrameSlot]) -> list[tuple]:
-        """Per utterance: (pcm window, first encoder frame, valid frames or None, frame indices)."""
+    def _jobs(self, slots: list[FrameSlot], bases: list[BaseFrame]
+              ) -> list[tuple[dict[str, Any], np.ndarray]]:
+        """Per hop of frames of one utterance: (meta, its fixed-length PCM window)."""
         jobs = []
-        for uid, group in itertools.groupby(slots, key=lambda s: s.utterance_id):
-            idx = [s.index for s in group]
+        hop, length = self.engine.hop, self.engine.window_samples
+        pairs = list(zip(slots, bases, strict=True))
+        for uid, group in itertools.groupby(pairs, key=lambda p: p[0].utterance_id):
+            items = list(group)
             received, ended = self.buf.received(uid)
-            start, end = window_bounds(idx[0], idx[-1], received, ended,
-                                       self.engine.context_samples, self.engine.max_window_samples)
-            n_valid = -(-received // WHISPER_HOP) if ended else None
-            jobs.append((self.buf.window(uid, start, end), start // WHISPER_HOP, n_valid, idx))
+            for i in range(0, len(items), hop):
+                part = items[i: i + hop]
+                start, end = fixed_window(part[-1][0].index, received, ended, length)
+                frames = [[s.index, b.clip, b.index, s.arrival + self.engine.deadline_s]
+                          for s, b in part]
+                meta = {"session": self.session, "avatar": self.data["key"],
+                        "offset": start // WHISPER_HOP,
+                        "n_valid": -(-received // WHISPER_HOP) if ended else None,
+                        "frames": frames}
+                jobs.append((meta, self.buf.window(uid, start, end)))
         return jobs
-
-    async def _generate(self, bases: list[BaseFrame], tokens: list[torch.Tensor]) -> np.ndarray:
-        latents = self.data["latents_dev"]
-        lat = torch.stack([latents[b.clip][b.index] for b in bases])
-        audio = torch.stack(tokens)
-        step = self.engine.batch_max
-        worker = self.engine.worker()
-        if worker is None:
-            raise ProcessingError("MuseTalk engine is closed")
-        futures = [worker.submit(Request(self.session, lat[i: i + step], audio[i: i + step]))
-                   for i in range(0, len(bases), step)]
-        parts = await asyncio.gather(*(asyncio.wrap_future(f) for f in futures))
-        return np.concatenate(parts)
 
     def _blend_all(self, bases: list[BaseFrame], faces: np.ndarray) -> list[np.ndarray]:
         clips = self.data["clips"]

@@ -1,0 +1,181 @@
+"""The MuseTalk GPU path's host side on a CPU: batched audio features, the inference process
+(against the same core in a thread), a crash of it, and the GPU stand-in."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+from pathlib import Path
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from websocket_service.config import Settings  # noqa: E402
+from websocket_service.engines.musetalk import MuseTalkEngine  # noqa: E402
+from websocket_service.engines.musetalk.audio import LogMel, WhisperStates  # noqa: E402
+from websocket_service.engines.musetalk.loader import load_whisper  # noqa: E402
+from websocket_service.engines.musetalk.schedule import CostModel, admission_limit  # noqa: E402
+from websocket_service.errors import ProcessingError, RateLimitExceeded  # noqa: E402
+
+from .musetalk_tiny import write_tiny_model  # noqa: E402
+from .test_musetalk_engine import SIZE, Bases, render_all, small_avatar, speech  # noqa: E402
+
+
+def settings(model: Path | None, **kw) -> Settings:
+    """Buckets up to 4 frames: the tiny model on a CPU times every bucket at start-up (a batch
+    of 32 takes ~2 s here)."""
+    kw = {"musetalk_max_streams": 64, "batch_max": 4, **kw}
+    return Settings(_env_file=None, engine="musetalk", model_path=model or Path("/nonexistent"),
+                    device="cpu", **kw)
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory) -> Path:
+    return write_tiny_model(tmp_path_factory.mktemp("tiny"))
+
+
+def shm_names() -> set[str]:
+    return set(os.listdir("/dev/shm")) if os.path.isdir("/dev/shm") else set()
+
+
+def speak(engine: MuseTalkEngine, avatar, n: int, seed: int = 0) -> list:
+    async def run():
+        stream = engine.open_stream(avatar)
+        try:
+            stream.push_audio(speech(n, seed))
+            stream.end_segment()
+            return await render_all(stream, Bases(avatar), max_frames=8)
+        finally:
+            stream.close()
+
+    return asyncio.run(run())
+
+
+# ------------------------------------------------------------------ batched audio features
+
+def test_one_encoder_call_for_many_windows_equals_one_call_each(model):
+    encoder, _, fe, _ = load_whisper(model)
+    encoder.eval()
+    logmel = LogMel(fe.mel_filters, fe.n_fft, fe.hop_length, fe.n_samples, torch.device("cpu"))
+    states = WhisperStates(encoder, logmel, "short")
+    rng = np.random.default_rng(3)
+    windows = np.stack([speech(30, seed=k) for k in range(4)])
+    windows[2] //= 8  # quieter: the log-mel's per-window normalisation must stay per window
+    windows[3, :6000] = 0  # a window zero-padded on the left (an utterance's start)
+    windows[1] += rng.integers(-50, 50, windows.shape[1]).astype(np.int16)
+    with torch.inference_mode():
+        batched = states.batch(windows)
+        alone = torch.stack([states(w) for w in windows])
+    assert batched.shape == alone.shape == (4, 30 * 2, states.n_layers, 384)
+    assert torch.allclose(batched, alone, atol=1e-4), (batched - alone).abs().max()
+    mel_b = logmel(torch.as_tensor(windows.astype(np.float32) / 32768))
+    mel_1 = logmel(torch.as_tensor(windows[2].astype(np.float32) / 32768))
+    assert torch.allclose(mel_b[2], mel_1, atol=1e-6)
+
+
+# ------------------------------------------------------------------ the inference process
+
+def test_inference_process_gives_the_frames_the_in_process_core_gives(model, tmp_path):
+    avatar = small_avatar(tmp_path / "avatars")
+    here = MuseTalkEngine(settings(model, musetalk_process=False))
+    there = MuseTalkEngine(settings(model, musetalk_process=True))
+    before = shm_names()
+    here.load()
+    there.load()
+    try:
+        assert there.info()["inference_process"]["separate"]
+        assert not here.info()["inference_process"]["separate"]
+        here.prepare_avatar(avatar)
+        a = speak(here, avatar, 7, seed=5)
+        there.prepare_avatar(avatar)
+        b = speak(there, avatar, 7, seed=5)
+    finally:
+        asyncio.run(here.aclose())
+        asyncio.run(there.aclose())
+    assert [f.index for f in a] == [f.index for f in b] == list(range(7))
+    for fa, fb in zip(a, b, strict=True):
+        assert fa.image.shape == (SIZE, SIZE, 3)
+        assert np.array_equal(fa.image, fb.image)
+    assert shm_names() - before == set()  # no shared-memory segment outlives the engine
+
+
+def test_a_crashed_inference_process_fails_its_frames_and_comes_back(model, tmp_path):
+    avatar = small_avatar(tmp_path / "avatars")
+    eng = MuseTalkEngine(settings(model, musetalk_process=True, batch_wait_ms=100,
+                                  musetalk_deadline_ms=5000))
+    before = shm_names()
+    eng.load()
+    try:
+        eng.prepare_avatar(avatar)
+        runner = eng.runner
+        stream = eng.open_stream(avatar)
+
+        async def crash_mid_render():
+            stream.push_audio(speech(30))
+            stream.end_segment()
+            render = asyncio.create_task(stream.render_next(Bases(avatar), 8))
+            # the frames are with the core (waiting for a fuller batch) when it dies
+            await asyncio.to_thread(_wait_for, lambda: eng.stats_now()["queued_frames"] > 0)
+            os.kill(runner.pid, signal.SIGKILL)
+            with pytest.raises(ProcessingError) as err:
+                await render
+            return err.value
+
+        err = asyncio.run(crash_mid_render())
+        stream.close()
+        assert err.code == "PROCESSING_ERROR" and "inference process" in err.message
+        _wait_for(lambda: runner.restarts == 1 and runner.alive)
+        frames = speak(eng, avatar, 5, seed=1)  # the avatar was handed to the new process
+        assert [f.index for f in frames] == list(range(5))
+        assert eng.info()["inference_process"]["restarts"] == 1
+    finally:
+        asyncio.run(eng.aclose())
+    assert shm_names() - before == set()
+
+
+def _wait_for(pred, timeout: float = 60.0) -> None:
+    """Poll a cross-process condition (no event to wait on across the process boundary)."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not pred():
+        assert time.monotonic() < deadline, "condition not reached"
+        time.sleep(0.02)
+
+
+# ------------------------------------------------------------------ the GPU stand-in
+
+def test_the_stand_in_needs_no_weights_says_so_and_returns_the_avatars_face(tmp_path):
+    avatar = small_avatar(tmp_path / "avatars")
+    eng = MuseTalkEngine(settings(None, gpu_standin="h100", musetalk_process=False,
+                                  musetalk_max_streams=0, batch_max=32))
+    eng.load()
+    try:
+        info = eng.info()
+        assert info["gpu_standin"] == "h100" and info["files"] == {}
+        expected = admission_limit(CostModel.from_table("h100"), 32, 2, utilisation=0.95)
+        assert info["admission_limit"] == expected >= 16
+        eng.prepare_avatar(avatar)
+        frames = speak(eng, avatar, 6)
+        assert [f.index for f in frames] == list(range(6))
+        clips = avatar.engine_data["musetalk"]["clips"]
+        for f in frames:  # the face is the avatar's own crop, resized there and back
+            x1, y1, x2, y2 = clips[f.base.clip].boxes[f.base.index]
+            diff = np.abs(f.image[y1:y2, x1:x2].astype(int) - f.base.image[y1:y2, x1:x2])
+            assert diff.mean() < 4 and np.array_equal(f.image[:y1], f.base.image[:y1])
+        stats = eng.stats_now()
+        assert stats["frames"] == 6 and stats["whisper_windows"] == 3  # one window per hop
+        streams = [eng.open_stream(avatar) for _ in range(expected)]
+        with pytest.raises(RateLimitExceeded) as refused:  # one past what the H100 serves
+            eng.open_stream(avatar)
+        assert refused.value.details == {"streams": expected, "limit": expected}
+        streams.pop().close()
+        streams.append(eng.open_stream(avatar))  # a closed stream's place is free again
+        for s in streams:
+            s.close()
+    finally:
+        asyncio.run(eng.aclose())
