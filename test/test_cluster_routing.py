@@ -5,15 +5,20 @@ from __future__ import annotations
 
 import json
 import pickle
+from pathlib import Path
 
 import pytest
 from fastapi import FastAPI, Request
+from fastapi.testclient import TestClient
 from ray.serve._private.common import RequestMetadata, StreamingHTTPRequest
 from ray.serve._private.request_router.common import PendingRequest
 
+from websocket_service.app import create_app
+from websocket_service.cluster import front
 from websocket_service.cluster.front import replica_forward
 from websocket_service.cluster.registry import SessionRegistry
 from websocket_service.cluster.routing import request_key, url_key
+from websocket_service.config import Settings
 
 
 def test_new_sessions_go_to_the_least_loaded_counting_those_not_opened_yet() -> None:
@@ -100,3 +105,26 @@ async def test_a_forwarded_request_keeps_the_callers_address() -> None:
                  "client": "203.0.113.7"}
     answer = await replica_forward(app, forwarded)
     assert answer["status"] == 200 and json.loads(answer["body"]) == {"ip": "203.0.113.7"}
+
+
+class DeadReplicas:
+    """Serve's handle to the session replicas, the one they sent the call to having died."""
+
+    def options(self, **_: object) -> DeadReplicas:
+        return self
+
+    @property
+    def forward(self) -> DeadReplicas:
+        return self
+
+    async def remote(self, *_: object) -> None:
+        raise RuntimeError("the replica died under the request")
+
+
+def test_a_replica_dying_under_a_forwarded_request_is_a_503_to_retry(tmp_path: Path) -> None:
+    app = create_app(Settings(avatars_dir=tmp_path))
+    front.install(app, DeadReplicas(), 1)  # type: ignore[arg-type]
+    with TestClient(app) as client:
+        r = client.post("/sessions/abc/interrupt")
+    assert r.status_code == 503 and r.headers["retry-after"] == "1", r.text
+    assert r.json()["code"] == "RATE_LIMIT_EXCEEDED"

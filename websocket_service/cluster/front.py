@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import re
 from typing import Any
 
@@ -28,7 +29,8 @@ from starlette.types import ASGIApp
 
 from ..api.auth import UNAUTHORIZED, Caller, Credentials, Principal, require_token
 from ..api.metrics import session_gauges_allowed
-from ..errors import InternalError, ModelNotFound, NotYours, RateLimitExceeded
+from ..api.rest import error_response
+from ..errors import ModelNotFound, NotYours, RateLimitExceeded
 from ..manager import Services
 from . import registry
 
@@ -39,6 +41,9 @@ FORWARDED_HEADERS = ("authorization", "content-type")
 ANSWERED_HEADERS = ("content-disposition", "retry-after")
 #: what a refused new session is told to wait (the front adds it to 429 and 503 answers)
 RETRY_AFTER_S = 1
+
+log = logging.getLogger(__name__)
+
 
 class ServiceUnavailable(RateLimitExceeded):
     """No session replica could answer (one died under the request): try again."""
@@ -90,7 +95,8 @@ async def _gather(request: Request, method: str, *args: Any) -> list[Any]:
         results = await handle.broadcast(method, *args).results_async(
             timeout_s=GATHER_TIMEOUT_S, return_exceptions=True)
     except TimeoutError:
-        raise InternalError("the session replicas did not answer in time") from None
+        raise ServiceUnavailable("the session replicas did not answer in time; try again") \
+            from None
     # a replica that died since the router last heard of it answers with an exception
     return [r for r in results if not isinstance(r, BaseException)]
 
@@ -151,16 +157,17 @@ async def session_control(request: Request, session_id: str) -> Response:
     return await forward(request, session_id)
 
 
-async def _registry(request: Request, method: str, *args: Any) -> Any:
-    """Ask the session registry (:mod:`.registry`)."""
-    if getattr(request.app.state, "registry", None) is None:
-        request.app.state.registry = registry.get()
+async def _registry(request: Request, method: str, *args: Any, default: Any = None) -> Any:
+    """Ask the session registry (:mod:`.registry`); ``default`` when it does not answer."""
     try:
+        if getattr(request.app.state, "registry", None) is None:
+            request.app.state.registry = registry.get()
         return await asyncio.wait_for(
             getattr(request.app.state.registry, method).remote(*args), GATHER_TIMEOUT_S)
-    except Exception:  # noqa: BLE001 - e.g. restarting: ask again next time
+    except Exception:  # noqa: BLE001 - e.g. restarting: what the replicas say is enough
+        log.warning("session registry: %s failed", method, exc_info=True)
         request.app.state.registry = None
-        raise
+        return default
 
 
 @router.get("/recordings/{recording_id}", include_in_schema=False)
@@ -203,7 +210,7 @@ async def recordings(request: Request, caller: Caller) -> Response:
         raise ServiceUnavailable("no session replica answered; try again")
     listed = [r for p in parts for r in p["recordings"]]
     ids = {r["recording_id"] for r in listed}
-    listed += [r for r in await _registry(request, "failed_recordings")
+    listed += [r for r in await _registry(request, "failed_recordings", default=[])
                if r["recording_id"] not in ids and caller.owns(r["user_id"])]
     return JSONResponse({"recordings": listed,
                          "used_mb": max(p["used_mb"] for p in parts),
@@ -272,6 +279,12 @@ def install(app: FastAPI, replicas: DeploymentHandle, target_replicas: int = 1) 
     answer for ``/health`` to say ready."""
     app.state.replicas = replicas
     app.state.target_replicas = target_replicas
+
+    @app.exception_handler(ServiceUnavailable)
+    async def _unavailable(_: Request, exc: ServiceUnavailable) -> JSONResponse:
+        return error_response(exc.code, exc.message, exc.details, exc.http_status,
+                              {"Retry-After": str(RETRY_AFTER_S)})
+
     routes = app.router.routes
     routes[:] = [r for r in routes if not isinstance(r, APIWebSocketRoute)]
     app.add_api_websocket_route("/musetalk/{path:path}", no_sessions_here)
