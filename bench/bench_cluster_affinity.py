@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import time
 import uuid
 from pathlib import Path
@@ -125,7 +126,7 @@ def run(router: str, n: int, avatars: Path) -> dict[str, float]:
         runner.shutdown(started)
 
 
-def report(m: dict[str, str], r: dict[str, dict[str, float]], n: int) -> str:
+def report(m: dict[str, str], r: dict[str, dict[str, float]], n: int, load: str) -> str:
     names = list(r)
     rows = [("new session: connect to INIT_SUCCESS", "connect"),
             ("viewer: connect with ?session_id= to its first reply", "viewer"),
@@ -134,7 +135,8 @@ def report(m: dict[str, str], r: dict[str, dict[str, float]], n: int) -> str:
             ("one registry lookup (an actor call, from this process)", "lookup")]
     lines = [f"**{m['cpu']}**, {m['cores']} cores, Python {m['python']}; ray 2.60.0; {n} "
              f"sequential requests of each kind ({4 * n} pings), medians in ms; two CPU "
-             "replicas of the weight-free engine in this process's Ray.", "",
+             "replicas of the weight-free engine in this process's Ray; load average "
+             f"{load} (1, 5, 15 min) at the end.", "",
              f"| | {names[0]} | {names[1]} | difference |", "| --- | --- | --- | --- |"]
     for label, key in rows:
         a, b = r[names[0]][key], r[names[1]][key]
@@ -151,7 +153,8 @@ def main(argv: list[str] | None = None) -> int:
     avatars = ROOT / "data" / "bench-affinity-avatars"
     Services(Settings(avatars_dir=avatars)).ensure_default_avatar()
     results = {name: run(router, n, avatars) for name, router in ROUTERS.items()}
-    text = report(machine(), results, n)
+    load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
+    text = report(machine(), results, n, load)
     print(text)
     (ROOT / "docs" / "bench_cluster_affinity.md").write_text(
         "# Session affinity's cost (bench/bench_cluster_affinity.py)\n\n" + text)
