@@ -111,11 +111,15 @@ class Peer:
         self.closed = False
 
     @classmethod
-    async def open(cls, base: str, user_id: str, view: tuple[str, str] | None = None) -> Peer:
+    async def open(cls, base: str, user_id: str, view: tuple[str, str] | None = None,
+                   by_header: bool = False) -> Peer:
         """A session of ``user_id``'s; ``view``: (session id, view token) to watch instead,
-        the session named in the URL too (a browser's socket can carry no header)."""
-        query = f"?session_id={view[0]}" if view else ""
-        ws = await websockets.connect(f"{base}/musetalk/v1/ws/{user_id}{query}", max_size=2**24)
+        the session named in the URL too (a browser's socket can carry no header), or in
+        Serve's session header (``by_header``: what another client may send)."""
+        query = f"?session_id={view[0]}" if view and not by_header else ""
+        headers = {"x-session-id": view[0]} if view and by_header else None
+        ws = await websockets.connect(f"{base}/musetalk/v1/ws/{user_id}{query}", max_size=2**24,
+                                      additional_headers=headers)
         peer = cls(ws, user_id)
         if view:
             peer.session_id = view[0]
@@ -310,7 +314,8 @@ async def test_viewers_recording_and_bridge_reach_the_replica_of_their_session(
             sid = owner.session_id
             grant = await http.post(f"/sessions/{sid}/view_token", headers=bearer(f"owner{i}"))
             assert grant.status_code == 200, grant.text
-            fans = [await Peer.open(cluster.ws, f"fan{i}{k}", (sid, grant.json()["view_token"]))
+            view = (sid, grant.json()["view_token"])
+            fans = [await Peer.open(cluster.ws, f"fan{i}{k}", view, by_header=k == 2)
                     for k in range(3)]
             for fan in fans:
                 got = await fan.until(lambda fan=fan: fan.events and fan.events[0])
