@@ -51,10 +51,12 @@ def proxies(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Cluster,
     # both proxies run on this machine: the worker node's binds a port of its own (Serve reads
     # this in each proxy; the head node's keeps PORT)
     os.environ["RAY_SERVE_WORKER_PROXY_HTTP_PORT"] = str(worker_port)
-    nodes = RayCluster(initialize_head=True, head_node_args={
-        "num_cpus": 1, "num_gpus": 0, "include_dashboard": False})
-    nodes.add_node(num_cpus=1, num_gpus=2)
-    del os.environ["RAY_SERVE_WORKER_PROXY_HTTP_PORT"]
+    try:
+        nodes = RayCluster(initialize_head=True, head_node_args={
+            "num_cpus": 1, "num_gpus": 0, "include_dashboard": False})
+        nodes.add_node(num_cpus=1, num_gpus=2)
+    finally:
+        del os.environ["RAY_SERVE_WORKER_PROXY_HTTP_PORT"]
     settings = Settings(avatars_dir=tmp_path_factory.mktemp("nodes-avatars"), port=head_port,
                         host="127.0.0.1", max_sessions=MAX_SESSIONS, init_timeout_s=5.0,
                         max_speech_lag_frames=10_000, send_queue_frames=250,
