@@ -298,7 +298,9 @@ def test_interrupt_returns_empty(engine, avatar):
 
 def test_frames_of_several_sessions_share_one_forward_pass(engine, avatar):
     before = engine.stats_now()
-    n, sessions = 8, 3
+    # 4 frames each, batches of up to 8: the first session's windows may reach the core alone
+    # (and fill a batch of their own), the others' come during its encoder call and share one
+    n, sessions = 4, 3
 
     async def one(k: int):
         stream = engine.open_stream(avatar)

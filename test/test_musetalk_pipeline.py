@@ -79,7 +79,7 @@ def test_one_encoder_call_for_many_windows_equals_one_call_each(model):
 
 # ------------------------------------------------------------------ the inference process
 
-def test_inference_process_gives_the_frames_the_in_process_core_gives(model, tmp_path):
+def test_inference_process_gives_the_faces_the_in_process_core_gives(model, tmp_path):
     avatar = small_avatar(tmp_path / "avatars")
     here = MuseTalkEngine(settings(model, musetalk_process=False))
     there = MuseTalkEngine(settings(model, musetalk_process=True))
@@ -90,16 +90,32 @@ def test_inference_process_gives_the_frames_the_in_process_core_gives(model, tmp
         assert there.info()["inference_process"]["separate"]
         assert not here.info()["inference_process"]["separate"]
         here.prepare_avatar(avatar)
-        a = speak(here, avatar, 7, seed=5)
         there.prepare_avatar(avatar)
+        # job by job (one window, one batch each): the same arithmetic on both sides, so the
+        # faces must be the same bytes
+        faces = {}
+        for name, eng in (("here", here), ("there", there)):
+            key = avatar.engine_data["musetalk"]["key"]
+            out = []
+            for j in range(4):
+                meta = {"session": 1, "avatar": key, "offset": j * 4 - 40, "n_valid": None,
+                        "frames": [[j * 2 + k, "idle", k % 3, 0.0] for k in range(2)]}
+                pcm = speech(eng.window_samples // 640, seed=j)
+                out.append(eng.runner.submit(meta, pcm, 2).result(timeout=120))
+            faces[name] = np.concatenate(out)
+        assert faces["here"].shape == (8, 256, 256, 3)
+        assert np.array_equal(faces["here"], faces["there"])
+        assert len({f.tobytes() for f in faces["here"]}) == 8  # audio-driven: all different
+        # streaming through sessions: batches form as the frames come (timing), and a CPU
+        # convolution's rounding depends on the batch size, so allow a level either way
+        a = speak(here, avatar, 7, seed=5)
         b = speak(there, avatar, 7, seed=5)
     finally:
         asyncio.run(here.aclose())
         asyncio.run(there.aclose())
     assert [f.index for f in a] == [f.index for f in b] == list(range(7))
     for fa, fb in zip(a, b, strict=True):
-        assert fa.image.shape == (SIZE, SIZE, 3)
-        assert np.array_equal(fa.image, fb.image)
+        assert np.abs(fa.image.astype(int) - fb.image).max() <= 1
     assert shm_names() - before == set()  # no shared-memory segment outlives the engine
 
 

@@ -79,12 +79,12 @@ async def test_musetalk_speaks_one_frame_per_chunk_touching_only_the_lower_face(
 
 
 async def test_two_sessions_share_forward_passes(make_server, tiny_model, avatars_dir):
-    # the core waits up to 100 ms (the most it may) for a full batch (8 frames), and the
-    # frames' deadline is far (2 s), so on a loaded machine the second session's windows still
-    # join the first session's in a pass
+    # the core waits up to 100 ms (the most it may) for a full batch (16 frames: both
+    # sessions' 8), and the frames' deadline is far (2 s), so on a loaded machine the second
+    # session's frames still join the first session's in a pass
     mt_server = make_server(engine="musetalk", model_path=tiny_model, avatars_dir=avatars_dir,
                             device="cpu", default_width=SIZE, default_height=SIZE,
-                            batch_wait_ms=100, batch_max=8, max_buffered_audio_s=5,
+                            batch_wait_ms=100, batch_max=16, max_buffered_audio_s=5,
                             musetalk_max_streams=8, musetalk_deadline_ms=2000)
     a, _ = await Client.connect(mt_server.ws, "a")
     b, _ = await Client.connect(mt_server.ws, "b")

@@ -19,8 +19,13 @@ log-mel, windows, schedule, process, shared memory, blending, encoding) is the r
 from __future__ import annotations
 
 import logging
+import math
+import queue
+import threading
 import time
 from collections import deque
+from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -70,6 +75,60 @@ class _Frame:
     tokens: torch.Tensor | None
 
 
+class _Lane:
+    """One thread standing for the GPU's stream: work runs there in submission order while the
+    core's thread goes on receiving, featurising, scheduling and copying faces out, as a CUDA
+    launch returns at once and only the copy-out waits. ``free_at`` predicts when the queued
+    work ends (from the cost model); the scheduler decides as of then."""
+
+    def __init__(self) -> None:
+        self._tasks: queue.SimpleQueue[tuple | None] = queue.SimpleQueue()
+        self._done: deque[tuple[str, Any, Any, float]] = deque()
+        self.pending = 0
+        self.free_at = 0.0
+        self._thread = threading.Thread(target=self._run, name="inference-lane", daemon=True)
+        self._thread.start()
+
+    def call(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """Run ``fn`` on the lane and wait (start-up: graphs are captured where they replay)."""
+        box: Future = Future()
+        self._tasks.put(("call", box, fn, args))
+        return box.result()
+
+    def submit(self, kind: str, tag: Any, fn: Callable[..., Any], args: tuple, predicted_s: float,
+               now: float) -> None:
+        self.free_at = max(now, self.free_at) + predicted_s
+        self.pending += 1
+        self._tasks.put((kind, tag, fn, args))
+
+    def collect(self) -> list[tuple[str, Any, Any, float]]:
+        """Finished work: (kind, tag, result or the exception, seconds it ran)."""
+        out = []
+        while self._done:
+            out.append(self._done.popleft())
+        self.pending -= len(out)
+        return out
+
+    def close(self) -> None:
+        self._tasks.put(None)
+
+    def _run(self) -> None:
+        while (task := self._tasks.get()) is not None:
+            kind, tag, fn, args = task
+            if kind == "call":
+                try:
+                    tag.set_result(fn(*args))
+                except BaseException as exc:  # noqa: BLE001 - handed to the caller
+                    tag.set_exception(exc)
+                continue
+            t0 = time.perf_counter()
+            try:
+                out = fn(*args)
+            except Exception as exc:  # noqa: BLE001 - reported with its jobs
+                out = exc
+            self._done.append((kind, tag, out, time.perf_counter() - t0))
+
+
 def build_core(spec: CoreSpec, bundle: Any = None) -> MuseTalkCore:
     """The factory the inference process calls (module level, so it pickles); ``bundle``:
     models already in memory (an in-process runner only, e.g. the benchmark's)."""
@@ -92,6 +151,9 @@ class MuseTalkCore:
         self._recent: deque[tuple[int, float]] = deque(maxlen=50)
         self.capture_s: dict[int, float] = {}
         self.files: dict[str, str] = {}  # what it loaded, for /health
+        self.lane = _Lane()
+        self._batches_in_flight = 0
+        self._whisper_in_flight = False
         if spec.standin:
             self.cost = CostModel.from_table(spec.standin)
             self.standin: StandIn | None = StandIn(self.cost)
@@ -112,6 +174,9 @@ class MuseTalkCore:
     def _load_standin(self) -> None:
         from transformers import WhisperFeatureExtractor  # noqa: PLC0415
 
+        # the host side only (log-mel of a few windows): one thread, no OpenMP team spinning
+        # against the server's media threads for the same cores
+        torch.set_num_threads(1)
         fe = WhisperFeatureExtractor(feature_size=80)  # Whisper's defaults, built locally
         self.logmel = LogMel(fe.mel_filters, fe.n_fft, fe.hop_length, fe.n_samples,
                              torch.device("cpu"))
@@ -160,8 +225,9 @@ class MuseTalkCore:
         generate = make_generate(unet, decoder, pe, scale)
         self.runner = BucketRunner(generate, latent_shape, (WINDOW * self.whisper.n_layers, d_model),
                                    device, dtype, s.graphs, self.buckets)
-        self.capture_s = self.runner.warm_up()
-        self.cost = CostModel.measured(self.runner.measure(repeats=3), self._whisper_times())
+        self.capture_s = self.lane.call(self.runner.warm_up)
+        self.cost = CostModel.measured(self.lane.call(self.runner.measure, 3),
+                                       self.lane.call(self._whisper_times))
 
     def _whisper_times(self) -> dict[int, float]:
         """Seconds of one encoder call over 1 window and over a full step's windows: the
@@ -187,6 +253,10 @@ class MuseTalkCore:
                 "capture_s": {str(k): round(v, 3) for k, v in self.capture_s.items()},
                 "decoder": self.spec.decoder, "files": self.files}
 
+    def close(self) -> None:
+        """Stop the lane's thread (the loop calls it when it stops)."""
+        self.lane.close()
+
     def control(self, method: str, args: tuple) -> Any:
         if method == "add_avatar":
             key, payload = args
@@ -208,33 +278,72 @@ class MuseTalkCore:
 
     def submit(self, job_id: int, meta: dict[str, Any], pcm: np.ndarray) -> None:
         self._new.append((job_id, meta, np.array(pcm, copy=True)))
+        if self.standin is not None:  # the real log-mel, while the lane is busy
+            self.logmel(torch.as_tensor(self._new[-1][2].astype(np.float32) / 32768.0))
 
     def failed(self) -> list[tuple[int, str]]:
         out, self._failed = self._failed, []
         return out
 
     def step(self, now: float) -> tuple[list[tuple[int, int, np.ndarray]], float]:
-        if self._new:
+        results = self._collect()
+        # the lane alternates: one encoder call over every window that came during a batch,
+        # then the next batch (which can then include those windows' frames)
+        if self._new and not self._whisper_in_flight and not self._batches_in_flight:
             self._featurize(now)
-        wake = self.scheduler.decide(now)
-        if wake is not None:
-            return [], wake
+        self._launch(now)
+        lane = self.lane
+        if lane.pending:  # look again when the lane should be done (then every 0.5 ms)
+            return results, max(now + 0.0005, lane.free_at)
+        wake = self.scheduler.decide(now) if len(self.scheduler) else math.inf
+        return results, now if wake is None else wake
+
+    def _launch(self, now: float) -> None:
+        """Hand the next batch to the lane when it is free (no batch or encoder call on it) and
+        the launch rule holds. Deciding only then puts every frame whose tokens came back in the
+        batch: a batch queued behind a running one would go out part-empty (a bucket costs the
+        same full or not), and under load that loses throughput when it is needed most."""
+        if self._batches_in_flight or self._whisper_in_flight or not len(self.scheduler):
+            return
+        if self.scheduler.decide(now) is not None:
+            return
         frames: list[_Frame] = self.scheduler.pop_batch()
-        t0 = time.perf_counter()
-        try:
-            faces = self._generate(frames)
-        except Exception as exc:  # a failed batch fails its jobs; the core goes on
-            log.exception("MuseTalk batch failed")
-            msg = f"inference failed: {exc}"[:300]
-            self._failed.extend((j, msg) for j in sorted({f.job for f in frames}))
-            return [], 0.0
-        dt = time.perf_counter() - t0
-        self.cost.observe(len(frames), dt) if self.standin is None else None
-        self._count(frames, dt, time.monotonic())
-        return [(f.job, f.k, face) for f, face in zip(frames, faces, strict=True)], 0.0
+        self._batches_in_flight += 1
+        self.lane.submit("frames", frames, self._generate, (frames,),
+                         self.cost.frames_s(len(frames)), now)
+
+    def _collect(self) -> list[tuple[int, int, np.ndarray]]:
+        out: list[tuple[int, int, np.ndarray]] = []
+        for kind, tag, result, dt in self.lane.collect():
+            if kind == "whisper":
+                self._whisper_in_flight = False
+                jobs, t_pushed = tag
+                if isinstance(result, Exception):
+                    self._fail_jobs([j for j, _, _ in jobs], result)
+                else:
+                    self._schedule(jobs, result, t_pushed)
+                continue
+            self._batches_in_flight -= 1
+            frames = tag
+            if isinstance(result, Exception):
+                self._fail_jobs(sorted({f.job for f in frames}), result)
+                continue
+            if self.standin is None:
+                self.cost.observe(len(frames), dt)
+            self._count(frames, dt, time.monotonic())
+            out.extend((f.job, f.k, face) for f, face in zip(frames, result, strict=True))
+        return out
+
+    def _fail_jobs(self, jobs: list[int], exc: Exception) -> None:
+        log.error("MuseTalk inference failed: %s", exc, exc_info=exc)
+        msg = f"inference failed: {exc}"[:300]
+        self._failed.extend((j, msg) for j in jobs)
 
     # -- work
     def _featurize(self, now: float) -> None:
+        """Every new window to the lane in one encoder call; its frames are scheduled when the
+        tokens are back. One call at a time: windows that come meanwhile wait for the next, so
+        that there is about one call per batch, not one per message."""
         jobs, self._new = self._new, []
         known = [j for j in jobs if j[1]["avatar"] in self.avatars]
         for job_id, meta, _ in jobs:
@@ -243,8 +352,17 @@ class MuseTalkCore:
         if not known:
             return
         pcm = np.stack([p for _, _, p in known])
-        tokens = self._encode(pcm)
-        for row, (job_id, meta, _) in enumerate(known):
+        self._stats["whisper_calls"] += 1
+        self._stats["whisper_windows"] += len(pcm)
+        self._whisper_in_flight = True
+        self.lane.submit("whisper", (known, now), self._encode, (pcm,),
+                         self.cost.whisper_s(len(pcm)), now)
+
+    def _schedule(self, jobs: list[tuple[int, dict[str, Any], np.ndarray]],
+                  tokens: torch.Tensor | None, now: float) -> None:
+        # a job of a session dropped while its window was on the lane still renders: its
+        # faces come back to a stream that has moved on, which ignores them
+        for row, (job_id, meta, _) in enumerate(jobs):
             for k, (f, clip, index, due) in enumerate(meta["frames"]):
                 tok = None if tokens is None else frame_window(
                     tokens[row], int(f), int(meta["offset"]), meta["n_valid"])
@@ -253,24 +371,22 @@ class MuseTalkCore:
                 self.scheduler.push(frame.due, frame, now)
 
     def _encode(self, pcm: np.ndarray) -> torch.Tensor | None:
-        self._stats["whisper_calls"] += 1
-        self._stats["whisper_windows"] += len(pcm)
-        if self.standin is not None:  # the real log-mel, then the encoder's wait
-            audio = torch.as_tensor(pcm.astype(np.float32) / 32768.0)
-            self.logmel(audio)
+        """On the lane: the encoder over every window (the stand-in: its wait)."""
+        if self.standin is not None:
             self.standin.whisper(len(pcm))
             return None
-        with torch.inference_mode():
+        with torch.no_grad():
             return self.whisper.batch(pcm)
 
     def _generate(self, frames: list[_Frame]) -> np.ndarray:
         if self.standin is not None:
             faces = np.stack([self.avatars[f.avatar][f.clip][f.index] for f in frames])
             return self.standin.frames(faces)
-        with torch.inference_mode():
+        # no inference_mode: the runner replays graphs in the grad mode they were captured in
+        with torch.no_grad():
             lat = torch.stack([self.avatars[f.avatar][f.clip][f.index] for f in frames])
             aud = torch.stack([f.tokens for f in frames]).to(self.device, self.dtype)
-            return self.runner.run(lat, aud)
+        return self.runner.run(lat, aud)
 
     def _drop_session(self, session: int) -> int:
         dropped = self.scheduler.drop(lambda f: f.session == session)

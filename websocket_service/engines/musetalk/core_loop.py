@@ -74,6 +74,14 @@ class CoreLoop:
         self.failed: list[tuple[int, str]] = []
 
     def run(self, receive: Callable[[float | None], list[tuple] | None]) -> None:
+        try:
+            self._run(receive)
+        finally:
+            close = getattr(self.core, "close", None)  # optional: a core's own threads
+            if close is not None:
+                close()
+
+    def _run(self, receive: Callable[[float | None], list[tuple] | None]) -> None:
         wake = math.inf
         while True:
             timeout = None if wake == math.inf else max(0.0, wake - time.monotonic())

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+from collections import deque
 from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,8 +22,30 @@ from ..base import SAMPLES_PER_FRAME, LipSyncStream, SpeechFrame
 from .audio import AUDIO_LOOKAHEAD_FRAMES, WHISPER_HOP, fixed_window
 from .process import Runner
 
-MAX_TAKE = 32  # slots per encoder pass (bounds the audio history the buffer keeps)
+MAX_TAKE = 32  # bounds the audio history the buffer keeps
+MAX_AHEAD = 16  # frames a stream has with the core at a time
 _ids = itertools.count(1)
+
+
+@dataclass
+class _Job:
+    """Frames sent to the core together: their slots, the base frames they are drawn on, and
+    the future of their faces."""
+
+    slots: list[FrameSlot]
+    bases: list[BaseFrame]
+    future: Future
+
+
+def _split(slots: list[FrameSlot], bases: list[BaseFrame]
+           ) -> list[tuple[list[FrameSlot], list[BaseFrame]]]:
+    """The slots and bases of each job :meth:`MuseTalkStream._jobs` makes, in its order."""
+    out = []
+    for _, group in itertools.groupby(zip(slots, bases, strict=True),
+                                      key=lambda p: p[0].utterance_id):
+        items = list(group)
+        out.append(([s for s, _ in items], [b for _, b in items]))
+    return out
 
 
 def blend(image: np.ndarray, face: np.ndarray, box: np.ndarray, mask: np.ndarray) -> np.ndarray:
@@ -51,7 +75,14 @@ class StreamDeps:
 
 class MuseTalkStream(LipSyncStream):
     """One session's speech: audio in, one job per hop (a window + its frames) to the inference
-    core, faces back, blended into the avatar frames here."""
+    core, faces back, blended into the avatar frames here.
+
+    A job goes to the core as soon as its audio is there (on ``push_audio``), not when the
+    producer next asks: with one render in flight at a time, audio that came during a round
+    trip would wait for it, a second round trip of latency. At most ``MAX_AHEAD`` frames are
+    in flight; the producer still takes them in order, one job (or the jobs already back) per
+    ``render_next``.
+    """
 
     def __init__(self, engine: StreamDeps, avatar: Avatar, data: dict[str, Any],
                  clock: Callable[[], float]) -> None:
@@ -64,20 +95,23 @@ class MuseTalkStream(LipSyncStream):
         self._epoch = 0
         self._ready = asyncio.Event()
         self._closed = False
+        self._take_base: Callable[[], BaseFrame] | None = None  # the producer's, once it asks
+        self._inflight: deque[_Job] = deque()
+        self._error: BaseException | None = None  # a submit refused while pumping
 
     # -- input
     def push_audio(self, pcm: np.ndarray) -> None:
         self.buf.push(pcm)
-        if self._renderable():
-            self._ready.set()
+        self._pump()
 
     def end_segment(self) -> None:
         self.buf.end()
-        if self._renderable():
-            self._ready.set()
+        self._pump()
 
     def interrupt(self) -> None:
         self.buf.clear()
+        self._inflight.clear()  # their faces come back to no one (the core drops the rest)
+        self._error = None
         self._epoch += 1
         self._drop_in_core()
         self._ready.set()  # a waiting render_next returns []
@@ -85,6 +119,7 @@ class MuseTalkStream(LipSyncStream):
     def close(self) -> None:
         if not self._closed:
             self._closed = True
+            self._inflight.clear()
             self._drop_in_core()
             self.engine.on_close()
 
@@ -95,7 +130,10 @@ class MuseTalkStream(LipSyncStream):
 
     # -- state
     def buffered_samples(self) -> int:
-        return self.buf.buffered_samples()
+        return self.buf.buffered_samples() + SAMPLES_PER_FRAME * self._frames_in_flight()
+
+    def _frames_in_flight(self) -> int:
+        return sum(len(j.slots) for j in self._inflight)
 
     def _renderable(self) -> int:
         ready = self.buf.ready()
@@ -103,33 +141,65 @@ class MuseTalkStream(LipSyncStream):
         return ready if ready >= self.engine.hop or self.buf.ready_final() else 0
 
     def ready_frames(self) -> int:
-        return self._renderable()
+        return self._renderable() + self._frames_in_flight()
+
+    # -- to the core
+    def _pump(self) -> None:
+        """Send every hop whose audio is there (up to MAX_AHEAD frames in flight)."""
+        take_base = self._take_base
+        if take_base is None or self._closed or self._error is not None:
+            if self._renderable():
+                self._ready.set()
+            return
+        runner = self.engine.runner()
+        while (n := self._renderable()) and self._frames_in_flight() < MAX_AHEAD:
+            slots = self.buf.take(min(n, self.engine.hop, MAX_AHEAD - self._frames_in_flight()))
+            bases = [take_base() for _ in slots]
+            try:
+                if runner is None:
+                    raise ProcessingError("MuseTalk engine is closed")
+                for (meta, pcm), part in zip(self._jobs(slots, bases), _split(slots, bases),
+                                             strict=True):
+                    job = _Job(*part, runner.submit(meta, pcm, len(meta["frames"])))
+                    self._inflight.append(job)
+            except Exception as exc:  # noqa: BLE001 - reported by the next render_next
+                self._error = exc
+                break
+        self._ready.set()
 
     # -- output
     async def render_next(self, take_base: Callable[[], BaseFrame], max_frames: int
                           ) -> list[SpeechFrame]:
         epoch = self._epoch
-        while not self._renderable():
+        self._take_base = take_base
+        self._pump()
+        while not self._inflight and self._error is None:
             self._ready.clear()
             await self._ready.wait()
             if epoch != self._epoch:
                 return []
-        slots = self.buf.take(max(1, min(max_frames, MAX_TAKE)))
-        bases = [take_base() for _ in slots]
-        runner = self.engine.runner()
-        if runner is None:
-            raise ProcessingError("MuseTalk engine is closed")
-        futures = [runner.submit(meta, pcm, len(meta["frames"]))
-                   for meta, pcm in self._jobs(slots, bases)]
+        if not self._inflight:
+            error, self._error = self._error, None
+            assert error is not None
+            raise error
+        first = self._inflight[0]
         try:
-            parts = await asyncio.gather(*(asyncio.wrap_future(f) for f in futures))
+            await asyncio.wrap_future(first.future)
         except ProcessingError:
-            if epoch != self._epoch:  # the core dropped them for the interrupt
+            if epoch != self._epoch:  # the core dropped it for the interrupt
                 return []
+            self._inflight.popleft()
             raise
         if epoch != self._epoch:
             return []
-        faces = np.concatenate(parts)
+        jobs = [self._inflight.popleft()]  # and any after it already back, while they fit
+        while (self._inflight and self._inflight[0].future.done()
+               and sum(len(j.slots) for j in jobs) + len(self._inflight[0].slots) <= max_frames):
+            jobs.append(self._inflight.popleft())
+        self._pump()
+        slots = [s for j in jobs for s in j.slots]
+        bases = [b for j in jobs for b in j.bases]
+        faces = np.concatenate([j.future.result() for j in jobs])  # a failed one raises here
         images = await media_threads.run(self._blend_all, bases, faces,
                                          priority=media_threads.RENDER)
         if epoch != self._epoch:
