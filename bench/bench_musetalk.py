@@ -35,11 +35,12 @@ from websocket_service.engines.musetalk.audio import (  # noqa: E402
     WHISPER_HOP,
     LogMel,
     WhisperStates,
+    fixed_window,
+    fixed_window_samples,
     frame_window,
-    window_bounds,
+    positional_encoding,
 )
 from websocket_service.engines.musetalk.loader import load_bundle, make_bundle  # noqa: E402
-from websocket_service.engines.musetalk.worker import Request  # noqa: E402
 
 UNET = dict(in_channels=8, out_channels=4, sample_size=64, block_out_channels=[320, 640, 1280, 1280],
             layers_per_block=2, down_block_types=["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"],
@@ -79,17 +80,26 @@ def sync(device: torch.device) -> None:
 
 
 def fps_by_batch(engine: MuseTalkEngine, sizes: list[int], repeats: int) -> list[tuple[int, float, float]]:
-    b, w = engine.bundle, engine.worker
+    """UNet + decoder per batch size, eager (``bench/bench_gpu_path.py`` measures the graphs)."""
+    from websocket_service.engines.musetalk.decoder import make_generate
+    from websocket_service.engines.musetalk.graphs import BucketRunner
+
+    b = engine.bundle
     h = 256 // 2 ** (len(b.vae.config.block_out_channels) - 1)
     d = b.whisper_config.d_model
+    pe = positional_encoding(50, d).to(b.device, b.dtype)
+    gen = make_generate(b.unet, b.vae, pe, float(b.vae.config.scaling_factor))
     rows = []
     for size in sizes:
-        req = [Request(0, torch.randn(size, 8, h, h, device=b.device), torch.randn(size, 50, d))]
-        w._infer(req)  # warm-up
+        run = BucketRunner(gen, (8, h, h), (50, d), b.device, b.dtype, "eager", (size,))
+        run.warm_up()
+        lat = torch.randn(size, 8, h, h).to(b.device, b.dtype)
+        aud = torch.randn(size, 50, d).to(b.device, b.dtype)
+        run.run(lat, aud)  # warm-up
         sync(b.device)
         t0 = time.perf_counter()
         for _ in range(repeats):
-            w._infer(req)
+            run.run(lat, aud)
         sync(b.device)
         dt = (time.perf_counter() - t0) / repeats
         rows.append((size, size / dt, 1000 * dt))
@@ -166,11 +176,11 @@ def feature_drift(engine: MuseTalkEngine, pcm: np.ndarray, mode: str, context_ms
             idx = list(range(n0, min(n_frames, n0 + hop)))
             need = (idx[-1] + 4) * 640
             ended = need >= len(pcm)
-            start, end = window_bounds(idx[0], idx[-1], min(need, len(pcm)), ended,
-                                       context_ms * 16, fe.n_samples)
-            win = np.zeros(end - start, np.int16)
-            got = pcm[start: min(end, len(pcm))]
-            win[: len(got)] = got
+            start, end = fixed_window(idx[-1], min(need, len(pcm)), ended,
+                                      fixed_window_samples(context_ms * 16, hop, fe.n_samples))
+            win = np.zeros(end - start, np.int16)  # zeros before 0 and after the end
+            lo, hi = max(start, 0), min(end, len(pcm))
+            win[lo - start: hi - start] = pcm[lo:hi]
             states = part(win)
             for f in idx:
                 a = frame_window(states, f, start // WHISPER_HOP, n_valid if ended else None)

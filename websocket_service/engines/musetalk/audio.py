@@ -134,24 +134,6 @@ class WhisperStates:
         return torch.stack(states, dim=2)
 
 
-def window_bounds(first_frame: int, last_frame: int, received: int, ended: bool,
-                  context_samples: int, max_samples: int) -> tuple[int, int]:
-    """Sample range [start, end) of the encoder pass that serves frames first..last.
-
-    Starts ``context_samples`` before the first frame (aligned to 320 samples) and ends where the
-    last frame's look-ahead ends, or at the utterance's end; never longer than ``max_samples``.
-    """
-    need_end = (last_frame + 1 + AUDIO_LOOKAHEAD_FRAMES) * SAMPLES_PER_FRAME
-    end = min(received, need_end) if ended else need_end
-    end = max(end, (last_frame + 1) * SAMPLES_PER_FRAME)
-    start = max(0, first_frame * SAMPLES_PER_FRAME - context_samples)
-    start -= start % WHISPER_HOP
-    if end - start > max_samples:
-        start = end - max_samples
-        start += (-start) % WHISPER_HOP
-    return start, math.ceil(end / WHISPER_HOP) * WHISPER_HOP
-
-
 def fixed_window_samples(context_samples: int, hop: int, max_samples: int) -> int:
     """The one window length every encoder pass uses: the left context plus a hop of frames and
     their look-ahead, in whole encoder frames, at most ``max_samples``. One length for every
@@ -163,8 +145,9 @@ def fixed_window_samples(context_samples: int, hop: int, max_samples: int) -> in
 
 def fixed_window(last_frame: int, received: int, ended: bool, length: int) -> tuple[int, int]:
     """Sample range [start, end) of length ``length`` (a multiple of 320) whose end serves
-    ``last_frame``'s look-ahead (as :func:`window_bounds`); ``start`` is negative at the start of
-    an utterance, where the window is zero-padded on the left (frames before 0 read as zeros in
+    ``last_frame``'s look-ahead (the whole window when the utterance has ended: up to its end,
+    rounded up to an encoder frame, but not before the frame's own slot); ``start`` is negative
+    at the start of an utterance, where the window is zero-padded on the left (frames before 0 read as zeros in
     :func:`frame_window` anyway)."""
     need_end = (last_frame + 1 + AUDIO_LOOKAHEAD_FRAMES) * SAMPLES_PER_FRAME
     end = min(received, need_end) if ended else need_end
