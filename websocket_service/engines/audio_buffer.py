@@ -33,15 +33,28 @@ class _Utterance:
         self.uid = uid
         self.start = start  # samples the buffer had received before this utterance
         self.history = history
-        self.samples = np.zeros(0, np.int16)
+        # samples[offset..] live in _store[:_len]: appended in place (capacity doubles), so a
+        # 40 ms chunk costs its own copy, not a copy of all the history kept
+        self._store = np.zeros(SAMPLES_PER_FRAME * 64, np.int16)
+        self._len = 0
         self.offset = 0  # absolute sample index of samples[0]
         self.total = 0  # samples received so far
         self.ended = False
         self.next_index = 0
         self.arrivals: deque[tuple[int, float]] = deque()  # (total after push, time)
 
+    @property
+    def samples(self) -> np.ndarray:
+        return self._store[: self._len]
+
     def push(self, pcm: np.ndarray, now: float) -> None:
-        self.samples = np.concatenate([self.samples, pcm])
+        need = self._len + len(pcm)
+        if need > len(self._store):
+            grown = np.zeros(max(need, 2 * len(self._store)), np.int16)
+            grown[: self._len] = self._store[: self._len]
+            self._store = grown
+        self._store[self._len: need] = pcm
+        self._len = need
         self.total += len(pcm)
         self.arrivals.append((self.total, now))
 
@@ -61,7 +74,9 @@ class _Utterance:
         keep_from = self.next_index * SAMPLES_PER_FRAME - self.history
         cut = keep_from - self.offset
         if cut > 0:
-            self.samples = self.samples[cut:]
+            keep = self._len - cut
+            self._store[:keep] = self._store[cut: self._len]  # memmove: overlapping is fine
+            self._len = keep
             self.offset += cut
         while len(self.arrivals) > 1 and self.arrivals[1][0] <= self.next_index * SAMPLES_PER_FRAME:
             self.arrivals.popleft()

@@ -76,57 +76,39 @@ class _Frame:
 
 
 class _Lane:
-    """One thread standing for the GPU's stream: work runs there in submission order while the
-    core's thread goes on receiving, featurising, scheduling and copying faces out, as a CUDA
-    launch returns at once and only the copy-out waits. ``free_at`` predicts when the queued
-    work ends (from the cost model); the scheduler decides as of then."""
+    """The thread that stands for the GPU's stream. At start-up it runs calls (graphs are
+    captured on the thread that replays them), then :meth:`MuseTalkCore._drive` for good."""
 
     def __init__(self) -> None:
         self._tasks: queue.SimpleQueue[tuple | None] = queue.SimpleQueue()
-        self._done: deque[tuple[str, Any, Any, float]] = deque()
-        self.pending = 0
-        self.free_at = 0.0
         self._thread = threading.Thread(target=self._run, name="inference-lane", daemon=True)
         self._thread.start()
 
     def call(self, fn: Callable[..., Any], *args: Any) -> Any:
-        """Run ``fn`` on the lane and wait (start-up: graphs are captured where they replay)."""
+        """Run ``fn`` on the lane and wait for its result."""
         box: Future = Future()
-        self._tasks.put(("call", box, fn, args))
+        self._tasks.put((box, fn, args))
         return box.result()
 
-    def submit(self, kind: str, tag: Any, fn: Callable[..., Any], args: tuple, predicted_s: float,
-               now: float) -> None:
-        self.free_at = max(now, self.free_at) + predicted_s
-        self.pending += 1
-        self._tasks.put((kind, tag, fn, args))
-
-    def collect(self) -> list[tuple[str, Any, Any, float]]:
-        """Finished work: (kind, tag, result or the exception, seconds it ran)."""
-        out = []
-        while self._done:
-            out.append(self._done.popleft())
-        self.pending -= len(out)
-        return out
+    def start(self, fn: Callable[[], None]) -> None:
+        """Hand the lane its loop (it returns when the core closes)."""
+        self._tasks.put((None, fn, ()))
 
     def close(self) -> None:
         self._tasks.put(None)
+        if self._thread is not threading.current_thread():
+            self._thread.join(timeout=10)  # not left running into the interpreter's exit
 
     def _run(self) -> None:
         while (task := self._tasks.get()) is not None:
-            kind, tag, fn, args = task
-            if kind == "call":
-                try:
-                    tag.set_result(fn(*args))
-                except BaseException as exc:  # noqa: BLE001 - handed to the caller
-                    tag.set_exception(exc)
-                continue
-            t0 = time.perf_counter()
+            box, fn, args = task
+            if box is None:
+                fn()
+                return
             try:
-                out = fn(*args)
-            except Exception as exc:  # noqa: BLE001 - reported with its jobs
-                out = exc
-            self._done.append((kind, tag, out, time.perf_counter() - t0))
+                box.set_result(fn(*args))
+            except BaseException as exc:  # noqa: BLE001 - handed to the caller
+                box.set_exception(exc)
 
 
 def build_core(spec: CoreSpec, bundle: Any = None) -> MuseTalkCore:
@@ -152,8 +134,14 @@ class MuseTalkCore:
         self.capture_s: dict[int, float] = {}
         self.files: dict[str, str] = {}  # what it loaded, for /health
         self.lane = _Lane()
-        self._batches_in_flight = 0
-        self._whisper_in_flight = False
+        # the lane drives itself (encoder call, then batch, as soon as the last one ends): the
+        # core's thread, which receives jobs and copies faces out, is off that critical path.
+        # Everything below is shared between the two threads under this condition's lock.
+        self._cv = threading.Condition()
+        self._done: list[tuple[list[_Frame], Any, float]] = []  # finished batches
+        self._busy_until = 0.0  # the running batch's predicted end (math.inf: none running)
+        self._idle_until = math.inf  # when an idle lane next looks at the schedule
+        self._closing = False
         if spec.standin:
             self.cost = CostModel.from_table(spec.standin)
             self.standin: StandIn | None = StandIn(self.cost)
@@ -169,6 +157,7 @@ class MuseTalkCore:
         self.admission = admission_limit(self.cost, max_batch, spec.hop,
                                          utilisation=spec.utilisation)
         self.startup_s = round(time.perf_counter() - t0, 3)
+        self.lane.start(self._drive)
 
     # -- loading
     def _load_standin(self) -> None:
@@ -255,19 +244,27 @@ class MuseTalkCore:
 
     def close(self) -> None:
         """Stop the lane's thread (the loop calls it when it stops)."""
+        with self._cv:
+            self._closing = True
+            self._cv.notify_all()
         self.lane.close()
 
     def control(self, method: str, args: tuple) -> Any:
         if method == "add_avatar":
             key, payload = args
-            self.avatars[key] = self._place(payload)
-            return len(self.avatars)
+            placed = self._place(payload)
+            with self._cv:
+                self.avatars[key] = placed
+                return len(self.avatars)
         if method == "drop_avatar":
-            return self.avatars.pop(args[0], None) is not None
+            with self._cv:
+                return self.avatars.pop(args[0], None) is not None
         if method == "drop_session":
-            return self._drop_session(int(args[0]))
+            with self._cv:
+                return self._drop_session(int(args[0]))
         if method == "stats":
-            return self.stats()
+            with self._cv:
+                return self.stats()
         raise ValueError(f"unknown control {method!r}")
 
     def _place(self, payload: dict[str, Any]) -> dict[str, Any]:
@@ -277,86 +274,116 @@ class MuseTalkCore:
         return {n: t.to(self.device, self.dtype) for n, t in payload["latents"].items()}
 
     def submit(self, job_id: int, meta: dict[str, Any], pcm: np.ndarray) -> None:
-        self._new.append((job_id, meta, np.array(pcm, copy=True)))
-        if self.standin is not None:  # the real log-mel, while the lane is busy
-            self.logmel(torch.as_tensor(self._new[-1][2].astype(np.float32) / 32768.0))
+        pcm = np.array(pcm, copy=True)
+        if self.standin is not None:  # the real log-mel, here, while the lane is busy
+            self.logmel(torch.as_tensor(pcm.astype(np.float32) / 32768.0))
+        with self._cv:
+            self._new.append((job_id, meta, pcm))
+            self._cv.notify()
 
     def failed(self) -> list[tuple[int, str]]:
-        out, self._failed = self._failed, []
+        with self._cv:
+            out, self._failed = self._failed, []
         return out
 
     def step(self, now: float) -> tuple[list[tuple[int, int, np.ndarray]], float]:
-        results = self._collect()
-        # the lane alternates: one encoder call over every window that came during a batch,
-        # then the next batch (which can then include those windows' frames)
-        if self._new and not self._whisper_in_flight and not self._batches_in_flight:
-            self._featurize(now)
-        self._launch(now)
-        lane = self.lane
-        if lane.pending:  # look again when the lane should be done (then every 0.5 ms)
-            return results, max(now + 0.0005, lane.free_at)
-        wake = self.scheduler.decide(now) if len(self.scheduler) else math.inf
-        return results, now if wake is None else wake
-
-    def _launch(self, now: float) -> None:
-        """Hand the next batch to the lane when it is free (no batch or encoder call on it) and
-        the launch rule holds. Deciding only then puts every frame whose tokens came back in the
-        batch: a batch queued behind a running one would go out part-empty (a bucket costs the
-        same full or not), and under load that loses throughput when it is needed most."""
-        if self._batches_in_flight or self._whisper_in_flight or not len(self.scheduler):
-            return
-        if self.scheduler.decide(now) is not None:
-            return
-        frames: list[_Frame] = self.scheduler.pop_batch()
-        self._batches_in_flight += 1
-        self.lane.submit("frames", frames, self._generate, (frames,),
-                         self.cost.frames_s(len(frames)), now)
-
-    def _collect(self) -> list[tuple[int, int, np.ndarray]]:
+        """The core's thread: hand back the faces of finished batches; come back when the
+        running batch should end (then every half millisecond until it has)."""
+        with self._cv:
+            done, self._done = self._done, []
+            busy_until = self._busy_until
+            if busy_until == math.inf and (self._new or len(self.scheduler)):
+                # the lane has work it has not started: a batch waiting for its launch time
+                # (then its predicted end), or windows it has not woken up for yet
+                busy_until = self._idle_until + (self.cost.frames_s(len(self.scheduler))
+                                                 if len(self.scheduler) else 0.0)
+                if self._new or busy_until == math.inf:
+                    busy_until = now
         out: list[tuple[int, int, np.ndarray]] = []
-        for kind, tag, result, dt in self.lane.collect():
+        for frames, faces, _ in done:
+            if faces is None:  # the stand-in: the avatar's own crops (copied into the slots)
+                faces = [self.avatars[f.avatar][f.clip][f.index] for f in frames]
+            out.extend((f.job, f.k, face) for f, face in zip(frames, faces, strict=True))
+        if busy_until == math.inf:
+            return out, math.inf
+        return out, max(busy_until, now + 0.0005)
+
+    # -- the lane
+    def _drive(self) -> None:
+        """The lane's loop: one encoder call over every window that came during the last batch
+        (so about one call per batch, not one per job), then the next batch when the launch
+        rule holds, then again. Deciding only when the lane is free puts every frame whose
+        tokens are back in the batch: a batch queued behind a running one would go out
+        part-empty (a bucket costs the same full or not), losing throughput under load."""
+        last_was_encoder = False
+        while True:
+            with self._cv:
+                work = self._next_work(last_was_encoder)
+                if work is None:
+                    return
+            kind, arg = work
+            last_was_encoder = kind == "whisper"
             if kind == "whisper":
-                self._whisper_in_flight = False
-                jobs, t_pushed = tag
-                if isinstance(result, Exception):
-                    self._fail_jobs([j for j, _, _ in jobs], result)
-                else:
-                    self._schedule(jobs, result, t_pushed)
-                continue
-            self._batches_in_flight -= 1
-            frames = tag
-            if isinstance(result, Exception):
-                self._fail_jobs(sorted({f.job for f in frames}), result)
-                continue
+                self._run_encoder(arg)
+            else:
+                self._run_batch(arg)
+
+    def _next_work(self, prefer_batch: bool) -> tuple[str, Any] | None:
+        """Under the lock: wait for the next thing the lane should do (None: closing)."""
+        while not self._closing:
+            now = time.monotonic()
+            wake = math.inf
+            if len(self.scheduler):
+                decision = self.scheduler.decide(now)
+                if decision is None and (prefer_batch or not self._new):
+                    frames: list[_Frame] = self.scheduler.pop_batch()
+                    self._busy_until = now + self.cost.frames_s(len(frames))
+                    return "frames", frames
+                wake = now if decision is None else decision
+            if self._new:
+                jobs, self._new = self._new, []
+                self._busy_until = now + self.cost.whisper_s(len(jobs))
+                return "whisper", jobs
+            self._busy_until, self._idle_until = math.inf, wake
+            self._cv.wait(None if wake == math.inf else max(0.0, wake - now))
+            prefer_batch = False
+        return None
+
+    def _run_encoder(self, jobs: list[tuple[int, dict[str, Any], np.ndarray]]) -> None:
+        known = [j for j in jobs if j[1]["avatar"] in self.avatars]
+        try:
+            tokens = self._encode(np.stack([p for _, _, p in known])) if known else None
+        except Exception as exc:  # noqa: BLE001 - fails these jobs, the lane goes on
+            with self._cv:
+                self._fail_jobs([j for j, _, _ in known], exc)
+            return
+        with self._cv:
+            for job_id, meta, _ in jobs:
+                if meta["avatar"] not in self.avatars:
+                    self._failed.append((job_id, f"avatar {meta['avatar']!r} is not loaded"))
+            self._stats["whisper_calls"] += 1
+            self._stats["whisper_windows"] += len(known)
+            self._schedule(known, tokens, time.monotonic())
+
+    def _run_batch(self, frames: list[_Frame]) -> None:
+        t0 = time.perf_counter()
+        try:
+            faces = self._generate(frames)
+        except Exception as exc:  # noqa: BLE001 - fails these jobs, the lane goes on
+            with self._cv:
+                self._fail_jobs(sorted({f.job for f in frames}), exc)
+            return
+        dt = time.perf_counter() - t0
+        with self._cv:
             if self.standin is None:
                 self.cost.observe(len(frames), dt)
             self._count(frames, dt, time.monotonic())
-            out.extend((f.job, f.k, face) for f, face in zip(frames, result, strict=True))
-        return out
+            self._done.append((frames, faces, dt))
 
     def _fail_jobs(self, jobs: list[int], exc: Exception) -> None:
         log.error("MuseTalk inference failed: %s", exc, exc_info=exc)
         msg = f"inference failed: {exc}"[:300]
         self._failed.extend((j, msg) for j in jobs)
-
-    # -- work
-    def _featurize(self, now: float) -> None:
-        """Every new window to the lane in one encoder call; its frames are scheduled when the
-        tokens are back. One call at a time: windows that come meanwhile wait for the next, so
-        that there is about one call per batch, not one per message."""
-        jobs, self._new = self._new, []
-        known = [j for j in jobs if j[1]["avatar"] in self.avatars]
-        for job_id, meta, _ in jobs:
-            if meta["avatar"] not in self.avatars:
-                self._failed.append((job_id, f"avatar {meta['avatar']!r} is not loaded"))
-        if not known:
-            return
-        pcm = np.stack([p for _, _, p in known])
-        self._stats["whisper_calls"] += 1
-        self._stats["whisper_windows"] += len(pcm)
-        self._whisper_in_flight = True
-        self.lane.submit("whisper", (known, now), self._encode, (pcm,),
-                         self.cost.whisper_s(len(pcm)), now)
 
     def _schedule(self, jobs: list[tuple[int, dict[str, Any], np.ndarray]],
                   tokens: torch.Tensor | None, now: float) -> None:
@@ -378,10 +405,11 @@ class MuseTalkCore:
         with torch.no_grad():
             return self.whisper.batch(pcm)
 
-    def _generate(self, frames: list[_Frame]) -> np.ndarray:
+    def _generate(self, frames: list[_Frame]) -> np.ndarray | None:
+        """On the lane: one batch (the stand-in: its wait; its faces are gathered after)."""
         if self.standin is not None:
-            faces = np.stack([self.avatars[f.avatar][f.clip][f.index] for f in frames])
-            return self.standin.frames(faces)
+            self.standin.wait_frames(len(frames))
+            return None
         # no inference_mode: the runner replays graphs in the grad mode they were captured in
         with torch.no_grad():
             lat = torch.stack([self.avatars[f.avatar][f.clip][f.index] for f in frames])

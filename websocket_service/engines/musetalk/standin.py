@@ -37,6 +37,14 @@ class StandIn:
         if n_windows:
             self._sleep(self.cost.whisper_s(n_windows))
 
+    def wait_frames(self, n: int) -> None:
+        """One UNet + decoder batch of ``n`` frames: its wait only (the caller gathers the
+        faces off the GPU's timeline, as a real batch's copy-out overlaps the next one)."""
+        if n < 0:
+            raise ValueError(f"n must be >= 0, got {n}")
+        if n:
+            self._sleep(self.cost.frames_s(n))
+
     def frames(self, faces: np.ndarray) -> np.ndarray:
         """One UNet + decoder batch: waits ``frames_s(len(faces))``, returns a copy of ``faces``.
 

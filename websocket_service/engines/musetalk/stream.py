@@ -49,16 +49,25 @@ def _split(slots: list[FrameSlot], bases: list[BaseFrame]
 
 
 def blend(image: np.ndarray, face: np.ndarray, box: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    """``face`` resized into ``box`` and alpha-composited with ``mask``; exact where mask is 0."""
+    """``face`` resized into ``box`` and alpha-composited with ``mask``; exact where mask is 0.
+
+    Only the mask's bounding rectangle is touched (the lower half of the crop: the upper face
+    and everything around are the base image's bytes), and the composite is OpenCV's
+    ``blendLinear`` with the mask as weights (exact at weights 0 and 1). The face is resized
+    bilinearly, as upstream does: 0.5 ms a frame at 512x512 against 3.5 ms for a uint16
+    composite of the whole box after an area resize, which made blending cost more than H.264.
+    """
     x1, y1, x2, y2 = (int(v) for v in box)
     out = image.copy()
-    shrink = (x2 - x1) < face.shape[1]
-    face = cv2.resize(face, (x2 - x1, y2 - y1),
-                      interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
-    a = mask.astype(np.uint16)[..., None]
-    region = out[y1:y2, x1:x2].astype(np.uint16)
-    out[y1:y2, x1:x2] = ((region * (255 - a) + face.astype(np.uint16) * a + 127) // 255
-                         ).astype(np.uint8)
+    rows = np.flatnonzero(mask.any(axis=1))
+    if not len(rows):
+        return out
+    cols = np.flatnonzero(mask.any(axis=0))
+    r0, r1, c0, c1 = int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1
+    face = cv2.resize(face, (x2 - x1, y2 - y1), interpolation=cv2.INTER_LINEAR)
+    weight = mask[r0:r1, c0:c1].astype(np.float32) * (1 / 255)
+    region = out[y1 + r0: y1 + r1, x1 + c0: x1 + c1]
+    region[:] = cv2.blendLinear(face[r0:r1, c0:c1], region, weight, 1 - weight)
     return out
 
 
@@ -199,7 +208,7 @@ class MuseTalkStream(LipSyncStream):
         self._pump()
         slots = [s for j in jobs for s in j.slots]
         bases = [b for j in jobs for b in j.bases]
-        faces = np.concatenate([j.future.result() for j in jobs])  # a failed one raises here
+        faces = [j.future.result() for j in jobs]  # a failed one raises here
         images = await media_threads.run(self._blend_all, bases, faces,
                                          priority=media_threads.RENDER)
         if epoch != self._epoch:
@@ -229,7 +238,8 @@ class MuseTalkStream(LipSyncStream):
                 jobs.append((meta, self.buf.window(uid, start, end)))
         return jobs
 
-    def _blend_all(self, bases: list[BaseFrame], faces: np.ndarray) -> list[np.ndarray]:
+    def _blend_all(self, bases: list[BaseFrame], faces: list[np.ndarray]) -> list[np.ndarray]:
+        """On a media thread: each job's faces (n x 256 x 256 x 3) into their base frames."""
         clips = self.data["clips"]
         return [blend(b.image, face, clips[b.clip].boxes[b.index], clips[b.clip].masks[b.index])
-                for b, face in zip(bases, faces, strict=True)]
+                for b, face in zip(bases, itertools.chain.from_iterable(faces), strict=True)]
