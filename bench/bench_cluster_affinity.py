@@ -1,7 +1,7 @@
 """What session affinity costs on the cluster: Serve's default router vs ours, same cluster.
 
-    python -m bench.bench_cluster_affinity            # ~2 min
-    python -m bench.bench_cluster_affinity --quick    # ~1 min
+    python -m bench.bench_cluster_affinity            # ~40 s on 2 cores
+    python -m bench.bench_cluster_affinity --quick    # ~30 s
 
 The service runs on Ray Serve in this process (two CPU replicas of the weight-free engine, as
 ``test/test_cluster.py`` starts it), once with the session replicas' router set to Serve's
