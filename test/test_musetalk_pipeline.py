@@ -195,3 +195,17 @@ def test_the_stand_in_needs_no_weights_says_so_and_returns_the_avatars_face(tmp_
             s.close()
     finally:
         asyncio.run(eng.aclose())
+
+
+def test_the_jitter_allowance_is_the_recent_p95_of_ready_latency_plus_a_margin():
+    from websocket_service.engines.musetalk.stream import ReadyLatency
+
+    ready = ReadyLatency(window=100)
+    ready.observe([0.05] * 19)
+    assert ready.delay() == 0.0  # too few to say
+    ready.observe([0.05] * 80 + [0.2] * 1)
+    assert ready.delay() == pytest.approx(0.05 + ReadyLatency.MARGIN_S)
+    ready.observe([0.2] * 100)  # the window moves on: a slower engine now
+    assert ready.delay() == pytest.approx(0.2 + ReadyLatency.MARGIN_S)
+    ready.observe([5.0] * 100)
+    assert ready.delay() == ReadyLatency.MAX_S

@@ -328,3 +328,23 @@ async def test_a_bridge_shows_pushed_frames_on_the_session_clock(session):
     s.playout.tick(6)
     assert sink.frames[-1].clip == "idle"  # back to the avatar's own loop
     await s.close()
+
+
+async def test_an_engine_with_a_jitter_allowance_starts_the_utterance_that_late(session):
+    """A batching engine (MuseTalk) delivers frames in bursts; its ``speech_delay`` holds an
+    utterance's start until its first frame's audio is that old, so that later frames keep
+    their slots. The rest of the schedule is unchanged: one frame a tick, no underrun."""
+    s, sink, clock = session
+    s.playout.speech_delay = lambda: 0.1  # the stream says: 100 ms after the audio arrived
+    s.push_audio(wav("short_16k.wav"), end_of_speech=True)
+    arrival = clock.t
+    assert await render_ready(s) == 30
+    tick(s, clock, 0, 36)
+    first = next(f for f in sink.frames if f.utterance_id is not None)
+    # ticks at +40, +80, +120 ms: the first at or after arrival + 100 ms is the third
+    assert first.index == 2 and clock.t - arrival >= 0.1
+    speech = [f for f in sink.frames if f.utterance_id is not None]
+    assert [f.utterance_frame for f in speech] == list(range(30))
+    assert [f.index for f in speech] == list(range(2, 32))
+    assert s.stats.underruns == 0
+    await s.close()

@@ -74,7 +74,8 @@ class Playout:
                  emit: Callable[[OutputFrame, list[SpeechEnded]], None],
                  before_tick: Callable[[float], None],
                  speech_pending: Callable[[], bool],
-                 audio_backlog: Callable[[], int] = lambda: 0) -> None:
+                 audio_backlog: Callable[[], int] = lambda: 0,
+                 speech_delay: Callable[[], float] = lambda: 0.0) -> None:
         self.settings = settings
         self.period = 1.0 / fps
         self.fps = fps
@@ -87,6 +88,9 @@ class Playout:
         self.before_tick = before_tick
         self.speech_pending = speech_pending
         self.audio_backlog = audio_backlog  # samples received and not rendered yet
+        #: seconds after its audio arrived that an utterance's first frame may start (an
+        #: engine that renders in batches delivers frames with its batch cycle's jitter)
+        self.speech_delay = speech_delay
         self.last: OutputFrame | None = None
         self.bridge: Bridge | None = None  # an external renderer's frames, when attached
         self.play = _Playback()
@@ -134,7 +138,7 @@ class Playout:
         return SpeechEnded(p.utterance_id, p.frames, p.skipped, interrupted=True)
 
     # ------------------------------------------------------------------ speech
-    def _next_speech(self, n: int) -> SpeechFrame | None:
+    def _next_speech(self, n: int, now: float) -> SpeechFrame | None:
         q = self.queue.frames
         if not q:
             return None
@@ -143,6 +147,12 @@ class Playout:
             # prebuffer a little before starting an utterance, unless it is already complete
             complete = any(f.last for f in q)
             if len(q) < self.settings.prebuffer_frames and not complete:
+                return None
+            # and start it no earlier than its audio's arrival plus the engine's jitter
+            # allowance: later frames then keep their slots although they come in bursts
+            delay = self.speech_delay()
+            if delay > 0 and head.audio_arrival is not None and self._follow_due is None \
+                    and now < head.audio_arrival + delay:
                 return None
             self.play.start_tick = n - head.index
             if self._follow_due is not None:
@@ -190,11 +200,13 @@ class Playout:
         to be rendered) never drain, and every frame waits as long. Such a backlog *stands*:
         it holds steady for ``STANDING_TICKS`` and the utterance is still open; a burst being
         played out (TTS) drains instead. A standing backlog loses its silent frames, one per
-        tick, down to ``STANDING_FRAMES``."""
+        tick, down to ``STANDING_FRAMES`` (plus the engine's jitter allowance in frames)."""
         q = self.queue.frames
         depths = self._depths
         depths.append(len(q) + self.audio_backlog() // SAMPLES_PER_FRAME)
-        if len(depths) < STANDING_TICKS or min(depths) <= STANDING_FRAMES:
+        # the engine's jitter allowance is backlog it needs, not latency to trim
+        floor = STANDING_FRAMES + int(self.speech_delay() / self.period)
+        if len(depths) < STANDING_TICKS or min(depths) <= floor:
             return
         if max(depths) - min(depths) > STANDING_SLACK:
             return
@@ -211,7 +223,7 @@ class Playout:
             state = AvatarState.SPEAKING if speaking else AvatarState.IDLE
             return OutputFrame(n, ts, state, resize_to(img, self.width, self.height), pcm,
                                "bridge", created=now)
-        sf = self._next_speech(n)
+        sf = self._next_speech(n, now)
         if sf is not None:
             return self._speech_output(sf, n, ts, now, ended)
         self._follow_due = None  # a frame that is not speech: the next utterance starts afresh

@@ -141,7 +141,8 @@ class Session:
         self.playout = Playout(self.settings, self.video.fps, (self.video.width, self.video.height),
                                self.cursor, self.queue, self.clock, self.stats,
                                _weakly(self._emit), self.speech.end_if_quiet,
-                               _weakly(self._speech_pending), self.stream.buffered_samples)
+                               _weakly(self._speech_pending), self.stream.buffered_samples,
+                               self.stream.speech_delay)
         self.producer = Producer(self.stream, self.queue,
                                  functools.partial(self.cursor.next, speech=True), self.clock,
                                  self.stats, _weakly(self._render_failed))

@@ -76,6 +76,11 @@ class LipSyncStream(ABC):
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release per-session resources."""
 
+    def speech_delay(self) -> float:
+        """Seconds after a frame's audio arrived that its utterance should start playing, so
+        that later frames arrive before their slots (0: as soon as the first is rendered)."""
+        return 0.0
+
 
 class LipSyncEngine(ABC):
     """A lip-sync engine shared by all sessions."""

@@ -32,7 +32,7 @@ from .core import CoreSpec, build_core
 from .loader import Bundle, load_parsing, load_vae, pick_device
 from .prep import ClipData
 from .process import InferenceProcess, Runner, ThreadRunner
-from .stream import MuseTalkStream, StreamDeps
+from .stream import MuseTalkStream, ReadyLatency, StreamDeps
 
 log = logging.getLogger(__name__)
 DEFAULT_HOP = Settings.model_fields["musetalk_hop_frames"].default
@@ -70,6 +70,7 @@ class MuseTalkEngine(LipSyncEngine):
         self._stats_at = 0.0
         self._stats_call: Any = None
         self._prep_lock = threading.Lock()
+        self._ready = ReadyLatency()
 
     # -- loading
     def load(self) -> None:
@@ -174,6 +175,7 @@ class MuseTalkEngine(LipSyncEngine):
                     "capture_s": self.core_info.get("capture_s"),
                     "batch_max": self.settings.batch_max,
                     "streams": self._streams, "admission_limit": self.admission_limit,
+                    "speech_delay_ms": round(1000 * self._ready.delay(), 1),
                     "inference_process": {"alive": bool(getattr(runner, "alive", True)),
                                           "restarts": int(getattr(runner, "restarts", 0)),
                                           "separate": isinstance(runner, InferenceProcess)},
@@ -318,7 +320,7 @@ class MuseTalkEngine(LipSyncEngine):
                 fatal=True)
         deps = StreamDeps(self.hop, self.window_samples,
                           self.settings.musetalk_deadline_ms / 1000.0, lambda: self.runner,
-                          self._stream_closed)
+                          self._stream_closed, self._ready)
         self._streams += 1
         return MuseTalkStream(deps, avatar, avatar.engine_data[self.name], clock)
 

@@ -71,6 +71,28 @@ def blend(image: np.ndarray, face: np.ndarray, box: np.ndarray, mask: np.ndarray
     return out
 
 
+class ReadyLatency:
+    """How long after their audio arrived frames come out of the engine, over every stream
+    (the inference core's batch cycle is shared): its recent p95, plus a margin, is how long an
+    utterance waits before it starts playing, so that frames coming in bursts keep their slots
+    instead of repeating a picture (an underrun) and pushing the rest of the utterance back."""
+
+    MARGIN_S = 0.01
+    MAX_S = 0.5
+
+    def __init__(self, window: int = 400) -> None:
+        self._recent: deque[float] = deque(maxlen=window)
+
+    def observe(self, seconds: list[float]) -> None:
+        self._recent.extend(seconds)
+
+    def delay(self) -> float:
+        if len(self._recent) < 20:
+            return 0.0
+        p95 = float(np.percentile(np.fromiter(self._recent, float), 95))
+        return min(self.MAX_S, max(0.0, p95 + self.MARGIN_S))
+
+
 @dataclass(frozen=True)
 class StreamDeps:
     """What a stream needs from the engine (injected, so this module never imports it)."""
@@ -80,6 +102,7 @@ class StreamDeps:
     deadline_s: float  # a frame is due this long after its audio arrived
     runner: Callable[[], Runner | None]  # None once the engine is closed
     on_close: Callable[[], None]  # the engine's open-stream count
+    ready: ReadyLatency  # shared by the engine's streams
 
 
 class MuseTalkStream(LipSyncStream):
@@ -101,6 +124,7 @@ class MuseTalkStream(LipSyncStream):
         self.session = next(_ids)
         history = engine.window_samples + SAMPLES_PER_FRAME * (MAX_TAKE + 8)
         self.buf = UtteranceBuffer(AUDIO_LOOKAHEAD_FRAMES, clock, history_samples=history)
+        self._clock = clock
         self._epoch = 0
         self._ready = asyncio.Event()
         self._closed = False
@@ -151,6 +175,9 @@ class MuseTalkStream(LipSyncStream):
 
     def ready_frames(self) -> int:
         return self._renderable() + self._frames_in_flight()
+
+    def speech_delay(self) -> float:
+        return self.engine.ready.delay()
 
     # -- to the core
     def _pump(self) -> None:
@@ -213,6 +240,8 @@ class MuseTalkStream(LipSyncStream):
                                          priority=media_threads.RENDER)
         if epoch != self._epoch:
             return []
+        done = self._clock()
+        self.engine.ready.observe([done - s.arrival for s in slots])
         return [SpeechFrame(s.utterance_id, s.index, img, s.pcm, s.last, b, {}, s.arrival,
                             s.audio_ms)
                 for s, b, img in zip(slots, bases, images, strict=True)]
