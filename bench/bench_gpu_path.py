@@ -41,18 +41,12 @@ sys.path[:0] = [str(ROOT), str(ROOT / "test")]
 
 import torch  # noqa: E402
 
+from bench.bench_musetalk import UNET, VAE  # noqa: E402 - the full-size configs
+
 LATENT = (8, 32, 32)
 AUDIO = (50, 384)
 GOALS = {"sd-vae": 400.0, "taesd": 800.0}  # frames/s at batch 32 on one H100 (issue 21)
 START, END = "<!-- gpu-path:start -->", "<!-- gpu-path:end -->"
-UNET = dict(in_channels=8, out_channels=4, sample_size=64, block_out_channels=[320, 640, 1280, 1280],
-            layers_per_block=2, down_block_types=["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"],
-            up_block_types=["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3, cross_attention_dim=384,
-            attention_head_dim=8, norm_num_groups=32, norm_eps=1e-5, act_fn="silu",
-            flip_sin_to_cos=True, freq_shift=0)
-VAE = dict(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=[128, 256, 512, 512],
-           down_block_types=["DownEncoderBlock2D"] * 4, up_block_types=["UpDecoderBlock2D"] * 4,
-           layers_per_block=2, norm_num_groups=32, sample_size=256, scaling_factor=0.18215)
 TINY_TAESD = dict(encoder_block_out_channels=(8, 8, 8, 8), decoder_block_out_channels=(8, 8, 8, 8),
                   num_encoder_blocks=(1, 1, 1, 1), num_decoder_blocks=(1, 1, 1, 1))
 

@@ -8,7 +8,6 @@ A task asks to wake every ``period`` seconds and records how much later than ask
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from collections import deque
 
@@ -26,11 +25,10 @@ class LoopLag:
             self._task = asyncio.get_running_loop().create_task(self._run(), name="loop-lag")
 
     async def stop(self) -> None:
-        task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)  # its CancelledError
+            self._task = None
 
     async def _run(self) -> None:
         while True:
