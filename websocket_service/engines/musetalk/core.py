@@ -28,14 +28,14 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
 
 from ...errors import ModelNotFound
 from .audio import WHISPER_HOP, WINDOW, LogMel, WhisperStates, frame_window, positional_encoding
-from .graphs import BUCKETS, BucketRunner
+from .graphs import BUCKETS, BucketRunner, GraphMode
 from .schedule import CostModel, DeadlineScheduler, admission_limit
 from .standin import StandIn
 
@@ -213,7 +213,7 @@ class MuseTalkCore:
         scale = float(decoder.config.scaling_factor)
         generate = make_generate(unet, decoder, pe, scale)
         self.runner = BucketRunner(generate, latent_shape, (WINDOW * self.whisper.n_layers, d_model),
-                                   device, dtype, s.graphs, self.buckets)
+                                   device, dtype, cast(GraphMode, s.graphs), self.buckets)
         self.capture_s = self.lane.call(self.runner.warm_up)
         self.cost = CostModel.measured(self.lane.call(self.runner.measure, 3),
                                        self.lane.call(self._whisper_times))
@@ -413,8 +413,8 @@ class MuseTalkCore:
         # no inference_mode: the runner replays graphs in the grad mode they were captured in
         with torch.no_grad():
             lat = torch.stack([self.avatars[f.avatar][f.clip][f.index] for f in frames])
-            aud = torch.stack([f.tokens for f in frames]).to(self.device, self.dtype)
-        return self.runner.run(lat, aud)
+            aud = torch.stack([f.tokens for f in frames if f.tokens is not None])
+        return self.runner.run(lat, aud.to(self.device, self.dtype))
 
     def _drop_session(self, session: int) -> int:
         dropped = self.scheduler.drop(lambda f: f.session == session)

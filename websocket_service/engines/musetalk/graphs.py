@@ -216,7 +216,7 @@ class BucketRunner:
             # so that a counting wrapper can sit in front of it. Kernels captured in our own
             # graph must not record cudagraph trees of their own: inductor's default mode.
             mode = None if kernels_only else self.compile_mode
-            inner = torch._TorchCompileInductorWrapper(mode, None, False)
+            inner: Callable[..., Any] = torch._TorchCompileInductorWrapper(mode, None, False)
         else:
             inner = torch._dynamo.lookup_backend(self.compile_backend)
 
