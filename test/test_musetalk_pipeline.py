@@ -131,11 +131,13 @@ def test_a_crashed_inference_process_fails_its_frames_and_comes_back(model, tmp_
         stream = eng.open_stream(avatar)
 
         async def crash_mid_render():
+            # the process is frozen first, so the frames are certainly still in flight when it
+            # dies, however fast or slow this machine is
+            os.kill(runner.pid, signal.SIGSTOP)
             stream.push_audio(speech(30))
             stream.end_segment()
             render = asyncio.create_task(stream.render_next(Bases(avatar), 8))
-            # the frames are with the core (waiting for a fuller batch) when it dies
-            await asyncio.to_thread(_wait_for, lambda: eng.stats_now()["queued_frames"] > 0)
+            await asyncio.to_thread(_wait_for, lambda: runner.jobs_in_flight > 0)
             os.kill(runner.pid, signal.SIGKILL)
             with pytest.raises(ProcessingError) as err:
                 await render

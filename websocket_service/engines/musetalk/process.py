@@ -113,6 +113,12 @@ class _Host:
         """True while submits are accepted."""
         return self._accepting
 
+    @property
+    def jobs_in_flight(self) -> int:
+        """Jobs submitted and not yet answered (the parent's count: no round trip)."""
+        with self._lock:
+            return len(self._jobs)
+
     def wait_alive(self, timeout: float | None = None) -> bool:
         """Wait until submits are accepted again (after a restart and its ``on_restart``)."""
         return self._alive_evt.wait(timeout)
