@@ -248,3 +248,14 @@ def test_the_negotiated_video_codec_is_read_from_the_answer() -> None:
     h264 = head + "m=video 9 UDP/TLS/RTP/SAVPF 97 98\r\na=rtpmap:97 H264/90000\r\na=rtpmap:98 VP8/90000\r\n"
     vp8 = head + "m=video 9 UDP/TLS/RTP/SAVPF 98 97\r\na=rtpmap:97 H264/90000\r\na=rtpmap:98 VP8/90000\r\n"
     assert _sends_h264(h264) and not _sends_h264(vp8) and not _sends_h264(head)
+
+
+def test_fps_is_fixed_at_25_and_another_rate_is_refused_with_the_reason(monkeypatch):
+    from websocket_service import units
+
+    assert Settings().fps == units.FPS == 25
+    assert units.SAMPLES_PER_FRAME * units.FPS == units.SAMPLE_RATE  # one frame's audio, no rest
+    monkeypatch.setenv("FPS", "30")
+    with pytest.raises(ValidationError) as err:
+        Settings()
+    assert "FPS must be 25" in str(err.value) and "640 samples" in str(err.value)

@@ -14,6 +14,8 @@ from typing import Literal
 from pydantic import AliasChoices, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from . import units
+
 EngineName = Literal["geometric", "musetalk", "auto"]
 
 
@@ -119,7 +121,9 @@ class Settings(BaseSettings):
     # a connection whose replies pile up and that takes nothing from its socket for this long
     # is not reading: closed 1008 "client not reading"
     send_stall_s: float = Field(10.0, gt=0, le=300)
-    fps: int = Field(25, ge=1, le=60)
+    # the video rate: fixed at units.FPS (25); the setting exists so that a wrong value is
+    # refused with a reason instead of silently drifting lips against the audio
+    fps: int = units.FPS
     gop_seconds: float = Field(1.0, gt=0, le=1.0)  # the protocol: an I-frame at least every second
     default_width: int = Field(512, ge=64, le=1920)
     default_height: int = Field(512, ge=64, le=1920)
@@ -160,6 +164,16 @@ class Settings(BaseSettings):
     @classmethod
     def _empty_is_none(cls, v: str | None) -> str | None:
         return v or None
+
+    @field_validator("fps")
+    @classmethod
+    def _fixed_fps(cls, v: int) -> int:
+        if v != units.FPS:
+            raise ValueError(
+                f"FPS must be {units.FPS}: every 40 ms audio chunk of the protocol is one video "
+                f"frame's audio ({units.SAMPLES_PER_FRAME} samples at {units.SAMPLE_RATE} Hz), and "
+                f"MuseTalk's audio features come two to a frame; other rates are not supported")
+        return v
 
     @field_validator("jwt_public_key")
     @classmethod
