@@ -59,6 +59,68 @@ class SessionStats:
     rtc: dict[str, Any] = field(default_factory=dict)
     latency_hist: Any = None  # the process-wide metrics.Histogram, when attached
 
+    # What happened, told by the part that saw it: the counters are written only here.
+    def frames_skipped(self, n: int) -> None:
+        """The pacer woke ``n`` frames late and skipped them."""
+        self.skipped_frames += n
+
+    def speech_frame_shown(self) -> None:
+        self.speech_frames += 1
+
+    def speech_frame_dropped(self) -> None:
+        """A speech frame too late for its slot was dropped (or trimmed in a pause)."""
+        self.speech_frames_skipped += 1
+
+    def underrun(self) -> None:
+        """An utterance's next frame was not rendered in time: its last picture was held."""
+        self.underruns += 1
+
+    def audio_received(self, samples: int) -> None:
+        self.audio_samples += samples
+
+    def audio_rejected(self) -> None:
+        """A chunk refused because too much audio waits to be rendered."""
+        self.audio_rejected_chunks += 1
+
+    def duration_mismatch(self) -> None:
+        """A chunk's ``duration_ms`` disagreed with its bytes (the bytes were used)."""
+        self.duration_mismatches += 1
+
+    def interrupted(self) -> None:
+        self.interrupts += 1
+
+    def action_started(self) -> None:
+        self.actions += 1
+
+    def state_changed(self) -> None:
+        self.state_changes += 1
+
+    def render_failed(self) -> None:
+        self.render_errors += 1
+
+    def error_sent(self) -> None:
+        """An ERROR went out to the session's owner."""
+        self.errors_sent += 1
+
+    def rtc_state(self, state: str) -> None:
+        """The owner's WebRTC connection state (``rtc.connection_state``)."""
+        self.rtc["connection_state"] = state
+
+    def rtc_failed(self, code: str, message: str) -> None:
+        """The owner's WebRTC connection failed (``rtc.error``)."""
+        self.rtc["error"] = {"code": code, "message": message}
+
+    def rtc_report(self, summary: dict[str, Any], mic_pushed_s: float | None = None) -> None:
+        """The peer connection's latest ``getStats()`` summary, and the microphone audio
+        pushed into the session so far (seconds) when there is a microphone."""
+        self.rtc.update(summary)
+        if mic_pushed_s is not None:
+            self.rtc["mic_pushed_s"] = mic_pushed_s
+
+    def rtc_viewers(self, n: int) -> None:
+        """How many WebRTC viewers watch the session (``rtc.viewers``)."""
+        self.rtc["viewers"] = n
+
     def frame_emitted(self, now: float) -> None:
         self.frames_emitted += 1
         self._emit_times.append(now)
