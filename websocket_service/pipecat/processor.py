@@ -11,7 +11,7 @@ Two tasks, as in the service's session:
 * the *producer* awaits ``stream.render_next()`` on this process's engine and pushes images
   with their audio; it stays at most ``max_lead_s`` ahead of the estimated playout, so the
   transport's queues (unbounded in pipecat) hold about a second of pictures, not a reply;
-* the *pacer* ticks at 25 fps on absolute deadlines of a replaceable monotonic clock; it
+* the *pacer* ticks at 25 fps (a :class:`~..pacing.Pacer` on a replaceable clock); it
   ends an utterance the TTS left open and pushes an idle frame when no speech is playing.
 """
 
@@ -31,6 +31,7 @@ from ..config import Settings
 from ..cursor import Cursor
 from ..engines import create_engine
 from ..engines.base import LipSyncEngine, LipSyncStream, SpeechFrame
+from ..pacing import Pacer
 from ..units import SAMPLES_PER_FRAME
 from .service import FRAME_S, AvatarService, image_frame
 from .speech import FPS, Utterance
@@ -191,15 +192,10 @@ class MuseTalkProcessor(AvatarService):
 
     # ------------------------------------------------------------------ pacer
     async def _pace(self) -> None:
-        t0 = self.clock.now()
-        n = 0
+        pacer = Pacer(self.clock, FPS, self.config.resync_after_frames)
         while True:
-            await self.clock.sleep_until(t0 + n * FRAME_S)
-            now = self.clock.now()
-            late = int((now - t0) / FRAME_S) - n
-            n += late if late > 3 else 0  # far behind: resynchronise instead of bursting
-            await self._tick(now)
-            n += 1
+            await pacer.next()
+            await self._tick(self.clock.now())
 
     async def _tick(self, now: float) -> None:
         if self._stream is not None and self._stream.ready_frames() == 0:

@@ -51,6 +51,7 @@ from pipecat.workers.runner import WorkerRunner
 
 from ..clock import Clock
 from ..config import Settings
+from ..pacing import Pacer
 from ..transports.rtc_network import host_addresses
 from .pipeline import (
     VIDEO_OUT_FPS,
@@ -75,8 +76,8 @@ class PacedVideoTrack(MediaStreamTrack):
 
     A background task keeps reading the source (pipecat redraws its current picture with
     ``asyncio.sleep`` between frames, so it runs a little slow and jitters); ``recv`` hands
-    out the newest frame at ``t0 + n / fps`` on a monotonic clock, stamped ``n / fps``,
-    repeating a frame when no new one came. More than 3 frames late, it skips ahead.
+    out the newest frame at ``t0 + n / fps`` (a :class:`~..pacing.Pacer` from the first
+    frame), stamped ``n / fps``, repeating a frame when no new one came.
     """
 
     kind = "video"
@@ -91,8 +92,7 @@ class PacedVideoTrack(MediaStreamTrack):
         self._ended = False
         self._fresh = asyncio.Event()
         self._pump: asyncio.Task[None] | None = None
-        self._t0 = 0.0
-        self._n = 0
+        self._pacer = Pacer(self.clock, fps)  # starts at the first frame
 
     async def _pull(self) -> None:
         try:
@@ -109,16 +109,11 @@ class PacedVideoTrack(MediaStreamTrack):
         if self._pump is None:
             self._pump = asyncio.create_task(self._pull(), name="paced-video-pull")
             await self._fresh.wait()
-            self._t0 = self.clock.now()
-        await self.clock.sleep_until(self._t0 + self._n / self.fps)
-        late = int((self.clock.now() - self._t0) * self.fps) - self._n
-        if late > 3:
-            self._n += late
+        n, _ = await self._pacer.next()
         frame = self._latest
         if self._ended or frame is None or self.readyState != "live":
             raise MediaStreamError
-        frame.pts, frame.time_base = self._n * VIDEO_CLOCK // self.fps, Fraction(1, VIDEO_CLOCK)
-        self._n += 1
+        frame.pts, frame.time_base = n * VIDEO_CLOCK // self.fps, Fraction(1, VIDEO_CLOCK)
         return frame
 
     def stop(self) -> None:
