@@ -28,7 +28,7 @@ from websocket_service.transports.rtc_tracks import SessionAudioTrack, SessionVi
 from websocket_service.transports.signaling import SignalingConnection
 from websocket_service.transports.webrtc import RtcPeer, RtcSink
 from websocket_service.transports.websocket import Connection
-from websocket_service.transports.ws_feed import Outbox, SessionFeed
+from websocket_service.feed import Outbox, SessionFeed
 
 from .live_server import LiveServer
 from .rtc_client import ClientPeer

@@ -13,7 +13,7 @@ from websocket_service.cursor import loop_period, pingpong
 from websocket_service.media.loops import LIVE_WHILE_BUILDING, LoopKey, encode_loop
 from websocket_service.playout import OutputFrame
 from websocket_service.states import AvatarState
-from websocket_service.transports import ws_feed
+from websocket_service import feed as ws_feed
 from websocket_service.wire import frame_message
 
 from .conftest import FIXTURES

@@ -32,16 +32,16 @@ from typing import Any
 import numpy as np
 from fastapi import WebSocket
 
-from ..errors import ProcessingError, ServiceError
-from ..events import SessionEvent
-from ..manager import Services
-from ..media.encoder_pool import EncoderPool, InProcessEncoder, PoolEncoder, open_encoder
-from ..media.loops import LoopCache, LoopKey
-from ..media.recorder import Recorder
-from ..playout import OutputFrame
-from ..protocol import CloseAckData, ServerMessage
-from ..session import Session
-from ..wire import b64, event_message, frame_message
+from .errors import ProcessingError, ServiceError
+from .events import SessionEvent
+from .manager import Services
+from .media.encoder_pool import EncoderPool, InProcessEncoder, PoolEncoder, open_encoder
+from .media.loops import LoopCache, LoopKey
+from .media.recorder import Recorder
+from .playout import OutputFrame
+from .protocol import CloseAckData, ServerMessage
+from .session import Session
+from .wire import b64, event_message, frame_message
 
 log = logging.getLogger(__name__)
 

@@ -22,7 +22,7 @@ from ..errors import InvalidSession, ModelNotFound, NotYours, RateLimitExceeded
 from ..manager import Services
 from ..media.recorder import Recorder, RecordingInfo
 from ..session import Session
-from .ws_feed import SessionFeed, ensure_feed, release_feed
+from ..feed import SessionFeed, ensure_feed, release_feed
 
 router = APIRouter(tags=["recording"], dependencies=[Depends(require_token)],
                    responses=UNAUTHORIZED)

@@ -22,7 +22,7 @@ from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 
 from ..engines.base import SAMPLE_RATE, SAMPLES_PER_FRAME
 from ..session import OutputFrame, Session
-from .ws_feed import Outbox
+from ..feed import Outbox
 
 VIDEO_CLOCK = 90_000
 VIDEO_TIME_BASE = Fraction(1, VIDEO_CLOCK)

@@ -38,7 +38,7 @@ from ..wire import event_message
 from .rtc_audio_in import MicIngest
 from .rtc_network import host_addresses, rtc_configuration
 from .rtc_tracks import SessionAudioTrack, SessionVideoTrack
-from .ws_feed import Outbox, SessionFeed, ensure_feed, release_feed
+from ..feed import Outbox, SessionFeed, ensure_feed, release_feed
 
 log = logging.getLogger(__name__)
 

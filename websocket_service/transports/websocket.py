@@ -1,9 +1,9 @@
 """The WebSocket transport: parse client messages, move the session's output to the socket.
 
 It never touches an engine. The session's frames are encoded once in its
-:class:`~.ws_feed.SessionFeed` (off the event loop: in the encoder process pool, or in a thread
+:class:`~websocket_service.feed.SessionFeed` (off the event loop: in the encoder process pool, or in a thread
 with ``encoder_processes=0``) and the same messages go to the owner's connection and to every
-viewer's (``INIT.data.viewer``), each through its own bounded :class:`~.ws_feed.Outbox`.
+viewer's (``INIT.data.viewer``), each through its own bounded :class:`~websocket_service.feed.Outbox`.
 """
 
 from __future__ import annotations
@@ -57,7 +57,7 @@ from ..wire import (
 )
 from .bridge_ws import bridge_endpoint
 from .mic_out import mic_endpoint
-from .ws_feed import Outbox, Overflow, SessionFeed, ensure_feed, release_feed
+from ..feed import Outbox, Overflow, SessionFeed, ensure_feed, release_feed
 
 log = logging.getLogger(__name__)
 
