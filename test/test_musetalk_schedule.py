@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
 import pytest
 
 from websocket_service.engines.musetalk.schedule import (
@@ -254,23 +253,20 @@ def test_admission_limits_of_the_h100_tables():
 
 # --- the stand-in --------------------------------------------------------------------------------
 
-def test_standin_waits_the_tables_times_and_returns_the_faces():
+def test_standin_waits_the_tables_times():
     waits: list[float] = []
     cost = CostModel.from_table("h100")
     gpu = StandIn(cost, sleep=waits.append)
     gpu.whisper(16)
-    faces = np.random.default_rng(0).integers(0, 256, (5, 256, 256, 3), dtype=np.uint8)
-    out = gpu.frames(faces)
+    gpu.wait_frames(5)                     # padded up to the bucket of 8
     assert waits == [pytest.approx(2.3 * MS), pytest.approx(cost.frames_s(8))]
-    assert out.dtype == np.uint8 and np.array_equal(out, faces)
-    assert not np.shares_memory(out, faces)
     gpu.whisper(0)
-    assert gpu.frames(faces[:0]).shape == (0, 256, 256, 3)
+    gpu.wait_frames(0)
     assert len(waits) == 2                 # nothing to run: no wait
-    with pytest.raises(ValueError):
-        gpu.frames(faces.astype(np.float32))
-    with pytest.raises(ValueError):
-        gpu.frames(np.zeros((33, 8, 8, 3), np.uint8))   # past the largest bucket
+    for bad in (lambda: gpu.wait_frames(-1), lambda: gpu.whisper(-1),
+                lambda: gpu.wait_frames(33)):  # past the largest bucket
+        with pytest.raises(ValueError):
+            bad()
 
 
 # --- simulation: 16 sessions on the H100 table ---------------------------------------------------

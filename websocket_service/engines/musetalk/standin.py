@@ -3,7 +3,7 @@
 It exists to prove the host side (log-mel, windows, scheduler, inference process, shared memory,
 blending, encoding, playout) at full load on a machine without a GPU, and for capacity planning:
 every whisper-encoder call and every UNet + decoder batch takes the time the cost table gives
-for its size, and the frames come back as the faces sent in (the reference face), so nothing
+for its size, and the core returns the avatar's own face crops (the reference face), so nothing
 here is inference. ``/health`` reports it so it is never mistaken for the real engine.
 
 The wait is a ``sleep``: like a host thread blocked on a CUDA event, it releases the GIL, so
@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-
-import numpy as np
 
 from .schedule import CostModel
 
@@ -44,15 +42,3 @@ class StandIn:
             raise ValueError(f"n must be >= 0, got {n}")
         if n:
             self._sleep(self.cost.frames_s(n))
-
-    def frames(self, faces: np.ndarray) -> np.ndarray:
-        """One UNet + decoder batch: waits ``frames_s(len(faces))``, returns a copy of ``faces``.
-
-        ``faces``: [n, H, W, 3] uint8 (256x256 in the engine); a copy because the caller may
-        reuse its buffer while the result is still being read, as with a real output.
-        """
-        if faces.ndim != 4 or faces.shape[-1] != 3 or faces.dtype != np.uint8:
-            raise ValueError(f"faces must be [n, H, W, 3] uint8, got {faces.shape} {faces.dtype}")
-        if len(faces):
-            self._sleep(self.cost.frames_s(len(faces)))
-        return faces.copy()

@@ -37,17 +37,6 @@ class _Job:
     future: Future
 
 
-def _split(slots: list[FrameSlot], bases: list[BaseFrame]
-           ) -> list[tuple[list[FrameSlot], list[BaseFrame]]]:
-    """The slots and bases of each job :meth:`MuseTalkStream._jobs` makes, in its order."""
-    out = []
-    for _, group in itertools.groupby(zip(slots, bases, strict=True),
-                                      key=lambda p: p[0].utterance_id):
-        items = list(group)
-        out.append(([s for s, _ in items], [b for _, b in items]))
-    return out
-
-
 def blend(image: np.ndarray, face: np.ndarray, box: np.ndarray, mask: np.ndarray) -> np.ndarray:
     """``face`` resized into ``box`` and alpha-composited with ``mask``; exact where mask is 0.
 
@@ -194,10 +183,9 @@ class MuseTalkStream(LipSyncStream):
             try:
                 if runner is None:
                     raise ProcessingError("MuseTalk engine is closed")
-                for (meta, pcm), part in zip(self._jobs(slots, bases), _split(slots, bases),
-                                             strict=True):
-                    job = _Job(*part, runner.submit(meta, pcm, len(meta["frames"])))
-                    self._inflight.append(job)
+                for meta, pcm, part_slots, part_bases in self._jobs(slots, bases):
+                    future = runner.submit(meta, pcm, len(part_slots))
+                    self._inflight.append(_Job(part_slots, part_bases, future))
             except Exception as exc:  # noqa: BLE001 - reported by the next render_next
                 self._error = exc
                 break
@@ -247,8 +235,9 @@ class MuseTalkStream(LipSyncStream):
                 for s, b, img in zip(slots, bases, images, strict=True)]
 
     def _jobs(self, slots: list[FrameSlot], bases: list[BaseFrame]
-              ) -> list[tuple[dict[str, Any], np.ndarray]]:
-        """Per hop of frames of one utterance: (meta, its fixed-length PCM window)."""
+              ) -> list[tuple[dict[str, Any], np.ndarray, list[FrameSlot], list[BaseFrame]]]:
+        """Per hop of frames of one utterance: (meta, its fixed-length PCM window, the hop's
+        slots, their base frames)."""
         jobs = []
         hop, length = self.engine.hop, self.engine.window_samples
         pairs = list(zip(slots, bases, strict=True))
@@ -264,7 +253,8 @@ class MuseTalkStream(LipSyncStream):
                         "offset": start // WHISPER_HOP,
                         "n_valid": -(-received // WHISPER_HOP) if ended else None,
                         "frames": frames}
-                jobs.append((meta, self.buf.window(uid, start, end)))
+                jobs.append((meta, self.buf.window(uid, start, end), [s for s, _ in part],
+                             [b for _, b in part]))
         return jobs
 
     def _blend_all(self, bases: list[BaseFrame], faces: list[np.ndarray]) -> list[np.ndarray]:
