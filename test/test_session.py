@@ -220,7 +220,7 @@ async def test_a_backlog_of_unrendered_audio_never_drops_the_only_queued_frame(s
     engine): a tick with one frame queued drops nothing and shows it (it used to drop it and
     then fail on the empty queue); only silent frames with another behind them go."""
     s, sink, clock = session
-    s.playout.audio_backlog = lambda: 640 * 10  # ten frames' audio waiting behind the queue
+    s.audio_backlog = lambda: 640 * 10  # ten frames' audio waiting behind the queue
     pcm = _talk_and_pause(wav("short_16k.wav"), 4)
     s.push_audio(pcm[:640 * 2])
     await render_ready(s)
@@ -335,7 +335,7 @@ async def test_an_engine_with_a_jitter_allowance_starts_the_utterance_that_late(
     utterance's start until its first frame's audio is that old, so that later frames keep
     their slots. The rest of the schedule is unchanged: one frame a tick, no underrun."""
     s, sink, clock = session
-    s.playout.speech_delay = lambda: 0.1  # the stream says: 100 ms after the audio arrived
+    s.speech_delay = lambda: 0.1  # the stream says: 100 ms after the audio arrived
     s.push_audio(wav("short_16k.wav"), end_of_speech=True)
     arrival = clock.t
     assert await render_ready(s) == 30

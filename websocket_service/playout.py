@@ -1,27 +1,34 @@
 """The playout: exactly one frame per period on absolute deadlines, speech when due, else the loop.
 
-Frame ``n`` is due at ``t0 + n * period`` on the session's clock. If the pacer falls more than
-``resync_after_frames`` behind, it skips ahead (counted) instead of bursting. Each tick takes
-the next speech frame when one is due (after a small prebuffer at an utterance's start),
-repeats the last speech picture on an underrun inside an utterance, and otherwise shows the
-idle loop or the action clip from the :class:`~.cursor.Cursor`. Speech that fell behind its
-schedule drops overdue frames past ``max_speech_lag_frames`` and silent frames below it.
+It paces with the one pacing rule (:class:`~.pacing.Pacer`: frame ``n`` due at ``t0 + n *
+period``; more than ``resync_after_frames`` behind, skip ahead, counted). Each tick takes the
+next speech frame when one is due (after a small prebuffer at an utterance's start), repeats
+the last speech picture on an underrun inside an utterance, and otherwise shows the idle loop
+or the action clip from the :class:`~.cursor.Cursor`. Speech that fell behind its schedule
+drops overdue frames past ``max_speech_lag_frames`` and silent frames below it.
+
+The session talks to it through methods (:meth:`Playout.await_speech`,
+:meth:`Playout.mark_legacy_action`, :meth:`Playout.attach_bridge`, ...); what the playout asks
+of the session is the small :class:`PlayoutHost` interface.
 """
 
 from __future__ import annotations
 
+import weakref
 from collections import deque
-from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 
+from .avatars.model import BaseFrame
 from .bridge import Bridge
 from .clock import Clock
 from .config import Settings
 from .cursor import Cursor, loop_period, resize_to
 from .engines.base import SpeechFrame
 from .events import SpeechEnded
+from .pacing import Pacer
 from .producer import SpeechQueue
 from .states import AvatarState
 from .stats import SessionStats
@@ -68,14 +75,39 @@ class _Playback:
     start_tick: int = 0  # the tick that showed frame 0: frame k is due at start_tick + k
 
 
+class PlayoutHost(Protocol):
+    """What the playout asks of the session that runs it (the session implements it)."""
+
+    def before_tick(self, now: float) -> None:
+        """Called first on every tick (the session ends an utterance whose audio stopped)."""
+
+    def speech_pending(self) -> bool:
+        """Whether the producer is drawing base frames for speech (rendering, or audio waits)."""
+
+    def audio_backlog(self) -> int:
+        """Samples of audio received and not rendered yet."""
+
+    def speech_delay(self) -> float:
+        """Seconds after its audio arrived that an utterance's first frame may start (an
+        engine that renders in batches delivers frames with its batch cycle's jitter)."""
+
+    def emit(self, frame: OutputFrame, ended: list[SpeechEnded]) -> None:
+        """Hand the tick's frame on, then the utterances it ended (SPEECH_ENDED)."""
+
+
 class Playout:
+    """One frame per tick, for the session that is its :class:`PlayoutHost`.
+
+    The playout is the one owner of the :class:`~.cursor.Cursor`: it advances it for every
+    loop or action frame it shows, and the producer draws the base frames it renders speech
+    on through :meth:`speech_base` (ahead of their ticks: speech is rendered in advance).
+    It holds its host weakly, so that a session nobody holds is freed at once; once the host
+    is gone the playout stops.
+    """
+
     def __init__(self, settings: Settings, fps: int, size: tuple[int, int], cursor: Cursor,
                  queue: SpeechQueue, clock: Clock, stats: SessionStats,
-                 emit: Callable[[OutputFrame, list[SpeechEnded]], None],
-                 before_tick: Callable[[float], None],
-                 speech_pending: Callable[[], bool],
-                 audio_backlog: Callable[[], int] = lambda: 0,
-                 speech_delay: Callable[[], float] = lambda: 0.0) -> None:
+                 host: PlayoutHost) -> None:
         self.settings = settings
         self.period = 1.0 / fps
         self.fps = fps
@@ -84,18 +116,12 @@ class Playout:
         self.queue = queue
         self.clock = clock
         self.stats = stats
-        self.emit = emit
-        self.before_tick = before_tick
-        self.speech_pending = speech_pending
-        self.audio_backlog = audio_backlog  # samples received and not rendered yet
-        #: seconds after its audio arrived that an utterance's first frame may start (an
-        #: engine that renders in batches delivers frames with its batch cycle's jitter)
-        self.speech_delay = speech_delay
+        self._host = weakref.ref(host)
         self.last: OutputFrame | None = None
         self.bridge: Bridge | None = None  # an external renderer's frames, when attached
         self.play = _Playback()
-        self.await_speech_until = 0.0  # STATE_CHANGE speaking: speaking frames before audio
-        self.legacy_action: str | None = None
+        self._await_speech_until = 0.0  # STATE_CHANGE speaking: speaking frames before audio
+        self._legacy_action: str | None = None
         #: the tick after the last utterance's last frame was due, while its successor may
         #: follow on the very next tick (see :meth:`_next_speech`)
         self._follow_due: int | None = None
@@ -104,33 +130,52 @@ class Playout:
         self._depths: deque[int] = deque(maxlen=STANDING_TICKS)
 
     async def run(self) -> None:
-        period = self.period
-        t0 = self.clock.now()
-        n = 0
-        while True:
-            deadline = t0 + n * period
-            await self.clock.sleep_until(deadline)
-            late = self.clock.now() - deadline
-            if late > self.settings.resync_after_frames * period:
-                skip = int(late // period)
-                n += skip
-                self.stats.skipped_frames += skip
+        pacer = Pacer(self.clock, self.fps, self.settings.resync_after_frames)
+        while self._host() is not None:
+            n, skipped = await pacer.next()
+            if skipped:
+                self.stats.frames_skipped(skipped)
             self.tick(n)
-            n += 1
 
     def tick(self, n: int) -> None:
+        """Show frame ``n`` (due now): compose it and hand it to the host."""
+        host = self._host()
+        if host is None:
+            return
         now = self.clock.now()
-        self.before_tick(now)
+        host.before_tick(now)
         ended: list[SpeechEnded] = []
-        frame = self._compose(n, now, ended)
+        frame = self._compose(host, n, now, ended)
         self.last = frame
         self.stats.frame_emitted(now)
-        self.emit(frame, ended)
+        host.emit(frame, ended)
+
+    # ------------------------------------------------------------------ the session's requests
+    def await_speech(self, until: float) -> None:
+        """Show speaking frames (of the speech base) before any audio, until ``until``
+        (STATE_CHANGE speaking); 0: stop waiting (audio came)."""
+        self._await_speech_until = until
+
+    def mark_legacy_action(self, clip: str) -> None:
+        """The action ``clip`` was started in the v1.0 form: its frames say so
+        (:attr:`OutputFrame.legacy_action`, sent as ACTION_FRAME) until it ends."""
+        self._legacy_action = clip
+
+    def attach_bridge(self, bridge: Bridge | None) -> None:
+        """Show ``bridge``'s frames instead of the session's own while it has any; None:
+        detach it."""
+        self.bridge = bridge
+
+    def speech_base(self) -> BaseFrame:
+        """The next base frame to render speech on, drawn by the producer ahead of its tick
+        (counted in :attr:`SpeechQueue.drawn` until that frame is shown or dropped)."""
+        self.queue.drawn += 1
+        return self.cursor.next(speech=True)
 
     def interrupted(self) -> SpeechEnded | None:
         """Forget the utterance in play; its SPEECH_ENDED (interrupted) if there was one."""
         p, self.play = self.play, _Playback()
-        self.await_speech_until = 0.0
+        self._await_speech_until = 0.0
         self._follow_due = None
         self._depths.clear()
         if p.utterance_id is None:
@@ -138,7 +183,7 @@ class Playout:
         return SpeechEnded(p.utterance_id, p.frames, p.skipped, interrupted=True)
 
     # ------------------------------------------------------------------ speech
-    def _next_speech(self, n: int, now: float) -> SpeechFrame | None:
+    def _next_speech(self, host: PlayoutHost, n: int, now: float) -> SpeechFrame | None:
         q = self.queue.frames
         if not q:
             return None
@@ -150,7 +195,7 @@ class Playout:
                 return None
             # and start it no earlier than its audio's arrival plus the engine's jitter
             # allowance: later frames then keep their slots although they come in bursts
-            delay = self.speech_delay()
+            delay = host.speech_delay()
             if delay > 0 and head.audio_arrival is not None and self._follow_due is None \
                     and now < head.audio_arrival + delay:
                 return None
@@ -163,7 +208,7 @@ class Playout:
         else:
             self._drop_late(n)
             if self.settings.catch_up_in_pauses:
-                self._trim_standing_backlog()
+                self._trim_standing_backlog(host)
         return self.queue.popleft()
 
     def _droppable(self) -> bool:
@@ -174,7 +219,7 @@ class Playout:
     def _skip_head(self) -> None:
         self.queue.popleft()
         self.play.skipped += 1
-        self.stats.speech_frames_skipped += 1
+        self.stats.speech_frame_dropped()
 
     def _drop_late(self, n: int) -> None:
         """Keep video within ``max_speech_lag_frames`` of the utterance's schedule.
@@ -194,7 +239,7 @@ class Playout:
                 break
             self._skip_head()
 
-    def _trim_standing_backlog(self) -> None:
+    def _trim_standing_backlog(self, host: PlayoutHost) -> None:
         """A live stream that burst after a stall (a client or network hiccup) leaves a backlog
         for good: audio keeps coming at the rate it plays, so frames queued (and audio waiting
         to be rendered) never drain, and every frame waits as long. Such a backlog *stands*:
@@ -203,9 +248,9 @@ class Playout:
         tick, down to ``STANDING_FRAMES`` (plus the engine's jitter allowance in frames)."""
         q = self.queue.frames
         depths = self._depths
-        depths.append(len(q) + self.audio_backlog() // SAMPLES_PER_FRAME)
+        depths.append(len(q) + host.audio_backlog() // SAMPLES_PER_FRAME)
         # the engine's jitter allowance is backlog it needs, not latency to trim
-        floor = STANDING_FRAMES + int(self.speech_delay() / self.period)
+        floor = STANDING_FRAMES + int(host.speech_delay() / self.period)
         if len(depths) < STANDING_TICKS or min(depths) <= floor:
             return
         if max(depths) - min(depths) > STANDING_SLACK:
@@ -216,30 +261,31 @@ class Playout:
         self._depths = deque((d - 1 for d in depths), maxlen=STANDING_TICKS)
 
     # ------------------------------------------------------------------ composing
-    def _compose(self, n: int, now: float, ended: list[SpeechEnded]) -> OutputFrame:
+    def _compose(self, host: PlayoutHost, n: int, now: float,
+                 ended: list[SpeechEnded]) -> OutputFrame:
         ts = int(round(n * 1000 / self.fps))
         if self.bridge is not None and (got := self.bridge.take(now)) is not None:
             img, pcm, speaking = got
             state = AvatarState.SPEAKING if speaking else AvatarState.IDLE
             return OutputFrame(n, ts, state, resize_to(img, self.width, self.height), pcm,
                                "bridge", created=now)
-        sf = self._next_speech(n, now)
+        sf = self._next_speech(host, n, now)
         if sf is not None:
             return self._speech_output(sf, n, ts, now, ended)
         self._follow_due = None  # a frame that is not speech: the next utterance starts afresh
         self._depths.clear()
         last = self.play.last
         if last is not None:  # underrun in the middle of an utterance: hold the last picture
-            self.stats.underruns += 1
+            self.stats.underrun()
             return OutputFrame(n, ts, last.state, last.image, SILENCE, last.clip, last.action,
                                last.progress, created=now, legacy_action=last.legacy_action)
-        if self.cursor.action is not None and self.last is not None and self.speech_pending():
+        if self.cursor.action is not None and self.last is not None and host.speech_pending():
             # the producer is drawing this action's next frames for speech: hold the picture
             # rather than advance the clip here and show its frames out of order
             last = self.last
             return OutputFrame(n, ts, last.state, last.image, SILENCE, last.clip, last.action,
                                last.progress, created=now, legacy_action=last.legacy_action)
-        speaking = now < self.await_speech_until
+        speaking = now < self._await_speech_until
         base = self.cursor.next(speech=speaking)
         if base.action is not None:
             state = AvatarState.ACTION
@@ -256,9 +302,9 @@ class Playout:
                            loop_pos=pos)
 
     def _legacy(self, action: str | None, progress: float) -> bool:
-        legacy = action is not None and action == self.legacy_action
+        legacy = action is not None and action == self._legacy_action
         if legacy and progress >= 1.0:
-            self.legacy_action = None
+            self._legacy_action = None
         return legacy
 
     def _speech_output(self, sf: SpeechFrame, n: int, ts: int, now: float,
@@ -266,7 +312,7 @@ class Playout:
         img = resize_to(sf.image, self.width, self.height)
         self.play.utterance_id = sf.utterance_id
         self.play.frames += 1
-        self.stats.speech_frames += 1
+        self.stats.speech_frame_shown()
         base = sf.base
         action = base.action if base is not None else None
         progress = base.progress if base is not None else 0.0

@@ -28,7 +28,9 @@ class SpeechQueue:
         self.cap = cap
         self.frames: deque[SpeechFrame] = deque()
         self.epoch = 0
-        self.drawn = 0  # base frames taken for speech and not yet shown (or dropped)
+        #: base frames drawn for speech (:meth:`~.playout.Playout.speech_base`) and not yet
+        #: shown (or dropped)
+        self.drawn = 0
         self.space = asyncio.Event()
         self.space.set()
 
@@ -54,19 +56,21 @@ class SpeechQueue:
 
 
 class Producer:
+    """Renders speech while there is room on the queue.
+
+    ``take_base`` hands out the base frame each speech frame is drawn on: the playout's
+    :meth:`~.playout.Playout.speech_base`, so the playout stays the cursor's one owner.
+    """
+
     def __init__(self, stream: LipSyncStream, queue: SpeechQueue,
                  take_base: Callable[[], BaseFrame], clock: Clock, stats: SessionStats,
                  on_failure: Callable[[ServiceError], None]) -> None:
         self.stream = stream
         self.queue = queue
-        self._take_base = take_base
+        self.take_base = take_base
         self.clock = clock
         self.stats = stats
         self.on_failure = on_failure
-
-    def take_base(self) -> BaseFrame:
-        self.queue.drawn += 1
-        return self._take_base()
 
     async def run(self) -> None:
         q = self.queue
@@ -80,7 +84,7 @@ class Producer:
                 raise
             except Exception as exc:  # noqa: BLE001 - one bad render must not end the session
                 log.exception("rendering failed", exc_info=exc)
-                self.stats.render_errors += 1
+                self.stats.render_failed()
                 self.on_failure(exc if isinstance(exc, ServiceError)
                                 else ProcessingError("rendering failed; speech dropped"))
                 continue

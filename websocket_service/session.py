@@ -4,7 +4,8 @@ The work is split three ways:
 
 * :class:`~.producer.Producer` turns audio into rendered speech frames (engine stream) on a
   bounded :class:`~.producer.SpeechQueue`;
-* :class:`~.playout.Playout` emits exactly one frame per period on absolute deadlines;
+* :class:`~.playout.Playout` emits exactly one frame per period on absolute deadlines; the
+  session is its :class:`~.playout.PlayoutHost` and asks things of it through methods;
 * this module takes the client's requests (audio, state changes, actions, interrupts), owns
   the state machine and the one rule for where an utterance ends, and hands every frame and
   event to the attached sinks (WebSocket, WebRTC), each with its own bounded drop policy.
@@ -17,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -46,13 +46,14 @@ AWAIT_SPEECH_S = 2.0
 _P = ParamSpec("_P")
 
 
-def _weakly(method: Callable[_P, None] | Callable[_P, bool]) -> Callable[_P, Any]:
+def _weakly(method: Callable[_P, None]) -> Callable[_P, None]:
     """``method`` without a strong reference to its object (a no-op once it is gone)."""
     ref = weakref.WeakMethod(method)
 
-    def call(*args: _P.args, **kwargs: _P.kwargs) -> Any:
+    def call(*args: _P.args, **kwargs: _P.kwargs) -> None:
         bound = ref()
-        return None if bound is None else bound(*args, **kwargs)
+        if bound is not None:
+            bound(*args, **kwargs)
 
     return call
 
@@ -84,8 +85,8 @@ class _SpeechInput:
     """Audio in, and the one rule for where an utterance ends: the client says so (END_OF_SPEECH,
     ``end_of_speech`` on GENERATE) or no audio came for ``speech_gap_ms``.
 
-    It holds what it uses, not the session: the playout calls :meth:`end_if_quiet`, so a
-    reference back to the session would make a reference cycle."""
+    It holds what it uses, not the session (no reference cycle); the session calls
+    :meth:`end_if_quiet` before every tick."""
 
     def __init__(self, settings: Settings, stream: LipSyncStream, stats: SessionStats,
                  clock: Clock) -> None:
@@ -95,12 +96,12 @@ class _SpeechInput:
     def push(self, pcm: np.ndarray, end: bool) -> None:
         limit = int(self.settings.max_buffered_audio_s * SAMPLE_RATE)
         if self.stream.buffered_samples() + len(pcm) > limit:
-            self.stats.audio_rejected_chunks += 1
+            self.stats.audio_rejected()
             raise RateLimitExceeded(
                 f"more than {self.settings.max_buffered_audio_s:g} s of audio is waiting to be "
                 "rendered; send audio no faster than it can be played", {"dropped_samples": len(pcm)})
         self.stream.push_audio(pcm)
-        self.stats.audio_samples += len(pcm)
+        self.stats.audio_received(len(pcm))
         self.last_audio = self.clock.now()
         if end:
             self.end()
@@ -135,16 +136,12 @@ class Session:
         self.sinks: list[SessionSink] = []
         self.queue = SpeechQueue(self.settings.speech_queue_frames)
         self.speech = _SpeechInput(self.settings, self.stream, self.stats, self.clock)
-        # the parts call back into the session weakly, so that a closed session is freed by
-        # reference counting at once instead of waiting, with its stream and images, for a
-        # full garbage collection
+        # the parts hold the session weakly, so that a closed session is freed by reference
+        # counting at once instead of waiting, with its stream and images, for a full garbage
+        # collection
         self.playout = Playout(self.settings, self.video.fps, (self.video.width, self.video.height),
-                               self.cursor, self.queue, self.clock, self.stats,
-                               _weakly(self._emit), self.speech.end_if_quiet,
-                               _weakly(self._speech_pending), self.stream.buffered_samples,
-                               self.stream.speech_delay)
-        self.producer = Producer(self.stream, self.queue,
-                                 functools.partial(self.cursor.next, speech=True), self.clock,
+                               self.cursor, self.queue, self.clock, self.stats, self)
+        self.producer = Producer(self.stream, self.queue, self.playout.speech_base, self.clock,
                                  self.stats, _weakly(self._render_failed))
         self.mic = AudioTap()  # audio a WebRTC peer sends in, for applications (ASR)
         self._tasks: list[asyncio.Task[None]] = []
@@ -188,7 +185,7 @@ class Session:
     # ------------------------------------------------------------------ client requests
     def push_audio(self, pcm: np.ndarray, end_of_speech: bool = False) -> None:
         self.speech.push(pcm, end_of_speech)
-        self.playout.await_speech_until = 0.0  # audio came: no more waiting for it
+        self.playout.await_speech(0.0)  # audio came: no more waiting for it
 
     def end_of_speech(self) -> None:
         self.speech.end()
@@ -205,7 +202,7 @@ class Session:
         ended = self.playout.interrupted()
         if ended is not None:
             self._event(ended)
-        self.stats.interrupts += 1
+        self.stats.interrupted()
 
     def change_state(self, target: AvatarState, base_video: str | None = None) -> None:
         """A client's STATE_CHANGE: ``base_video`` is the idle loop for ``idle`` and the base
@@ -221,7 +218,7 @@ class Session:
             self.interrupt()
             self._move(AvatarState.IDLE)
         elif target is AvatarState.SPEAKING and current is AvatarState.IDLE:
-            self.playout.await_speech_until = self.clock.now() + AWAIT_SPEECH_S
+            self.playout.await_speech(self.clock.now() + AWAIT_SPEECH_S)
             self._move(AvatarState.SPEAKING)
         else:  # already there: confirm (with the base video now in use)
             self._event(StateChanged(current, current, self._clip_for(current)))
@@ -232,8 +229,8 @@ class Session:
         frames go out as ACTION_FRAME. With ``pcm``, that audio is lip-synced over the clip."""
         clip = self.cursor.start_action(name)
         if legacy:
-            self.playout.legacy_action = clip
-        self.stats.actions += 1
+            self.playout.mark_legacy_action(clip)
+        self.stats.action_started()
         if pcm is not None:
             self.push_audio(pcm, end_of_speech=True)
         return ActionTriggered(clip, len(self.avatar.clip(clip)))
@@ -243,15 +240,29 @@ class Session:
         if self.playout.bridge is not None:
             raise InvalidSession("this session already has a media bridge",
                                  {"session_id": self.session_id})
-        self.playout.bridge = Bridge(self.video.width, self.video.height, fmt)
-        return self.playout.bridge
+        bridge = Bridge(self.video.width, self.video.height, fmt)
+        self.playout.attach_bridge(bridge)
+        return bridge
 
     def close_bridge(self, bridge: Bridge) -> None:
         if self.playout.bridge is bridge:
-            self.playout.bridge = None
+            self.playout.attach_bridge(None)
 
-    # ------------------------------------------------------------------ frames and state
-    def _emit(self, frame: OutputFrame, after: list[SpeechEnded]) -> None:
+    # ------------------------------------------------------------------ the playout's host
+    def before_tick(self, now: float) -> None:
+        self.speech.end_if_quiet(now)
+
+    def speech_pending(self) -> bool:
+        return self.queue.drawn > 0 or self.stream.buffered_samples() > 0
+
+    def audio_backlog(self) -> int:
+        return self.stream.buffered_samples()
+
+    def speech_delay(self) -> float:
+        return self.stream.speech_delay()
+
+    def emit(self, frame: OutputFrame, after: list[SpeechEnded]) -> None:
+        """The playout's frame of this tick to every sink, then the SPEECH_ENDED it brought."""
         self._move(frame.state, frame.clip)
         for sink in list(self.sinks):
             sink.on_frame(frame)
@@ -261,7 +272,7 @@ class Session:
     def _move(self, target: AvatarState, clip: str = "") -> None:
         change = self.machine.move(target)
         if change is not None:
-            self.stats.state_changes += 1
+            self.stats.state_changed()
             self._event(StateChanged(change.previous, change.current,
                                      clip or self._clip_for(change.current)))
 
@@ -269,9 +280,6 @@ class Session:
         if state is AvatarState.ACTION and self.cursor.action is not None:
             return self.cursor.action.name
         return self.cursor.speaking_clip if state is AvatarState.SPEAKING else self.cursor.base_video
-
-    def _speech_pending(self) -> bool:
-        return self.queue.drawn > 0 or self.stream.buffered_samples() > 0
 
     def _render_failed(self, err: ServiceError) -> None:
         self.interrupt()
