@@ -21,8 +21,9 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from test.churn_support import churn, rss_mb, snapshot, wait_idle
+from test.churn_support import churn, snapshot, wait_idle
 from test.live_server import LiveServer, free_port
+from test.support import rss_mb
 from websocket_service.config import Settings
 
 

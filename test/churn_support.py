@@ -195,11 +195,3 @@ def snapshot(server: LiveServer) -> dict[str, Any]:
     return {"tasks": server_tasks(server), "threads": threading.active_count(),
             "fds": len(os.listdir("/proc/self/fd")), "objects": live_objects(),
             "sessions": len(server.services.sessions.sessions)}
-
-
-def rss_mb() -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return 0.0

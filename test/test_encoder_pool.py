@@ -182,9 +182,8 @@ async def test_websocket_stream_through_the_pool(make_server):
     server = make_server(encoder_processes=2)
     client, reply = await Client.connect(server.ws)
     assert reply["type"] == "INIT_SUCCESS"
-    await client.recv_for(1.2)
-    frames = client.frames
-    assert len(frames) >= 25 and frames[0]["keyframe"]
+    frames = await client.recv_frames(26, timeout=30)
+    assert frames[0]["keyframe"]
     assert [f["frame_index"] for f in frames if f["keyframe"]][:2] == [0, 25]
     assert len(client.images) == len(frames)  # every frame decoded
     conn_encoders = list(server.services.encoders._handles)

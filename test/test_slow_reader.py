@@ -4,21 +4,13 @@ from __future__ import annotations
 
 import json
 import socket
-import time
 import uuid
 from typing import Any
 
 import pytest
 
+from .support import rss_mb, wait_until
 from .wsclient import raw_ws_client
-
-
-def rss_mb() -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    raise RuntimeError("no VmRSS")
 
 
 def non_reading_socket(port: int, path: str, message: dict[str, Any]) -> socket.socket:
@@ -42,9 +34,16 @@ def open_non_reading_client(port: int, user_id: str) -> socket.socket:
 def test_non_reading_clients_keep_memory_bounded(make_server, clients):
     server = make_server(send_queue_frames=8)
     socks = [open_non_reading_client(server.settings.port, f"slow{i}") for i in range(clients)]
-    time.sleep(2.0)
+
+    def emitted_by_all(n: int) -> bool:
+        info = server.get("/sessions").json()
+        return info["count"] == clients and all(s["frames_emitted"] >= n for s in info["sessions"])
+
+    wait_until(lambda: emitted_by_all(50), 30, "50 frames emitted to each client")
     base = rss_mb()
-    time.sleep(6.0)  # 150 frames each: 15 MB encoded, 450 MB raw, if nothing were dropped
+    # 150 more frames each: 15 MB encoded, 450 MB raw, if nothing were dropped; the pacer never
+    # waits for the reader, so they are emitted however little the clients read
+    wait_until(lambda: emitted_by_all(200), 60, "200 frames emitted to each client")
     growth = rss_mb() - base
     info = server.get("/sessions").json()
     assert info["count"] == clients
@@ -55,7 +54,4 @@ def test_non_reading_clients_keep_memory_bounded(make_server, clients):
     assert growth < 40, f"server memory grew {growth:.1f} MB"
     for s in socks:
         s.close()
-    deadline = time.monotonic() + 10
-    while server.get("/sessions").json()["count"] and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert server.get("/sessions").json()["count"] == 0
+    wait_until(lambda: server.get("/sessions").json()["count"] == 0, 10, "the sessions to end")

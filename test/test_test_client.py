@@ -32,7 +32,7 @@ def test_client_streams_short_wav_and_writes_mp4(server: str, tmp_path: Path,
     summary = json.loads(capsys.readouterr().out)
     assert code == 0, summary
     assert summary["speaking_frames"] == 30 == summary["expected_speaking_frames"]
-    assert 23 <= summary["fps"] <= 27
+    assert summary["index_gaps"] == 0  # every frame of the paced stream, in order
     assert summary["decode_errors"] == 0
     assert summary["frames_decoded"] == summary["frames_received"]
     assert summary["latency_ms"]["samples"] == 30
@@ -40,7 +40,7 @@ def test_client_streams_short_wav_and_writes_mp4(server: str, tmp_path: Path,
     with av.open(str(out)) as container:
         assert container.streams.audio, "no audio stream in the MP4"
         frames = sum(1 for _ in container.decode(video=0))
-    assert frames >= 40
+    assert frames >= summary["speaking_frames"]
 
 
 def test_client_reconnects_when_its_session_is_lost(make_server: Callable[..., LiveServer],

@@ -20,9 +20,7 @@ async def test_idle_stream_is_25fps_and_every_frame_decodes(server):
     assert reply["model_loaded"] is True
     clips = {v["name"]: (v["clip"], v["kind"]) for v in reply["videos"]}
     assert clips["idle_1"] == ("listening", "idle") and clips["action_1"] == ("nod", "action")
-    while len(client.frames) < 100:
-        await client.recv_for(0.2)
-    frames = client.frames[:100]
+    frames = await client.recv_frames(100, timeout=30)
     # pacing: consecutive indices, timestamps exactly 40 ms apart (arrival times: bench/)
     idx = [f["frame_index"] for f in frames]
     assert idx == list(range(idx[0], idx[0] + len(idx))), "frames skipped or reordered"
@@ -43,11 +41,11 @@ async def test_idle_stream_is_25fps_and_every_frame_decodes(server):
 async def test_speaking_frames_match_audio_and_return_to_idle(server):
     pcm = read_wav(FIXTURES / "short_16k.wav")  # 1.2 s -> 30 frames
     client, _ = await Client.connect(server.ws)
-    await client.recv_for(0.5)
+    await client.recv_frames(12)  # idle first
     await client.stream_audio(pcm)
     ended = await client.recv_until(lambda m: m["type"] == "SPEECH_ENDED")
     await client.recv_until(lambda m: m["type"] == "STATE_CHANGED" and m["current_state"] == "idle")
-    await client.recv_for(0.3)
+    await client.recv_frames(8)  # the frames after the change
     speaking = client.speaking()
     assert len(speaking) == len(pcm) // 1280 == 30
     assert ended["frames"] == 30 and not ended["interrupted"]
@@ -95,12 +93,12 @@ async def test_interrupt_stops_speech_at_once(server):
     client, _ = await Client.connect(server.ws)
     await client.stream_audio(pcm, realtime=False, chunk=32000, end=False)
     await client.recv_until(lambda m: m["type"] == "STATE_CHANGED" and m["current_state"] == "speaking")
-    await client.recv_for(0.4)
+    await client.recv_frames(10)  # well into the speech
     await client.msg("INTERRUPT")
     ended = await client.recv_until(lambda m: m["type"] == "SPEECH_ENDED")
     assert ended["interrupted"]
     n_at_interrupt = len(client.speaking())
-    await client.recv_for(0.5)
+    await client.recv_frames(12)  # half a second of stream after the interrupt
     assert len(client.speaking()) <= n_at_interrupt + 1
     assert len(client.speaking()) < 100
     assert client.frames[-1]["state"] == "idle"
@@ -109,11 +107,11 @@ async def test_interrupt_stops_speech_at_once(server):
 
 async def test_action_splices_clip_with_progress_and_returns(server):
     client, reply = await Client.connect(server.ws)
-    await client.recv_for(0.3)
+    await client.recv_frames(8)
     await client.msg("ACTION", action_type="nod")  # v1.0 form, by the clip's own name
     await client.recv_until(lambda m: m["type"] == "STATE_CHANGED" and m["current_state"] == "action")
     await client.recv_until(lambda m: m["type"] == "STATE_CHANGED" and m["previous_state"] == "action")
-    await client.recv_for(0.2)
+    await client.recv_frames(5)  # the frames after the clip
     acts = [f for f in client.frames if f["type"] == "ACTION_FRAME"]
     assert len(acts) == 25  # the nod clip's length
     prog = [f["action_progress"] for f in acts]
@@ -145,12 +143,12 @@ async def test_action_with_audio_is_lip_synced(server):
 async def test_base_video_switch(server):
     client, reply = await Client.connect(server.ws, video_config={"base_video": "listening"})
     assert reply["default_video"] == "idle_1"
-    await client.recv_for(0.2)
+    await client.recv_frames(5)
     assert client.frames[-1]["base_video"] == "idle_1"
     await client.msg("STATE_CHANGE", target_state="idle", base_video="idle_0")
     ev = await client.recv_until(lambda m: m["type"] == "STATE_CHANGED")
     assert ev["current_video"] == "idle_0" and ev["current_state"] == "idle"
-    await client.recv_for(0.2)
+    await client.recv_frames(5)  # the frames after the change
     assert client.frames[-1]["base_video"] == "idle_0"
     await client.close()
 
@@ -159,14 +157,14 @@ async def test_output_size_from_video_config(server):
     client, reply = await Client.connect(server.ws, video_config={"resolution": "256x320",
                                                                   "fps": 25})
     assert reply["video_config"]["resolution"] == "256x320"
-    await client.recv_for(0.5)
+    await client.recv_frames(1)
     assert client.images[0].shape == (320, 256, 3)
     await client.close()
 
 
 async def test_disconnect_frees_the_session(server):
     client, _ = await Client.connect(server.ws)
-    await client.recv_for(0.3)
+    await client.recv_frames(1)
     assert server.get("/sessions").json()["count"] == 1
     client.ws.transport.abort()  # vanish without a closing handshake
     for _ in range(50):

@@ -12,6 +12,7 @@ import json
 import socket
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -61,6 +62,7 @@ class Client:
         self.arrivals: list[float] = []
         self.decoder = av.CodecContext.create("h264", "r")
         self.decode = True
+        self._pings = 0
 
     @classmethod
     async def connect(cls, base: str, user_id: str = "u1", init: bool = True,
@@ -92,25 +94,59 @@ class Client:
             self.events.append(m)
         return m
 
-    async def recv_for(self, seconds: float) -> None:
-        end = time.monotonic() + seconds
+    async def _recv_until_msg(self, stop: Callable[[dict[str, Any]], bool], timeout: float,
+                              what: str) -> dict[str, Any]:
+        """Receive (recording every message) until ``stop(message)``; that message."""
+        end = time.monotonic() + timeout
         while (left := end - time.monotonic()) > 0:
+            try:
+                raw = await asyncio.wait_for(self.ws.recv(), left)
+            except TimeoutError:
+                break
+            m = self._take(json.loads(raw))
+            if stop(m):
+                return m
+        raise TimeoutError(f"no {what} within {timeout} s; {len(self.frames)} frames, "
+                           f"events: {self.events[-5:]}")
+
+    async def recv_until(self, pred: Any, timeout: float = 10.0) -> dict[str, Any]:
+        """Receive until an event satisfying ``pred`` arrives; return it."""
+        return await self._recv_until_msg(
+            lambda m: m["type"] not in FRAME_TYPES and pred(m), timeout, "matching message")
+
+    async def recv_frame(self, pred: Callable[[dict[str, Any]], bool] = lambda f: True,
+                         timeout: float = 10.0) -> dict[str, Any]:
+        """Receive until a frame satisfying ``pred`` arrives; return it."""
+        return await self._recv_until_msg(
+            lambda m: m["type"] in FRAME_TYPES and pred(m), timeout, "matching frame")
+
+    async def recv_frames(self, n: int, timeout: float = 10.0) -> list[dict[str, Any]]:
+        """Receive until ``n`` more frames have arrived; those frames (in order)."""
+        start = len(self.frames)
+        if n > 0:
+            await self._recv_until_msg(lambda m: len(self.frames) >= start + n, timeout,
+                                       f"{n} frames")
+        return self.frames[start : start + n]
+
+    async def sync(self, timeout: float = 10.0) -> dict[str, Any]:
+        """PING and receive until its PONG: the server handled every message sent before (an
+        ERROR that one of them caused has been received by now). Frames are not ordered with
+        the PONG (control overtakes media): for them wait on frames (``recv_frames``)."""
+        self._pings += 1
+        t = self._pings
+        await self.msg("PING", t=t)
+        return await self.recv_until(lambda m: m["type"] == "PONG" and m["t"] == t, timeout)
+
+    async def recv_until_time(self, deadline: float) -> None:
+        """Receive until the monotonic clock reaches ``deadline``. Only for pacing what the test
+        itself sends in real time (audio, pushed frames); a result is waited for with
+        ``recv_until``/``recv_frame``/``recv_frames``/``sync``, never for a fixed time."""
+        while (left := deadline - time.monotonic()) > 0:
             try:
                 raw = await asyncio.wait_for(self.ws.recv(), left)
             except TimeoutError:
                 return
             self._take(json.loads(raw))
-
-    async def recv_until(self, pred: Any, timeout: float = 10.0) -> dict[str, Any]:
-        """Receive until an event satisfying ``pred`` arrives; return it."""
-        end = time.monotonic() + timeout
-        while True:
-            left = end - time.monotonic()
-            if left <= 0:
-                raise TimeoutError(f"no matching message within {timeout} s; events: {self.events[-5:]}")
-            m = self._take(json.loads(await asyncio.wait_for(self.ws.recv(), left)))
-            if m["type"] not in FRAME_TYPES and pred(m):
-                return m
 
     async def error(self, timeout: float = 5.0) -> dict[str, Any]:
         return await self.recv_until(lambda m: m["type"] == "ERROR", timeout)
@@ -122,7 +158,7 @@ class Client:
         for k, i in enumerate(range(0, len(pcm), chunk)):
             await self.send(chunk_msg(self.session_id, pcm[i : i + chunk]))
             if realtime:
-                await self.recv_for(t0 + (k + 1) * chunk / 32000.0 - time.monotonic())
+                await self.recv_until_time(t0 + (k + 1) * chunk / 32000.0)
         if end:
             await self.msg("END_OF_SPEECH")
 
