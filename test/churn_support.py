@@ -17,6 +17,7 @@ from typing import Any
 import httpx
 
 from websocket_service.engines.geometric.stream import GeometricStream
+from websocket_service.feed import Outbox, SessionFeed
 from websocket_service.media.encoder import H264Encoder
 from websocket_service.media.encoder_pool import InProcessEncoder
 from websocket_service.playout import Playout
@@ -28,7 +29,6 @@ from websocket_service.transports.rtc_tracks import SessionAudioTrack, SessionVi
 from websocket_service.transports.signaling import SignalingConnection
 from websocket_service.transports.webrtc import RtcPeer, RtcSink
 from websocket_service.transports.websocket import Connection
-from websocket_service.feed import Outbox, SessionFeed
 
 from .live_server import LiveServer
 from .rtc_client import ClientPeer

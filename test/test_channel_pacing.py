@@ -29,6 +29,16 @@ def test_items_that_are_not_droppable_are_never_dropped_nor_counted():
     assert q.waiting == 0
 
 
+def test_peek_shows_the_oldest_item_and_leaves_it():
+    q: DropOldest[str] = DropOldest(2, droppable=lambda s: s.startswith("f"))
+    with pytest.raises(IndexError):
+        q.peek()
+    for item in ("e1", "f1", "f2"):
+        q.put(item)
+    assert q.peek() == "e1" and len(q) == 3 and q.waiting == 2
+    assert q.get_nowait() == "e1" and q.peek() == "f1"
+
+
 def test_a_closed_channel_drains_then_says_closed():
     async def main():
         q: DropOldest[int] = DropOldest(4)

@@ -3,17 +3,16 @@
 from __future__ import annotations
 
 import asyncio
-import base64
 import time
 
 import av
 import numpy as np
 
+from websocket_service import feed as ws_feed
 from websocket_service.cursor import loop_period, pingpong
 from websocket_service.media.loops import LIVE_WHILE_BUILDING, LoopKey, encode_loop
 from websocket_service.playout import OutputFrame
 from websocket_service.states import AvatarState
-from websocket_service import feed as ws_feed
 from websocket_service.wire import frame_message
 
 from .conftest import FIXTURES
@@ -21,11 +20,11 @@ from .geometric_support import builtin
 from .wsclient import Client, read_wav
 
 
-def _decode(b64s: list[str]) -> list[np.ndarray]:
+def _decode(packets: list[bytes]) -> list[np.ndarray]:
     dec = av.CodecContext.create("h264", "r")
     out = []
-    for s in b64s:
-        pics = dec.decode(av.Packet(base64.b64decode(s)))
+    for s in packets:
+        pics = dec.decode(av.Packet(s))
         assert len(pics) == 1
         out.append(pics[0].to_ndarray(format="rgb24"))
     return out
@@ -41,7 +40,7 @@ def test_a_loop_is_one_pingpong_period_of_closed_gops():
     # clip frame of its position
     for start in (25, 75):
         order = [(start + i) % loop.period for i in range(2 * loop.period)]
-        pics = _decode([loop.b64[p] for p in order])
+        pics = _decode([loop.packets[p] for p in order])
         for p, pic in zip(order, pics, strict=True):
             want = np.asarray(av.VideoFrame.from_ndarray(frames[pingpong(p, len(frames))])
                               .reformat(256, 256).to_ndarray(format="rgb24"), int)

@@ -73,6 +73,10 @@ class DropOldest(Generic[T]):
             self._counted -= 1
         return item
 
+    def peek(self) -> T:
+        """The oldest item, left where it is; IndexError when empty."""
+        return self._items[0]
+
     async def get(self) -> T:
         """The oldest item, waiting for one; ChannelClosed once closed and empty."""
         while not self._items:

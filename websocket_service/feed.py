@@ -1,21 +1,29 @@
-"""Encode once, send to many: one feed per session, one outbox per WebSocket connection.
+"""Encode once, send to many: one feed per session, one outbox per reader.
 
-``SessionFeed`` is the session's WebSocket sink. It keeps the session's frames and events in
-order on a bounded queue (frames drop-oldest *before* encoding, counted; events never
-dropped), encodes each frame once (or copies it from a shared pre-encoded idle loop), turns
-it into its protocol message once, and hands the same text to every subscribed
-:class:`Outbox`: the owner's connection and any number of viewers. Adding a viewer adds no
-encode.
+``SessionFeed`` is the session's encoded output, for every transport. It keeps the session's
+frames and events in order on a :class:`~.channel.DropOldest` (frames drop-oldest *before*
+encoding, counted; events never dropped), encodes each frame once (or copies it from a shared
+pre-encoded idle loop) and hands the same :class:`Item` (the access unit as bytes, its keyframe
+flag and frame) to every subscribed :class:`Outbox` (the owner's WebSocket, viewers, a WebRTC
+peer's video track) and to every recorder. Adding a reader adds no encode.
 
-Each ``Outbox`` is one connection's bounded send queue. A reader that falls behind loses
-frames there, and then every frame up to the next keyframe (at most one GOP, one second),
-so what it does receive still decodes; it never slows the feed or the other readers.
-Events are never dropped. Whether a client reads is judged by its socket, not by how many
-replies wait: while ``REPLY_HIGH_WATER`` events wait for a connection, it reads no more of its
-client's messages (:meth:`Outbox.make_room`), so a client that floods and reads is slowed by
-TCP, never dropped; one that takes nothing from its socket for ``SEND_STALL_S`` meanwhile is
-not reading and is disconnected, and so is any whose events pile up past
-``MAX_PENDING_EVENTS`` (e.g. a viewer far behind its session's owner).
+Only a WebSocket reader needs the protocol's text. :attr:`Item.text` makes a frame's message
+(base64 and JSON, :func:`.wire.frame_message`) when a WebSocket outbox first sends it, once,
+and every other WebSocket reader of that item sends the same string: a session read only over
+WebRTC or only recorded never base64-encodes. A copied loop frame's text is put together from
+a template per (clip, state, keyframe) and its loop packet's base64, made once per loop packet
+for every session (:func:`_loop_b64`).
+
+Each ``Outbox`` is one reader's bounded send queue. A reader that falls behind loses frames
+there, and then every frame up to the next keyframe (at most one GOP, one second), so what it
+does receive still decodes; it never slows the feed or the other readers. Events are never
+dropped. Whether a client reads is judged by its socket, not by how many replies wait: while
+``REPLY_HIGH_WATER`` events wait for a connection, it reads no more of its client's messages
+(:meth:`Outbox.make_room`), so a client that floods and reads is slowed by TCP, never dropped;
+one that takes nothing from its socket for ``SEND_STALL_S`` meanwhile is not reading and is
+disconnected, and so is any whose events pile up past ``MAX_PENDING_EVENTS`` (e.g. a viewer far
+behind its session's owner). The module imports no transport: a WebSocket is anything with an
+async ``send_text`` (:class:`TextSocket`).
 """
 
 from __future__ import annotations
@@ -24,19 +32,21 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+import weakref
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any
+from functools import partial
+from typing import Any, Protocol
 
 import numpy as np
-from fastapi import WebSocket
 
+from .avatars.model import VideoNames
+from .channel import DropOldest
 from .errors import ProcessingError, ServiceError
 from .events import SessionEvent
 from .manager import Services
 from .media.encoder_pool import EncoderPool, InProcessEncoder, PoolEncoder, open_encoder
-from .media.loops import LoopCache, LoopKey
+from .media.loops import EncodedLoop, LoopCache, LoopKey
 from .media.recorder import Recorder
 from .playout import OutputFrame
 from .protocol import CloseAckData, ServerMessage
@@ -57,15 +67,39 @@ class Overflow(Exception):
     """The client is so far behind that even control events pile up."""
 
 
-@dataclass(frozen=True)
-class Item:
-    """One message for the wire, shared by every outbox that receives it."""
+class TextSocket(Protocol):
+    """What an :class:`Outbox` sends to: a WebSocket (Starlette's, for one)."""
 
-    text: str
-    frame: OutputFrame | None = None  # None: an event
-    keyframe: bool = False
-    is_error: bool = False
-    data: str = ""  # a frame's access unit, base64 (for recorders)
+    async def send_text(self, data: str) -> None: ...
+
+
+class Item:
+    """One message for the feed's readers, shared by every outbox that receives it.
+
+    An event carries its text. A frame carries its access unit (``data``, bytes, as the
+    encoder made it), keyframe flag and frame; its WebSocket text is made by ``make`` on the
+    first read of :attr:`text` and kept for the other readers (a frame is not changed once
+    emitted, so it is the text it would have been at once).
+    """
+
+    __slots__ = ("_make", "_text", "data", "frame", "is_error", "keyframe")
+
+    def __init__(self, text: str | None = None, frame: OutputFrame | None = None,
+                 keyframe: bool = False, *, is_error: bool = False, data: bytes = b"",
+                 make: Callable[[], str] | None = None) -> None:
+        self._text, self._make = text, make
+        self.frame = frame  # None: an event
+        self.keyframe = keyframe
+        self.is_error = is_error
+        self.data = data
+
+    @property
+    def text(self) -> str:
+        """The message as the WebSocket sends it (for a frame: made now if no reader has)."""
+        if self._text is None:
+            assert self._make is not None, "an item has its text or a way to make it"
+            self._text, self._make = self._make(), None
+        return self._text
 
 
 class Outbox:
@@ -120,7 +154,7 @@ class Outbox:
 
     def _drop(self) -> None:
         self.dropped += 1
-        self.session.stats.frames_dropped += 1
+        self.session.stats.frames_dropped_by_reader()
 
     def _shed(self) -> None:
         """Behind: drop every queued frame and wait for the next keyframe."""
@@ -150,7 +184,7 @@ class Outbox:
                 continue
             self._frames -= 1
             self.sent += 1
-            self.bytes += len(item.data) * 3 // 4
+            self.bytes += len(item.data)
             self.delays.append(self.session.clock.now() - item.frame.created)
             return item
 
@@ -160,7 +194,7 @@ class Outbox:
         self._finished = True
         self._wake.set()
 
-    async def run(self, ws: WebSocket) -> None:
+    async def run(self, ws: TextSocket) -> None:
         """Send until cancelled. Raises Overflow if events pile up past their bound."""
         s = self.session
         while True:
@@ -177,7 +211,8 @@ class Outbox:
                 self._frames -= 1
             else:
                 self._events -= 1
-                s.stats.errors_sent += item.is_error
+                if item.is_error:
+                    s.stats.error_sent()
             await ws.send_text(item.text)
             self._last_send = s.clock.now()
             self._moved.set()
@@ -202,7 +237,7 @@ class Outbox:
                 async with asyncio.timeout(stall_s - waited if self._items else stall_s):
                     await self._moved.wait()
 
-    async def drain(self, ws: WebSocket, timeout: float = 2.0) -> None:
+    async def drain(self, ws: TextSocket, timeout: float = 2.0) -> None:
         """Send the events still queued (frames are dropped), e.g. before closing."""
         events = [i for i in self._items if i.frame is None]
         self._items.clear()
@@ -213,7 +248,7 @@ class Outbox:
 
 
 class SessionFeed:
-    """The session's WebSocket output, encoded once for all its connections.
+    """The session's encoded output, once for all its readers (every transport's).
 
     Plain idle-loop frames come from the shared pre-encoded loop (``loops``) when it is ready:
     entered at one of its IDRs, left by forcing an IDR on the live encoder. A frame missing
@@ -235,13 +270,12 @@ class SessionFeed:
         self._copying: tuple[LoopKey, int] | None = None  # (loop, last position sent)
         self._live_ok: LoopKey | None = None  # may encode this loop's frames live while it builds
         self._waiting: LoopKey | None = None  # sends nothing until this loop's next IDR
-        #: a copied frame's message text in pieces, per (clip, state, keyframe): see _loop_item
-        self._templates: dict[tuple[str, str, bool], tuple[tuple[str, ...], tuple[str, ...]]] = {}
-        self._queue: deque[OutputFrame | SessionEvent | ServiceError] = deque()
+        #: a copied frame's message text in pieces, per (clip, state, keyframe): see _loop_text
+        self._templates: Templates = {}
+        #: raw frames (at most max_frames: the oldest is dropped) and events, to encode in order
+        self._queue: DropOldest[OutputFrame | SessionEvent | ServiceError] = DropOldest(
+            max_frames, droppable=_is_frame)
         self._busy = False  # the feed's task holds an item it has not handed on yet
-        self._frames = 0
-        self.pending_events = 0  # events queued here, not yet handed to the outboxes
-        self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
 
     async def open(self, pool: EncoderPool | None) -> None:
@@ -254,13 +288,18 @@ class SessionFeed:
             raise ProcessingError(f"cannot encode this video size: {exc}") from None
         self._task = asyncio.create_task(self._run(), name=f"ws-feed-{self.session.session_id[:8]}")
         self.session.add_sink(self)
-        self.session.stats.readers = self.describe
+        self.session.stats.feed_opened(self.describe)
         self.registry[self.session.session_id] = self
 
     async def aclose(self) -> None:
         """The session is closing (an attachment of it): readers are told, then :meth:`close`."""
         self.finish("session_closed")
         await self.close()
+
+    @property
+    def pending_events(self) -> int:
+        """Events queued here, not yet handed to the outboxes."""
+        return len(self._queue) - self._queue.waiting
 
     @property
     def idle(self) -> bool:
@@ -272,7 +311,7 @@ class SessionFeed:
             rec.stop()
         if self.registry.get(self.session.session_id) is self:
             del self.registry[self.session.session_id]
-        self.session.stats.readers = None
+        self.session.stats.feed_closed()
         self.session.remove_sink(self)
         if self._task is not None:
             self._task.cancel()
@@ -280,19 +319,20 @@ class SessionFeed:
                 await self._task
         if self.encoder is not None:
             await self.encoder.close()
-        self._queue.clear()
-        self.pending_events = 0
+        self._queue.close()
+        while self._queue:
+            self._queue.get_nowait()
         self.outboxes.clear()
 
     def subscribe(self, outbox: Outbox) -> None:
         self.outboxes.append(outbox)
-        self.session.stats.viewers = len(self.outboxes) - 1
+        self.session.stats.readers_changed(len(self.outboxes))
         self.request_keyframe()  # a new reader starts decoding at once
 
     def unsubscribe(self, outbox: Outbox) -> None:
         with contextlib.suppress(ValueError):
             self.outboxes.remove(outbox)
-        self.session.stats.viewers = max(0, len(self.outboxes) - 1)
+        self.session.stats.readers_changed(len(self.outboxes))
 
     def finish(self, reason: str) -> None:
         """The session is over: every reader gets CLOSE_ACK ``reason`` after its queue."""
@@ -310,41 +350,25 @@ class SessionFeed:
         if not self._queue and not self._busy and (copied := self._from_loop(frame)) is not None:
             # a copied loop frame with nothing ahead of it goes out at once: no hop through
             # the feed's task (most frames of an idle session; the event loop's work per frame)
-            self.session.stats.loop_frames += 1
+            self.session.stats.loop_frame_copied()
             self._deliver([self._loop_item(frame, *copied)])
             return
-        if self._frames >= self.max_frames:  # encoding fell behind: drop the oldest raw frame
-            for i, item in enumerate(self._queue):
-                if isinstance(item, OutputFrame):
-                    del self._queue[i]
-                    self._frames -= 1
-                    self.session.stats.frames_dropped += 1
-                    break
-        self._queue.append(frame)
-        self._frames += 1
-        self._wake.set()
+        if dropped := self._queue.put(frame):  # encoding fell behind: the oldest raw frame went
+            self.session.stats.frames_dropped_before_encoding(dropped)
 
     def on_event(self, event: SessionEvent | ServiceError) -> None:
-        self._queue.append(event)
-        self.pending_events += 1
-        self._wake.set()
+        self._queue.put(event)  # never dropped
 
     # ------------------------------------------------------------------ encoding
     async def _run(self) -> None:
         s = self.session
         while True:
-            if not self._queue:
-                self._wake.clear()
-                await self._wake.wait()
-                continue
-            item = self._queue.popleft()
+            item = await self._queue.get()
             self._busy = True  # until its output is handed on: on_frame must not overtake it
             outs: list[Item]
             if isinstance(item, OutputFrame):
-                self._frames -= 1
                 outs = await self._encode(item)
             else:
-                self.pending_events -= 1
                 msg = event_message(s.session_id, item, s.avatar.names)
                 outs = [Item(msg.to_json(), is_error=msg.type == "ERROR")]
             self._deliver(outs)
@@ -356,79 +380,70 @@ class SessionFeed:
                 box.put(out)
             if out.frame is not None:
                 for rec in list(self.recorders):
-                    rec.put(out.data, out.keyframe, out.frame.pcm)
+                    rec.put(out.data, out.keyframe, out.frame.pcm)  # the bytes: no text made
 
     async def _encode(self, f: OutputFrame) -> list[Item]:
-        """``f``'s message; a live encode also takes the frames queued right behind it that
+        """``f``'s item; a live encode also takes the frames queued right behind it that
         need one, in one call (one thread hop): a feed that fell behind catches up at once."""
         assert self.encoder is not None
         s = self.session
         copied = self._from_loop(f)
         if copied is not None:
-            s.stats.loop_frames += 1
+            s.stats.loop_frame_copied()
             return [self._loop_item(f, *copied)]
         if self._awaits_loop(f):
-            s.stats.loop_waits += 1
+            s.stats.loop_frame_withheld()
             return []
         if self._copying is not None:  # back to live: a fresh closed GOP
             self._copying = None
             self.encoder.request_keyframe()
         batch = [f]
         while (len(batch) < MAX_ENCODE_BATCH and self._queue
-               and isinstance(head := self._queue[0], OutputFrame)
+               and isinstance(head := self._queue.peek(), OutputFrame)
                and self._loop_packet(head) is None):
-            self._queue.popleft()
+            self._queue.get_nowait()
             batch.append(head)
-            self._frames -= 1
         try:
             encoded = await self.encoder.encode_many([g.image for g in batch])
         except ProcessingError as err:  # e.g. an encoder process died: the next is a keyframe
             log.warning("session %s: %s", s.session_id, err.message)
             self.on_event(err)
             return []
-        s.stats.batched_frames += len(batch) - 1
-        s.stats.live_frames += len(batch)
-        return [self._item(g, b64(enc.data), enc.keyframe)
+        s.stats.frames_encoded_live(len(batch))
+        return [self._item(g, enc.data, enc.keyframe)
                 for g, enc in zip(batch, encoded, strict=True)]
 
-    def _item(self, f: OutputFrame, data: str, keyframe: bool) -> Item:
+    def _item(self, f: OutputFrame, data: bytes, keyframe: bool) -> Item:
+        """A live-encoded frame's item: its text, when a WebSocket reader asks, is
+        ``frame_message``'s."""
         s = self.session
-        return Item(frame_message(s.session_id, f, data, keyframe, s.avatar.names), f, keyframe,
-                    data=data)
+        return Item(frame=f, keyframe=keyframe, data=data,
+                    make=partial(_live_text, s.session_id, s.avatar.names, f, data, keyframe))
 
-    def _loop_item(self, f: OutputFrame, data: str, keyframe: bool) -> Item:
-        """:meth:`_item` for a copied loop frame, without building and serialising message
-        models per frame: ``frame_message``'s text for this clip, state and keyframe flag is
-        made once with stand-ins, and this frame's packet, timestamp and index put in their
-        places (a plain loop frame's message depends on nothing else)."""
-        key = (f.clip, f.state.value, keyframe)
-        tpl = self._templates.get(key)
-        if tpl is None:
-            s = self.session
-            probe = dataclasses.replace(f, index=_INDEX_SLOT, timestamp_ms=_TS_SLOT)
-            text = frame_message(s.session_id, probe, _DATA_SLOT, keyframe, s.avatar.names)
-            tpl = self._templates[key] = _template(text)
-        values = {"data": data, "timestamp": str(f.timestamp_ms), "index": str(f.index)}
-        texts, names = tpl
-        out = [texts[0]]
-        for name, text in zip(names, texts[1:], strict=True):
-            out += (values[name], text)
-        return Item("".join(out), f, keyframe, data=data)
+    def _loop_item(self, f: OutputFrame, loop: EncodedLoop, p: int, keyframe: bool) -> Item:
+        """A copied loop frame's item: packet ``p`` of ``loop``; its text, when a WebSocket
+        reader asks, comes from a template (see :func:`_loop_text`)."""
+        s = self.session
+        return Item(frame=f, keyframe=keyframe, data=loop.packets[p],
+                    make=partial(_loop_text, self._templates, s.session_id, s.avatar.names, f,
+                                 loop, p, keyframe))
 
-    def _from_loop(self, f: OutputFrame) -> tuple[str, bool] | None:
-        """The shared loop's packet for ``f`` when it may be copied (base64, keyframe)."""
+    def _from_loop(self, f: OutputFrame) -> tuple[EncodedLoop, int, bool] | None:
+        """The shared loop and position of ``f``'s packet when it may be copied (loop,
+        position, keyframe)."""
         found = self._loop_packet(f)
         if found is None:
             return None
-        self._copying, data, keyframe = found
-        self._waiting = None
-        return data, keyframe
+        pos, loop, keyframe = found
+        self._copying, self._waiting = pos, None
+        return loop, pos[1], keyframe
 
     def _loop_key(self, f: OutputFrame) -> LoopKey:
         return LoopKey.of(self.session.avatar.avatar_id, f.clip, self.session.video)
 
-    def _loop_packet(self, f: OutputFrame) -> tuple[tuple[LoopKey, int], str, bool] | None:
-        """(copy position, base64, keyframe) of ``f``'s packet in a shared loop, when the
+    def _loop_packet(self, f: OutputFrame
+                     ) -> tuple[tuple[LoopKey, int], EncodedLoop, bool] | None:
+        """(copy position, loop, keyframe) of ``f``'s packet in a shared loop, when the
         stream may take it: at a keyframe of the loop, or, while copying that loop, the packet
         after the one sent last (the same as ``f``'s unless frames went missing). No state
         changes."""
@@ -444,7 +459,7 @@ class SessionFeed:
             p = (prev[1] + 1) % loop.period
         elif not loop.keyframe[p]:
             return None
-        return (key, p), loop.b64[p], loop.keyframe[p]
+        return (key, p), loop, loop.keyframe[p]
 
     def _awaits_loop(self, f: OutputFrame) -> bool:
         """``f`` is a plain loop frame whose loop is being built, and enough sessions already
@@ -480,6 +495,52 @@ class SessionFeed:
                  "kbit_s": round(b.bytes * 8 / 1000 / max(now - b.started, 1e-3), 1),
                  "latency_ms": round(1000 * float(np.median(b.delays)), 1) if b.delays else None}
                 for b in self.outboxes]
+
+
+def _is_frame(item: OutputFrame | SessionEvent | ServiceError) -> bool:
+    return isinstance(item, OutputFrame)
+
+
+#: a loop frame's message text cut at its stand-ins, per (clip, state, keyframe): see _template
+Templates = dict[tuple[str, str, bool], tuple[tuple[str, ...], tuple[str, ...]]]
+#: the base64 of each loop packet that a WebSocket reader has sent, per loop (made once)
+_LOOP_B64: weakref.WeakKeyDictionary[EncodedLoop, list[str | None]] = weakref.WeakKeyDictionary()
+
+
+def _live_text(session_id: str, names: VideoNames, f: OutputFrame, data: bytes,
+               keyframe: bool) -> str:
+    return frame_message(session_id, f, b64(data), keyframe, names)
+
+
+def _loop_b64(loop: EncodedLoop, p: int) -> str:
+    """The base64 of ``loop``'s packet ``p``: made once per loop packet, for every session."""
+    made = _LOOP_B64.get(loop)
+    if made is None:
+        made = _LOOP_B64.setdefault(loop, [None] * loop.period)
+    text = made[p]
+    if text is None:
+        text = made[p] = b64(loop.packets[p])
+    return text
+
+
+def _loop_text(templates: Templates, session_id: str, names: VideoNames, f: OutputFrame,
+               loop: EncodedLoop, p: int, keyframe: bool) -> str:
+    """``frame_message``'s text for a copied loop frame, without building and serialising
+    message models per frame: the text for this clip, state and keyframe flag is made once
+    per feed with stand-ins, and this frame's packet, timestamp and index put in their places
+    (a plain loop frame's message depends on nothing else)."""
+    key = (f.clip, f.state.value, keyframe)
+    tpl = templates.get(key)
+    if tpl is None:
+        probe = dataclasses.replace(f, index=_INDEX_SLOT, timestamp_ms=_TS_SLOT)
+        text = frame_message(session_id, probe, _DATA_SLOT, keyframe, names)
+        tpl = templates[key] = _template(text)
+    values = {"data": _loop_b64(loop, p), "timestamp": str(f.timestamp_ms), "index": str(f.index)}
+    texts, slots = tpl
+    out = [texts[0]]
+    for name, text in zip(slots, texts[1:], strict=True):
+        out += (values[name], text)
+    return "".join(out)
 
 
 def _template(text: str) -> tuple[tuple[str, ...], tuple[str, ...]]:

@@ -121,6 +121,39 @@ class SessionStats:
         """How many WebRTC viewers watch the session (``rtc.viewers``)."""
         self.rtc["viewers"] = n
 
+    # Told by the session's feed (websocket_service/feed.py) and its readers' queues.
+    def feed_opened(self, readers: Callable[[], list[dict[str, Any]]]) -> None:
+        """The session's feed opened: ``readers`` describes its readers (``readers``)."""
+        self.readers = readers
+
+    def feed_closed(self) -> None:
+        self.readers = None
+
+    def readers_changed(self, count: int) -> None:
+        """``count`` readers now take the feed: the first is the owner's, the others viewers."""
+        self.viewers = max(0, count - 1)
+
+    def frames_dropped_by_reader(self, n: int = 1) -> None:
+        """A reader too slow for the stream lost ``n`` frames (its outbox or WebRTC track)."""
+        self.frames_dropped += n
+
+    def frames_dropped_before_encoding(self, n: int = 1) -> None:
+        """The feed's encoding fell behind: its ``n`` oldest raw frames were dropped."""
+        self.frames_dropped += n
+
+    def loop_frame_copied(self) -> None:
+        """A frame was sent from a shared pre-encoded loop (no encode)."""
+        self.loop_frames += 1
+
+    def loop_frame_withheld(self) -> None:
+        """An idle frame was not sent: its shared loop was being built."""
+        self.loop_waits += 1
+
+    def frames_encoded_live(self, n: int) -> None:
+        """One live encode took ``n`` frames (those behind the first rode along: batched)."""
+        self.live_frames += n
+        self.batched_frames += n - 1
+
     def frame_emitted(self, now: float) -> None:
         self.frames_emitted += 1
         self._emit_times.append(now)

@@ -31,9 +31,12 @@ from .protocol import (
 
 def frame_message(session_id: str, frame: OutputFrame, data: str, keyframe: bool,
                   names: VideoNames) -> str:
-    """VIDEO_FRAME, or ACTION_FRAME for an action requested in the v1.0 form.
+    """VIDEO_FRAME, or ACTION_FRAME for an action requested in the v1.0 form: the one place
+    that builds them.
 
-    ``data`` is the access unit in base64 (see :func:`b64`), as a shared loop keeps it.
+    ``data`` is the access unit in base64 (:func:`b64`). Encoded media is bytes up to here:
+    only the WebSocket edge calls this (once per packet, the text shared by its readers; see
+    :class:`.feed.Item`).
     """
     speech_ts = frame.audio_ms if frame.utterance_id is not None else None
     ts = speech_ts if speech_ts is not None else frame.timestamp_ms
@@ -53,6 +56,7 @@ def frame_message(session_id: str, frame: OutputFrame, data: str, keyframe: bool
 
 
 def b64(packet: bytes) -> str:
+    """An access unit as the protocol's ``frame_data`` carries it."""
     return base64.b64encode(packet).decode("ascii")
 
 

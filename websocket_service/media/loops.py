@@ -7,7 +7,7 @@ when the loop wraps, so a decoder can enter the loop at any of those IDRs and pl
 and round. Every session on that avatar and setting serves its idle frames from these packets
 (with its own frame indices and timestamps).
 
-Splicing (see the WebSocket sink): a session switches from its live encoder to the loop only
+Splicing (see :mod:`..feed`): a session switches from its live encoder to the loop only
 at a loop position that is an IDR, and back to live encoding by forcing its encoder's next
 frame to be an IDR. Both directions therefore start a fresh closed GOP: no decoder ever
 references a picture from the other stream.
@@ -26,7 +26,6 @@ loops (least recently used out; a loop of 98 frames at 512x512 is 0.5-3 MB).
 from __future__ import annotations
 
 import asyncio
-import base64
 import logging
 import threading
 from collections import OrderedDict
@@ -70,35 +69,37 @@ class LoopKey:
                    video.gop_frames)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # compared (and hashed) by identity: one object per build
 class EncodedLoop:
     """One ping-pong period of a clip: packet ``p`` shows loop position ``p``."""
 
-    b64: tuple[str, ...]  # base64 of each Annex B access unit, as the protocol sends it
+    packets: tuple[bytes, ...]  # each Annex B access unit, as the encoder made it
     keyframe: tuple[bool, ...]
     nbytes: int
 
     @property
     def period(self) -> int:
-        return len(self.b64)
+        return len(self.packets)
 
 
 def encode_loop(frames: np.ndarray, key: LoopKey) -> EncodedLoop:
     """Encode the ping-pong period of ``frames`` with an IDR at every GOP start."""
     n = len(frames)
     enc = H264Encoder(key.width, key.height, key.fps, key.bitrate, key.gop_frames)
-    b64, keys, total = [], [], 0
+    packets: list[bytes] = []
+    keys: list[bool] = []
+    total = 0
     try:
         for p in range(loop_period(n)):
             if p % key.gop_frames == 0:
                 enc.request_keyframe()
             out = enc.encode(resize_to(frames[pingpong(p, n)], key.width, key.height))
-            b64.append(base64.b64encode(out.data).decode("ascii"))
+            packets.append(out.data)
             keys.append(out.keyframe)
             total += len(out.data)
     finally:
         enc.close()
-    return EncodedLoop(tuple(b64), tuple(keys), total)
+    return EncodedLoop(tuple(packets), tuple(keys), total)
 
 
 class LoopCache:

@@ -10,7 +10,6 @@ and the file stops growing at ``max_bytes``.
 
 from __future__ import annotations
 
-import base64
 import logging
 import queue
 import threading
@@ -57,18 +56,18 @@ class Recorder:
         self.size = (width, height)
         self.fps = fps
         self.max_bytes = max_bytes
-        self._q: queue.Queue[tuple[str, bool, np.ndarray] | None] = queue.Queue(MAX_QUEUE)
+        self._q: queue.Queue[tuple[bytes, bool, np.ndarray] | None] = queue.Queue(MAX_QUEUE)
         self._stopped = False
         self._thread = threading.Thread(target=self._write, name=f"rec-{info.recording_id[:8]}",
                                         daemon=True)
         self._thread.start()
 
-    def put(self, data_b64: str, keyframe: bool, pcm: np.ndarray) -> None:
-        """One sent frame (base64 Annex B access unit, keyframe flag, its 640 samples)."""
+    def put(self, data: bytes, keyframe: bool, pcm: np.ndarray) -> None:
+        """One sent frame (its Annex B access unit, keyframe flag, its ``SAMPLES_PER_FRAME`` samples)."""
         if self._stopped:
             return
         try:
-            self._q.put_nowait((data_b64, keyframe, pcm))
+            self._q.put_nowait((data, keyframe, pcm))
         except queue.Full:  # the disk cannot keep up: end here rather than write broken video
             self._stop_early("the disk could not keep up")
 
@@ -109,7 +108,7 @@ class Recorder:
             data, keyframe, pcm = item
             if info.frames == 0 and not keyframe:
                 continue  # a recording starts at a keyframe
-            pkt = av.Packet(base64.b64decode(data))
+            pkt = av.Packet(data)
             pkt.pts = pkt.dts = info.frames
             pkt.time_base = Fraction(1, self.fps)
             pkt.is_keyframe = keyframe

@@ -19,10 +19,10 @@ from fastapi.responses import FileResponse
 from ..api.access import owned_session
 from ..api.auth import UNAUTHORIZED, Caller, Principal, require_token
 from ..errors import InvalidSession, ModelNotFound, NotYours, RateLimitExceeded
+from ..feed import SessionFeed, ensure_feed, release_feed
 from ..manager import Services
 from ..media.recorder import Recorder, RecordingInfo
 from ..session import Session
-from ..feed import SessionFeed, ensure_feed, release_feed
 
 router = APIRouter(tags=["recording"], dependencies=[Depends(require_token)],
                    responses=UNAUTHORIZED)

@@ -3,26 +3,26 @@
 Both tracks are stamped from the session's single timeline, never from a wall clock:
 video frame n has pts ``n * 90000 / fps`` at 90 kHz and the audio for the same frame
 starts at ``n * 640`` at 16 kHz, so the browser's RTCP-based lip sync lines them up.
-``recv()`` only pulls from a tiny drop-oldest queue that the session's pacer fills; a peer
-that reads too slowly loses the oldest frames, counted in ``session.stats.frames_dropped``.
+``recv()`` only pulls from a tiny :class:`~..channel.DropOldest` that the session's pacer
+fills, or, for an H.264 peer, from the session feed's outbox (the encoder's bytes, sent as
+they are: no base64 on this path); a peer that reads too slowly loses the oldest frames,
+counted in the session's statistics (``frames_dropped_by_reader``).
 """
 
 from __future__ import annotations
 
-import asyncio
-import base64
 import weakref
-from collections import deque
 from fractions import Fraction
-from typing import Generic, TypeVar
+from typing import TypeVar
 
 import av
 import numpy as np
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 
+from ..channel import ChannelClosed, DropOldest
 from ..engines.base import SAMPLE_RATE, SAMPLES_PER_FRAME
-from ..session import OutputFrame, Session
 from ..feed import Outbox
+from ..session import OutputFrame, Session
 
 VIDEO_CLOCK = 90_000
 VIDEO_TIME_BASE = Fraction(1, VIDEO_CLOCK)
@@ -36,39 +36,12 @@ AUDIO_QUEUE = 4 * SAMPLES_PER_FRAME // AUDIO_PIECE
 T = TypeVar("T")
 
 
-class DropOldestQueue(Generic[T]):
-    """A bounded single-consumer queue that discards its oldest item when full."""
-
-    def __init__(self, maxlen: int) -> None:
-        self._items: deque[T] = deque()
-        self._maxlen = maxlen
-        self._ready = asyncio.Event()
-        self._closed = False
-
-    def put(self, item: T) -> int:
-        """Append without blocking; returns how many items were dropped to make room."""
-        dropped = 0
-        while len(self._items) >= self._maxlen:
-            self._items.popleft()
-            dropped += 1
-        self._items.append(item)
-        self._ready.set()
-        return dropped
-
-    def close(self) -> None:
-        self._closed = True
-        self._ready.set()
-
-    async def get(self) -> T:
-        while not self._items:
-            if self._closed:
-                raise MediaStreamError
-            self._ready.clear()
-            await self._ready.wait()
-        return self._items.popleft()
-
-    def __len__(self) -> int:
-        return len(self._items)
+async def _next(queue: DropOldest[T]) -> T:
+    """``queue``'s next item; MediaStreamError (aiortc's "track ended") once it is closed."""
+    try:
+        return await queue.get()
+    except ChannelClosed:
+        raise MediaStreamError from None
 
 
 class SessionVideoTrack(MediaStreamTrack):
@@ -85,7 +58,7 @@ class SessionVideoTrack(MediaStreamTrack):
         self._session = weakref.ref(session)
         #: count sent and dropped frames in the session's statistics (not for viewers)
         self.account = account
-        self.queue: DropOldestQueue[OutputFrame] = DropOldestQueue(VIDEO_QUEUE)
+        self.queue: DropOldest[OutputFrame] = DropOldest(VIDEO_QUEUE)
         self._ticks = VIDEO_CLOCK // session.video.fps
         self.frames_sent = 0
         self.frames_dropped = 0
@@ -101,8 +74,8 @@ class SessionVideoTrack(MediaStreamTrack):
             return
         dropped = self.queue.put(frame)
         self.frames_dropped += dropped
-        if self.account and (session := self._session()) is not None:
-            session.stats.frames_dropped += dropped
+        if dropped and self.account and (session := self._session()) is not None:
+            session.stats.frames_dropped_by_reader(dropped)
 
     def _sent(self, frame: OutputFrame) -> None:
         self.frames_sent += 1
@@ -112,7 +85,7 @@ class SessionVideoTrack(MediaStreamTrack):
     async def recv(self) -> av.VideoFrame | av.Packet:
         if self.packets is not None:
             return await self._next_packet(self.packets)
-        f = await self.queue.get()
+        f = await _next(self.queue)
         vf = av.VideoFrame.from_ndarray(f.image, format="rgb24")
         vf.pts = f.index * self._ticks
         vf.time_base = VIDEO_TIME_BASE
@@ -122,7 +95,7 @@ class SessionVideoTrack(MediaStreamTrack):
     async def _next_packet(self, outbox: Outbox) -> av.Packet:
         item = await outbox.next_frame()
         assert item.frame is not None
-        pkt = av.Packet(base64.b64decode(item.data))
+        pkt = av.Packet(item.data)
         pkt.pts = item.frame.index * self._ticks
         pkt.time_base = VIDEO_TIME_BASE
         pkt.is_keyframe = item.keyframe
@@ -142,7 +115,7 @@ class SessionAudioTrack(MediaStreamTrack):
 
     def __init__(self) -> None:
         super().__init__()
-        self.queue: DropOldestQueue[tuple[int, np.ndarray]] = DropOldestQueue(AUDIO_QUEUE)
+        self.queue: DropOldest[tuple[int, np.ndarray]] = DropOldest(AUDIO_QUEUE)
         self.dropped = 0
 
     def push(self, frame: OutputFrame) -> None:
@@ -151,7 +124,7 @@ class SessionAudioTrack(MediaStreamTrack):
             self.dropped += self.queue.put((start + off, frame.pcm[off:off + AUDIO_PIECE]))
 
     async def recv(self) -> av.AudioFrame:
-        pts, pcm = await self.queue.get()
+        pts, pcm = await _next(self.queue)
         af = av.AudioFrame.from_ndarray(np.ascontiguousarray(pcm).reshape(1, -1),
                                         format="s16", layout="mono")
         af.sample_rate = SAMPLE_RATE

@@ -30,6 +30,7 @@ from aiortc.mediastreams import MediaStreamTrack
 from ..config import Settings
 from ..errors import InvalidMessage, ProcessingError, RateLimitExceeded, ServiceError
 from ..events import SessionEvent
+from ..feed import Outbox, SessionFeed, ensure_feed, release_feed
 from ..manager import Services
 from ..protocol import VideoConfig
 from ..session import OutputFrame, Session
@@ -38,7 +39,6 @@ from ..wire import event_message
 from .rtc_audio_in import MicIngest
 from .rtc_network import host_addresses, rtc_configuration
 from .rtc_tracks import SessionAudioTrack, SessionVideoTrack
-from ..feed import Outbox, SessionFeed, ensure_feed, release_feed
 
 log = logging.getLogger(__name__)
 

@@ -29,6 +29,7 @@ from ..errors import (
     ServiceError,
 )
 from ..events import ClosedByClient, SessionEvent
+from ..feed import Outbox, Overflow, SessionFeed, ensure_feed, release_feed
 from ..limits import DropReport, Pending, TokenBucket
 from ..manager import Services
 from ..protocol import (
@@ -57,7 +58,6 @@ from ..wire import (
 )
 from .bridge_ws import bridge_endpoint
 from .mic_out import mic_endpoint
-from ..feed import Outbox, Overflow, SessionFeed, ensure_feed, release_feed
 
 log = logging.getLogger(__name__)
 

@@ -37,7 +37,17 @@ class _Job:
     future: Future
 
 
-def blend(image: np.ndarray, face: np.ndarray, box: np.ndarray, mask: np.ndarray) -> np.ndarray:
+def mask_rect(mask: np.ndarray) -> tuple[int, int, int, int] | None:
+    """Rows [r0, r1) and columns [c0, c1) of ``mask``'s nonzero pixels; None if it has none."""
+    rows = np.flatnonzero(mask.any(axis=1))
+    if not len(rows):
+        return None
+    cols = np.flatnonzero(mask.any(axis=0))
+    return int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1
+
+
+def blend(image: np.ndarray, face: np.ndarray, box: np.ndarray, mask: np.ndarray,
+          rect: tuple[int, int, int, int] | None = None) -> np.ndarray:
     """``face`` resized into ``box`` and alpha-composited with ``mask``; exact where mask is 0.
 
     Only the mask's bounding rectangle is touched (the lower half of the crop: the upper face
@@ -48,11 +58,11 @@ def blend(image: np.ndarray, face: np.ndarray, box: np.ndarray, mask: np.ndarray
     """
     x1, y1, x2, y2 = (int(v) for v in box)
     out = image.copy()
-    rows = np.flatnonzero(mask.any(axis=1))
-    if not len(rows):
+    if rect is None:
+        rect = mask_rect(mask)
+    if rect is None:
         return out
-    cols = np.flatnonzero(mask.any(axis=0))
-    r0, r1, c0, c1 = int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1
+    r0, r1, c0, c1 = rect
     face = cv2.resize(face, (x2 - x1, y2 - y1), interpolation=cv2.INTER_LINEAR)
     weight = mask[r0:r1, c0:c1].astype(np.float32) * (1 / 255)
     region = out[y1 + r0: y1 + r1, x1 + c0: x1 + c1]
@@ -69,17 +79,24 @@ class ReadyLatency:
     MARGIN_S = 0.01
     MAX_S = 0.5
 
+    MIN_SAMPLES = 20  # fewer: too few to say (no delay)
+    RECOMPUTE_AFTER = 8  # new samples before the p95 is computed again (asked every tick)
+
     def __init__(self, window: int = 400) -> None:
         self._recent: deque[float] = deque(maxlen=window)
+        self._new = 0
+        self._delay = 0.0
 
     def observe(self, seconds: list[float]) -> None:
         self._recent.extend(seconds)
+        self._new += len(seconds)
 
     def delay(self) -> float:
-        if len(self._recent) < 20:
-            return 0.0
-        p95 = float(np.percentile(np.fromiter(self._recent, float), 95))
-        return min(self.MAX_S, max(0.0, p95 + self.MARGIN_S))
+        if self._new >= self.RECOMPUTE_AFTER and len(self._recent) >= self.MIN_SAMPLES:
+            p95 = float(np.percentile(np.fromiter(self._recent, float), 95))
+            self._delay = min(self.MAX_S, max(0.0, p95 + self.MARGIN_S))
+            self._new = 0
+        return self._delay
 
 
 @dataclass(frozen=True)
@@ -260,5 +277,12 @@ class MuseTalkStream(LipSyncStream):
     def _blend_all(self, bases: list[BaseFrame], faces: list[np.ndarray]) -> list[np.ndarray]:
         """On a media thread: each job's faces (n x 256 x 256 x 3) into their base frames."""
         clips = self.data["clips"]
-        return [blend(b.image, face, clips[b.clip].boxes[b.index], clips[b.clip].masks[b.index])
-                for b, face in zip(bases, itertools.chain.from_iterable(faces), strict=True)]
+        rects = self.data.setdefault("mask_rects", {})  # per avatar: (clip, index) -> rect
+        out = []
+        for b, face in zip(bases, itertools.chain.from_iterable(faces), strict=True):
+            mask = clips[b.clip].masks[b.index]
+            key = (b.clip, b.index)
+            if key not in rects:
+                rects[key] = mask_rect(mask)
+            out.append(blend(b.image, face, clips[b.clip].boxes[b.index], mask, rects[key]))
+        return out
