@@ -2,15 +2,16 @@
 
 The peer attaches a sink to the session that feeds the two output tracks, answers the
 client's offer (H.264 preferred, VP8 fallback), reads the client's audio track into the
-session, and polls ``pc.getStats()`` into ``session.stats.rtc``. It never calls an engine.
+session, and reports ``pc.getStats()`` to the session's statistics (``rtc``, through
+:class:`~websocket_service.stats.SessionStats` methods). It never calls an engine.
 Signaling (``/offer`` and the signaling WebSocket) lives in ``signaling.py``; the limit
 on concurrent clients and shutdown live in :class:`RtcHub`.
 
 A *viewer* is a peer attached to a session someone else owns (another client, or a
 server-side realtime session): it gets the same frames, is receive-only (its answer sends
-and takes no media back, so a viewer's microphone never reaches the session), counts in
-``session.stats.rtc["viewers"]`` instead of the owner's statistics, leaves the session
-running when it goes, and is closed when the session closes.
+and takes no media back, so a viewer's microphone never reaches the session), counts in the
+session's ``rtc.viewers`` instead of the owner's statistics, leaves the session running
+when it goes, and is closed when the session closes.
 """
 
 from __future__ import annotations
@@ -63,7 +64,7 @@ class RtcSink:
         if (peer := self._peer()) is None:
             return
         if isinstance(event, ServiceError) and not peer.viewer:
-            peer.session.stats.errors_sent += 1
+            peer.session.stats.error_sent()
         session = peer.session
         msg = event_message(session.session_id, event, session.avatar.names)
         peer.notify(json.loads(msg.to_json()))
@@ -172,7 +173,7 @@ class RtcPeer:
         if self.viewer:
             self.hub.count_viewers(self.session)
         else:
-            self.session.stats.rtc["connection_state"] = self.pc.connectionState
+            self.session.stats.rtc_state(self.pc.connectionState)
             self._spawn(self._poll_stats(), "rtc-stats")
         return self.pc.localDescription
 
@@ -192,7 +193,7 @@ class RtcPeer:
     def _on_state(self) -> None:
         state = self.pc.connectionState
         if not self.viewer:
-            self.session.stats.rtc["connection_state"] = state
+            self.session.stats.rtc_state(state)
         log.info("session %s: %s connection %s", self.session_id,
                  "viewer" if self.viewer else "peer", state)
         if state == "connected":
@@ -202,7 +203,7 @@ class RtcPeer:
                                   "check the ICE servers / TURN relay and firewalls",
                                   {"reason": "ice_failed", "session_id": self.session_id})
             if not self.viewer:
-                self.session.stats.rtc["error"] = {"code": err.code, "message": err.message}
+                self.session.stats.rtc_failed(err.code, err.message)
             self.notify({"type": "error", "code": err.code, "message": err.message,
                          "details": err.details})
             # REST (/offer) clients only learn of it by polling the session: keep it a while
@@ -216,9 +217,8 @@ class RtcPeer:
             await asyncio.sleep(STATS_PERIOD_S)
             with contextlib.suppress(Exception):  # stats are best effort
                 summary = _stats_summary(await self.pc.getStats())
-                self.session.stats.rtc.update(summary)
-                if self.mic is not None:
-                    self.session.stats.rtc["mic_pushed_s"] = round(self.mic.pushed_samples / SAMPLE_RATE, 3)
+                mic_s = None if self.mic is None else round(self.mic.pushed_samples / SAMPLE_RATE, 3)
+                self.session.stats.rtc_report(summary, mic_s)
 
     # ---------------------------------------------------------------- teardown
     async def close(self, reason: str, linger: float = 0.0) -> None:
@@ -282,8 +282,8 @@ class RtcHub:
 
     def count_viewers(self, session: Session) -> None:
         """Show how many viewers ``session`` has in its statistics (``rtc.viewers``)."""
-        session.stats.rtc["viewers"] = sum(
-            p.viewer and p.session is session and not p.closing for p in self.peers.values())
+        session.stats.rtc_viewers(sum(
+            p.viewer and p.session is session and not p.closing for p in self.peers.values()))
 
     async def connect(self, user_id: str, sdp: str, type_: str, config: VideoConfig,
                       notify: Notify | None = None, slot: str | None = None) -> RtcPeer:

@@ -12,8 +12,10 @@ import asyncio
 import contextlib
 import logging
 import uuid
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from enum import Enum
+from typing import Any, ClassVar
 
 from fastapi import WebSocket, WebSocketDisconnect
 from pydantic import ValidationError
@@ -60,6 +62,32 @@ from .bridge_ws import bridge_endpoint
 from .mic_out import mic_endpoint
 
 log = logging.getLogger(__name__)
+
+
+class Access(Enum):
+    """Who may send a client message."""
+
+    ANYONE = "anyone"  # with or without a session (INIT, PING)
+    SESSION = "session"  # on the connection's session, owner or viewer
+    OWNER = "owner"  # the session's owner only: it controls the session
+
+
+@dataclass(frozen=True)
+class AudioBytes:
+    """A binary frame: raw 16 kHz mono s16le audio for the session (no JSON envelope)."""
+
+    data: bytes
+    type: str = "binary audio"
+    session_id: None = None
+
+
+@dataclass(frozen=True)
+class Route:
+    """Where a client message goes: who may send it, and the :class:`Connection` method that
+    handles it (called with the connection, the message, and the connection's session)."""
+
+    access: Access
+    handler: Callable[[Connection, Any, Any], Awaitable[None]]
 
 CLOSE_POLICY = 1008
 CLOSE_TRY_AGAIN = 1013
@@ -239,19 +267,13 @@ class Connection:
                                  f"{self.settings.max_message_bytes} bytes",
                                  {"max_message_bytes": self.settings.max_message_bytes})
         if data is not None:
-            self._require_session().push_audio(self._pcm_bytes(data))
+            await self._dispatch(AudioBytes(data))
             return
         try:
             msg = CLIENT_ADAPTER.validate_json(text or "")
         except ValidationError as exc:
             raise explain_invalid(text or "", exc) from None
         await self._dispatch(msg)
-
-    def _pcm_bytes(self, data: bytes) -> Any:
-        try:
-            return pcm_from_bytes(data, self.settings.max_chunk_ms)
-        except ValueError as exc:
-            raise InvalidMessage(str(exc)) from None
 
     def _require_session(self, session_id: str | None = None) -> Session:
         if self.session is None:
@@ -267,50 +289,59 @@ class Connection:
         except ValueError as exc:
             raise InvalidMessage(str(exc)) from None
         if chunk.mislabelled(len(pcm)):
-            session.stats.duration_mismatches += 1  # the bytes are the truth
+            session.stats.duration_mismatch()  # the bytes are the truth
         return pcm
 
     async def _dispatch(self, msg: Any) -> None:
-        if isinstance(msg, InitMsg):
-            await (self._view(msg) if msg.data.viewer else self._init(msg))
-            return
-        if isinstance(msg, PingMsg):
-            now_ms = int(self.services.sessions.clock.now() * 1000)
-            sid = self.session.session_id if self.session else None
-            await self.report(ServerMessage(type="PONG", session_id=sid,
-                                            data=PongData(t=msg.data.t, server_time_ms=now_ms)))
+        """Hand a parsed message to its handler in :attr:`ROUTES`, once this connection may
+        send it: anyone, or on its session (``session_id``, when given, must be it), or only
+        as the session's owner (a viewer is receive-only)."""
+        route = self.ROUTES[type(msg)]
+        if route.access is Access.ANYONE:
+            await route.handler(self, msg, self.session)
             return
         session = self._require_session(msg.session_id)
-        if isinstance(msg, CloseMsg):
-            await self.report(ClosedByClient())
-            await self._close(1000, "closed")
-            return
-        if isinstance(msg, KeyframeRequestMsg):
-            assert self.feed is not None
-            self.feed.request_keyframe()
-            return
-        if self.viewer:
+        if route.access is Access.OWNER and self.viewer:
             raise InvalidSession("a viewer is receive-only: the session's owner controls it",
                                  {"session_id": session.session_id, "type": msg.type})
-        if isinstance(msg, GenerateMsg):
-            await self._generate(session, msg)
-        elif isinstance(msg, StateChangeMsg):
-            session.change_state(msg.data.target_state, msg.data.base_video)
-        elif isinstance(msg, ActionMsg):
-            await self._action(session, msg)
-        elif isinstance(msg, InterruptMsg):
-            session.interrupt()
-        elif isinstance(msg, EndOfSpeechMsg):
-            session.end_of_speech()
+        await route.handler(self, msg, session)
 
-    async def _generate(self, session: Session, msg: GenerateMsg) -> None:
+    # ---------------------------------------------------------------- handlers (ROUTES)
+    async def _on_init(self, msg: InitMsg, session: Session | None) -> None:
+        await (self._view(msg) if msg.data.viewer else self._init(msg))
+
+    async def _on_ping(self, msg: PingMsg, session: Session | None) -> None:
+        now_ms = int(self.services.sessions.clock.now() * 1000)
+        sid = session.session_id if session else None
+        await self.report(ServerMessage(type="PONG", session_id=sid,
+                                        data=PongData(t=msg.data.t, server_time_ms=now_ms)))
+
+    async def _on_close(self, msg: CloseMsg, session: Session) -> None:
+        await self.report(ClosedByClient())
+        await self._close(1000, "closed")
+
+    async def _on_keyframe_request(self, msg: KeyframeRequestMsg, session: Session) -> None:
+        assert self.feed is not None
+        self.feed.request_keyframe()
+
+    async def _on_audio_bytes(self, msg: AudioBytes, session: Session) -> None:
+        try:
+            pcm = pcm_from_bytes(msg.data, self.settings.max_chunk_ms)
+        except ValueError as exc:
+            raise InvalidMessage(str(exc)) from None
+        session.push_audio(pcm)
+
+    async def _on_generate(self, msg: GenerateMsg, session: Session) -> None:
         d = msg.data
         pcm = self._chunk(session, d.audio_chunk)
         if d.video_state is not None and d.video_state.base_video is not None:
             session.set_speech_video(d.video_state.base_video)
         session.push_audio(pcm, d.end_of_speech)
 
-    async def _action(self, session: Session, msg: ActionMsg) -> None:
+    async def _on_state_change(self, msg: StateChangeMsg, session: Session) -> None:
+        session.change_state(msg.data.target_state, msg.data.base_video)
+
+    async def _on_action(self, msg: ActionMsg, session: Session) -> None:
         d = msg.data
         if d.action_index is not None:  # v1.1: acknowledged, then the clip in the stream
             await self.report(session.start_action(f"action_{d.action_index}"))
@@ -318,6 +349,26 @@ class Connection:
         assert d.action_type is not None  # v1.0: the clip's frames come as ACTION_FRAME
         pcm = self._chunk(session, d.audio_chunk) if d.audio_chunk else None
         session.start_action(d.action_type, pcm, legacy=True)
+
+    async def _on_interrupt(self, msg: InterruptMsg, session: Session) -> None:
+        session.interrupt()
+
+    async def _on_end_of_speech(self, msg: EndOfSpeechMsg, session: Session) -> None:
+        session.end_of_speech()
+
+    #: every client message (and binary audio): who may send it, and its handler
+    ROUTES: ClassVar[dict[type[Any], Route]] = {
+        InitMsg: Route(Access.ANYONE, _on_init),
+        PingMsg: Route(Access.ANYONE, _on_ping),
+        CloseMsg: Route(Access.SESSION, _on_close),
+        KeyframeRequestMsg: Route(Access.SESSION, _on_keyframe_request),
+        AudioBytes: Route(Access.OWNER, _on_audio_bytes),
+        GenerateMsg: Route(Access.OWNER, _on_generate),
+        StateChangeMsg: Route(Access.OWNER, _on_state_change),
+        ActionMsg: Route(Access.OWNER, _on_action),
+        InterruptMsg: Route(Access.OWNER, _on_interrupt),
+        EndOfSpeechMsg: Route(Access.OWNER, _on_end_of_speech),
+    }
 
     def _check_init(self, msg: InitMsg) -> None:
         """What INIT must satisfy, owner or viewer (a viewer's token is checked in _view)."""
