@@ -194,7 +194,7 @@ def test_prepare_refuses_paths_out_of_media_dir(make_server: MakeServer, media: 
         _error(http.post(f"{API}/avatar/prepare",
                          params={"avatar_id": "bad id", "video_path": "faces/still.png"}),
                400, "INVALID_MESSAGE")
-        _error(http.post(f"{API}/avatar/prepare", params={"avatar_id": "x"}), 422, "INVALID_MESSAGE")
+        _error(http.post(f"{API}/avatar/prepare", params={"avatar_id": "x"}), 400, "INVALID_MESSAGE")
         # the old form field of POST /prepare_avatar resolves the same way
         r = http.post("/prepare_avatar/u1", data={"path": "link.png"})
         _error(r, 400, "INVALID_MESSAGE")
@@ -231,7 +231,7 @@ def test_realtime_start_errors(make_server: MakeServer, media: Path) -> None:
         _error(http.post(start, params={"audio_path": "missing.wav"}), 404, "MODEL_NOT_FOUND")
         _error(http.post(start, params={"audio_path": "broken.wav"}), 422, "PROCESSING_ERROR")
         _error(http.post(start, params={"avatar_id": "ghost"}), 404, "MODEL_NOT_FOUND")
-        _error(http.post(start, params={"session_id": "no spaces"}), 422, "INVALID_MESSAGE")
+        _error(http.post(start, params={"session_id": "no spaces"}), 400, "INVALID_MESSAGE")
         assert http.get("/sessions").json()["count"] == 0
 
         r = http.post(start, params={"session_id": "idle-1"})

@@ -134,7 +134,7 @@ async def test_offer_errors_use_the_error_body(base_url: str) -> None:
         assert r.status_code == 400, r.text
         assert r.json()["code"] == "INVALID_MESSAGE"
         r = await http.post("/offer", json={"sdp": "v=0", "type": "offer", "user_id": "bad id!"})
-        assert r.status_code == 422 and r.json()["code"] == "INVALID_MESSAGE"
+        assert r.status_code == 400 and r.json()["code"] == "INVALID_MESSAGE"
         r = await http.post("/sessions/nope/interrupt")
         assert r.status_code == 404 and r.json()["code"] == "INVALID_SESSION"
         assert (await _sessions(http))["count"] == 0

@@ -7,6 +7,7 @@ import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -23,6 +24,7 @@ from .loop_lag import LoopLag
 from .manager import Services
 from .media import threads as media_threads
 from .transports import recording, signaling, websocket
+from .wire import explain_invalid
 
 log = logging.getLogger(__name__)
 STATIC = Path(__file__).parent / "static"
@@ -75,10 +77,18 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
         return rest.error_response(exc.code, exc.message, exc.details, exc.http_status, headers)
 
     @app.exception_handler(RequestValidationError)
-    async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
-        errs = [{"field": ".".join(str(p) for p in e.get("loc", ())), "problem": e.get("msg")}
-                for e in exc.errors()[:10]]
-        return rest.error_response("INVALID_MESSAGE", "invalid request", {"errors": errs}, 422)
+    async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
+        """Explained as on the sockets, answered as its class says (400 INVALID_MESSAGE)."""
+        return await _service_error(request, explain_invalid(None, exc.errors(), expected_types=()))
+
+    schema = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:  # FastAPI's own, once: then it says what we answer
+            rest.invalid_requests_are_400(schema())
+        return app.openapi_schema or schema()
+
+    app.openapi = openapi  # type: ignore[method-assign]
 
     @app.get("/", include_in_schema=False)
     async def index() -> FileResponse:

@@ -3,8 +3,10 @@
 Every message, both directions, is ``{"type": T, "session_id": S, "data": {...}}`` as in the
 public MuseTalk WebSocket spec (v1.0 and v1.1); our additions live inside ``data``. Client
 messages are parsed through one discriminated union (:data:`CLIENT_ADAPTER`); server messages
-are built by :mod:`.wire`. The wire format is documented in ``musetalk_websocket_spec.md``;
-keep both in step.
+are built by :mod:`.wire`. The session sockets beside it speak the same envelopes: the media
+bridge (``BRIDGE_*``) and the microphone out (``MIC_AUDIO``); their models are here too. The
+signaling socket's flat messages are in :mod:`.protocol_rtc`. The wire format is documented
+in ``musetalk_websocket_spec.md``; keep both in step.
 """
 
 from __future__ import annotations
@@ -312,11 +314,51 @@ class ErrorData(_Msg):
     details: dict[str, Any] = Field(default_factory=dict)
 
 
+# ------------------------------------------------------------------ the session sockets
+
+class BridgeConfigData(_Msg):
+    """``BRIDGE_CONFIG.data`` (client): the frames' format; the size, if given, the session's."""
+
+    format: str = Field("rgb24", max_length=16)
+    width: int | None = None
+    height: int | None = None
+
+
+class BridgeMediaData(_Msg):
+    """``BRIDGE_FRAME.data`` and ``BRIDGE_AUDIO.data`` (client)."""
+
+    timestamp_ms: float = Field(..., ge=0)
+    data: str  # base64: a frame, or 16 kHz mono PCM s16le
+    format: str | None = Field(None, max_length=16)  # a frame's, when not the configured one
+
+
+BRIDGE_TYPES = ["BRIDGE_CONFIG", "BRIDGE_FRAME", "BRIDGE_AUDIO"]
+
+
+class BridgeReadyData(_Msg):
+    """``BRIDGE_READY.data`` (server): the bridge takes frames of this size and format."""
+
+    width: int
+    height: int
+    format: str
+
+
+class MicAudioData(_Msg):
+    """``MIC_AUDIO.data`` (server): one piece of a WebRTC peer's microphone audio."""
+
+    timestamp_ms: int  # the piece's position in the peer's audio
+    sample_rate: int
+    samples: int
+    dropped: int  # pieces this reader lost so far (it fell behind: the oldest went)
+    data: str  # base64 of PCM s16le
+
+
 class ServerMessage(_Msg):
     """An envelope from the server; ``data`` is one of the ``*Data`` models above."""
 
     type: Literal["INIT_SUCCESS", "VIDEO_FRAME", "ACTION_FRAME", "STATE_CHANGED",
-                  "ACTION_TRIGGERED", "SPEECH_ENDED", "CLOSE_ACK", "PONG", "ERROR"]
+                  "ACTION_TRIGGERED", "SPEECH_ENDED", "CLOSE_ACK", "PONG", "ERROR",
+                  "BRIDGE_READY", "MIC_AUDIO"]
     session_id: str | None = None
     data: BaseModel
 

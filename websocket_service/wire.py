@@ -1,11 +1,14 @@
-"""The one place where domain frames, events and errors become protocol messages.
+"""The one place where domain frames, events and errors become protocol messages, and
+where refused input is explained.
 
-Transports call these and only move the text (WebSocket) or the dict (signaling socket).
+Transports call these and only move the text. :func:`explain_invalid` is the one
+explanation of input that failed validation, for every socket and for REST.
 """
 
 from __future__ import annotations
 
 import base64
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import pydantic_core
@@ -27,6 +30,7 @@ from .protocol import (
     VideoFrameData,
     flat_fields,
 )
+from .protocol_rtc import SigError
 
 
 def frame_message(session_id: str, frame: OutputFrame, data: str, keyframe: bool,
@@ -90,18 +94,18 @@ def error_message(err: ServiceError, session_id: str | None) -> ServerMessage:
                          data=ErrorData(code=err.code, message=err.message, details=err.details))
 
 
-def signaling_error(err: ServiceError) -> dict[str, Any]:
+def signaling_error(err: ServiceError) -> SigError:
     """An error on the signaling socket (its own flat, lower-case protocol)."""
-    return {"type": "error", "code": err.code, "message": err.message, "details": err.details}
+    return SigError(code=err.code, message=err.message, details=err.details)
 
 
 # ------------------------------------------------------------------ client input errors
 
-def check_envelope(raw: Any) -> None:
+def check_envelope(raw: Any, expected_types: Sequence[str] = CLIENT_TYPES) -> None:
     """Refuse what is not an envelope, with a message that says how to wrap it."""
     if not isinstance(raw, dict):
         raise InvalidMessage("a message is a JSON object {\"type\", \"session_id\", \"data\"}",
-                             {"expected_types": CLIENT_TYPES})
+                             {"expected_types": list(expected_types)})
     stray = flat_fields(raw)
     if stray:
         raise InvalidMessage(
@@ -121,31 +125,42 @@ def parse_json(text: str | bytes) -> Any:
         raise InvalidMessage(f"message is not valid JSON: {str(exc)[:120]}") from None
 
 
-def explain_invalid(text: str, exc: ValidationError) -> InvalidMessage:
-    """Why a text frame that failed validation was refused: not JSON (or nested too deep, a
-    number too long), not an envelope (with how to wrap it), or the first bad field. Parses
-    the text again: the error path only."""
-    try:
-        raw = parse_json(text)
-    except InvalidMessage as err:
-        return err
-    try:
-        check_envelope(raw)
-    except InvalidMessage as err:
-        return err
-    return validation_error(exc, raw)
+def explain_invalid(raw: Any, exc: ValidationError | Sequence[Mapping[str, Any]], *,
+                    expected_types: Sequence[str] = CLIENT_TYPES,
+                    envelope: bool = True) -> InvalidMessage:
+    """Why input that failed validation was refused: the one explanation, for every socket
+    (protocol, signaling, bridge) and for REST (``exc``: FastAPI's ``errors()`` list).
 
-
-def validation_error(exc: ValidationError, raw: Any) -> InvalidMessage:
-    """An InvalidMessage naming the first bad field (at most ten in ``details``)."""
-    errors = exc.errors(include_url=False, include_input=False, include_context=False)
-    first: dict[str, Any] = dict(errors[0]) if errors else {}
+    ``raw`` is the input (None when not at hand): a text frame is parsed again (the error path
+    only) to say it is not JSON (or nested too deep, a number too long), or, for ``envelope``
+    protocols, not an envelope (with how to wrap it). Then an unknown or missing ``type``
+    (``details.expected_types``), or the first bad field (``details.errors``: at most ten
+    ``{field, problem}``; a field's path leaves out the message's type).
+    """
+    if isinstance(raw, (str, bytes)):
+        try:
+            raw = parse_json(raw)
+            if envelope:
+                check_envelope(raw, expected_types)
+        except InvalidMessage as err:
+            return err
+    errors = exc.errors(include_url=False, include_input=False, include_context=False) \
+        if isinstance(exc, ValidationError) else list(exc)
+    first: Mapping[str, Any] = errors[0] if errors else {}
+    tag = raw.get("type") if isinstance(raw, dict) else None
     if first.get("type") in ("union_tag_invalid", "union_tag_not_found"):
-        got = raw.get("type") if isinstance(raw, dict) else None
-        return InvalidMessage(f"unknown message type {str(got)[:40]!r}" if got
-                              else "message has no 'type' field", {"expected_types": CLIENT_TYPES})
-    fields = [{"field": ".".join(str(p) for p in e.get("loc", ())[1:]) or "message",
-               "problem": e.get("msg", "")} for e in errors[:10]]
+        return InvalidMessage(f"unknown message type {str(tag)[:40]!r}" if tag
+                              else "message has no 'type' field",
+                              {"expected_types": list(expected_types)})
+    fields = [{"field": _field(e.get("loc", ()), tag), "problem": e.get("msg", "")}
+              for e in errors[:10]]
     where = fields[0]["field"] if fields else "message"
     return InvalidMessage(f"invalid {where}: {fields[0]['problem'] if fields else 'bad value'}",
                           {"errors": fields})
+
+
+def _field(loc: Sequence[Any], tag: Any) -> str:
+    """A validation location as a dotted path, without a union's tag (the message's type)."""
+    if loc and tag is not None and loc[0] == tag:
+        loc = loc[1:]
+    return ".".join(str(p) for p in loc) or "message"

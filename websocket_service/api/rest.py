@@ -202,10 +202,36 @@ def openapi_text(schema: dict[str, Any]) -> str:
     return yaml.safe_dump(schema, sort_keys=False, allow_unicode=True)
 
 
+_VALIDATION_REF = "#/components/schemas/HTTPValidationError"
+
+
+def invalid_requests_are_400(schema: dict[str, Any]) -> dict[str, Any]:
+    """``schema`` (changed in place) documenting what the service answers to a request that
+    fails validation: 400 with an :class:`ErrorBody` (``INVALID_MESSAGE``), like any other
+    refusal, where FastAPI would document 422 with its own body."""
+    for item in schema.get("paths", {}).values():
+        for op in item.values():
+            responses = op.get("responses", {})
+            ref = responses.get("422", {}).get("content", {}).get("application/json", {}) \
+                .get("schema", {}).get("$ref")
+            if ref == _VALIDATION_REF:
+                del responses["422"]
+                responses.setdefault("400", {
+                    "description": "Bad Request (INVALID_MESSAGE: a parameter or the body is "
+                                   "invalid)",
+                    "content": {"application/json": {"schema": {
+                        "$ref": "#/components/schemas/ErrorBody"}}}})
+    schemas = schema.get("components", {}).get("schemas", {})
+    for name in ("HTTPValidationError", "ValidationError"):
+        schemas.pop(name, None)
+    return schema
+
+
 def error_response(code: str, message: str, details: dict[str, Any], status: int,
                    headers: dict[str, str] | None = None) -> JSONResponse:
     return JSONResponse(ErrorBody(code=code, message=message, details=details).model_dump(), status,
                         headers=headers)
 
 
-__all__ = ["check_job_slot", "check_media_size", "error_response", "job_out", "openapi_text", "public", "router"]
+__all__ = ["check_job_slot", "check_media_size", "error_response", "invalid_requests_are_400", "job_out",
+           "openapi_text", "public", "router"]

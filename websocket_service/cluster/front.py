@@ -36,7 +36,6 @@ from . import registry
 
 #: how long the front waits for the replicas' answers
 GATHER_TIMEOUT_S = 5.0
-CLOSE_TRY_AGAIN = 1013
 FORWARDED_HEADERS = ("authorization", "content-type")
 ANSWERED_HEADERS = ("content-disposition", "retry-after")
 #: what a refused new session is told to wait (the front adds it to 429 and 503 answers)
@@ -270,7 +269,8 @@ async def no_sessions_here(ws: WebSocket) -> None:
     """Sockets reach the front only while the session application is not deployed (e.g. it is
     draining): the front must not hold sessions itself."""
     await ws.accept()
-    await ws.close(CLOSE_TRY_AGAIN, "no session replica is taking sessions; try again later")
+    await ws.close(ServiceUnavailable.close_code,
+                   "no session replica is taking sessions; try again later")
 
 
 def install(app: FastAPI, replicas: DeploymentHandle, target_replicas: int = 1) -> None:

@@ -17,38 +17,28 @@ from __future__ import annotations
 
 import base64
 import binascii
-import json
 import struct
 from collections.abc import Mapping
 from typing import Any
 
 from fastapi import WebSocket
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import ValidationError
 
 from ..bridge import FORMATS, Bridge
 from ..errors import InvalidMessage, ServiceError
-from ..protocol import pcm_from_bytes
+from ..protocol import (
+    BRIDGE_TYPES,
+    BridgeConfigData,
+    BridgeMediaData,
+    BridgeReadyData,
+    ServerMessage,
+    pcm_from_bytes,
+)
 from ..session import Session
-from ..wire import error_message, parse_json
+from ..wire import error_message, explain_invalid, parse_json
 from .session_socket import open_session_socket
 
 HEADER = struct.Struct("<Bd")  # kind, timestamp_ms
-
-
-class _Msg(BaseModel):
-    model_config = ConfigDict(extra="ignore", frozen=True)
-
-
-class ConfigData(_Msg):
-    format: str = Field("rgb24", max_length=16)
-    width: int | None = None
-    height: int | None = None
-
-
-class MediaData(_Msg):
-    timestamp_ms: float = Field(..., ge=0)
-    data: str
-    format: str | None = Field(None, max_length=16)  # a frame's, when not the configured one
 
 
 async def bridge_endpoint(ws: WebSocket, session_id: str) -> None:
@@ -86,23 +76,22 @@ async def _handle(ws: WebSocket, session: Session, bridge: Bridge | None,
         raise InvalidMessage("a text message is an envelope {type, session_id, data}") from None
     try:
         if type_ == "BRIDGE_CONFIG":
-            return await _configure(ws, session, bridge, ConfigData.model_validate(data))
+            return await _configure(ws, session, bridge, BridgeConfigData.model_validate(data))
         if type_ in ("BRIDGE_FRAME", "BRIDGE_AUDIO"):
             if bridge is None:
                 raise InvalidMessage("send BRIDGE_CONFIG first")
-            media = MediaData.model_validate(data)
+            media = BridgeMediaData.model_validate(data)
             _push(session, bridge, 1 if type_ == "BRIDGE_FRAME" else 2, media.timestamp_ms,
                   _b64(media.data), now, media.format)
             return bridge
     except ValidationError as exc:
-        first = exc.errors(include_url=False)[0]
-        raise InvalidMessage(f"invalid {'.'.join(map(str, first['loc']))}: {first['msg']}") from None
+        raise explain_invalid(data, exc, expected_types=BRIDGE_TYPES) from None
     raise InvalidMessage(f"unknown message type {str(type_)[:40]!r}",
-                         {"expected_types": ["BRIDGE_CONFIG", "BRIDGE_FRAME", "BRIDGE_AUDIO"]})
+                         {"expected_types": BRIDGE_TYPES})
 
 
 async def _configure(ws: WebSocket, session: Session, bridge: Bridge | None,
-                     cfg: ConfigData) -> Bridge:
+                     cfg: BridgeConfigData) -> Bridge:
     v = session.video
     if (cfg.width or v.width, cfg.height or v.height) != (v.width, v.height):
         raise InvalidMessage(f"the session streams {v.width}x{v.height}; push frames of that size",
@@ -112,9 +101,9 @@ async def _configure(ws: WebSocket, session: Session, bridge: Bridge | None,
     if bridge is not None:
         session.close_bridge(bridge)
     bridge = session.open_bridge(cfg.format)
-    await ws.send_text(json.dumps({"type": "BRIDGE_READY", "session_id": session.session_id,
-                                   "data": {"width": v.width, "height": v.height,
-                                            "format": cfg.format}}))
+    ready = BridgeReadyData(width=v.width, height=v.height, format=cfg.format)
+    await ws.send_text(ServerMessage(type="BRIDGE_READY", session_id=session.session_id,
+                                     data=ready).to_json())
     return bridge
 
 

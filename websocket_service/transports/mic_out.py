@@ -2,11 +2,12 @@
 
 Receive-only. Each piece of the peer's audio (16 kHz mono PCM s16le, before the speech gate)
 comes as an envelope ``{"type": "MIC_AUDIO", "session_id", "data": {"timestamp_ms",
-"sample_rate", "samples", "data": base64}}``; ``timestamp_ms`` is the piece's position in the
-peer's audio (pieces follow each other without gaps unless this reader fell behind, when the
-oldest are dropped: at most ``MIC_QUEUE_PIECES`` wait, and ``dropped`` counts the loss). When
-the session ends the socket closes with 1000. With ``AUTH_TOKEN`` or JWT keys set, send
-``?token=`` (a JWT: the session's user).
+"sample_rate", "samples", "dropped", "data": base64}}`` (:class:`~..protocol.MicAudioData`);
+``timestamp_ms`` is the piece's position in the peer's audio (pieces follow each other without
+gaps unless this reader fell behind, when the oldest are dropped: at most ``MIC_QUEUE_PIECES``
+wait, and ``dropped`` counts the loss). When the session ends, what was waiting is sent and
+the socket closes with 1000. With ``AUTH_TOKEN`` or JWT keys set, send ``?token=`` (a JWT:
+the session's user).
 """
 
 from __future__ import annotations
@@ -14,13 +15,14 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
-import json
-from collections import deque
 
 import numpy as np
 from fastapi import WebSocket, WebSocketDisconnect
 
+from ..channel import ChannelClosed, DropOldest
+from ..errors import CLOSE_NORMAL
 from ..manager import Services
+from ..protocol import MicAudioData, ServerMessage
 from ..units import SAMPLE_RATE
 from .session_socket import open_session_socket
 
@@ -28,40 +30,31 @@ MIC_QUEUE_PIECES = 250  # about 5 s of 20 ms pieces
 
 
 class MicReader:
-    """One reader's bounded queue; also the session's attachment that ends the socket."""
+    """One reader's bounded queue (drop-oldest); also the session's attachment that ends the
+    socket."""
 
     def __init__(self, ws: WebSocket, session_id: str) -> None:
         self.ws, self.session_id = ws, session_id
-        self.queue: deque[tuple[int, np.ndarray]] = deque()
-        self.dropped = 0
-        self.wake = asyncio.Event()
-        self.ended = False
+        self.queue: DropOldest[tuple[int, np.ndarray]] = DropOldest(MIC_QUEUE_PIECES)
 
     def on_audio(self, ts: int, pcm: np.ndarray) -> None:
-        if len(self.queue) >= MIC_QUEUE_PIECES:
-            self.queue.popleft()
-            self.dropped += 1
-        self.queue.append((ts, pcm))
-        self.wake.set()
+        self.queue.put((ts, pcm))
 
     async def aclose(self) -> None:
-        self.ended = True
-        self.wake.set()
+        self.queue.close()
 
     async def run(self) -> None:
+        """Send every piece as MIC_AUDIO until the session ends (and what is left is sent)."""
         while True:
-            if not self.queue:
-                if self.ended:
-                    return
-                self.wake.clear()
-                await self.wake.wait()
-                continue
-            ts, pcm = self.queue.popleft()
-            await self.ws.send_text(json.dumps({
-                "type": "MIC_AUDIO", "session_id": self.session_id,
-                "data": {"timestamp_ms": ts, "sample_rate": SAMPLE_RATE, "samples": len(pcm),
-                         "dropped": self.dropped,
-                         "data": base64.b64encode(pcm.astype("<i2").tobytes()).decode("ascii")}}))
+            try:
+                ts, pcm = await self.queue.get()
+            except ChannelClosed:
+                return
+            data = MicAudioData(timestamp_ms=ts, sample_rate=SAMPLE_RATE, samples=len(pcm),
+                                dropped=self.queue.dropped,
+                                data=base64.b64encode(pcm.astype("<i2").tobytes()).decode("ascii"))
+            await self.ws.send_text(ServerMessage(type="MIC_AUDIO", session_id=self.session_id,
+                                                  data=data).to_json())
 
 
 async def mic_endpoint(ws: WebSocket, session_id: str) -> None:
@@ -84,7 +77,7 @@ async def mic_endpoint(ws: WebSocket, session_id: str) -> None:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await t
         with contextlib.suppress(Exception):
-            await ws.close(code=1000)
+            await ws.close(code=CLOSE_NORMAL)
 
 
 async def _until_closed(ws: WebSocket) -> None:

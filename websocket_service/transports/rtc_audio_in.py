@@ -1,10 +1,12 @@
 """Speech from a peer's audio track into a session (the browser microphone path).
 
-Received frames (48 kHz Opus, usually stereo) are resampled to 16 kHz mono s16 and pushed
-to :meth:`Session.push_audio` while the peer is talking. Talking is decided by energy: a
-piece louder than ``threshold_dbfs`` starts an utterance, and ``hangover_ms`` of quiet ends
-it with :meth:`Session.end_of_speech`. Silence between utterances is not pushed, so the
-avatar goes back to idle instead of lip-syncing an open microphone's noise.
+Received frames (48 kHz Opus, usually stereo) are resampled to 16 kHz mono s16. All of it
+goes to the session's microphone tap (:attr:`Session.mic`: the ``/mic`` socket, ASR); what
+the :class:`EnergyGate` lets through goes to :meth:`Session.push_audio`. A piece louder than
+``threshold_dbfs`` opens the gate; it closes after ``hangover_ms`` of quiet (that tail is
+still pushed). The gate never ends an utterance: silence is simply not pushed, so the
+session's own rule (``speech_gap_ms`` without audio) ends it and the avatar goes back to idle
+instead of lip-syncing an open microphone's noise.
 """
 
 from __future__ import annotations

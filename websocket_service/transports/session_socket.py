@@ -3,7 +3,7 @@
 The same gate for each: the Origin allow-list (before the handshake: a 403), then the token
 (``?token=``: the static AUTH_TOKEN, or a JWT whose subject is the session's user), then the
 session (:func:`~..api.access.owned_session`: a JWT learns nothing of other users' sessions).
-A refusal is one ``ERROR`` envelope and close 1008.
+A refusal is one ``ERROR`` envelope and a close with the error's ``close_code`` (1008).
 """
 
 from __future__ import annotations
@@ -12,12 +12,10 @@ from fastapi import WebSocket
 
 from ..api.access import owned_session
 from ..api.auth import authorize, origin_allowed
-from ..errors import ServiceError
+from ..errors import CLOSE_POLICY, ServiceError
 from ..manager import Services
 from ..session import Session
 from ..wire import error_message
-
-CLOSE_POLICY = 1008
 
 
 async def open_session_socket(ws: WebSocket, session_id: str) -> Session | None:
@@ -32,6 +30,6 @@ async def open_session_socket(ws: WebSocket, session_id: str) -> Session | None:
         session = owned_session(services.sessions, principal, session_id)
     except ServiceError as err:
         await ws.send_text(error_message(err, None).to_json())
-        await ws.close(code=CLOSE_POLICY)
+        await ws.close(code=err.close_code)
         return None
     return session

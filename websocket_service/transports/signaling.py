@@ -2,7 +2,8 @@
 
 Both end in :meth:`RtcHub.connect`; the answer always carries every server candidate
 (aiortc gathers completely before ``setLocalDescription`` returns), so trickle from the
-server is never needed. The message set is documented in ``musetalk_websocket_spec.md`` (section 9).
+server is never needed. The messages are :mod:`..protocol_rtc`, documented in
+``musetalk_websocket_spec.md`` (section 10).
 
 An offer that names a running ``session_id`` attaches a receive-only viewer to that session
 instead of opening one (:meth:`RtcHub.view`); its owner keeps control.
@@ -18,14 +19,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import uuid
-from typing import Annotated, Any, Literal
+from typing import Any
 
 from aiortc.sdp import candidate_from_sdp
 from fastapi import APIRouter, Request, WebSocket, WebSocketDisconnect
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+from pydantic import ValidationError
 from starlette.websockets import WebSocketState
 
 from ..api.access import check_user, owned_session, viewable_session
@@ -39,11 +39,31 @@ from ..api.auth import (
     bearer_token,
     origin_allowed,
 )
-from ..errors import AuthFailed, InvalidMessage, InvalidSession, RateLimitExceeded, ServiceError
+from ..errors import (
+    CLOSE_NORMAL,
+    CLOSE_POLICY,
+    AuthFailed,
+    InvalidMessage,
+    InvalidSession,
+    RateLimitExceeded,
+    ServiceError,
+)
 from ..limits import Pending
 from ..protocol import VideoConfig
-from ..units import ID_PATTERN, ID_RE
-from ..wire import signaling_error
+from ..protocol_rtc import (
+    MAX_SIGNAL_BYTES,
+    SIGNAL_ADAPTER,
+    SIGNAL_TYPES,
+    Offer,
+    OfferAnswer,
+    Outgoing,
+    SigBye,
+    SigCandidate,
+    SigPing,
+    SigPong,
+)
+from ..units import ID_RE
+from ..wire import explain_invalid, signaling_error
 from .webrtc import RtcHub, RtcPeer
 
 log = logging.getLogger(__name__)
@@ -51,73 +71,13 @@ log = logging.getLogger(__name__)
 router = APIRouter(tags=["webrtc"])
 IDLE_TIMEOUT_S = 60.0  # a signaling socket with no message (not even a ping) this long is closed
 MAX_OUTBOX = 256
-MAX_SIGNAL_BYTES = 64 * 1024
-CLOSE_POLICY = 1008
-CLOSE_TRY_AGAIN = 1013
-
-ID = Field(None, pattern=ID_PATTERN)
-TOKEN = Field(None, max_length=1024, description="the server's AUTH_TOKEN, when one is set")
-VIEW = Field(None, pattern=ID_PATTERN,
-             description="view this running session (receive-only) instead of opening one")
-
-
-class _Msg(BaseModel):
-    model_config = ConfigDict(extra="ignore", frozen=True)
-
-
-class OfferRequest(_Msg):
-    """Body of ``POST /offer`` (the aiortc examples' convention plus who is asking)."""
-
-    sdp: str = Field(..., max_length=MAX_SIGNAL_BYTES)
-    type: Literal["offer"] = "offer"
-    user_id: str | None = Field(None, pattern=ID_PATTERN,
-                                description="who opens a new session (required unless session_id)")
-    session_id: str | None = VIEW
-    avatar_id: str | None = ID
-    base_video: str | None = Field(None, max_length=64)
-    auth_token: str | None = TOKEN
-
-
-class OfferAnswer(_Msg):
-    sdp: str
-    type: Literal["answer"] = "answer"
-    session_id: str
-    viewer: bool = False
-
-
-class SigOffer(_Msg):
-    type: Literal["offer"]
-    sdp: str = Field(..., max_length=MAX_SIGNAL_BYTES)
-    session_id: str | None = VIEW
-    avatar_id: str | None = ID
-    base_video: str | None = Field(None, max_length=64)
-    auth_token: str | None = TOKEN
-
-
-class SigCandidate(_Msg):
-    type: Literal["ice-candidate"]
-    candidate: dict[str, Any] | None = None  # RTCIceCandidateInit; null = end of candidates
-
-
-class SigPing(_Msg):
-    type: Literal["ping"]
-    t: float | None = None
-
-
-class SigBye(_Msg):
-    type: Literal["bye"]
-
-
-SIGNAL_ADAPTER: TypeAdapter[Any] = TypeAdapter(
-    Annotated[SigOffer | SigCandidate | SigPing | SigBye, Field(discriminator="type")])
-
 
 def _hub(app: Any) -> RtcHub:
     return app.state.rtc_hub
 
 
 @router.post("/offer", response_model=OfferAnswer, responses=UNAUTHORIZED)
-async def offer(request: Request, body: OfferRequest, credentials: Credentials) -> OfferAnswer:
+async def offer(request: Request, body: Offer, credentials: Credentials) -> OfferAnswer:
     """Answer a WebRTC offer with a new session. Poll ``GET /sessions/{session_id}``
     (``rtc.connection_state``) to learn about failures; the session closes with the peer.
     With ``session_id``, attach a receive-only viewer to that running session instead
@@ -141,8 +101,7 @@ async def offer(request: Request, body: OfferRequest, credentials: Credentials) 
             body.user_id, body.sdp, body.type,
             VideoConfig(avatar_id=body.avatar_id, base_video=body.base_video))
     desc = peer.pc.localDescription
-    return OfferAnswer(sdp=desc.sdp, type="answer", session_id=peer.session_id,
-                       viewer=peer.viewer)
+    return OfferAnswer(sdp=desc.sdp, session_id=peer.session_id, viewer=peer.viewer)
 
 
 class SignalingConnection:
@@ -158,13 +117,13 @@ class SignalingConnection:
         #: who the socket acts for; None while unauthenticated, or when it holds only a view
         #: grant (it may then watch that session, nothing else)
         self.principal: Principal | None = OPERATOR if self.authed else None
-        self.close_code = 1000
-        self.outbox: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue(MAX_OUTBOX)
+        self.close_code = CLOSE_NORMAL
+        self.outbox: asyncio.Queue[Outgoing | None] = asyncio.Queue(MAX_OUTBOX)
         #: until authenticated: one of its address's pending sockets, and no client slot
         self._pending: Pending | None = None
         self._overflow = False
 
-    def send(self, msg: dict[str, Any]) -> None:
+    def send(self, msg: Outgoing) -> None:
         """Queue a message without blocking; a client that stops reading is dropped."""
         try:
             self.outbox.put_nowait(msg)
@@ -176,19 +135,19 @@ class SignalingConnection:
             msg = await self.outbox.get()
             if msg is None:  # end marker from _flush
                 return
-            await self.ws.send_text(json.dumps(msg))
+            await self.ws.send_text(msg.to_json())
 
     async def run(self) -> None:
         if not ID_RE.match(self.user_id):
             await self._refuse(InvalidMessage("user_id must be 1-64 characters of letters, "
-                                              "digits, '-' and '_'"), CLOSE_POLICY)
+                                              "digits, '-' and '_'"))
             return
         url_token = self.ws.query_params.get("token")
         if url_token is not None and not self.authed:
             try:
                 self.principal = authorize(self.hub.settings, self.user_id, url_token)
             except AuthFailed as err:
-                await self._refuse(err, CLOSE_POLICY)
+                await self._refuse(err)
                 return
             self.authed = True
         try:
@@ -198,7 +157,7 @@ class SignalingConnection:
                 self._pending = self.hub.services.pending.enter(
                     self.ws.client.host if self.ws.client else None)
         except RateLimitExceeded as err:
-            await self._refuse(err, CLOSE_TRY_AGAIN, None if self.authed else
+            await self._refuse(err, None if self.authed else
                                "too many unauthenticated connections from this address")
             return
         sender = asyncio.create_task(self._send_loop(), name=f"sig-send-{self.user_id}")
@@ -228,10 +187,10 @@ class SignalingConnection:
         with contextlib.suppress(asyncio.CancelledError, Exception):
             await sender
 
-    async def _refuse(self, err: ServiceError, code: int, reason: str | None = None) -> None:
+    async def _refuse(self, err: ServiceError, reason: str | None = None) -> None:
         with contextlib.suppress(Exception):
-            await self.ws.send_text(json.dumps(signaling_error(err)))
-            await self.ws.close(code, reason or err.code)
+            await self.ws.send_text(signaling_error(err).to_json())
+            await self.ws.close(err.close_code, reason or err.code)
 
     async def _receive_loop(self) -> None:
         loop = asyncio.get_running_loop()
@@ -262,10 +221,8 @@ class SignalingConnection:
 
     def _fail(self, err: ServiceError) -> None:
         self.send(signaling_error(err))
-        if isinstance(err, AuthFailed):
-            self.close_code = CLOSE_POLICY
-        elif isinstance(err, RateLimitExceeded) and err.fatal:
-            self.close_code = CLOSE_TRY_AGAIN
+        if err.fatal:
+            self.close_code = err.close_code
 
     async def _handle(self, text: str) -> None:
         if len(text) > MAX_SIGNAL_BYTES:
@@ -273,11 +230,9 @@ class SignalingConnection:
         try:
             msg = SIGNAL_ADAPTER.validate_json(text)
         except ValidationError as exc:
-            first = exc.errors(include_url=False)[0]
-            raise InvalidMessage(f"invalid signaling message: {first.get('msg')}",
-                                 {"expected_types": ["offer", "ice-candidate", "ping", "bye"]}) from None
+            raise explain_invalid(text, exc, expected_types=SIGNAL_TYPES, envelope=False) from None
         if not self.authed:
-            if not isinstance(msg, SigOffer):
+            if not isinstance(msg, Offer):
                 raise AuthFailed("send the auth token as ?token= or in the first message, an offer")
             if not (msg.session_id is not None and self.hub.services.sessions.view_granted(
                     msg.session_id, msg.auth_token)):
@@ -286,8 +241,8 @@ class SignalingConnection:
             self._admit()
         if isinstance(msg, SigPing):
             loop = asyncio.get_running_loop()
-            self.send({"type": "pong", "t": msg.t, "server_time_ms": int(loop.time() * 1000)})
-        elif isinstance(msg, SigOffer):
+            self.send(SigPong(t=msg.t, server_time_ms=int(loop.time() * 1000)))
+        elif isinstance(msg, Offer):
             await self._offer(msg)
         elif isinstance(msg, SigCandidate):
             await self._candidate(msg)
@@ -301,7 +256,7 @@ class SignalingConnection:
             self._pending.done()
         self.hub.reserve(self.key)
 
-    async def _offer(self, msg: SigOffer) -> None:
+    async def _offer(self, msg: Offer) -> None:
         await self._drop_peer("renegotiated with a new offer")
         mgr = self.hub.services.sessions
         if msg.session_id is not None:
@@ -316,8 +271,8 @@ class SignalingConnection:
                 VideoConfig(avatar_id=msg.avatar_id, base_video=msg.base_video),
                 notify=self.send, slot=self.key)
         desc = self.peer.pc.localDescription
-        self.send({"type": "answer", "sdp": desc.sdp, "session_id": self.peer.session_id,
-                   "viewer": self.peer.viewer})
+        self.send(OfferAnswer(sdp=desc.sdp, session_id=self.peer.session_id,
+                              viewer=self.peer.viewer))
 
     def _principal(self) -> Principal:
         if self.principal is None:

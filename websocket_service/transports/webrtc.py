@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import uuid
 import weakref
@@ -34,16 +33,17 @@ from ..events import SessionEvent
 from ..feed import Outbox, SessionFeed, ensure_feed, release_feed
 from ..manager import Services
 from ..protocol import VideoConfig
+from ..protocol_rtc import Outgoing, SigConnected, SigDisconnected
 from ..session import OutputFrame, Session
 from ..units import SAMPLE_RATE
-from ..wire import event_message
+from ..wire import event_message, signaling_error
 from .rtc_audio_in import MicIngest
 from .rtc_network import host_addresses, rtc_configuration
 from .rtc_tracks import SessionAudioTrack, SessionVideoTrack
 
 log = logging.getLogger(__name__)
 
-Notify = Callable[[dict[str, Any]], None]
+Notify = Callable[[Outgoing], None]
 STATS_PERIOD_S = 1.0
 FAILED_LINGER_S = 5.0  # keep a failed session visible in GET /sessions/{id} this long
 VIDEO_CODECS = ("video/H264", "video/VP8", "video/rtx")
@@ -67,7 +67,7 @@ class RtcSink:
             peer.session.stats.error_sent()
         session = peer.session
         msg = event_message(session.session_id, event, session.avatar.names)
-        peer.notify(json.loads(msg.to_json()))
+        peer.notify(msg)
 
 
 def _sends_h264(sdp: str) -> bool:
@@ -129,7 +129,7 @@ class RtcPeer:
     def session_id(self) -> str:
         return self.session.session_id
 
-    def notify(self, msg: dict[str, Any]) -> None:
+    def notify(self, msg: Outgoing) -> None:
         if self._notify is not None:
             self._notify(msg)
 
@@ -197,15 +197,14 @@ class RtcPeer:
         log.info("session %s: %s connection %s", self.session_id,
                  "viewer" if self.viewer else "peer", state)
         if state == "connected":
-            self.notify({"type": "connected", "session_id": self.session_id})
+            self.notify(SigConnected(session_id=self.session_id))
         elif state == "failed":
             err = ProcessingError("the WebRTC connection failed (ICE found no working path); "
                                   "check the ICE servers / TURN relay and firewalls",
                                   {"reason": "ice_failed", "session_id": self.session_id})
             if not self.viewer:
                 self.session.stats.rtc_failed(err.code, err.message)
-            self.notify({"type": "error", "code": err.code, "message": err.message,
-                         "details": err.details})
+            self.notify(signaling_error(err))
             # REST (/offer) clients only learn of it by polling the session: keep it a while
             linger = FAILED_LINGER_S if self._notify is None and not self.viewer else 0.0
             self._spawn(self.close("ice failed", linger=linger), "rtc-close")
@@ -247,7 +246,7 @@ class RtcPeer:
                 self.hub.services.sessions.detach(self.session_id, self)
             else:
                 await self.hub.services.sessions.close(self.session_id)
-            self.notify({"type": "disconnected", "session_id": self.session_id, "reason": reason})
+            self.notify(SigDisconnected(session_id=self.session_id, reason=reason))
         finally:
             self.hub.release(self.key)
             if self.viewer:

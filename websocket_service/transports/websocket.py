@@ -24,6 +24,7 @@ from starlette.websockets import WebSocketState
 from ..api.access import viewable_session
 from ..api.auth import authorize, origin_allowed
 from ..errors import (
+    CLOSE_POLICY,
     InternalError,
     InvalidMessage,
     InvalidSession,
@@ -89,9 +90,6 @@ class Route:
     access: Access
     handler: Callable[[Connection, Any, Any], Awaitable[None]]
 
-CLOSE_POLICY = 1008
-CLOSE_TRY_AGAIN = 1013
-
 
 class Connection:
     """One client connection; at most one session on it."""
@@ -156,7 +154,7 @@ class Connection:
                 self.ws.client.host if self.ws.client else None)
         except RateLimitExceeded as err:
             await self._send_direct(error_message(err, None))
-            await self._close(CLOSE_TRY_AGAIN, "too many unauthenticated connections from "
+            await self._close(err.close_code, "too many unauthenticated connections from "
                                                "this address")
             return
         self._recv = asyncio.create_task(self._receive_loop(), name=f"ws-recv-{self.user_id}")
@@ -211,8 +209,7 @@ class Connection:
             except ServiceError as err:
                 await self.report(err)
                 if err.fatal:
-                    code = CLOSE_TRY_AGAIN if err.code == "RATE_LIMIT_EXCEEDED" else CLOSE_POLICY
-                    await self._close(code, err.code)
+                    await self._close(err.close_code, err.code)
                     return
             except Exception:  # a bug must cost one request, not the connection
                 log.exception("connection %s: request failed", self.user_id)
