@@ -207,10 +207,7 @@ async def _flood_and_read(client: Client, msgs: list[str],
 
 
 async def _still_streams(client: Client) -> None:
-    n = len(client.frames)
-    async with asyncio.timeout(10):
-        while len(client.frames) < n + 10:
-            await client.recv_for(0.2)
+    await client.recv_frames(10, timeout=10)
 
 
 async def test_a_flooding_client_that_reads_is_answered_not_closed(make_server: MakeServer) -> None:
@@ -289,14 +286,13 @@ async def test_a_viewer_that_stops_reading_is_closed_while_its_owner_floods(
     _send(sock, proto, envelope("INIT", owner.session_id, user_id="u1", viewer=True))
     try:
         feed = server.services.ws_feeds[owner.session_id]
-        async with asyncio.timeout(20):  # the viewer's buffers are full: its frames drop
-            while not (len(feed.outboxes) == 2 and feed.outboxes[1].dropped):
-                await owner.recv_for(0.05)
+        await owner.recv_until_holds(  # the viewer's buffers are full: its frames drop
+            lambda: len(feed.outboxes) == 2 and bool(feed.outboxes[1].dropped), 20,
+            "the viewer's frames to drop")
         replies = await _flood_and_read(owner, _flood(owner.session_id), lambda r: len(r) >= 1000)
         assert len(replies) == 1000
-        async with asyncio.timeout(20):  # the viewer is disconnected, the owner streams on
-            while len(feed.outboxes) > 1:
-                await owner.recv_for(0.05)
+        await owner.recv_until_holds(  # the viewer is disconnected, the owner streams on
+            lambda: len(feed.outboxes) == 1, 20, "the viewer to be disconnected")
         assert "client not reading" in caplog.text
         await _still_streams(owner)
     finally:

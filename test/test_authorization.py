@@ -149,8 +149,7 @@ async def test_recordings_belong_to_the_sessions_user(make_server: MakeServer, t
         r = await http.post(f"/sessions/{sid}/recording", headers=a)
         assert r.status_code == 201, r.text
         rid = r.json()["recording_id"]
-        while len(alice.frames) < 10:  # some frames into the file
-            await alice.recv_for(0.1)
+        await alice.recv_frames(10)  # some frames into the file
         _not_yours(await http.delete(f"/sessions/{sid}/recording", headers=b), sid)
         r = await http.delete(f"/sessions/{sid}/recording", headers=a)
         assert r.status_code == 200 and r.json()["status"] == "done", r.text
@@ -193,8 +192,7 @@ async def test_a_view_grant_lets_its_holder_watch_and_nothing_more(make_server: 
         # a guest with no account of its own watches with the grant alone
         guest, reply = await _viewer(server, "guest", sid, grant)
         assert reply["type"] == "INIT_SUCCESS" and reply["viewer"] is True
-        while len(guest.frames) < 3:
-            await guest.recv_for(0.1)
+        await guest.recv_frames(3)
         await guest.msg("INTERRUPT")  # receive-only
         assert (await guest.error())["code"] == "INVALID_SESSION"
         # the grant is for watching this session: it opens nothing and controls nothing
@@ -226,9 +224,7 @@ async def test_a_view_grant_lets_its_holder_watch_and_nothing_more(make_server: 
         late, reply = await _viewer(server, "guest", sid, grant)
         assert reply["code"] == "AUTH_FAILED"
         await late.close()
-        seen = len(guest.frames)
-        while len(guest.frames) < seen + 3:
-            await guest.recv_for(0.1)
+        await guest.recv_frames(3)
     await guest.close()
     await alice.close()
 
@@ -275,11 +271,8 @@ async def test_viewers_have_limits_per_address_per_session_and_in_all(
     assert r.status_code == 429 and r.json()["details"] == {"max_viewers_per_ip": 2}
     await peer.close()
     await first.close()  # a viewer that leaves gives its place back
-    for _ in range(100):
-        if server.services.sessions.viewer_count() == 1:
-            break
-        await second.recv_for(0.05)
-    assert server.services.sessions.viewer_count() == 1
+    await second.recv_until_holds(lambda: server.services.sessions.viewer_count() == 1, 5,
+                                  "the viewer's place back")
     again, r4 = await view("v4")
     assert r4["type"] == "INIT_SUCCESS"
     for c in (again, second, owner):

@@ -155,7 +155,7 @@ async def test_full_flow_speaking_video_actions_and_close(server):
     client, reply = await Client.connect(server.ws)
     avatar = server.services.store.cached("default")
     clips = {n: avatar.clip(c).frames for n, c in (("idle_0", "idle"), ("speaking_0", "speaking"))}
-    await client.recv_for(0.3)
+    await client.recv_frames(8)
 
     # STATE_CHANGE to a speaking_k video: later speech is rendered on it
     await client.msg("STATE_CHANGE", target_state="speaking", base_video="speaking_0")
@@ -194,7 +194,7 @@ async def test_full_flow_speaking_video_actions_and_close(server):
     progress = [f["action_progress"] for f in v10]
     assert progress == sorted(progress) and 0 < progress[0] and progress[-1] == 1.0
     assert sum(f.get("utterance_frame") is not None for f in v10) == 10
-    await client.recv_for(0.2)  # STATE_CHANGED goes out just before the first frame after it
+    await client.recv_frames(5)  # STATE_CHANGED goes out just before the first frame after it
     assert client.frames[-1]["state"] == "idle"
 
     await client.msg("CLOSE")

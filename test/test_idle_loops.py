@@ -52,11 +52,8 @@ async def test_idle_speech_idle_action_splices_decode_in_order(server):
     session = server.services.sessions.get(client.session_id)
     async def until_copied(n: int) -> None:
         """Receive (and decode) frames until ``n`` of them came from the shared loop."""
-        for _ in range(100):
-            if session.stats.loop_frames >= n:
-                return
-            await client.recv_for(0.2)
-        raise AssertionError(f"only {session.stats.loop_frames} loop frames, wanted {n}")
+        await client.recv_until_holds(lambda: session.stats.loop_frames >= n, 20,
+                                      f"{n} loop frames")
 
     await until_copied(30)  # the loop is encoded on first use; then idle frames are copies
     copied_before_speech = session.stats.loop_frames
@@ -97,10 +94,7 @@ async def _burst(server, n: int, **init_fields) -> list[Client]:
 async def _until(clients: list[Client], done, timeout: float = 60.0) -> None:
     """Receive on every client until ``done(client)`` holds for all (or fail after timeout)."""
     async def one(c: Client) -> None:
-        end = time.monotonic() + timeout
-        while not done(c):
-            assert time.monotonic() < end, f"{c.session_id}: {len(c.frames)} frames"
-            await c.recv_for(0.1)
+        await c.recv_until_holds(lambda: done(c), timeout, f"{c.session_id}: done")
     await asyncio.gather(*(one(c) for c in clients))
 
 

@@ -98,24 +98,23 @@ async def test_a_feed_that_fell_behind_encodes_its_backlog_in_one_call(make_serv
     # machine can emit one or two more before the threads are released (CI: 1 dropped)
     server = make_server(shared_idle_loops=False, send_queue_frames=16)
     client, _ = await Client.connect(server.ws)  # decodes every frame: one picture each
-    await client.recv_for(0.2)
+    await client.recv_frames(5)
     session = server.services.sessions.get(client.session_id)
     pool = threads._get()
     gate = threading.Event()
     try:
         blockers = [pool.submit(threads.RENDER, gate.wait, 30) for _ in range(pool.size)]
         emitted = session.stats.frames_emitted
-        for _ in range(200):  # until 5 frames wait (the feed holds up to SEND_QUEUE_FRAMES)
-            if session.stats.frames_emitted >= emitted + 5 + pool.size:
-                break
-            await client.recv_for(0.05)
-        else:
-            raise AssertionError("the session stopped emitting frames")
+        # until 5 frames wait (the feed holds up to SEND_QUEUE_FRAMES)
+        await client.recv_until_holds(
+            lambda: session.stats.frames_emitted >= emitted + 5 + pool.size, 10,
+            "frames emitted while the threads are blocked")
     finally:
         gate.set()
+        last = session.stats.frames_emitted - 1  # the backlog's last frame
     for b in blockers:
         assert b.result(10) is True
-    await client.recv_for(0.5)
+    await client.recv_frame(lambda f: f["frame_index"] >= last)  # the backlog has arrived
     assert session.stats.batched_frames >= 3
     assert session.stats.frames_dropped == 0
     indices = [f["frame_index"] for f in client.frames]

@@ -55,7 +55,7 @@ async def test_musetalk_speaks_one_frame_per_chunk_touching_only_the_lower_face(
     assert health["engine"] == "musetalk" and health["model_loaded"]
     client, reply = await Client.connect(mt_server.ws)
     assert reply["type"] == "INIT_SUCCESS" and reply["engine"] == "musetalk"
-    await client.recv_for(0.3)
+    await client.recv_frames(5, timeout=30)
     # the picture before encoding: idle frames are copied from the avatar's shared loop (its own
     # encoder), speech frames come from the session's encoder, so both are compared with it
     idle = mt_server.services.store.cached("default").clips["idle"].frames[0].astype(int)

@@ -17,7 +17,7 @@ async def test_a_recording_is_the_stream_remuxed_with_its_audio(make_server, tmp
     server = make_server(recordings_dir=tmp_path / "rec")
     client, _ = await Client.connect(server.ws)
     client.decode = False
-    await client.recv_for(0.2)
+    await client.recv_frames(5)
     async with httpx.AsyncClient(base_url=server.http, timeout=30) as http:
         r = await http.post(f"/sessions/{client.session_id}/recording")
         assert r.status_code == 201, r.text
@@ -25,10 +25,10 @@ async def test_a_recording_is_the_stream_remuxed_with_its_audio(make_server, tmp
         again = await http.post(f"/sessions/{client.session_id}/recording")
         assert again.status_code == 404 and again.json()["code"] == "INVALID_SESSION"
         wav = read_wav(FIXTURES / "short_16k.wav")  # 1.2 s of speech
-        await client.recv_for(0.4)
+        await client.recv_frames(10)  # idle into the file first
         await client.stream_audio(wav)
         await client.recv_until(lambda m: m["type"] == "SPEECH_ENDED")
-        await client.recv_for(0.4)
+        await client.recv_frames(15)  # 10 + 30 + 15 frames since the recording began
         r = await http.delete(f"/sessions/{client.session_id}/recording")
         assert r.status_code == 200, r.text
         info = r.json()
@@ -80,7 +80,7 @@ async def test_closing_the_session_finishes_its_recording(make_server, tmp_path)
     client.decode = False
     async with httpx.AsyncClient(base_url=server.http, timeout=30) as http:
         rid = (await http.post(f"/sessions/{client.session_id}/recording")).json()["recording_id"]
-        await client.recv_for(1.0)
+        await client.recv_frames(25)  # a second into the file
         await client.msg("CLOSE")
         await client.recv_until(lambda m: m["type"] == "CLOSE_ACK")
         await client.ws.wait_closed()

@@ -39,8 +39,7 @@ def test_health_and_landing_page(server):
 async def test_sessions_report_live_counters(server):
     client, _ = await Client.connect(server.ws)
     client.decode = False
-    while len(client.frames) < 30:
-        await client.recv_for(0.2)
+    await client.recv_frames(30, timeout=20)
     info = server.get("/sessions").json()
     assert info["count"] == 1
     s = info["sessions"][0]
@@ -96,7 +95,7 @@ async def test_prepare_avatar_from_upload_then_stream_it(server, tmp_path):
     assert "alice" in [a["avatar_id"] for a in server.get("/avatars").json()["avatars"]]
     client, reply = await Client.connect(server.ws, "alice", video_config={"avatar_id": "alice"})
     assert reply["type"] == "INIT_SUCCESS" and reply["avatar"] == "alice"
-    await client.recv_for(0.5)
+    await client.recv_frames(10)
     assert len(client.images) >= 10
     await client.close()
 

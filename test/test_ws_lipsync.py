@@ -17,7 +17,7 @@ from .wsclient import Client, read_wav
 async def test_mouth_follows_loudness_and_stays_closed_in_pauses(server):
     raw = read_wav(FIXTURES / "speech_pauses_16k.wav")
     client, _ = await Client.connect(server.ws)
-    await client.recv_for(0.3)
+    await client.recv_frames(8)
     idle_ref = client.images[-1]
     # TTS-style: the whole utterance in 1 s chunks, as fast as the server accepts it
     await client.stream_audio(raw, realtime=False, chunk=32000)

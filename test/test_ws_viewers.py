@@ -29,7 +29,7 @@ def stalled_viewer(port: int, session_id: str) -> socket.socket:
 
 async def test_viewers_get_the_same_packets_and_cannot_control(server):
     owner, _ = await Client.connect(server.ws, "owner")
-    await owner.recv_for(0.3)
+    await owner.recv_frames(8)
     views = [await viewer(server, owner.session_id, f"v{i}") for i in range(3)]
     for _, reply in views:
         assert reply["type"] == "INIT_SUCCESS" and reply["viewer"] is True
@@ -66,7 +66,7 @@ async def test_viewers_get_the_same_packets_and_cannot_control(server):
     err = await v0.error()
     assert err["code"] == "INVALID_SESSION" and "receive-only" in err["message"]
     n = len(v0.frames)
-    await v0.recv_for(0.3)
+    await v0.recv_frames(8)  # the stream after the refusal
     assert len(v0.frames) > n and all(f["state"] != "action" for f in v0.frames[n:])
 
     # the owner leaves: the session ends, and viewers are told and closed
@@ -84,15 +84,16 @@ async def test_a_stalled_viewer_sheds_frames_and_slows_nobody(server):
     owner, _ = await Client.connect(server.ws, "owner", video_config={
         "resolution": "1024x1024", "gop_seconds": 0.04, "bitrate": 20_000_000})
     owner.decode = False
-    await owner.recv_for(0.2)
+    await owner.recv_frames(5)
     stalled = stalled_viewer(server.settings.port, owner.session_id)
     watcher, _ = await viewer(server, owner.session_id, "watcher")
     watcher.decode = False  # (test_viewers_get_the_same_packets... decodes every frame)
     feed = server.services.ws_feeds[owner.session_id]
-    for _ in range(100):  # read on until the stalled viewer has shed frames
-        await asyncio.gather(watcher.recv_for(0.2), owner.recv_for(0.2))
-        if max(b.dropped for b in feed.outboxes) > 0 and len(watcher.frames) >= 60:
-            break
+    def shed() -> bool:  # read on until the stalled viewer has shed frames
+        return max(b.dropped for b in feed.outboxes) > 0 and len(watcher.frames) >= 60
+
+    await asyncio.gather(watcher.recv_until_holds(shed, 30, "the stalled viewer to shed"),
+                         owner.recv_until_holds(shed, 30, "the stalled viewer to shed"))
     dropped = [b.dropped for b in feed.outboxes]
     assert sum(d > 0 for d in dropped) == 1, dropped  # only the stalled one sheds
     idx = [f["frame_index"] for f in watcher.frames]

@@ -42,8 +42,13 @@ def envelope(type_: str, session_id: str | None, **data: Any) -> dict[str, Any]:
     return {"type": type_, "session_id": session_id, "data": data}
 
 
+def envelope_json(type_: str, session_id: str | None, **data: Any) -> str:
+    """``envelope`` as the text a client sends."""
+    return json.dumps(envelope(type_, session_id, **data))
+
+
 def chunk_msg(session_id: str, pcm: bytes, **extra: Any) -> str:
-    return json.dumps(envelope("GENERATE", session_id, audio_chunk=audio_chunk(pcm), **extra))
+    return envelope_json("GENERATE", session_id, audio_chunk=audio_chunk(pcm), **extra)
 
 
 def flatten(m: dict[str, Any]) -> dict[str, Any]:
@@ -127,6 +132,23 @@ class Client:
             await self._recv_until_msg(lambda m: len(self.frames) >= start + n, timeout,
                                        f"{n} frames")
         return self.frames[start : start + n]
+
+    async def recv_until_holds(self, cond: Callable[[], bool], timeout: float = 10.0,
+                               what: str = "the condition") -> None:
+        """Receive (recording every message) until ``cond()`` holds: for state outside the
+        messages (server counters). ``cond`` is checked after each message, and every 50 ms
+        while none comes (the state may change while the stream is held up)."""
+        end = time.monotonic() + timeout
+        while not cond():
+            left = end - time.monotonic()
+            if left <= 0:
+                raise TimeoutError(f"not {what} within {timeout} s; {len(self.frames)} frames, "
+                                   f"events: {self.events[-5:]}")
+            try:
+                raw = await asyncio.wait_for(self.ws.recv(), min(left, 0.05))
+            except TimeoutError:
+                continue
+            self._take(json.loads(raw))
 
     async def sync(self, timeout: float = 10.0) -> dict[str, Any]:
         """PING and receive until its PONG: the server handled every message sent before (an
