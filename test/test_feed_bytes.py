@@ -12,7 +12,7 @@ import av
 import numpy as np
 import pytest
 
-from websocket_service import feed as feed_module
+from websocket_service import frame_text
 from websocket_service.config import Settings
 from websocket_service.feed import Item, Outbox, SessionFeed
 from websocket_service.media.loops import LoopCache, LoopKey
@@ -31,14 +31,14 @@ FRAMES = 12
 
 @pytest.fixture
 def b64_calls(monkeypatch: pytest.MonkeyPatch) -> list[int]:
-    """Every base64 encoding the feed makes (their packet sizes)."""
+    """Every base64 encoding of a packet (their sizes): frame_text makes them all."""
     calls: list[int] = []
 
     def counting(packet: bytes) -> str:
         calls.append(len(packet))
         return b64(packet)
 
-    monkeypatch.setattr(feed_module, "b64", counting)
+    monkeypatch.setattr(frame_text, "b64", counting)
     return calls
 
 

@@ -8,8 +8,8 @@ import time
 import av
 import numpy as np
 
-from websocket_service import feed as ws_feed
 from websocket_service.cursor import loop_period, pingpong
+from websocket_service.frame_text import _DATA_SLOT, _INDEX_SLOT, _TS_SLOT, _template
 from websocket_service.media.loops import LIVE_WHILE_BUILDING, LoopKey, encode_loop
 from websocket_service.playout import OutputFrame
 from websocket_service.states import AvatarState
@@ -157,10 +157,8 @@ def test_a_copied_frames_message_is_the_text_frame_message_makes():
     for state in (AvatarState.IDLE, AvatarState.SPEAKING):
         for key in (True, False):
             f = OutputFrame(0, 0, state, np.zeros((2, 2, 3), np.uint8), b"", "idle", loop_pos=0)
-            probe = OutputFrame(ws_feed._INDEX_SLOT, ws_feed._TS_SLOT, state, f.image, b"", "idle",
-                                loop_pos=0)
-            texts, slots = ws_feed._template(frame_message("s1", probe, ws_feed._DATA_SLOT, key,
-                                                           names))
+            probe = OutputFrame(_INDEX_SLOT, _TS_SLOT, state, f.image, b"", "idle", loop_pos=0)
+            texts, slots = _template(frame_message("s1", probe, _DATA_SLOT, key, names))
             for index, ts, data in ((0, 0, "AAAA"), (123456, 4938400, "Zm9v+/8=")):
                 values = {"data": data, "timestamp": str(ts), "index": str(index)}
                 text = texts[0] + "".join(values[n] + t for n, t in zip(slots, texts[1:],

@@ -8,11 +8,9 @@ flag and frame) to every subscribed :class:`Outbox` (the owner's WebSocket, view
 peer's video track) and to every recorder. Adding a reader adds no encode.
 
 Only a WebSocket reader needs the protocol's text. :attr:`Item.text` makes a frame's message
-(base64 and JSON, :func:`.wire.frame_message`) when a WebSocket outbox first sends it, once,
-and every other WebSocket reader of that item sends the same string: a session read only over
-WebRTC or only recorded never base64-encodes. A copied loop frame's text is put together from
-a template per (clip, state, keyframe) and its loop packet's base64, made once per loop packet
-for every session (:func:`_loop_b64`).
+(base64 and JSON: :mod:`.frame_text`) when a WebSocket outbox first sends it, once, and
+every other WebSocket reader of that item sends the same string: a session read only over
+WebRTC or only recorded never base64-encodes.
 
 Each ``Outbox`` is one reader's bounded send queue. A reader that falls behind loses frames
 there, and then every frame up to the next keyframe (at most one GOP, one second), so what it
@@ -30,9 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import logging
-import weakref
 from collections import deque
 from collections.abc import Callable
 from functools import partial
@@ -40,10 +36,10 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from .avatars.model import VideoNames
 from .channel import DropOldest
 from .errors import ProcessingError, ServiceError
 from .events import SessionEvent
+from .frame_text import Templates, live_text, loop_text
 from .manager import Services
 from .media.encoder_pool import EncoderPool, InProcessEncoder, PoolEncoder, open_encoder
 from .media.loops import EncodedLoop, LoopCache, LoopKey
@@ -51,16 +47,13 @@ from .media.recorder import Recorder
 from .playout import OutputFrame
 from .protocol import CloseAckData, ServerMessage
 from .session import Session
-from .wire import b64, event_message, frame_message
+from .wire import event_message
 
 log = logging.getLogger(__name__)
 
 MAX_PENDING_EVENTS = 256
 REPLY_HIGH_WATER = 64  # events waiting for a connection before it stops reading its client
 MAX_ENCODE_BATCH = 8  # frames one live-encode call may take (a feed catching up)
-#: stand-ins that a loop frame's message template is made with (each appears once in it)
-_DATA_SLOT, _TS_SLOT, _INDEX_SLOT = "@@frame-data@@", -918273645, -546372819
-_SLOTS = {"data": _DATA_SLOT, "timestamp": str(_TS_SLOT), "index": str(_INDEX_SLOT)}
 
 
 class Overflow(Exception):
@@ -270,7 +263,7 @@ class SessionFeed:
         self._copying: tuple[LoopKey, int] | None = None  # (loop, last position sent)
         self._live_ok: LoopKey | None = None  # may encode this loop's frames live while it builds
         self._waiting: LoopKey | None = None  # sends nothing until this loop's next IDR
-        #: a copied frame's message text in pieces, per (clip, state, keyframe): see _loop_text
+        #: a copied frame's message text in pieces, per (clip, state, keyframe): see loop_text
         self._templates: Templates = {}
         #: raw frames (at most max_frames: the oldest is dropped) and events, to encode in order
         self._queue: DropOldest[OutputFrame | SessionEvent | ServiceError] = DropOldest(
@@ -418,14 +411,14 @@ class SessionFeed:
         ``frame_message``'s."""
         s = self.session
         return Item(frame=f, keyframe=keyframe, data=data,
-                    make=partial(_live_text, s.session_id, s.avatar.names, f, data, keyframe))
+                    make=partial(live_text, s.session_id, s.avatar.names, f, data, keyframe))
 
     def _loop_item(self, f: OutputFrame, loop: EncodedLoop, p: int, keyframe: bool) -> Item:
         """A copied loop frame's item: packet ``p`` of ``loop``; its text, when a WebSocket
-        reader asks, comes from a template (see :func:`_loop_text`)."""
+        reader asks, comes from a template (see :func:`.frame_text.loop_text`)."""
         s = self.session
         return Item(frame=f, keyframe=keyframe, data=loop.packets[p],
-                    make=partial(_loop_text, self._templates, s.session_id, s.avatar.names, f,
+                    make=partial(loop_text, self._templates, s.session_id, s.avatar.names, f,
                                  loop, p, keyframe))
 
     def _from_loop(self, f: OutputFrame) -> tuple[EncodedLoop, int, bool] | None:
@@ -499,60 +492,6 @@ class SessionFeed:
 
 def _is_frame(item: OutputFrame | SessionEvent | ServiceError) -> bool:
     return isinstance(item, OutputFrame)
-
-
-#: a loop frame's message text cut at its stand-ins, per (clip, state, keyframe): see _template
-Templates = dict[tuple[str, str, bool], tuple[tuple[str, ...], tuple[str, ...]]]
-#: the base64 of each loop packet that a WebSocket reader has sent, per loop (made once)
-_LOOP_B64: weakref.WeakKeyDictionary[EncodedLoop, list[str | None]] = weakref.WeakKeyDictionary()
-
-
-def _live_text(session_id: str, names: VideoNames, f: OutputFrame, data: bytes,
-               keyframe: bool) -> str:
-    return frame_message(session_id, f, b64(data), keyframe, names)
-
-
-def _loop_b64(loop: EncodedLoop, p: int) -> str:
-    """The base64 of ``loop``'s packet ``p``: made once per loop packet, for every session."""
-    made = _LOOP_B64.get(loop)
-    if made is None:
-        made = _LOOP_B64.setdefault(loop, [None] * loop.period)
-    text = made[p]
-    if text is None:
-        text = made[p] = b64(loop.packets[p])
-    return text
-
-
-def _loop_text(templates: Templates, session_id: str, names: VideoNames, f: OutputFrame,
-               loop: EncodedLoop, p: int, keyframe: bool) -> str:
-    """``frame_message``'s text for a copied loop frame, without building and serialising
-    message models per frame: the text for this clip, state and keyframe flag is made once
-    per feed with stand-ins, and this frame's packet, timestamp and index put in their places
-    (a plain loop frame's message depends on nothing else)."""
-    key = (f.clip, f.state.value, keyframe)
-    tpl = templates.get(key)
-    if tpl is None:
-        probe = dataclasses.replace(f, index=_INDEX_SLOT, timestamp_ms=_TS_SLOT)
-        text = frame_message(session_id, probe, _DATA_SLOT, keyframe, names)
-        tpl = templates[key] = _template(text)
-    values = {"data": _loop_b64(loop, p), "timestamp": str(f.timestamp_ms), "index": str(f.index)}
-    texts, slots = tpl
-    out = [texts[0]]
-    for name, text in zip(slots, texts[1:], strict=True):
-        out += (values[name], text)
-    return "".join(out)
-
-
-def _template(text: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
-    """``text`` cut at each stand-in of :data:`_SLOTS`: (the texts around them, their names)."""
-    at = sorted((text.index(v), name, len(v)) for name, v in _SLOTS.items())
-    assert all(text.count(v) == 1 for v in _SLOTS.values()), text
-    texts, start = [], 0
-    for pos, _, n in at:
-        texts.append(text[start:pos])
-        start = pos + n
-    texts.append(text[start:])
-    return tuple(texts), tuple(name for _, name, _ in at)
 
 
 async def ensure_feed(services: Services, session: Session) -> SessionFeed:
