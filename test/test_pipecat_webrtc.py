@@ -16,14 +16,21 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import av
 import httpx
 import numpy as np
 import uvicorn
 from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 
+from websocket_service.clock import Clock
 from websocket_service.config import Settings
-from websocket_service.pipecat.server import AvatarBots, create_bot_app
+from websocket_service.pipecat.server import (
+    VIDEO_CLOCK,
+    AvatarBots,
+    PacedVideoTrack,
+    create_bot_app,
+)
 from websocket_service.transports.rtc_network import host_addresses
 
 from .rtc_client import WavTrack, read_wav
@@ -136,3 +143,45 @@ async def test_browser_style_call_gets_steady_video_with_true_timestamps_and_the
         assert 0.97 <= rate <= 1.03, f"video timestamps advance {rate:.3f} s per second"
         assert caller.audio_frames > 100
         await caller.close()
+
+
+class StallingClock(Clock):
+    """Sleeping moves time to the deadline, plus a stall the test arms."""
+
+    def __init__(self) -> None:
+        self.t = 50.0
+        self.stall = 0.0
+
+    def now(self) -> float:
+        return self.t
+
+    async def sleep_until(self, deadline: float) -> None:
+        self.t = max(self.t, deadline) + self.stall
+        self.stall = 0.0
+
+
+class OnePicture(MediaStreamTrack):
+    """A video source that sends one picture and then nothing."""
+
+    kind = "video"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.sent = False
+
+    async def recv(self) -> av.VideoFrame:
+        if self.sent:
+            await asyncio.Future()  # never: the last picture is repeated
+        self.sent = True
+        return av.VideoFrame(16, 16)
+
+
+async def test_paced_video_track_stamps_its_schedule_and_skips_ahead_after_a_stall() -> None:
+    clock = StallingClock()
+    track = PacedVideoTrack(OnePicture(), fps=30, clock=clock)
+    pts = [(await track.recv()).pts for _ in range(3)]
+    clock.stall = 0.51  # frame 3 comes 15.3 frames late: frames 3-17 are skipped
+    pts += [(await track.recv()).pts for _ in range(2)]
+    track.stop()
+    step = VIDEO_CLOCK // 30
+    assert pts == [0, step, 2 * step, 18 * step, 19 * step]
