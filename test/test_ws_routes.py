@@ -7,9 +7,9 @@ import typing
 import numpy as np
 
 from websocket_service.protocol import ClientMessage
-from websocket_service.transports.websocket import Access, AudioBytes, Connection
+from websocket_service.transports.websocket import Access, Connection
+from websocket_service.transports.ws_intake import AudioBytes
 
-from .test_ws_viewers import viewer
 from .wsclient import Client
 
 
@@ -24,7 +24,7 @@ def test_every_client_message_has_a_route():
 async def test_a_viewers_binary_audio_is_refused_and_never_reaches_the_session(server):
     owner, _ = await Client.connect(server.ws, "owner")
     await owner.recv_frames(2)
-    v, reply = await viewer(server, owner.session_id, "v1")
+    v, reply = await Client.watch(server.ws, "v1", owner.session_id)
     assert reply["type"] == "INIT_SUCCESS"
     await v.send(np.zeros(640, np.int16).tobytes())
     err = await v.error()

@@ -1,6 +1,9 @@
 """The WebSocket transport: parse client messages, move the session's output to the socket.
 
-It never touches an engine. The session's frames are encoded once in its
+A client's frames pass the connection's :class:`~.ws_intake.Intake` (rate and size limits,
+then message models) and one table, :attr:`Connection.ROUTES`: each message type (binary
+audio included) to who may send it (anyone, the session's connections, its owner only) and
+the handler that calls the session. It never touches an engine. The session's frames are encoded once in its
 :class:`~websocket_service.feed.SessionFeed` (off the event loop: in the encoder process pool, or in a thread
 with ``encoder_processes=0``) and the same messages go to the owner's connection and to every
 viewer's (``INIT.data.viewer``), each through its own bounded :class:`~websocket_service.feed.Outbox`.
@@ -18,7 +21,6 @@ from enum import Enum
 from typing import Any, ClassVar
 
 from fastapi import WebSocket, WebSocketDisconnect
-from pydantic import ValidationError
 from starlette.websockets import WebSocketState
 
 from ..api.access import viewable_session
@@ -33,10 +35,9 @@ from ..errors import (
 )
 from ..events import ClosedByClient, SessionEvent
 from ..feed import Outbox, Overflow, SessionFeed, ensure_feed, release_feed
-from ..limits import DropReport, Pending, TokenBucket
+from ..limits import Pending
 from ..manager import Services
 from ..protocol import (
-    CLIENT_ADAPTER,
     ActionMsg,
     CloseMsg,
     EndOfSpeechMsg,
@@ -57,10 +58,10 @@ from ..units import ID_RE
 from ..wire import (
     error_message,
     event_message,
-    explain_invalid,
 )
 from .bridge_ws import bridge_endpoint
 from .mic_out import mic_endpoint
+from .ws_intake import AudioBytes, Intake
 
 log = logging.getLogger(__name__)
 
@@ -71,15 +72,6 @@ class Access(Enum):
     ANYONE = "anyone"  # with or without a session (INIT, PING)
     SESSION = "session"  # on the connection's session, owner or viewer
     OWNER = "owner"  # the session's owner only: it controls the session
-
-
-@dataclass(frozen=True)
-class AudioBytes:
-    """A binary frame: raw 16 kHz mono s16le audio for the session (no JSON envelope)."""
-
-    data: bytes
-    type: str = "binary audio"
-    session_id: None = None
 
 
 @dataclass(frozen=True)
@@ -108,9 +100,7 @@ class Connection:
         self._recv: asyncio.Task[None]
         self._closing = False
         self._not_reading = False  # its events piled up past their bound: close it
-        self._bucket = TokenBucket(self.settings.max_messages_per_s, self.settings.message_burst,
-                                   services.sessions.clock.now())
-        self._drops = DropReport()  # messages over the rate: one error a second with a count
+        self.intake = Intake(self.settings, services.sessions.clock, services.sessions.metrics)
         self._pending: Pending | None = None  # until INIT succeeds: the per-address bound
 
     # ---------------------------------------------------------------- sending
@@ -205,7 +195,8 @@ class Connection:
             if message["type"] == "websocket.disconnect":
                 return  # the client went away: nothing to report, the caller tears down
             try:
-                await self._handle(message)
+                if (msg := self.intake.parse(message)) is not None:
+                    await self._dispatch(msg)
             except ServiceError as err:
                 await self.report(err)
                 if err.fatal:
@@ -225,52 +216,18 @@ class Connection:
         due (and was sent). TimeoutError: no INIT by ``init_deadline``."""
         clock = self.services.sessions.clock
         due = [] if self.session else [init_deadline]
-        if (report_at := self._drops.due_at()) is not None:
+        if (report_at := self.intake.report_due_at()) is not None:
             due.append(report_at)
         try:
             async with asyncio.timeout(min(due) - clock.now() if due else None):
                 return await self.ws.receive()
         except TimeoutError:
-            dropped = self._drops.take(clock.now())
-            if dropped:
-                await self.report(self._rate_limited(dropped))
+            if (report := self.intake.drop_report()) is not None:
+                await self.report(report)
                 return None
             if self.session is None and clock.now() >= init_deadline:
                 raise
             return None
-
-    def _rate_limited(self, dropped: int) -> RateLimitExceeded:
-        return RateLimitExceeded(
-            f"more than {self.settings.max_messages_per_s:g} messages per second: {dropped} "
-            "dropped (reported at most once a second)",
-            {"max_messages_per_s": self.settings.max_messages_per_s,
-             "message_burst": self.settings.message_burst, "dropped": dropped})
-
-    async def _handle(self, message: Mapping[str, Any]) -> None:
-        now = self.services.sessions.clock.now()
-        if not self._bucket.take(now):
-            self.services.sessions.metrics.message_rate_limited()
-            dropped = self._drops.drop(now)
-            if dropped:
-                raise self._rate_limited(dropped)
-            return  # counted into the next report
-        text, data = message.get("text"), message.get("bytes")
-        if data is not None:
-            size = len(data)
-        else:
-            size = len(text.encode("utf-8")) if text is not None else 0
-        if size > self.settings.max_message_bytes:
-            raise InvalidMessage(f"message of {size} bytes exceeds the limit of "
-                                 f"{self.settings.max_message_bytes} bytes",
-                                 {"max_message_bytes": self.settings.max_message_bytes})
-        if data is not None:
-            await self._dispatch(AudioBytes(data))
-            return
-        try:
-            msg = CLIENT_ADAPTER.validate_json(text or "")
-        except ValidationError as exc:
-            raise explain_invalid(text or "", exc) from None
-        await self._dispatch(msg)
 
     def _require_session(self, session_id: str | None = None) -> Session:
         if self.session is None:
