@@ -157,3 +157,8 @@ async def test_invalid_input_is_explained_alike_and_rest_answers_400(make_server
         err = json.loads(await ws.recv())["data"]
         assert err["code"] == "INVALID_MESSAGE" and err["details"]["errors"][0]["field"] == \
             "data.user_id"
+        await ws.send(_init("u1"))
+        sid = json.loads(await ws.recv())["session_id"]
+        async with httpx.AsyncClient(base_url=server.http, timeout=20) as http:
+            r = await http.post(f"/sessions/{sid}/audio", json={"end_of_speech": True})
+        assert r.status_code == 400 and r.json()["details"]["errors"][0]["field"] == "data"

@@ -23,6 +23,7 @@ from ..manager import Services
 from ..protocol import pcm_from_bytes
 from ..session import Session
 from ..units import SAMPLE_RATE
+from ..wire import explain_invalid
 from .access import owned_session
 from .auth import UNAUTHORIZED, Caller, require_token
 
@@ -65,9 +66,12 @@ async def push_audio(request: Request, session_id: str, caller: Caller,
     if request.headers.get("content-type", "").startswith("application/json"):
         try:
             msg = AudioBody.model_validate_json(body)
+        except ValidationError as exc:
+            raise explain_invalid(body, exc, expected_types=(), envelope=False) from None
+        try:
             raw = base64.b64decode(msg.data, validate=True)
-        except (ValidationError, binascii.Error, ValueError):
-            raise InvalidMessage("expected JSON {data: base64 PCM s16le, end_of_speech}") from None
+        except (binascii.Error, ValueError):
+            raise InvalidMessage("data is not valid base64 (of PCM s16le)") from None
         end_of_speech = msg.end_of_speech
     else:
         raw = body
