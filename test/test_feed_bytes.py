@@ -21,7 +21,7 @@ from websocket_service.playout import OutputFrame
 from websocket_service.session import Session, VideoSettings
 from websocket_service.states import AvatarState
 from websocket_service.units import SAMPLES_PER_FRAME
-from websocket_service.wire import b64
+from websocket_service.wire import b64, frame_message
 
 from .geometric_support import builtin, engine
 
@@ -126,6 +126,9 @@ async def test_two_websocket_readers_send_one_text_made_once_per_packet(b64_call
     assert all(a is b for a, b in zip(*frames, strict=True))  # the same str, not an equal one
     assert b64_calls == [len(i.data) for i in items]  # one base64 per packet, for both readers
     assert all(items[k].text is frames[0][k] for k in range(FRAMES))
+    names = builtin().names
+    assert all(frames[0][k] == frame_message("two-ws", i.frame, b64(i.data), i.keyframe, names)
+               for k, i in enumerate(items) if i.frame is not None)
 
 
 async def test_a_loop_packet_is_base64_encoded_once_for_every_session(b64_calls):
@@ -162,6 +165,10 @@ async def test_a_loop_packet_is_base64_encoded_once_for_every_session(b64_calls)
     texts = [[t for t in s.texts if '"VIDEO_FRAME"' in t] for s in socks]
     assert texts[0][0] != texts[1][0]  # each session's own id, index and timestamp...
     assert texts[0][0].replace("loop-a", "loop-b") == texts[1][0]  # ...around the same packet
+    for n in (0, 1, 26, loop.period + 3):  # byte for byte the text frame_message makes
+        p = n % loop.period
+        assert texts[0][n] == frame_message("loop-a", frame(n, loop_pos=n), b64(loop.packets[p]),
+                                            loop.keyframe[p], avatar.names)
 
 
 def test_an_event_item_has_its_text_and_a_frame_item_makes_it_once():

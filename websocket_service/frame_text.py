@@ -26,8 +26,8 @@ from .wire import b64, frame_message
 _DATA_SLOT, _TS_SLOT, _INDEX_SLOT = "@@frame-data@@", -918273645, -546372819
 _SLOTS = {"data": _DATA_SLOT, "timestamp": str(_TS_SLOT), "index": str(_INDEX_SLOT)}
 
-#: a loop frame's message text cut at its stand-ins, per (clip, state, keyframe): see _template
-Templates = dict[tuple[str, str, bool], tuple[tuple[str, ...], tuple[str, ...]]]
+#: a loop frame's message as a ``str.format`` pattern, per (clip, state, keyframe): see _pattern
+Templates = dict[tuple[str, str, bool], str]
 #: the base64 of each loop packet that a WebSocket reader has sent, per loop (made once)
 _LOOP_B64: weakref.WeakKeyDictionary[EncodedLoop, list[str | None]] = weakref.WeakKeyDictionary()
 
@@ -57,17 +57,20 @@ def loop_text(templates: Templates, session_id: str, names: VideoNames, f: Outpu
     ``p``), timestamp and index put in their places (a plain loop frame's message depends on
     nothing else)."""
     key = (f.clip, f.state.value, keyframe)
-    tpl = templates.get(key)
-    if tpl is None:
+    pattern = templates.get(key)
+    if pattern is None:
         probe = dataclasses.replace(f, index=_INDEX_SLOT, timestamp_ms=_TS_SLOT)
-        text = frame_message(session_id, probe, _DATA_SLOT, keyframe, names)
-        tpl = templates[key] = _template(text)
-    values = {"data": loop_b64(loop, p), "timestamp": str(f.timestamp_ms), "index": str(f.index)}
-    texts, slots = tpl
-    out = [texts[0]]
-    for name, text in zip(slots, texts[1:], strict=True):
-        out += (values[name], text)
-    return "".join(out)
+        pattern = templates[key] = _pattern(
+            frame_message(session_id, probe, _DATA_SLOT, keyframe, names))
+    return pattern.format(data=loop_b64(loop, p), timestamp=int(f.timestamp_ms),
+                          index=int(f.index))
+
+
+def _pattern(text: str) -> str:
+    """``text`` as a ``str.format`` pattern: its braces doubled, each stand-in a named field."""
+    texts, slots = _template(text)
+    lit = [t.replace("{", "{{").replace("}", "}}") for t in texts]
+    return lit[0] + "".join(f"{{{name}}}{t}" for name, t in zip(slots, lit[1:], strict=True))
 
 
 def _template(text: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
