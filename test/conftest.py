@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -16,6 +17,15 @@ collect_ignore = ["test_client.py"]  # the CLI test client, not a test module
 
 ROOT = Path(__file__).resolve().parent.parent
 FIXTURES = ROOT / "fixtures"
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Any]:
+    """Headless Chromium (``test/browser.py``), one per test module that asks for it."""
+    from .browser import chromium  # noqa: PLC0415 - Playwright only where a test asks
+
+    with chromium() as b:
+        yield b
 
 
 @pytest.fixture(scope="session")

@@ -6,7 +6,7 @@ import asyncio
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -72,6 +72,16 @@ class LiveServer:
 
     def get(self, path: str) -> httpx.Response:
         return httpx.get(self.http + path, timeout=10)
+
+
+MakeServer = Callable[..., LiveServer]
+"""The ``make_server`` fixture's type: settings overrides in, a started server out."""
+
+
+def rtc_server(make_server: MakeServer, token: str, **kw: Any) -> LiveServer:
+    """A server behind bearer ``token``, WebRTC on loopback, 256x256 frames."""
+    return make_server(auth_token=token, rtc_host_addresses=["127.0.0.1"], default_width=256,
+                       default_height=256, **kw)
 
 
 @contextmanager

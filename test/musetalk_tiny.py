@@ -1,7 +1,9 @@
 """A scaled-down MuseTalk in the official download layout, with random weights.
 
 Same folders, file names, config keys and state-dict keys as the real model; only the sizes are
-small so the whole pipeline runs in seconds on a CPU. Usable from any test::
+small so the whole pipeline runs in seconds on a CPU. With what its tests share: speech-like
+audio (``speech``), a tiny avatar (``small_avatar``), its bases (``Bases``), ``render_all``.
+Usable from any test::
 
     from musetalk_tiny import write_tiny_model
     model_path = write_tiny_model(tmp_path)
@@ -16,7 +18,23 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from skimage import data as skdata  # noqa: E402
+
+from websocket_service.avatars.model import Avatar, BaseFrame, Clip  # noqa: E402
+from websocket_service.avatars.store import build_avatar, save_avatar  # noqa: E402
+
+
+def speech(n_frames: int, seed: int = 0) -> np.ndarray:
+    """``n_frames`` x 40 ms of 16 kHz int16 speech-like sound: a 180 Hz tone whose loudness
+    swings 3 times a second, with a little noise (``seed``)."""
+    rng = np.random.default_rng(seed)
+    t = np.arange(n_frames * 640) / 16000
+    env = 0.5 + 0.5 * np.sin(2 * np.pi * 3 * t)
+    x = env * np.sin(2 * np.pi * 180 * t) + 0.05 * rng.standard_normal(len(t))
+    return (x * 12000).astype(np.int16)
+
 
 UNET_CONFIG = {
     "_class_name": "UNet2DConditionModel",
@@ -117,6 +135,39 @@ def copy_without(src: Path, dst: Path, relative: str) -> Path:
     shutil.copytree(src, dst)
     (dst / relative).unlink()
     return dst
+
+
+SIZE = 256  # the tiny avatar's frame size
+
+
+def small_avatar(root: Path, frames: int = 3) -> Avatar:
+    """A tiny avatar (the astronaut, two clips of ``frames`` frames), saved under ``root``."""
+    av = build_avatar("tiny", [skdata.astronaut()], True, SIZE, SIZE)
+    av.clips = {n: Clip(n, c.kind, c.frames[:frames].copy()) for n, c in list(av.clips.items())[:2]}
+    save_avatar(av, root)
+    return av
+
+
+class Bases:
+    """take_base for one clip of the avatar, cycling, recording what it handed out."""
+
+    def __init__(self, avatar: Avatar, clip: str = "idle") -> None:
+        self.clip = avatar.clip(clip)
+        self.given: list[BaseFrame] = []
+
+    def __call__(self) -> BaseFrame:
+        i = len(self.given) % len(self.clip)
+        b = BaseFrame(self.clip.name, i, self.clip.frames[i])
+        self.given.append(b)
+        return b
+
+
+async def render_all(stream, bases, max_frames: int = 4) -> list:
+    """Every frame ``stream`` has ready, rendered ``max_frames`` at a time."""
+    out = []
+    while stream.ready_frames():
+        out += await stream.render_next(bases, max_frames)
+    return out
 
 
 if __name__ == "__main__":

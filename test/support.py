@@ -1,18 +1,24 @@
-"""Small helpers shared by several test files (one copy each; import them from here).
+"""Small helpers that several test files use (one copy each: import them from here).
 
-Which test module is for what:
+Which test support module is for what:
 
-* ``test/support.py`` (this one): waiting on a condition (``until``, ``wait_until``,
-  ``wait_job``), test media written to disk (``face_video``, ``write_wav``), process memory
-  (``rss_mb``).
-* ``test/wsclient.py``: the WebSocket protocol client (``Client``: receive until an event, a
-  frame or N frames, ``sync`` by PING/PONG) and raw-socket clients.
-* ``test/live_server.py``: the real app served by uvicorn on a loopback port.
+* ``test/support.py`` (this one): waiting on a condition (``until``, ``poll``,
+  ``wait_until``, ``wait_job``), tokens (``jwt_token``), test media written to disk
+  (``face_photo``, ``face_video``, ``write_wav``), process memory (``rss_mb``).
+* ``test/wsclient.py``: the WebSocket protocol client (``Client``: connect or ``watch``,
+  receive until an event, a frame, N frames or a condition, ``sync`` by PING/PONG) and
+  raw-socket clients that stop reading.
+* ``test/live_server.py``: the real app served by uvicorn on a loopback port (``LiveServer``,
+  ``MakeServer``, ``rtc_server``).
+* ``test/conftest.py``: the fixtures (``server``, ``make_server``, ``browser``).
 * ``test/rtc_client.py``: an aiortc peer that offers, receives and sends media.
 * ``test/geometric_support.py``: process-cached geometric engine, avatar store and fixtures.
 * ``test/churn_support.py``: sessions opened and closed the ways clients end them.
-* ``test/process_support.py``, ``test/musetalk_tiny.py``, ``test/browser.py``: child processes,
-  the tiny MuseTalk model, headless Chromium.
+* ``test/cluster_support.py``: the Ray Serve cluster tests' tokens, ``Cluster`` and ``Peer``.
+* ``test/musetalk_tiny.py``: the tiny MuseTalk model, its speech, avatar and bases.
+* ``test/process_support.py``, ``test/browser.py``: child processes, headless Chromium.
+
+Tests wait on events and predicates (these helpers, ``Client.recv_*``), never for a fixed time.
 """
 
 from __future__ import annotations
@@ -26,16 +32,30 @@ from typing import Any
 
 import av
 import cv2
+import jwt
 import numpy as np
 from skimage import data
 
 
-async def until(cond: Callable[[], bool], timeout: float = 15.0, what: str = "the condition") -> None:
-    """Wait (polling the event loop) until ``cond()`` holds; fail after ``timeout`` s."""
+async def until(cond: Callable[[], Any], timeout: float = 15.0, what: str = "the condition") -> Any:
+    """Wait (polling the event loop) until ``cond()`` is true, for state that other tasks and
+    threads change (aiortc's counters, a server's); its value. Fails after ``timeout`` s."""
     deadline = asyncio.get_running_loop().time() + timeout
-    while not cond():  # noqa: ASYNC110 - the state changes in other tasks and threads
+    while not (value := cond()):  # noqa: ASYNC110 - no event to wait on
         assert asyncio.get_running_loop().time() < deadline, f"timed out waiting for {what}"
         await asyncio.sleep(0.02)
+    return value
+
+
+async def poll(http: Any, path: str, pred: Callable[[Any], Any], timeout: float = 10.0,
+               headers: dict[str, str] | None = None) -> Any:
+    """GET ``path`` with ``http`` (an ``httpx.AsyncClient``) until its JSON satisfies ``pred``;
+    that JSON. Fails after ``timeout`` s."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not pred(body := (await http.get(path, headers=headers)).json()):
+        assert asyncio.get_running_loop().time() < deadline, body
+        await asyncio.sleep(0.05)
+    return body
 
 
 def wait_until(cond: Callable[[], bool], timeout: float = 15.0, what: str = "the condition") -> None:
@@ -44,6 +64,11 @@ def wait_until(cond: Callable[[], bool], timeout: float = 15.0, what: str = "the
     while not cond():
         assert time.monotonic() < deadline, f"timed out waiting for {what}"
         time.sleep(0.05)
+
+
+def jwt_token(key: Any, sub: str = "u1", exp_in: float = 60.0, alg: str = "HS256") -> str:
+    """A JWT for user ``sub`` signed with ``key``, expiring ``exp_in`` s from now."""
+    return jwt.encode({"sub": sub, "exp": int(time.time() + exp_in)}, key, algorithm=alg)
 
 
 def wait_job(http: Any, url: str, timeout: float = 60) -> dict[str, Any]:
@@ -59,6 +84,11 @@ def wait_job(http: Any, url: str, timeout: float = 60) -> dict[str, Any]:
             return job
         time.sleep(0.1)
     raise TimeoutError(job)
+
+
+def face_photo(path: Path) -> None:
+    """skimage's astronaut (a face) as an image file (its format from the suffix)."""
+    cv2.imwrite(str(path), cv2.cvtColor(data.astronaut(), cv2.COLOR_RGB2BGR))
 
 
 def face_video(path: Path, frames: int = 25) -> None:

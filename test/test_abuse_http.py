@@ -22,10 +22,9 @@ from websocket_service.avatars.store import read_source
 from websocket_service.config import Settings
 from websocket_service.errors import InvalidMessage
 
-from .live_server import LiveServer, free_port
+from .live_server import LiveServer, MakeServer, free_port
 from .wsclient import envelope, flatten
 
-MakeServer = Callable[..., LiveServer]
 MB = 1 << 20
 
 

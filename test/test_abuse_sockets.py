@@ -15,19 +15,13 @@ import pytest
 import websockets
 from websockets.client import ClientProtocol
 
-from .live_server import LiveServer
+from .live_server import MakeServer, rtc_server
 from .rtc_client import ClientPeer
 from .wsclient import Client, envelope, flatten, next_of_type, raw_ws_client
 
-MakeServer = Callable[..., LiveServer]
 TOKEN = "s3cret"
 DEEP = "[" * 100_000 + "]" * 100_000  # JSON nested 100,000 deep
 LONG_INT = '{"type": "PING", "session_id": null, "data": {"t": ' + "9" * 200_000 + "}}"
-
-
-def _rtc_server(make_server: MakeServer, **kw: Any) -> LiveServer:
-    return make_server(auth_token=TOKEN, rtc_host_addresses=["127.0.0.1"], default_width=256,
-                       default_height=256, **kw)
 
 
 async def _closed(ws: Any, timeout: float = 10.0) -> tuple[int | None, str]:
@@ -44,7 +38,7 @@ async def _closed(ws: Any, timeout: float = 10.0) -> tuple[int | None, str]:
 
 async def test_idle_unauthenticated_signaling_sockets_take_no_client_slot(
         make_server: MakeServer) -> None:
-    server = _rtc_server(make_server, max_rtc_clients=2, max_pending_per_ip=5)
+    server = rtc_server(make_server, TOKEN, max_rtc_clients=2, max_pending_per_ip=5)
     url = server.ws + "/musetalk/v1/rtc/sig"
     idle = [await websockets.connect(url) for _ in range(4)]  # N + 2, never authenticating
     for ws in idle:  # each is open and answered (not refused for want of a slot)
@@ -79,7 +73,7 @@ async def test_idle_unauthenticated_signaling_sockets_take_no_client_slot(
 
 
 async def test_pending_sockets_are_closed_at_the_init_timeout(make_server: MakeServer) -> None:
-    server = _rtc_server(make_server, init_timeout_s=1.0)
+    server = rtc_server(make_server, TOKEN, init_timeout_s=1.0)
     sig = await websockets.connect(server.ws + "/musetalk/v1/rtc/sig")
     proto = await websockets.connect(server.ws + "/musetalk/v1/ws/u1")
     for _ in range(3):  # messages other than INIT do not extend INIT's time

@@ -5,19 +5,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import cv2
 import httpx
 import pytest
 import websockets
-from skimage import data
 
 from .browser import chromium
-from .live_server import LiveServer
+from .live_server import LiveServer, MakeServer, rtc_server
 from .rtc_client import ClientPeer
+from .support import face_photo
 from .wsclient import Client, next_of_type
 
 TOKEN = "s3cret"
@@ -26,7 +24,6 @@ BAD_HEADERS: list[dict[str, str]] = [
     {}, {"Authorization": "Bearer wrong"}, {"Authorization": f"Basic {TOKEN}"},
     {"Authorization": f"Bearer {TOKEN}x"},
 ]
-MakeServer = Callable[..., LiveServer]
 
 
 def _refused(r: httpx.Response) -> None:
@@ -34,11 +31,6 @@ def _refused(r: httpx.Response) -> None:
     assert r.headers["www-authenticate"] == "Bearer"
     body = r.json()
     assert body["code"] == "AUTH_FAILED" and body["message"] and body["details"] == {}
-
-
-def _rtc_server(make_server: MakeServer, **kw: Any) -> LiveServer:
-    return make_server(auth_token=TOKEN, rtc_host_addresses=["127.0.0.1"], default_width=256,
-                       default_height=256, **kw)
 
 
 async def _call(http: httpx.AsyncClient, route: tuple[str, str, dict[str, Any]],
@@ -51,7 +43,7 @@ async def test_every_protected_rest_route_needs_the_bearer_token(make_server: Ma
                                                                  tmp_path: Path) -> None:
     media = tmp_path / "media"
     media.mkdir()
-    cv2.imwrite(str(media / "still.png"), cv2.cvtColor(data.astronaut(), cv2.COLOR_RGB2BGR))
+    face_photo(media / "still.png")
     server = make_server(auth_token=TOKEN, media_root=media)
     ws_client, reply = await Client.connect(server.ws, auth_token=TOKEN)
     assert reply is not None and reply["type"] == "INIT_SUCCESS"
@@ -115,7 +107,7 @@ async def _answer_and_connect(client: ClientPeer, sdp: str) -> None:
 
 
 async def test_offer_needs_the_token_as_header_or_in_the_body(make_server: MakeServer) -> None:
-    server = _rtc_server(make_server)
+    server = rtc_server(make_server, TOKEN)
     async with httpx.AsyncClient(base_url=server.http, timeout=20) as http:
         for headers, body_token in [({}, None), ({}, "wrong"), ({"Authorization": "Bearer wrong"}, None)]:
             client = ClientPeer()
@@ -143,7 +135,7 @@ async def _expect_refusal(ws: Any) -> None:
 
 
 async def test_signaling_needs_the_token_in_the_url_or_the_first_offer(make_server: MakeServer) -> None:
-    server = _rtc_server(make_server, init_timeout_s=1.5)
+    server = rtc_server(make_server, TOKEN, init_timeout_s=1.5)
     url = server.ws + "/musetalk/v1/rtc/sig"
     client = ClientPeer()
     offer = await client.offer()
@@ -199,7 +191,7 @@ async def test_signaling_needs_the_token_in_the_url_or_the_first_offer(make_serv
                                                ("webrtc", "webrtcFramesDecoded")])
 def test_demo_page_sends_the_token_from_its_url(make_server: MakeServer, transport: str,
                                                 counter: str) -> None:
-    server = _rtc_server(make_server)
+    server = rtc_server(make_server, TOKEN)
     with chromium() as browser:
         page = browser.new_page()
         errors: list[str] = []

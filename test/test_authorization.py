@@ -8,29 +8,24 @@ not exist, while A (and the holder of A's view grant) keeps every right.
 
 from __future__ import annotations
 
+import functools
 import json
-import time
-from collections.abc import Callable
 from typing import Any
 
 import httpx
-import jwt
 import pytest
 import websockets
 
 from websocket_service.errors import RateLimitExceeded
 
-from .live_server import LiveServer
+from .live_server import LiveServer, MakeServer
 from .rtc_client import ClientPeer
-from .wsclient import Client, envelope, flatten
+from .support import jwt_token
+from .wsclient import Client, flatten
 
 SECRET = "a-jwt-secret-of-at-least-32-bytes!!"
-MakeServer = Callable[..., LiveServer]
 NOWHERE = "00000000-0000-0000-0000-000000000000"
-
-
-def _token(sub: str) -> str:
-    return jwt.encode({"sub": sub, "exp": int(time.time() + 600)}, SECRET, algorithm="HS256")
+_token = functools.partial(jwt_token, SECRET, exp_in=600)  # a user's token, by name
 
 
 def _bearer(sub: str) -> dict[str, str]:
@@ -55,15 +50,6 @@ async def _owner(server: LiveServer, user: str = "alice") -> Client:
     assert reply is not None and reply["type"] == "INIT_SUCCESS", reply
     client.decode = False
     return client
-
-
-async def _viewer(server: LiveServer, user: str, session_id: str,
-                  token: str | None = None) -> tuple[Client, dict[str, Any]]:
-    """A receive-only connection to ``session_id``, and INIT's answer."""
-    client, _ = await Client.connect(server.ws, user_id=user, init=False)
-    client.session_id, client.decode = session_id, False
-    await client.send(envelope("INIT", session_id, user_id=user, viewer=True, auth_token=token))
-    return client, flatten(json.loads(await client.ws.recv()))
 
 
 async def _socket_refusal(url: str, first: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -114,7 +100,8 @@ async def test_another_users_token_reaches_nothing_of_a_session(make_server: Mak
             "session_id"] == sid
 
         # watching: a WebSocket viewer, POST /offer, a signaling viewer
-        bob_view, reply = await _viewer(server, "bob", sid, _token("bob"))
+        bob_view, reply = await Client.watch(server.ws, "bob", sid, decode=False,
+                                                auth_token=_token("bob"))
         assert reply["type"] == "ERROR" and reply["code"] == "AUTH_FAILED"
         assert reply["details"] == {"session_id": sid, "reason": "not_owner"}
         await bob_view.close()
@@ -190,7 +177,8 @@ async def test_a_view_grant_lets_its_holder_watch_and_nothing_more(make_server: 
         assert r.status_code == 200, r.text
         grant = r.json()["view_token"]
         # a guest with no account of its own watches with the grant alone
-        guest, reply = await _viewer(server, "guest", sid, grant)
+        guest, reply = await Client.watch(server.ws, "guest", sid, decode=False,
+                                          auth_token=grant)
         assert reply["type"] == "INIT_SUCCESS" and reply["viewer"] is True
         await guest.recv_frames(3)
         await guest.msg("INTERRUPT")  # receive-only
@@ -221,7 +209,8 @@ async def test_a_view_grant_lets_its_holder_watch_and_nothing_more(make_server: 
         # revoked: new viewers are refused, the one watching stays
         r = await http.delete(f"/sessions/{sid}/view_token", headers=_bearer("alice"))
         assert r.json()["revoked"] is True
-        late, reply = await _viewer(server, "guest", sid, grant)
+        late, reply = await Client.watch(server.ws, "guest", sid, decode=False,
+                                         auth_token=grant)
         assert reply["code"] == "AUTH_FAILED"
         await late.close()
         await guest.recv_frames(3)
@@ -253,7 +242,8 @@ async def test_viewers_have_limits_per_address_per_session_and_in_all(
     owner.decode = False
 
     async def view(user: str) -> tuple[Client, dict[str, Any]]:
-        return await _viewer(server, user, owner.session_id)
+        return await Client.watch(server.ws, user, owner.session_id, decode=False,
+                                  auth_token=None)
 
     first, r1 = await view("v1")
     second, r2 = await view("v2")

@@ -14,6 +14,7 @@ import websockets
 
 from .conftest import FIXTURES
 from .wsclient import Client, read_wav
+from .wsclient import envelope_json as env
 
 SIZE = 256
 
@@ -26,10 +27,6 @@ def pattern(k: int) -> np.ndarray:
     x = 8 + 4 * k
     img[96:160, x:x + 48] = (255, 255, 0)
     return img
-
-
-def env(type_: str, sid: str, **data: object) -> str:
-    return json.dumps({"type": type_, "session_id": sid, "data": data})
 
 
 async def test_pushed_frames_come_out_recognisable_and_errors_have_codes(make_server):

@@ -13,7 +13,6 @@ from playwright.sync_api import Browser, Page
 
 from websocket_service.config import Settings
 
-from .browser import chromium
 from .live_server import live_server
 
 # screenshots go to a temporary folder unless SCREENSHOT_DIR names one (e.g. docs/)
@@ -26,12 +25,6 @@ def base_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
                         rtc_host_addresses=["127.0.0.1"])
     with live_server(settings) as url:
         yield url
-
-
-@pytest.fixture(scope="module")
-def browser() -> Iterator[Browser]:
-    with chromium() as b:
-        yield b
 
 
 def _stats(page: Page) -> dict[str, Any]:

@@ -2,50 +2,27 @@
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import av
-import cv2
 import httpx
-import numpy as np
 import pytest
 from playwright.sync_api import Browser, Page
-from skimage import data
 
 from websocket_service.config import Settings
 
-from .browser import chromium
 from .live_server import live_server
+from .support import face_photo, face_video, wait_job
 
 TOKEN = "page-token"  # the page must send it on every call, the upload included
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 
 
-def _face_photo(path: Path) -> None:
-    cv2.imwrite(str(path), cv2.cvtColor(data.astronaut(), cv2.COLOR_RGB2BGR))
-
-
-def _face_video(path: Path, frames: int = 25) -> None:
-    img = cv2.resize(data.astronaut(), (320, 320))
-    with av.open(str(path), "w") as out:
-        stream = out.add_stream("libx264", rate=25)
-        stream.width = stream.height = 320
-        stream.pix_fmt = "yuv420p"
-        for i in range(frames):
-            frame = np.roll(img, i // 4, axis=1)
-            for p in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
-                out.mux(p)
-        for p in stream.encode():
-            out.mux(p)
-
-
 @pytest.fixture(scope="module")
 def base_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     media = tmp_path_factory.mktemp("media")
-    _face_photo(media / "astro.png")
+    face_photo(media / "astro.png")
     settings = Settings(avatars_dir=tmp_path_factory.mktemp("avatars"), media_dir=media,
                         rtc_host_addresses=["127.0.0.1"], auth_token=TOKEN, default_width=256,
                         default_height=256)
@@ -54,21 +31,10 @@ def base_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         r = httpx.post(f"{url}/api/webrtc/avatar/prepare", headers=AUTH,
                        params={"avatar_id": "astro", "video_path": "astro.png"})
         assert r.status_code == 202, r.text
-        _wait_done(url, r.json()["status_url"])
+        with httpx.Client(base_url=url, headers=AUTH) as http:
+            job = wait_job(http, r.json()["status_url"])
+        assert job["status"] == "done", job
         yield url
-
-
-def _wait_done(url: str, status_url: str, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while (job := httpx.get(url + status_url, headers=AUTH).json())["status"] != "done":
-        assert job["status"] != "failed" and time.monotonic() < deadline, job
-        time.sleep(0.1)
-
-
-@pytest.fixture(scope="module")
-def browser() -> Iterator[Browser]:
-    with chromium() as b:
-        yield b
 
 
 def _open(browser: Browser, base_url: str) -> tuple[Page, list[str]]:
@@ -114,7 +80,7 @@ def test_status_and_the_picker_start_a_session_on_a_prepared_avatar(browser: Bro
 def test_upload_shows_progress_and_the_new_avatar_streams(browser: Browser, base_url: str,
                                                           tmp_path: Path, name: str) -> None:
     path = tmp_path / name
-    _face_photo(path) if name.endswith(".png") else _face_video(path)
+    face_photo(path) if name.endswith(".png") else face_video(path)
     avatar_id = "my-face" if name.endswith(".png") else "clip"
     page, errors = _open(browser, base_url)
     assert page.is_disabled("#upload")

@@ -7,20 +7,16 @@ One Ray start for the module. Sessions speak the enveloped protocol
 from __future__ import annotations
 
 import asyncio
-import base64
 import io
 import json
 import struct
 import time
-import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
 
 import av
 import httpx
-import jwt
 import numpy as np
 import pytest
 import websockets
@@ -30,36 +26,28 @@ from websocket_service.cluster.settings import ClusterSettings
 from websocket_service.config import Settings
 from websocket_service.manager import Services
 
+from .cluster_support import (
+    MAX_SESSIONS,
+    OPERATOR,
+    SECRET,
+    Cluster,
+    Peer,
+    assert_on_timeline,
+    bearer,
+    envelope,
+    no_sessions_left,
+    open_session,
+    poll,
+    replica,
+    same_frames,
+    user_token,
+)
 from .conftest import FIXTURES
 from .live_server import free_port
 from .rtc_client import ClientPeer, WavTrack
 from .rtc_client import read_wav as rtc_wav
-from .wsclient import read_wav
-
-MAX_SESSIONS = 2
-CHUNK = 1280  # 40 ms of 16 kHz s16le: one frame's audio
-# users connect with JWTs of their own; the test's REST calls act as the operator
-SECRET = "a-jwt-secret-of-at-least-32-bytes!!"
-OPERATOR = {"Authorization": "Bearer operator-token"}
-
-
-def bearer(user_id: str) -> dict[str, str]:
-    return {"Authorization": f"Bearer {user_token(user_id)}"}
-
-
-def user_token(user_id: str) -> str:
-    return jwt.encode({"sub": user_id, "exp": int(time.time() + 3600)}, SECRET, algorithm="HS256")
-
-
-class Cluster:
-    def __init__(self, port: int) -> None:
-        self.http = f"http://127.0.0.1:{port}"
-        self.ws = f"ws://127.0.0.1:{port}"
-
-    def get(self, path: str) -> Any:
-        r = httpx.get(self.http + path, headers=OPERATOR, timeout=30)
-        r.raise_for_status()
-        return r.json() if r.headers["content-type"].startswith("application/json") else r.text
+from .support import until
+from .wsclient import next_of_type, read_wav
 
 
 @pytest.fixture(scope="module")
@@ -85,168 +73,6 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
         yield Cluster(port)
     finally:
         runner.shutdown(started)
-
-
-def envelope(type_: str, session_id: str, data: dict[str, Any]) -> dict[str, Any]:
-    return {"type": type_, "session_id": session_id, "data": data}
-
-
-def opened(msg: dict[str, Any]) -> dict[str, Any]:
-    return msg
-
-
-class Peer:
-    """A client of the enveloped protocol: records every message, decodes every frame."""
-
-    def __init__(self, ws: Any, user_id: str) -> None:
-        self.ws = ws
-        self.user_id = user_id
-        self.session_id = str(uuid.uuid4())
-        self.frames: list[dict[str, Any]] = []
-        self.events: list[dict[str, Any]] = []
-        self.decoder = av.CodecContext.create("h264", "r")
-        self.changed = asyncio.Condition()
-        self.reader: asyncio.Task[None] | None = None
-        self.close_code: int | None = None
-        self.closed = False
-
-    @classmethod
-    async def open(cls, base: str, user_id: str, view: tuple[str, str] | None = None,
-                   by_header: bool = False) -> Peer:
-        """A session of ``user_id``'s; ``view``: (session id, view token) to watch instead,
-        the session named in the URL too (a browser's socket can carry no header), or in
-        Serve's session header (``by_header``: what another client may send)."""
-        query = f"?session_id={view[0]}" if view and not by_header else ""
-        headers = {"x-session-id": view[0]} if view and by_header else None
-        ws = await websockets.connect(f"{base}/musetalk/v1/ws/{user_id}{query}", max_size=2**24,
-                                      additional_headers=headers)
-        peer = cls(ws, user_id)
-        if view:
-            peer.session_id = view[0]
-            await peer.send("INIT", user_id=user_id, auth_token=view[1], viewer=True)
-        else:
-            await peer.send("INIT", user_id=user_id, auth_token=user_token(user_id),
-                            video_config={"resolution": "512x512", "fps": 25})
-        peer.reader = asyncio.create_task(peer._read())
-        return peer
-
-    async def send(self, type_: str, **data: Any) -> None:
-        await self.ws.send(json.dumps(envelope(type_, self.session_id, data)))
-
-    async def _read(self) -> None:
-        try:
-            async for raw in self.ws:
-                msg = opened(json.loads(raw))
-                assert msg.get("session_id") in (self.session_id, None), msg
-                if msg["type"] == "VIDEO_FRAME":
-                    frame = msg["data"]
-                    out = self.decoder.decode(av.Packet(base64.b64decode(frame["frame_data"])))
-                    assert len(out) == 1, f"frame {frame['frame_index']} did not decode"
-                    self.frames.append(frame)
-                else:
-                    self.events.append(msg)
-                async with self.changed:
-                    self.changed.notify_all()
-        except websockets.ConnectionClosed:
-            pass
-        finally:
-            self.close_code = self.ws.close_code
-            self.closed = True
-            async with self.changed:
-                self.changed.notify_all()
-
-    async def until(self, pred: Callable[[], Any], timeout: float = 30.0) -> Any:
-        """Wait for what has arrived to satisfy ``pred`` (or for the socket to close); return
-        ``pred()``."""
-        try:
-            async with self.changed:
-                await asyncio.wait_for(self.changed.wait_for(lambda: pred() or self.closed),
-                                       timeout)
-        except TimeoutError:
-            raise AssertionError(
-                f"{self.user_id}: waited {timeout} s; {len(self.frames)} frames, utterances of "
-                f"{[len(u) for u in self.utterances()]} frames, events "
-                f"{[e['type'] for e in self.events]}") from None
-        return pred()
-
-    def event(self, type_: str) -> dict[str, Any] | None:
-        return next((e for e in self.events if e["type"] == type_), None)
-
-    async def speak(self, pcm: bytes) -> int:
-        """Send speech as 40 ms chunks at the pace of a live source; the number of chunks."""
-        t0 = time.monotonic()
-        for k, i in enumerate(range(0, len(pcm), CHUNK)):
-            piece = pcm[i:i + CHUNK]
-            await self.send("GENERATE", audio_chunk={
-                "format": "pcm_s16le", "sample_rate": 16000, "channels": 1,
-                "duration_ms": len(piece) / 32, "data": base64.b64encode(piece).decode()})
-            await asyncio.sleep(max(0.0, t0 + (k + 1) * 0.04 - time.monotonic()))
-        await self.send("END_OF_SPEECH")
-        return -(-len(pcm) // CHUNK)
-
-    def utterances(self) -> list[list[int]]:
-        """Each utterance's frame numbers as they arrived."""
-        out: dict[str, list[int]] = {}
-        for f in self.frames:
-            if f.get("utterance_frame") is not None:
-                out.setdefault(f["utterance_id"], []).append(f["utterance_frame"])
-        return list(out.values())
-
-    async def close(self) -> None:
-        await self.ws.close()
-        if self.reader is not None:
-            await self.reader
-
-
-def assert_on_timeline(frames: list[dict[str, Any]], utterance_ms: float) -> None:
-    """Frame n of the 25 fps timeline is stamped n * 40 ms; a speech frame instead carries the
-    audio time of its own 40 ms chunk (utterances of ``utterance_ms`` each, one after another)."""
-    indices = [f["frame_index"] for f in frames]
-    assert indices == sorted(set(indices))
-    order: list[str] = []
-    for f in frames:
-        if f.get("utterance_frame") is None:
-            assert f["frame_timestamp"] == 40 * f["frame_index"], f["frame_index"]
-            continue
-        if f["utterance_id"] not in order:
-            order.append(f["utterance_id"])
-        start = order.index(f["utterance_id"]) * utterance_ms
-        assert f["frame_timestamp"] == round(start + 40 * f["utterance_frame"]), f["frame_index"]
-
-
-async def open_session(cluster: Cluster, user_id: str) -> tuple[Peer, dict[str, Any]]:
-    peer = await Peer.open(cluster.ws, user_id)
-    reply = await peer.until(lambda: peer.events[0] if peer.events else None, timeout=30)
-    return peer, reply
-
-
-async def until(cond: Callable[[], Any], what: str, timeout: float = 30.0) -> Any:
-    """Wait for ``cond()`` to hold (counters that aiortc's tasks or the servers change)."""
-    deadline = asyncio.get_running_loop().time() + timeout
-    while not (value := cond()):  # noqa: ASYNC110 - no event to wait on
-        assert asyncio.get_running_loop().time() < deadline, f"timed out waiting for {what}"
-        await asyncio.sleep(0.05)
-    return value
-
-
-async def poll(http: httpx.AsyncClient, path: str, pred: Callable[[Any], bool],
-               timeout: float = 30.0, headers: dict[str, str] = OPERATOR) -> Any:
-    """GET ``path`` (as the operator, unless ``headers``) until its JSON satisfies ``pred``."""
-    deadline = asyncio.get_running_loop().time() + timeout
-    while not pred(body := (await http.get(path, headers=headers)).json()):
-        assert asyncio.get_running_loop().time() < deadline, body
-        await asyncio.sleep(0.05)
-    return body
-
-
-async def no_sessions_left(cluster: Cluster) -> None:
-    """The next test starts from an empty cluster (closing is asynchronous on the replicas)."""
-    async with httpx.AsyncClient(base_url=cluster.http, timeout=30) as http:
-        await poll(http, "/sessions", lambda b: b["count"] == 0)
-
-
-def replica(reply: dict[str, Any]) -> str:
-    return reply["data"]["replica_id"]
 
 
 async def test_a_burst_within_capacity_all_streams_and_past_it_each_is_refused_cleanly(
@@ -291,14 +117,6 @@ async def test_a_burst_within_capacity_all_streams_and_past_it_each_is_refused_c
             assert await peer.until(lambda peer=peer: len(peer.frames) >= 5)
         await peer.close()
     await no_sessions_left(cluster)
-
-
-def same_frames(owner: Peer, viewers: list[Peer]) -> int:
-    """How many frame indices every reader got; asserts they carry the same bytes."""
-    by_index = [{f["frame_index"]: f["frame_data"] for f in p.frames} for p in (owner, *viewers)]
-    common = set.intersection(*(set(d) for d in by_index))
-    assert all(len({d[i] for d in by_index}) == 1 for i in common)
-    return len(common)
 
 
 async def test_viewers_recording_and_bridge_reach_the_replica_of_their_session(
@@ -407,29 +225,22 @@ async def test_webrtc_sessions_mic_and_realtime_viewers_live_on_a_replica(
             offer = await watchers[2].offer()
             await sig.send(json.dumps({"type": "offer", "sdp": offer.sdp, "session_id": "show",
                                        "auth_token": token}))
-            answer = await next_json(sig, "answer")
+            answer = await next_of_type(sig, "answer", 20)
             assert answer["viewer"] is True
             await watchers[2].accept(answer["sdp"])
             await asyncio.gather(*(w.wait_connected(20) for w in watchers))
-            await until(lambda: all(w.video_frames > 25 for w in watchers), "a second of video")
+            await until(lambda: all(w.video_frames > 25 for w in watchers), 30, "a second of video")
             detail = await poll(http, "/sessions/show", lambda d: d["rtc"]["viewers"] == 3)
             assert detail["transport"] == "server" and detail["replica_id"] is not None
             stop = await http.post("/api/webrtc/realtime/stop", headers=bearer("presenter"),
                                    params={"session_id": "show"})
             assert stop.status_code == 200, stop.text
-            assert (await next_json(sig, "disconnected"))["session_id"] == "show"
+            assert (await next_of_type(sig, "disconnected", 20))["session_id"] == "show"
         await caller.close()
         await mic.close()
         for w in watchers:
             await w.close()
     await no_sessions_left(cluster)
-
-
-async def next_json(ws: Any, want: str, timeout: float = 20.0) -> dict[str, Any]:
-    async with asyncio.timeout(timeout):
-        while (msg := json.loads(await ws.recv()))["type"] != want:
-            pass
-    return msg
 
 
 def kill_replica(replica_id: str) -> None:
@@ -458,7 +269,7 @@ async def test_the_pipecat_processor_of_a_killed_replica_goes_on_on_a_live_one(
     lost_at: list[float] = []
 
     async def kill_the_bots_replica() -> tuple[str, str]:
-        victim = await until(lambda: proc.client.info.get("replica_id"), "the bot's session")
+        victim = await until(lambda: proc.client.info.get("replica_id"), 30, "the bot's session")
         assert victim != replica(reply)  # placed on the other replica
         async with httpx.AsyncClient(base_url=cluster.http, timeout=30) as http:
             started = await http.post(f"/sessions/{proc.client.session_id}/recording",
@@ -474,7 +285,7 @@ async def test_the_pipecat_processor_of_a_killed_replica_goes_on_on_a_live_one(
         async def process_frame(self, frame: Frame, direction: FrameDirection) -> None:
             await super().process_frame(frame, direction)
             if isinstance(frame, TTSStartedFrame):
-                await until(lambda: proc.reconnects, "the processor to reconnect")
+                await until(lambda: proc.reconnects, 30, "the processor to reconnect")
                 print(f"reconnected {time.monotonic() - lost_at[0]:.2f} s after the kill")
             await self.push_frame(frame, direction)
 
@@ -499,7 +310,7 @@ async def test_the_pipecat_processor_of_a_killed_replica_goes_on_on_a_live_one(
         r = await http.get(f"/recordings/{rid}", headers=mine)
         assert r.status_code == 404 and r.json()["details"]["status"] == "failed", r.text
         # Serve replaces the killed replica: the next test has both again
-        await poll(http, "/health", lambda b: b["replicas"] == {"up": 2, "target": 2}, 120)
+        await poll(http, "/health", lambda b: b["replicas"] == {"up": 2, "target": 2}, timeout=120)
         await poll(http, "/sessions", lambda b: b["count"] == 0)
 
 

@@ -22,9 +22,7 @@ from websocket_service.cluster.settings import ClusterSettings
 from websocket_service.config import Settings
 from websocket_service.manager import Services
 
-from .conftest import FIXTURES
-from .live_server import free_port
-from .test_cluster import (
+from .cluster_support import (
     OPERATOR,
     SECRET,
     Cluster,
@@ -37,6 +35,8 @@ from .test_cluster import (
     same_frames,
     user_token,
 )
+from .conftest import FIXTURES
+from .live_server import free_port
 from .wsclient import read_wav
 
 MAX_SESSIONS = 4  # per replica: capacity 8

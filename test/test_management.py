@@ -5,42 +5,25 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import time
-import wave
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import cv2
 import httpx
 import numpy as np
 import pytest
 import websockets
-from skimage import data
 
 from websocket_service.config import Settings
 from websocket_service.engines.geometric import GeometricEngine
 from websocket_service.errors import ModelNotFound
 from websocket_service.realtime import AudioFeeder, read_audio
 
-from .live_server import LiveServer
+from .live_server import LiveServer, MakeServer
 from .rtc_client import ClientPeer, WavTrack, read_wav
+from .support import face_photo, poll, until, wait_job, wait_until, write_wav
+from .wsclient import next_of_type
 
 API = "/api/webrtc"
-MakeServer = Callable[..., LiveServer]
-
-
-def write_wav(path: Path, pcm16k: np.ndarray, rate: int, channels: int, width: int = 2) -> None:
-    """``pcm16k`` (16 kHz mono int16) resampled to ``rate`` with ``channels`` channels."""
-    n = round(len(pcm16k) * rate / 16000)
-    x = np.interp(np.arange(n) * 16000 / rate, np.arange(len(pcm16k)), pcm16k.astype(np.float64))
-    cols = np.stack([x * (1.0 - 0.25 * c) for c in range(channels)], axis=1)
-    raw = (cols / 256 + 128).astype(np.uint8) if width == 1 else cols.astype(np.int16)
-    with wave.open(str(path), "wb") as w:
-        w.setnchannels(channels)
-        w.setsampwidth(width)
-        w.setframerate(rate)
-        w.writeframes(raw.tobytes())
 
 
 @pytest.fixture
@@ -48,7 +31,7 @@ def media(tmp_path: Path) -> Path:
     """MEDIA_DIR with a face photo, a 44.1 kHz stereo WAV, and ways out of it."""
     root = tmp_path / "media"
     (root / "faces").mkdir(parents=True)
-    cv2.imwrite(str(root / "faces" / "still.png"), cv2.cvtColor(data.astronaut(), cv2.COLOR_RGB2BGR))
+    face_photo(root / "faces" / "still.png")
     speech = read_wav("speech_pauses_16k.wav")
     write_wav(root / "speech_44k_stereo.wav", np.concatenate([speech, speech]), 44100, 2)
     (root / "notes.txt").write_text("not media")
@@ -73,16 +56,6 @@ def _error(r: httpx.Response, status: int, code: str) -> dict[str, Any]:
     body = r.json()
     assert body["code"] == code and body["message"] and isinstance(body["details"], dict), body
     return body
-
-
-def _wait_job(http: httpx.Client, url: str, timeout: float = 60) -> dict[str, Any]:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        job = http.get(url).json()
-        if job["status"] in ("done", "failed"):
-            return job
-        time.sleep(0.1)
-    raise TimeoutError(job)
 
 
 # ------------------------------------------------------------------ status and initialize
@@ -156,9 +129,8 @@ def test_every_management_route_needs_the_bearer_token(make_server: MakeServer,
         assert [r.status_code for r in answers] == [200, 200, 202, 200, 200]
         job = http.get(answers[2].json()["status_url"], headers=good)
         assert job.status_code == 200
-        deadline = time.monotonic() + 60  # let the preparation finish before the server stops
-        while server.services.store.running_jobs() and time.monotonic() < deadline:
-            time.sleep(0.1)
+        # let the preparation finish before the server stops
+        wait_until(lambda: not server.services.store.running_jobs(), 60, "the preparation")
 
 
 # ------------------------------------------------------------------ prepare
@@ -170,7 +142,7 @@ def test_prepare_from_media_dir_lists_the_avatar(make_server: MakeServer, media:
                       params={"avatar_id": "astro", "video_path": "faces/still.png"})
         assert r.status_code == 202, r.text
         assert r.json()["avatar_id"] == "astro" and r.json()["status_url"].startswith("/jobs/")
-        job = _wait_job(http, r.json()["status_url"])
+        job = wait_job(http, r.json()["status_url"])
         assert job["status"] == "done" and job["progress"] == 1.0, job
         assert "astro" in http.get(f"{API}/musetalk/status").json()["loaded_avatars"]
         assert "astro" in [a["avatar_id"] for a in http.get("/avatars").json()["avatars"]]
@@ -178,7 +150,7 @@ def test_prepare_from_media_dir_lists_the_avatar(make_server: MakeServer, media:
         r = http.post(f"{API}/avatar/prepare",
                       params={"avatar_id": "astro2", "video_path": str(media / "faces/still.png")})
         assert r.status_code == 202, r.text
-        assert _wait_job(http, r.json()["status_url"])["status"] == "done"
+        assert wait_job(http, r.json()["status_url"])["status"] == "done"
 
 
 def test_prepare_refuses_paths_out_of_media_dir(make_server: MakeServer, media: Path) -> None:
@@ -262,30 +234,6 @@ def test_shutdown_closes_realtime_sessions_and_their_feeders(make_server: MakeSe
     assert feeder.done.is_set() and 0 < feeder.pushed < len(feeder.pcm)
 
 
-async def _until(cond: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = asyncio.get_running_loop().time() + timeout
-    while not cond():  # noqa: ASYNC110 - the counters change in aiortc's tasks
-        assert asyncio.get_running_loop().time() < deadline, f"timed out waiting for {what}"
-        await asyncio.sleep(0.05)
-
-
-async def _poll(http: httpx.AsyncClient, path: str, pred: Callable[[dict], bool],
-                timeout: float = 10.0) -> dict:
-    deadline = asyncio.get_running_loop().time() + timeout
-    while not pred(body := (await http.get(path)).json()):
-        assert asyncio.get_running_loop().time() < deadline, body
-        await asyncio.sleep(0.05)
-    return body
-
-
-async def _recv(ws: websockets.ClientConnection, want: str, timeout: float = 15.0) -> dict:
-    async with asyncio.timeout(timeout):
-        while True:
-            msg = json.loads(await ws.recv())
-            if msg["type"] == want:
-                return msg
-
-
 async def test_realtime_session_from_a_wav_with_three_viewers(make_server: MakeServer,
                                                               media: Path) -> None:
     server = make_server(media_dir=media, rtc_host_addresses=["127.0.0.1"], max_rtc_clients=4)
@@ -309,14 +257,14 @@ async def test_realtime_session_from_a_wav_with_three_viewers(make_server: MakeS
             await peer.accept(r.json()["sdp"])
         offer = await viewers[2].offer()
         await sig.send(json.dumps({"type": "offer", "sdp": offer.sdp, "session_id": "show"}))
-        answer = await _recv(sig, "answer")
+        answer = await next_of_type(sig, "answer")
         assert answer["session_id"] == "show" and answer["viewer"] is True
         audio_m = answer["sdp"].split("m=audio")[1].split("m=")[0]
         assert "a=sendonly" in audio_m, audio_m
         await viewers[2].accept(answer["sdp"])
         await asyncio.gather(*(p.wait_connected(15) for p in viewers))
 
-        await _until(lambda: all(p.video_frames > 50 and p.audio_peak > 1000 for p in viewers), 30,
+        await until(lambda: all(p.video_frames > 50 and p.audio_peak > 1000 for p in viewers), 30,
                      "every viewer to get 2 s of video and the speech audio")
         detail = (await http.get("/sessions/show")).json()
         size = (detail["video"]["width"], detail["video"]["height"])
@@ -327,12 +275,12 @@ async def test_realtime_session_from_a_wav_with_three_viewers(make_server: MakeS
         assert len(detail["readers"]) == 3 and all(r["sent"] > 50 for r in detail["readers"])
 
         await viewers[0].close()  # a viewer leaving leaves the session running
-        detail = await _poll(http, "/sessions/show", lambda d: d["rtc"]["viewers"] == 2)
+        detail = await poll(http, "/sessions/show", lambda d: d["rtc"]["viewers"] == 2)
         assert detail["state"] in ("idle", "speaking")
 
         r = await http.post(f"{API}/realtime/stop", params={"session_id": "show"})
         assert r.status_code == 200, r.text
-        gone = await _recv(sig, "disconnected")
+        gone = await next_of_type(sig, "disconnected")
         assert gone["session_id"] == "show"
         assert (await http.get("/sessions")).json()["count"] == 0
     for peer in viewers[1:]:
@@ -378,10 +326,10 @@ async def test_a_viewers_microphone_never_reaches_the_session(make_server: MakeS
         # arrived and been lip-synced if the viewer's audio were taken (its answer is
         # sendonly, so the client does not even send it)
         frames = round(25 * (0.2 + len(speech) / 16000 + 1.0))
-        await _until(lambda: peer.video_frames > frames, 30, "the viewer's clip to be over")
+        await until(lambda: peer.video_frames > frames, 30, "the viewer's clip to be over")
         detail = (await http.get("/sessions/quiet")).json()
         assert detail["audio_seconds_received"] == 0 and detail["speech_frames"] == 0, detail
         assert detail["frames_sent"] == 0  # a viewer's frames are not the owner's statistics
         await peer.close()
-        await _poll(http, "/sessions/quiet", lambda d: d["rtc"]["viewers"] == 0)
+        await poll(http, "/sessions/quiet", lambda d: d["rtc"]["viewers"] == 0)
         assert (await http.post(f"{API}/realtime/stop", params={"session_id": "quiet"})).status_code == 200

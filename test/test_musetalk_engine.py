@@ -14,10 +14,8 @@ import cv2  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
-from skimage import data as skdata  # noqa: E402
 
-from websocket_service.avatars.model import Avatar, BaseFrame, Clip  # noqa: E402
-from websocket_service.avatars.store import build_avatar, save_avatar  # noqa: E402
+from websocket_service.avatars.model import Avatar  # noqa: E402
 from websocket_service.config import Settings  # noqa: E402
 from websocket_service.engines import create_engine  # noqa: E402
 from websocket_service.engines.musetalk import MuseTalkEngine  # noqa: E402
@@ -29,9 +27,15 @@ from websocket_service.engines.musetalk.audio import (  # noqa: E402
 )
 from websocket_service.errors import ModelNotFound, RateLimitExceeded  # noqa: E402
 
-from .musetalk_tiny import copy_without, write_tiny_model  # noqa: E402
-
-SIZE = 256
+from .musetalk_tiny import (  # noqa: E402
+    SIZE,
+    Bases,
+    copy_without,
+    render_all,
+    small_avatar,
+    speech,
+    write_tiny_model,
+)
 
 
 def settings(model: Path, **kw) -> Settings:
@@ -53,47 +57,11 @@ def engine(model):
     asyncio.run(eng.aclose())
 
 
-def small_avatar(root: Path, frames: int = 3) -> Avatar:
-    av = build_avatar("tiny", [skdata.astronaut()], True, SIZE, SIZE)
-    av.clips = {n: Clip(n, c.kind, c.frames[:frames].copy()) for n, c in list(av.clips.items())[:2]}
-    save_avatar(av, root)
-    return av
-
-
 @pytest.fixture(scope="module")
 def avatar(engine, tmp_path_factory) -> Avatar:
     av = small_avatar(tmp_path_factory.mktemp("avatars"))
     engine.prepare_avatar(av)
     return av
-
-
-def speech(n_frames: int, seed: int = 0) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    t = np.arange(n_frames * 640) / 16000
-    env = 0.5 + 0.5 * np.sin(2 * np.pi * 3 * t)
-    x = env * np.sin(2 * np.pi * 180 * t) + 0.05 * rng.standard_normal(len(t))
-    return (x * 12000).astype(np.int16)
-
-
-class Bases:
-    """take_base for one clip of the avatar, cycling, recording what it handed out."""
-
-    def __init__(self, avatar: Avatar, clip: str = "idle") -> None:
-        self.clip = avatar.clip(clip)
-        self.given: list[BaseFrame] = []
-
-    def __call__(self) -> BaseFrame:
-        i = len(self.given) % len(self.clip)
-        b = BaseFrame(self.clip.name, i, self.clip.frames[i])
-        self.given.append(b)
-        return b
-
-
-async def render_all(stream, bases, max_frames: int = 4) -> list:
-    out = []
-    while stream.ready_frames():
-        out += await stream.render_next(bases, max_frames)
-    return out
 
 
 # ------------------------------------------------------------------ loader

@@ -21,8 +21,7 @@ from websocket_service.engines.musetalk.loader import load_whisper  # noqa: E402
 from websocket_service.engines.musetalk.schedule import CostModel, admission_limit  # noqa: E402
 from websocket_service.errors import ProcessingError, RateLimitExceeded  # noqa: E402
 
-from .musetalk_tiny import write_tiny_model  # noqa: E402
-from .test_musetalk_engine import Bases, render_all, small_avatar, speech  # noqa: E402
+from .musetalk_tiny import Bases, render_all, small_avatar, speech, write_tiny_model  # noqa: E402
 
 
 def settings(model: Path | None, **kw) -> Settings:

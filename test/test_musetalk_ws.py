@@ -13,7 +13,7 @@ from skimage import data as skdata
 from websocket_service.avatars.model import Clip
 from websocket_service.avatars.store import build_avatar, save_avatar
 
-from .musetalk_tiny import write_tiny_model
+from .musetalk_tiny import speech, write_tiny_model
 from .wsclient import Client, chunk_msg
 
 os.environ["HF_HUB_OFFLINE"] = "1"
@@ -43,13 +43,6 @@ def mt_server(make_server, tiny_model, avatars_dir):
                        batch_max=4)
 
 
-def speech(n_frames: int, seed: int = 0) -> bytes:
-    rng = np.random.default_rng(seed)
-    t = np.arange(n_frames * 640) / 16000
-    x = (0.5 + 0.5 * np.sin(2 * np.pi * 3 * t)) * np.sin(2 * np.pi * 180 * t)
-    return ((x + 0.05 * rng.standard_normal(len(t))) * 12000).astype("<i2").tobytes()
-
-
 async def test_musetalk_speaks_one_frame_per_chunk_touching_only_the_lower_face(mt_server):
     health = mt_server.get("/health").json()
     assert health["engine"] == "musetalk" and health["model_loaded"]
@@ -60,7 +53,7 @@ async def test_musetalk_speaks_one_frame_per_chunk_touching_only_the_lower_face(
     # encoder), speech frames come from the session's encoder, so both are compared with it
     idle = mt_server.services.store.cached("default").clips["idle"].frames[0].astype(int)
     assert np.abs(client.images[-1] - idle).mean() < 3.0  # the idle loop shows the base
-    pcm = speech(10)
+    pcm = speech(10).tobytes()
     for i in range(0, len(pcm), 1280):  # ten 40 ms chunks
         await client.send(chunk_msg(client.session_id, pcm[i : i + 1280]))
     await client.msg("END_OF_SPEECH")
@@ -90,7 +83,7 @@ async def test_two_sessions_share_forward_passes(make_server, tiny_model, avatar
     b, _ = await Client.connect(mt_server.ws, "b")
     a.decode = b.decode = False
     for c, seed in ((a, 1), (b, 2)):
-        await c.send(chunk_msg(c.session_id, speech(8, seed)))
+        await c.send(chunk_msg(c.session_id, speech(8, seed).tobytes()))
         await c.msg("END_OF_SPEECH")
     done = await asyncio.gather(
         a.recv_until(lambda m: m["type"] == "SPEECH_ENDED", timeout=60),
@@ -126,7 +119,7 @@ async def test_gpu_standin_serves_through_the_socket_and_admits_what_it_can(make
     await c.ws.wait_closed()
     assert c.ws.close_code == 1013
     a.decode = False
-    await a.send(chunk_msg(a.session_id, speech(8, 3)))
+    await a.send(chunk_msg(a.session_id, speech(8, 3).tobytes()))
     await a.msg("END_OF_SPEECH")
     done = await a.recv_until(lambda m: m["type"] == "SPEECH_ENDED", timeout=60)
     assert done["frames"] == 8

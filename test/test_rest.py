@@ -2,17 +2,11 @@
 
 from __future__ import annotations
 
-import time
-from pathlib import Path
-
-import av
-import cv2
 import httpx
-import numpy as np
 import yaml
-from skimage import data
 
 from .conftest import ROOT
+from .support import face_photo, face_video, wait_job
 from .wsclient import Client
 
 
@@ -54,40 +48,13 @@ async def test_sessions_report_live_counters(server):
     await client.close()
 
 
-def _wait_job(server, url: str, timeout: float = 60) -> dict:
-    deadline = time.monotonic() + timeout
-    seen = []
-    while time.monotonic() < deadline:
-        job = server.get(url).json()
-        seen.append(job["progress"])
-        if job["status"] in ("done", "failed"):
-            assert seen == sorted(seen), "progress went backwards"
-            return job
-        time.sleep(0.1)
-    raise TimeoutError(job)
-
-
-def _face_video(path: Path, frames: int = 20) -> None:
-    img = cv2.resize(data.astronaut(), (320, 320))
-    with av.open(str(path), "w") as out:
-        stream = out.add_stream("libx264", rate=25)
-        stream.width = stream.height = 320
-        stream.pix_fmt = "yuv420p"
-        for i in range(frames):
-            frame = np.roll(img, i // 4, axis=1)
-            for p in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
-                out.mux(p)
-        for p in stream.encode():
-            out.mux(p)
-
-
 async def test_prepare_avatar_from_upload_then_stream_it(server, tmp_path):
     video = tmp_path / "face.mp4"
-    _face_video(video)
+    face_video(video, 20)
     with video.open("rb") as f:
         r = httpx.post(f"{server.http}/prepare_avatar/alice", files={"file": ("face.mp4", f, "video/mp4")})
     assert r.status_code == 202, r.text
-    job = _wait_job(server, r.json()["status_url"])
+    job = wait_job(server, r.json()["status_url"])
     assert job["status"] == "done" and job["progress"] == 1.0
     meta = server.get("/avatars/alice").json()
     assert meta["source"] == "video" and meta["clips"]["idle"]["frames"] == 20
@@ -103,12 +70,12 @@ async def test_prepare_avatar_from_upload_then_stream_it(server, tmp_path):
 def test_prepare_avatar_from_media_root_and_refuse_escapes(make_server, tmp_path):
     media = tmp_path / "media"
     media.mkdir()
-    cv2.imwrite(str(media / "still.png"), cv2.cvtColor(data.astronaut(), cv2.COLOR_RGB2BGR))
+    face_photo(media / "still.png")
     (tmp_path / "secret.png").write_bytes(b"x")
     server = make_server(media_root=media)
     r = httpx.post(f"{server.http}/prepare_avatar/bob", data={"path": "still.png"})
     assert r.status_code == 202
-    assert _wait_job(server, r.json()["status_url"])["status"] == "done"
+    assert wait_job(server, r.json()["status_url"])["status"] == "done"
     assert server.get("/avatars/bob").json()["source"] == "still"
     for bad in ("../secret.png", "/etc/passwd", "nope.png"):
         r = httpx.post(f"{server.http}/prepare_avatar/bob", data={"path": bad})
@@ -121,7 +88,7 @@ def test_prepare_rejects_bad_files_clearly(server):
     r = httpx.post(f"{server.http}/prepare_avatar/carol", files={"file": ("x.txt", b"hello", "text/plain")})
     assert r.status_code == 400 and "unsupported" in r.json()["message"]
     r = httpx.post(f"{server.http}/prepare_avatar/carol", files={"file": ("x.mp4", b"garbage", "video/mp4")})
-    job = _wait_job(server, r.json()["status_url"])
+    job = wait_job(server, r.json()["status_url"])
     assert job["status"] == "failed" and job["error"]["code"] == "PROCESSING_ERROR"
     r = httpx.post(f"{server.http}/prepare_avatar/bad%20id", files={"file": ("x.png", b"x", "image/png")})
     assert r.status_code == 400

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import time
-from collections.abc import Callable
 from typing import Any
 
 import httpx
@@ -16,15 +14,11 @@ import websockets
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
-from .live_server import LiveServer
+from .live_server import LiveServer, MakeServer
+from .support import jwt_token
 from .wsclient import Client, envelope, flatten
 
 SECRET = "a-jwt-secret-of-at-least-32-bytes!!"
-MakeServer = Callable[..., LiveServer]
-
-
-def _token(key: Any, sub: str = "u1", exp_in: float = 60.0, alg: str = "HS256") -> str:
-    return jwt.encode({"sub": sub, "exp": int(time.time() + exp_in)}, key, algorithm=alg)
 
 
 def _pem(private: Any) -> str:
@@ -49,7 +43,7 @@ async def _refused(server: LiveServer, token: str | None, reason: str | None) ->
 
 async def test_hs256_jwt_with_matching_subject_is_accepted(make_server: MakeServer) -> None:
     server = make_server(jwt_secret=SECRET)
-    client, reply = await _init(server, _token(SECRET))
+    client, reply = await _init(server, jwt_token(SECRET))
     assert reply["type"] == "INIT_SUCCESS"
     await client.close()
 
@@ -57,9 +51,9 @@ async def test_hs256_jwt_with_matching_subject_is_accepted(make_server: MakeServ
 async def test_jwt_expired_wrong_subject_wrong_key_or_missing_is_refused(
         make_server: MakeServer) -> None:
     server = make_server(jwt_secret=SECRET)
-    await _refused(server, _token(SECRET, exp_in=-5), "expired")
-    await _refused(server, _token(SECRET, sub="someone-else"), "subject")
-    await _refused(server, _token("another-secret-of-at-least-32-bytes"), None)
+    await _refused(server, jwt_token(SECRET, exp_in=-5), "expired")
+    await _refused(server, jwt_token(SECRET, sub="someone-else"), "subject")
+    await _refused(server, jwt_token("another-secret-of-at-least-32-bytes"), None)
     await _refused(server, jwt.encode({"sub": "u1"}, SECRET, algorithm="HS256"), None)  # no exp
     await _refused(server, None, None)
     await _refused(server, "not-a-jwt", None)
@@ -70,20 +64,20 @@ async def test_public_key_jwts(make_server: MakeServer, alg: str) -> None:
     private = (rsa.generate_private_key(public_exponent=65537, key_size=2048) if alg == "RS256"
                else ec.generate_private_key(ec.SECP256R1()))
     server = make_server(jwt_public_key=_pem(private).replace("\n", "\\n"))  # one .env line
-    client, reply = await _init(server, _token(private, alg=alg))
+    client, reply = await _init(server, jwt_token(private, alg=alg))
     assert reply["type"] == "INIT_SUCCESS"
     await client.close()
-    await _refused(server, _token(SECRET), None)  # HS256 is not accepted with a public key
+    await _refused(server, jwt_token(SECRET), None)  # HS256 is not accepted with a public key
 
 
 async def test_static_token_still_works_next_to_jwts(make_server: MakeServer) -> None:
     server = make_server(jwt_secret=SECRET, auth_token="static-token")
-    for token in ("static-token", _token(SECRET)):
+    for token in ("static-token", jwt_token(SECRET)):
         client, reply = await _init(server, token)
         assert reply["type"] == "INIT_SUCCESS"
         await client.close()
     async with httpx.AsyncClient(base_url=server.http) as http:
-        ok = await http.get("/sessions", headers={"Authorization": f"Bearer {_token(SECRET)}"})
+        ok = await http.get("/sessions", headers={"Authorization": f"Bearer {jwt_token(SECRET)}"})
         bad = await http.get("/sessions", headers={"Authorization": "Bearer nope"})
     assert ok.status_code == 200 and bad.status_code == 401
 

@@ -2,24 +2,13 @@
 
 from __future__ import annotations
 
-import json
 import socket
 import uuid
-from typing import Any
 
 import pytest
 
 from .support import rss_mb, wait_until
-from .wsclient import raw_ws_client
-
-
-def non_reading_socket(port: int, path: str, message: dict[str, Any]) -> socket.socket:
-    """A raw socket speaking WebSocket through websockets' sans-I/O client protocol: it sends
-    ``message`` and then never reads again, so its buffers fill up."""
-    s, proto = raw_ws_client(port, path)
-    proto.send_text(json.dumps(message).encode())
-    s.sendall(b"".join(proto.data_to_send()))
-    return s
+from .wsclient import non_reading_socket
 
 
 def open_non_reading_client(port: int, user_id: str) -> socket.socket:

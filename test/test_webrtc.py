@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import aioice.stun
@@ -18,6 +18,8 @@ from websocket_service.transports.webrtc import _sends_h264
 
 from .live_server import live_server
 from .rtc_client import ClientPeer, WavTrack, read_wav
+from .support import until
+from .wsclient import next_of_type
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
@@ -46,13 +48,6 @@ async def _wait_no_sessions(http: httpx.AsyncClient, timeout: float = 8.0) -> No
         await asyncio.sleep(0.1)
 
 
-async def _until(condition: Callable[[], bool], timeout: float = 15.0) -> None:
-    """Wait for what the client has received to satisfy ``condition``."""
-    async with asyncio.timeout(timeout):
-        while not condition():
-            await asyncio.sleep(0.02)
-
-
 async def test_offer_streams_video_and_audio_and_lip_syncs_the_mic(base_url: str) -> None:
     mic = WavTrack(read_wav("short_16k.wav"), lead_s=0.6)
     client = ClientPeer(mic)
@@ -68,7 +63,7 @@ async def test_offer_streams_video_and_audio_and_lip_syncs_the_mic(base_url: str
         await client.accept(answer["sdp"])
         await client.wait_connected()
         # the mic's speech comes back lip-synced, with its audio (frame rates: bench/)
-        await _until(lambda: client.video_frames > 75 and client.audio_frames > 50
+        await until(lambda: client.video_frames > 75 and client.audio_frames > 50
                      and client.audio_peak > 1000)
         assert client.video_size == (256, 256)
 
@@ -95,7 +90,7 @@ async def test_vp8_fallback_for_a_client_without_h264(base_url: str) -> None:
         assert "VP8" in video and "H264" not in video
         await client.accept(r.json()["sdp"])
         await client.wait_connected()
-        await _until(lambda: client.video_frames > 25)
+        await until(lambda: client.video_frames > 25)
         await client.close()
         await _wait_no_sessions(http)
 
@@ -140,28 +135,20 @@ async def test_offer_errors_use_the_error_body(base_url: str) -> None:
         assert (await _sessions(http))["count"] == 0
 
 
-async def _recv(ws: websockets.ClientConnection, want: str, timeout: float = 10.0) -> dict:
-    async with asyncio.timeout(timeout):
-        while True:
-            msg = json.loads(await ws.recv())
-            if msg["type"] == want:
-                return msg
-
-
 async def test_signaling_websocket(base_url: str) -> None:
     url = base_url.replace("http", "ws") + "/musetalk/v1/rtc/sig"
     client = ClientPeer()
     async with websockets.connect(url) as ws, httpx.AsyncClient(base_url=base_url) as http:
         await ws.send(json.dumps({"type": "ping", "t": 42}))
-        assert (await _recv(ws, "pong"))["t"] == 42
+        assert (await next_of_type(ws, "pong"))["t"] == 42
         await ws.send(json.dumps({"type": "hello"}))
-        err = await _recv(ws, "error")
+        err = await next_of_type(ws, "error")
         assert err["code"] == "INVALID_MESSAGE"
         offer = await client.offer()
         await ws.send(json.dumps({"type": "offer", "sdp": offer.sdp}))
-        answer = await _recv(ws, "answer")
+        answer = await next_of_type(ws, "answer")
         await client.accept(answer["sdp"])
-        connected = await _recv(ws, "connected")
+        connected = await next_of_type(ws, "connected")
         assert connected["session_id"] == answer["session_id"]
         await client.wait_connected()
 
@@ -175,13 +162,13 @@ async def test_signaling_websocket(base_url: str) -> None:
 
         r = await http.post(f"/sessions/{answer['session_id']}/action/nod")
         assert r.status_code == 202
-        changed = await _recv(ws, "STATE_CHANGED")  # the session's events: protocol envelopes
+        changed = await next_of_type(ws, "STATE_CHANGED")  # the session's events: protocol envelopes
         assert changed["session_id"] == answer["session_id"]
         assert changed["data"]["current_state"] == "action"
         assert changed["data"]["current_video"] == "action_1"
 
         await ws.send(json.dumps({"type": "bye"}))
-        gone = await _recv(ws, "disconnected")
+        gone = await next_of_type(ws, "disconnected")
         assert gone["session_id"] == answer["session_id"]
         await _wait_no_sessions(http)
     await client.close()
@@ -200,10 +187,10 @@ async def test_ice_failure_is_reported_on_the_signaling_socket(
     dead = re.sub(r"(candidate:\S+ 1 udp \d+ 127\.0\.0\.1) \d+", r"\1 9", offer.sdp)
     async with websockets.connect(url) as ws, httpx.AsyncClient(base_url=base_url) as http:
         await ws.send(json.dumps({"type": "offer", "sdp": dead}))
-        answer = await _recv(ws, "answer")
-        err = await _recv(ws, "error", timeout=15)
+        answer = await next_of_type(ws, "answer")
+        err = await next_of_type(ws, "error", timeout=15)
         assert err["code"] == "PROCESSING_ERROR" and err["details"]["reason"] == "ice_failed"
-        gone = await _recv(ws, "disconnected")
+        gone = await next_of_type(ws, "disconnected")
         assert gone["session_id"] == answer["session_id"]
         await _wait_no_sessions(http)
     await client.close()

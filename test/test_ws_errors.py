@@ -10,16 +10,13 @@ import pytest
 import websockets
 
 from .wsclient import Client, chunk_msg
+from .wsclient import envelope_json as env
 
 PCM_40MS = b"\x01\x00" * 640
 
 
 def b64(raw: bytes) -> str:
     return base64.b64encode(raw).decode()
-
-
-def env(type_: str, sid: str | None, **data: object) -> str:
-    return json.dumps({"type": type_, "session_id": sid, "data": data})
 
 
 def bad_inputs(sid: str) -> list[tuple[str, str | bytes, str]]:

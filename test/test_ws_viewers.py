@@ -9,16 +9,7 @@ import socket
 import websockets
 
 from .conftest import FIXTURES
-from .test_slow_reader import non_reading_socket
-from .wsclient import Client, envelope, read_wav
-
-
-async def viewer(server, session_id: str, user: str) -> tuple[Client, dict]:
-    client, reply = await Client.connect(server.ws, user, init=False)
-    client.session_id = session_id
-    await client.send(envelope("INIT", session_id, user_id=user, viewer=True))
-    reply = await client.recv_until(lambda m: m["type"] in ("INIT_SUCCESS", "ERROR"))
-    return client, reply
+from .wsclient import Client, envelope, non_reading_socket, read_wav
 
 
 def stalled_viewer(port: int, session_id: str) -> socket.socket:
@@ -30,7 +21,7 @@ def stalled_viewer(port: int, session_id: str) -> socket.socket:
 async def test_viewers_get_the_same_packets_and_cannot_control(server):
     owner, _ = await Client.connect(server.ws, "owner")
     await owner.recv_frames(8)
-    views = [await viewer(server, owner.session_id, f"v{i}") for i in range(3)]
+    views = [await Client.watch(server.ws, f"v{i}", owner.session_id) for i in range(3)]
     for _, reply in views:
         assert reply["type"] == "INIT_SUCCESS" and reply["viewer"] is True
         assert reply["session_id"] == owner.session_id
@@ -86,7 +77,7 @@ async def test_a_stalled_viewer_sheds_frames_and_slows_nobody(server):
     owner.decode = False
     await owner.recv_frames(5)
     stalled = stalled_viewer(server.settings.port, owner.session_id)
-    watcher, _ = await viewer(server, owner.session_id, "watcher")
+    watcher, _ = await Client.watch(server.ws, "watcher", owner.session_id)
     watcher.decode = False  # (test_viewers_get_the_same_packets... decodes every frame)
     feed = server.services.ws_feeds[owner.session_id]
     def shed() -> bool:  # read on until the stalled viewer has shed frames
@@ -105,7 +96,7 @@ async def test_a_stalled_viewer_sheds_frames_and_slows_nobody(server):
 
 async def test_viewer_errors(server):
     # no such session, or none named
-    c, reply = await viewer(server, "no-such-session", "v")
+    c, reply = await Client.watch(server.ws, "v", "no-such-session")
     assert reply["type"] == "ERROR" and reply["code"] == "INVALID_SESSION"
     async with websockets.connect(f"{server.ws}/musetalk/v1/ws/v") as ws:
         await ws.send(json.dumps(envelope("INIT", None, user_id="v", viewer=True)))

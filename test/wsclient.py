@@ -80,6 +80,17 @@ class Client:
             reply = flatten(json.loads(await ws.recv()))
         return client, reply
 
+    @classmethod
+    async def watch(cls, base: str, user_id: str, session_id: str, decode: bool = True,
+                    **init_fields: Any) -> tuple[Client, dict[str, Any]]:
+        """A receive-only viewer of ``session_id`` (INIT with ``viewer``), and INIT's answer
+        (INIT_SUCCESS or ERROR)."""
+        client, _ = await cls.connect(base, user_id, init=False)
+        client.session_id, client.decode = session_id, decode
+        await client.msg("INIT", user_id=user_id, viewer=True, **init_fields)
+        reply = await client.recv_until(lambda m: m["type"] in ("INIT_SUCCESS", "ERROR"))
+        return client, reply
+
     async def send(self, msg: dict[str, Any] | str | bytes) -> None:
         await self.ws.send(msg if isinstance(msg, str | bytes) else json.dumps(msg))
 
@@ -198,6 +209,15 @@ async def next_of_type(ws: Any, want: str, timeout: float = 15.0) -> dict[str, A
             msg = json.loads(await ws.recv())
             if msg["type"] == want:
                 return msg
+
+
+def non_reading_socket(port: int, path: str, message: dict[str, Any]) -> socket.socket:
+    """A raw socket speaking WebSocket through websockets' sans-I/O client protocol: it sends
+    ``message`` and then never reads again, so its buffers fill up."""
+    s, proto = raw_ws_client(port, path)
+    proto.send_text(json.dumps(message).encode())
+    s.sendall(b"".join(proto.data_to_send()))
+    return s
 
 
 def raw_ws_client(port: int, path: str,
