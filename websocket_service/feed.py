@@ -96,7 +96,10 @@ class Item:
 
 
 class Outbox:
-    """One connection's send queue: bounded for frames (drop to the next keyframe), events kept."""
+    """One reader's send queue: bounded for frames, events kept. Not a
+    :class:`~.channel.DropOldest`: a reader that falls behind drops every queued frame and then
+    each one up to the next keyframe, because a stream missing only its oldest frame would not
+    decode until the next keyframe anyway."""
 
     def __init__(self, session: Session, max_frames: int) -> None:
         self.session = session
