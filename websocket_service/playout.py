@@ -2,10 +2,11 @@
 
 It paces with the one pacing rule (:class:`~.pacing.Pacer`: frame ``n`` due at ``t0 + n *
 period``; more than ``resync_after_frames`` behind, skip ahead, counted). Each tick takes the
-next speech frame when one is due (after a small prebuffer at an utterance's start), repeats
-the last speech picture on an underrun inside an utterance, and otherwise shows the idle loop
-or the action clip from the :class:`~.cursor.Cursor`. Speech that fell behind its schedule
-drops overdue frames past ``max_speech_lag_frames`` and silent frames below it.
+next speech frame when one is due (:class:`SpeechSchedule`: after a small prebuffer at an
+utterance's start; speech that fell behind drops overdue frames past
+``max_speech_lag_frames`` and silent frames below it), repeats the last speech picture on an
+underrun inside an utterance, and otherwise shows the idle loop or the action clip from the
+:class:`~.cursor.Cursor`.
 
 The session talks to it through methods (:meth:`Playout.await_speech`,
 :meth:`Playout.mark_legacy_action`, :meth:`Playout.attach_bridge`, ...); what the playout asks
@@ -75,115 +76,62 @@ class _Playback:
     start_tick: int = 0  # the tick that showed frame 0: frame k is due at start_tick + k
 
 
-class PlayoutHost(Protocol):
-    """What the playout asks of the session that runs it (the session implements it)."""
+class SpeechSchedule:
+    """Which speech frame a tick shows: the utterance in play, its schedule, and its drops.
 
-    def before_tick(self, now: float) -> None:
-        """Called first on every tick (the session ends an utterance whose audio stopped)."""
-
-    def speech_pending(self) -> bool:
-        """Whether the producer is drawing base frames for speech (rendering, or audio waits)."""
-
-    def audio_backlog(self) -> int:
-        """Samples of audio received and not rendered yet."""
-
-    def speech_delay(self) -> float:
-        """Seconds after its audio arrived that an utterance's first frame may start (an
-        engine that renders in batches delivers frames with its batch cycle's jitter)."""
-
-    def emit(self, frame: OutputFrame, ended: list[SpeechEnded]) -> None:
-        """Hand the tick's frame on, then the utterances it ended (SPEECH_ENDED)."""
-
-
-class Playout:
-    """One frame per tick, for the session that is its :class:`PlayoutHost`.
-
-    The playout is the one owner of the :class:`~.cursor.Cursor`: it advances it for every
-    loop or action frame it shows, and the producer draws the base frames it renders speech
-    on through :meth:`speech_base` (ahead of their ticks: speech is rendered in advance).
-    It holds its host weakly, so that a session nobody holds is freed at once; once the host
-    is gone the playout stops.
+    An utterance starts after a small prebuffer (at once when it is complete), no earlier
+    than its audio's arrival plus the engine's jitter allowance, or right on the tick after
+    the last one when it follows back to back; frame ``k`` is then due at ``start_tick + k``.
+    Frames that fell behind are dropped past ``max_speech_lag_frames`` and, below it, in
+    pauses; a backlog that stands is trimmed in pauses too.
     """
 
-    def __init__(self, settings: Settings, fps: int, size: tuple[int, int], cursor: Cursor,
-                 queue: SpeechQueue, clock: Clock, stats: SessionStats,
-                 host: PlayoutHost) -> None:
+    def __init__(self, settings: Settings, period: float, queue: SpeechQueue,
+                 stats: SessionStats) -> None:
         self.settings = settings
-        self.period = 1.0 / fps
-        self.fps = fps
-        self.width, self.height = size
-        self.cursor = cursor
+        self.period = period
         self.queue = queue
-        self.clock = clock
         self.stats = stats
-        self._host = weakref.ref(host)
-        self.last: OutputFrame | None = None
-        self.bridge: Bridge | None = None  # an external renderer's frames, when attached
         self.play = _Playback()
-        self._await_speech_until = 0.0  # STATE_CHANGE speaking: speaking frames before audio
-        self._legacy_action: str | None = None
         #: the tick after the last utterance's last frame was due, while its successor may
-        #: follow on the very next tick (see :meth:`_next_speech`)
+        #: follow on the very next tick (see :meth:`next`)
         self._follow_due: int | None = None
         #: speech backlog in frames (queued + audio not rendered) at each speech tick (reset
         #: by any other frame)
         self._depths: deque[int] = deque(maxlen=STANDING_TICKS)
 
-    async def run(self) -> None:
-        pacer = Pacer(self.clock, self.fps, self.settings.resync_after_frames)
-        while self._host() is not None:
-            n, skipped = await pacer.next()
-            if skipped:
-                self.stats.frames_skipped(skipped)
-            self.tick(n)
+    def shown(self, sf: SpeechFrame, out: OutputFrame) -> SpeechEnded | None:
+        """``sf`` went out as ``out``; the utterance's SPEECH_ENDED if it was its last frame."""
+        self.play.utterance_id = sf.utterance_id
+        self.play.frames += 1
+        self.stats.speech_frame_shown()
+        self.play.last = out
+        self._follow_due = None
+        if not sf.last:
+            return None
+        ended = SpeechEnded(sf.utterance_id, self.play.frames, self.play.skipped)
+        self._follow_due = self.play.start_tick + sf.index + 1
+        self.play = _Playback()
+        return ended
 
-    def tick(self, n: int) -> None:
-        """Show frame ``n`` (due now): compose it and hand it to the host."""
-        host = self._host()
-        if host is None:
-            return
-        now = self.clock.now()
-        host.before_tick(now)
-        ended: list[SpeechEnded] = []
-        frame = self._compose(host, n, now, ended)
-        self.last = frame
-        self.stats.frame_emitted(now)
-        host.emit(frame, ended)
+    def no_speech(self) -> OutputFrame | None:
+        """A tick without a speech frame: the next utterance starts afresh. The utterance's
+        last frame shown when this is an underrun inside it (to hold), else None."""
+        self._follow_due = None
+        self._depths.clear()
+        return self.play.last
 
-    # ------------------------------------------------------------------ the session's requests
-    def await_speech(self, until: float) -> None:
-        """Show speaking frames (of the speech base) before any audio, until ``until``
-        (STATE_CHANGE speaking); 0: stop waiting (audio came)."""
-        self._await_speech_until = until
-
-    def mark_legacy_action(self, clip: str) -> None:
-        """The action ``clip`` was started in the v1.0 form: its frames say so
-        (:attr:`OutputFrame.legacy_action`, sent as ACTION_FRAME) until it ends."""
-        self._legacy_action = clip
-
-    def attach_bridge(self, bridge: Bridge | None) -> None:
-        """Show ``bridge``'s frames instead of the session's own while it has any; None:
-        detach it."""
-        self.bridge = bridge
-
-    def speech_base(self) -> BaseFrame:
-        """The next base frame to render speech on, drawn by the producer ahead of its tick
-        (counted in :attr:`SpeechQueue.drawn` until that frame is shown or dropped)."""
-        self.queue.drawn += 1
-        return self.cursor.next(speech=True)
-
-    def interrupted(self) -> SpeechEnded | None:
+    def reset(self) -> SpeechEnded | None:
         """Forget the utterance in play; its SPEECH_ENDED (interrupted) if there was one."""
         p, self.play = self.play, _Playback()
-        self._await_speech_until = 0.0
         self._follow_due = None
         self._depths.clear()
         if p.utterance_id is None:
             return None
         return SpeechEnded(p.utterance_id, p.frames, p.skipped, interrupted=True)
 
-    # ------------------------------------------------------------------ speech
-    def _next_speech(self, host: PlayoutHost, n: int, now: float) -> SpeechFrame | None:
+    def next(self, host: PlayoutHost, n: int, now: float) -> SpeechFrame | None:
+        """The speech frame tick ``n`` shows, if one is due (dropping those too late)."""
         q = self.queue.frames
         if not q:
             return None
@@ -260,6 +208,103 @@ class Playout:
         self._skip_head()
         self._depths = deque((d - 1 for d in depths), maxlen=STANDING_TICKS)
 
+
+class PlayoutHost(Protocol):
+    """What the playout asks of the session that runs it (the session implements it)."""
+
+    def before_tick(self, now: float) -> None:
+        """Called first on every tick (the session ends an utterance whose audio stopped)."""
+
+    def speech_pending(self) -> bool:
+        """Whether the producer is drawing base frames for speech (rendering, or audio waits)."""
+
+    def audio_backlog(self) -> int:
+        """Samples of audio received and not rendered yet."""
+
+    def speech_delay(self) -> float:
+        """Seconds after its audio arrived that an utterance's first frame may start (an
+        engine that renders in batches delivers frames with its batch cycle's jitter)."""
+
+    def emit(self, frame: OutputFrame, ended: list[SpeechEnded]) -> None:
+        """Hand the tick's frame on, then the utterances it ended (SPEECH_ENDED)."""
+
+
+class Playout:
+    """One frame per tick, for the session that is its :class:`PlayoutHost`.
+
+    The playout is the one owner of the :class:`~.cursor.Cursor`: it advances it for every
+    loop or action frame it shows, and the producer draws the base frames it renders speech
+    on through :meth:`speech_base` (ahead of their ticks: speech is rendered in advance).
+    It holds its host weakly, so that a session nobody holds is freed at once; once the host
+    is gone the playout stops.
+    """
+
+    def __init__(self, settings: Settings, fps: int, size: tuple[int, int], cursor: Cursor,
+                 queue: SpeechQueue, clock: Clock, stats: SessionStats,
+                 host: PlayoutHost) -> None:
+        self.settings = settings
+        self.period = 1.0 / fps
+        self.fps = fps
+        self.width, self.height = size
+        self.cursor = cursor
+        self.queue = queue
+        self.clock = clock
+        self.stats = stats
+        self._host = weakref.ref(host)
+        self.last: OutputFrame | None = None
+        self.bridge: Bridge | None = None  # an external renderer's frames, when attached
+        self.speech = SpeechSchedule(settings, self.period, queue, stats)
+        self._await_speech_until = 0.0  # STATE_CHANGE speaking: speaking frames before audio
+        self._legacy_action: str | None = None
+
+    async def run(self) -> None:
+        pacer = Pacer(self.clock, self.fps, self.settings.resync_after_frames)
+        while self._host() is not None:
+            n, skipped = await pacer.next()
+            if skipped:
+                self.stats.frames_skipped(skipped)
+            self.tick(n)
+
+    def tick(self, n: int) -> None:
+        """Show frame ``n`` (due now): compose it and hand it to the host."""
+        host = self._host()
+        if host is None:
+            return
+        now = self.clock.now()
+        host.before_tick(now)
+        ended: list[SpeechEnded] = []
+        frame = self._compose(host, n, now, ended)
+        self.last = frame
+        self.stats.frame_emitted(now)
+        host.emit(frame, ended)
+
+    # ------------------------------------------------------------------ the session's requests
+    def await_speech(self, until: float) -> None:
+        """Show speaking frames (of the speech base) before any audio, until ``until``
+        (STATE_CHANGE speaking); 0: stop waiting (audio came)."""
+        self._await_speech_until = until
+
+    def mark_legacy_action(self, clip: str) -> None:
+        """The action ``clip`` was started in the v1.0 form: its frames say so
+        (:attr:`OutputFrame.legacy_action`, sent as ACTION_FRAME) until it ends."""
+        self._legacy_action = clip
+
+    def attach_bridge(self, bridge: Bridge | None) -> None:
+        """Show ``bridge``'s frames instead of the session's own while it has any; None:
+        detach it."""
+        self.bridge = bridge
+
+    def speech_base(self) -> BaseFrame:
+        """The next base frame to render speech on, drawn by the producer ahead of its tick
+        (counted in :attr:`SpeechQueue.drawn` until that frame is shown or dropped)."""
+        self.queue.drawn += 1
+        return self.cursor.next(speech=True)
+
+    def interrupted(self) -> SpeechEnded | None:
+        """Forget the utterance in play; its SPEECH_ENDED (interrupted) if there was one."""
+        self._await_speech_until = 0.0
+        return self.speech.reset()
+
     # ------------------------------------------------------------------ composing
     def _compose(self, host: PlayoutHost, n: int, now: float,
                  ended: list[SpeechEnded]) -> OutputFrame:
@@ -269,12 +314,10 @@ class Playout:
             state = AvatarState.SPEAKING if speaking else AvatarState.IDLE
             return OutputFrame(n, ts, state, resize_to(img, self.width, self.height), pcm,
                                "bridge", created=now)
-        sf = self._next_speech(host, n, now)
+        sf = self.speech.next(host, n, now)
         if sf is not None:
             return self._speech_output(sf, n, ts, now, ended)
-        self._follow_due = None  # a frame that is not speech: the next utterance starts afresh
-        self._depths.clear()
-        last = self.play.last
+        last = self.speech.no_speech()
         if last is not None:  # underrun in the middle of an utterance: hold the last picture
             self.stats.underrun()
             return OutputFrame(n, ts, last.state, last.image, SILENCE, last.clip, last.action,
@@ -310,9 +353,6 @@ class Playout:
     def _speech_output(self, sf: SpeechFrame, n: int, ts: int, now: float,
                        ended: list[SpeechEnded]) -> OutputFrame:
         img = resize_to(sf.image, self.width, self.height)
-        self.play.utterance_id = sf.utterance_id
-        self.play.frames += 1
-        self.stats.speech_frame_shown()
         base = sf.base
         action = base.action if base is not None else None
         progress = base.progress if base is not None else 0.0
@@ -320,10 +360,6 @@ class Playout:
         out = OutputFrame(n, ts, state, img, sf.pcm, base.clip if base else "", action, progress,
                           sf.utterance_id, sf.index, sf.audio_arrival, now, sf.audio_ms,
                           self._legacy(action, progress))
-        self.play.last = out
-        self._follow_due = None
-        if sf.last:  # SPEECH_ENDED follows the utterance's last frame
-            ended.append(SpeechEnded(sf.utterance_id, self.play.frames, self.play.skipped))
-            self._follow_due = self.play.start_tick + sf.index + 1
-            self.play = _Playback()
+        if (end := self.speech.shown(sf, out)) is not None:
+            ended.append(end)  # SPEECH_ENDED follows the utterance's last frame
         return out
