@@ -5,7 +5,6 @@ frames handed to the feed as the session's pacer would)."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
 from pathlib import Path
 
 import av
@@ -24,6 +23,7 @@ from websocket_service.units import SAMPLES_PER_FRAME
 from websocket_service.wire import b64, frame_message
 
 from .geometric_support import builtin, engine
+from .support import until
 
 SIZE = 128
 FRAMES = 12
@@ -62,12 +62,6 @@ class Socket:
 
     async def send_text(self, data: str) -> None:
         self.texts.append(data)
-
-
-async def until(predicate: Callable[[], bool], timeout: float = 20.0) -> None:
-    async with asyncio.timeout(timeout):
-        while not predicate():
-            await asyncio.sleep(0.005)
 
 
 async def open_feed(session: Session, loops: LoopCache | None = None) -> SessionFeed:
