@@ -279,7 +279,7 @@ async def test_a_viewer_that_stops_reading_is_closed_while_its_owner_floods(
     sock, proto = raw_ws_client(server.settings.port, "/musetalk/v1/ws/u1", timeout=20)
     _send(sock, proto, envelope("INIT", owner.session_id, user_id="u1", viewer=True))
     try:
-        feed = server.services.ws_feeds[owner.session_id]
+        feed = server.services.feeds[owner.session_id]
         await owner.recv_until_holds(  # the viewer's buffers are full: its frames drop
             lambda: len(feed.outboxes) == 2 and bool(feed.outboxes[1].dropped), 20,
             "the viewer's frames to drop")

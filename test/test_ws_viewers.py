@@ -79,7 +79,7 @@ async def test_a_stalled_viewer_sheds_frames_and_slows_nobody(server):
     stalled = stalled_viewer(server.settings.port, owner.session_id)
     watcher, _ = await Client.watch(server.ws, "watcher", owner.session_id)
     watcher.decode = False  # (test_viewers_get_the_same_packets... decodes every frame)
-    feed = server.services.ws_feeds[owner.session_id]
+    feed = server.services.feeds[owner.session_id]
     def shed() -> bool:  # read on until the stalled viewer has shed frames
         return max(b.dropped for b in feed.outboxes) > 0 and len(watcher.frames) >= 60
 

@@ -499,10 +499,10 @@ def _is_frame(item: OutputFrame | SessionEvent | ServiceError) -> bool:
 
 async def ensure_feed(services: Services, session: Session) -> SessionFeed:
     """The session's feed, opened (and attached to the session, closed with it) if needed."""
-    feed: SessionFeed | None = services.ws_feeds.get(session.session_id)
+    feed: SessionFeed | None = services.feeds.get(session.session_id)
     if feed is None:
         feed = SessionFeed(session, services.settings.send_queue_frames, services.loops,
-                           services.ws_feeds)
+                           services.feeds)
         await feed.open(services.encoders)
         services.sessions.attach(session.session_id, feed)
     return feed

@@ -267,10 +267,10 @@ class Services:
         self.sessions = SessionManager(settings, self.engine, self.store, clock)
         #: WebSocket H.264 encoders run here when set; started in the app's lifespan
         self.encoders = EncoderPool(settings.encoder_processes) if settings.encoder_processes else None
-        #: idle loops encoded once, shared by every WebSocket session (None: encode live)
+        #: idle loops encoded once, shared by every session's feed (None: encode live)
         self.loops = LoopCache(settings.idle_loops_max) if settings.shared_idle_loops else None
-        #: each WebSocket-watched session's encoded output, shared by its connections
-        self.ws_feeds: dict[str, Any] = {}
+        #: each session's encoded output (feed.SessionFeed), shared by all its readers
+        self.feeds: dict[str, Any] = {}
         #: sockets not yet authenticated, per client address (both WebSocket transports)
         self.pending = PendingLimit(settings.max_pending_per_ip)
         #: the serving replica when the service runs scaled out (reported in INIT_SUCCESS)
