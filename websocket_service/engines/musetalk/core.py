@@ -295,8 +295,8 @@ class MuseTalkCore:
             if busy_until == math.inf and (self._new or len(self.scheduler)):
                 # the lane has work it has not started: a batch waiting for its launch time
                 # (then its predicted end), or windows it has not woken up for yet
-                busy_until = self._idle_until + (self.cost.frames_s(len(self.scheduler))
-                                                 if len(self.scheduler) else 0.0)
+                waiting = min(len(self.scheduler), self.scheduler.max_batch)
+                busy_until = self._idle_until + (self.cost.frames_s(waiting) if waiting else 0.0)
                 if self._new or busy_until == math.inf:
                     busy_until = now
         out: list[tuple[int, int, np.ndarray]] = []

@@ -216,8 +216,25 @@ class DeadlineScheduler:
         of the earliest due against the batch that would launch."""
         oldest = self._live[self._top(self._by_age)].pushed
         earliest = self._live[self._top(self._by_due)].due
+        # the whole queue's cost, even when the next launch takes only part of it: launching on
+        # that (earlier) slack keeps a loaded GPU ahead (16 spread sessions on the H100 table:
+        # 108 ms p95 from window to face, against 137 ms on the part's cost)
         predicted = self.cost(min(len(self._live), self.max_batch))
         return min(oldest + self.max_wait_s, earliest - predicted - self.margin_s)
+
+    def launch_size(self) -> int:
+        """How many frames the next batch takes: every waiting one (up to ``max_batch``),
+        unless padding them up to their bucket costs more per frame than the largest bucket
+        below, which then goes alone (the rest wait for the next batch). E.g. on the H100
+        table 20 frames padded to 32 cost 3.5 ms each, 16 cost 2.4 ms each: 16 go; 30 padded
+        to 32 cost 2.33 ms each: 30 go. A saturated GPU then spends no time on padding."""
+        n = min(len(self._live), self.max_batch)
+        if n <= 1:
+            return n
+        below = max(b for b in BUCKETS if b <= n)
+        if below != n and self.cost(n) / n > self.cost(below) / below:
+            return below
+        return n
 
     def _top(self, heap: list[tuple[float, int]]) -> int:
         """The live seq at the top of ``heap``, dropping entries already taken (lazy delete)."""
@@ -226,14 +243,15 @@ class DeadlineScheduler:
         return heap[0][1]
 
     def pop_batch(self) -> list[Any]:
-        """Up to ``max_batch`` items: those that waited ``max_wait_s`` (oldest first), then EDF."""
+        """:meth:`launch_size` items: those that waited ``max_wait_s`` (oldest first), then EDF."""
         out: list[Any] = []
-        while self._live and len(out) < self.max_batch:
+        size = self.launch_size()
+        while self._live and len(out) < size:
             seq = self._top(self._by_age)
             if self._live[seq].pushed + self.max_wait_s > self._now:
                 break
             out.append(self._live.pop(seq).item)
-        while self._live and len(out) < self.max_batch:
+        while self._live and len(out) < size:
             out.append(self._live.pop(self._top(self._by_due)).item)
         if len(self._by_due) + len(self._by_age) > 4 * len(self._live) + 64:
             self._rebuild()     # taken entries linger in the other heap: bound them
