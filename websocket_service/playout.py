@@ -209,6 +209,12 @@ class SpeechSchedule:
         self._depths = deque((d - 1 for d in depths), maxlen=STANDING_TICKS)
 
 
+def _held(last: OutputFrame, n: int, ts: int, now: float) -> OutputFrame:
+    """Frame ``n`` showing ``last``'s picture again, in silence."""
+    return OutputFrame(n, ts, last.state, last.image, SILENCE, last.clip, last.action,
+                       last.progress, created=now, legacy_action=last.legacy_action)
+
+
 class PlayoutHost(Protocol):
     """What the playout asks of the session that runs it (the session implements it)."""
 
@@ -320,14 +326,11 @@ class Playout:
         last = self.speech.no_speech()
         if last is not None:  # underrun in the middle of an utterance: hold the last picture
             self.stats.underrun()
-            return OutputFrame(n, ts, last.state, last.image, SILENCE, last.clip, last.action,
-                               last.progress, created=now, legacy_action=last.legacy_action)
+            return _held(last, n, ts, now)
         if self.cursor.action is not None and self.last is not None and host.speech_pending():
             # the producer is drawing this action's next frames for speech: hold the picture
             # rather than advance the clip here and show its frames out of order
-            last = self.last
-            return OutputFrame(n, ts, last.state, last.image, SILENCE, last.clip, last.action,
-                               last.progress, created=now, legacy_action=last.legacy_action)
+            return _held(self.last, n, ts, now)
         speaking = now < self._await_speech_until
         base = self.cursor.next(speech=speaking)
         if base.action is not None:

@@ -13,7 +13,6 @@ the session's user).
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
 
 import numpy as np
@@ -24,6 +23,7 @@ from ..errors import CLOSE_NORMAL
 from ..manager import Services
 from ..protocol import MicAudioData, ServerMessage
 from ..units import SAMPLE_RATE
+from ..wire import b64
 from .session_socket import open_session_socket
 
 MIC_QUEUE_PIECES = 250  # about 5 s of 20 ms pieces
@@ -52,7 +52,7 @@ class MicReader:
                 return
             data = MicAudioData(timestamp_ms=ts, sample_rate=SAMPLE_RATE, samples=len(pcm),
                                 dropped=self.queue.dropped,
-                                data=base64.b64encode(pcm.astype("<i2").tobytes()).decode("ascii"))
+                                data=b64(pcm.astype("<i2").tobytes()))
             await self.ws.send_text(ServerMessage(type="MIC_AUDIO", session_id=self.session_id,
                                                   data=data).to_json())
 

@@ -60,8 +60,6 @@ class SessionVideoTrack(MediaStreamTrack):
         self.account = account
         self.queue: DropOldest[OutputFrame] = DropOldest(VIDEO_QUEUE)
         self._ticks = VIDEO_CLOCK // session.video.fps
-        self.frames_sent = 0
-        self.frames_dropped = 0
         self.packets: Outbox | None = None
 
     def use_packets(self, outbox: Outbox) -> None:
@@ -72,13 +70,11 @@ class SessionVideoTrack(MediaStreamTrack):
     def push(self, frame: OutputFrame) -> None:
         if self.packets is not None:
             return
-        dropped = self.queue.put(frame)
-        self.frames_dropped += dropped
+        dropped = self.queue.put(frame)  # counted in self.queue.dropped too
         if dropped and self.account and (session := self._session()) is not None:
             session.stats.frames_dropped_by_reader(dropped)
 
     def _sent(self, frame: OutputFrame) -> None:
-        self.frames_sent += 1
         if self.account and (session := self._session()) is not None:
             session.frame_sent(frame, session.clock.now())
 
@@ -115,13 +111,12 @@ class SessionAudioTrack(MediaStreamTrack):
 
     def __init__(self) -> None:
         super().__init__()
-        self.queue: DropOldest[tuple[int, np.ndarray]] = DropOldest(AUDIO_QUEUE)
-        self.dropped = 0
+        self.queue: DropOldest[tuple[int, np.ndarray]] = DropOldest(AUDIO_QUEUE)  # .dropped
 
     def push(self, frame: OutputFrame) -> None:
         start = frame.index * SAMPLES_PER_FRAME
         for off in range(0, SAMPLES_PER_FRAME, AUDIO_PIECE):
-            self.dropped += self.queue.put((start + off, frame.pcm[off:off + AUDIO_PIECE]))
+            self.queue.put((start + off, frame.pcm[off:off + AUDIO_PIECE]))
 
     async def recv(self) -> av.AudioFrame:
         pts, pcm = await _next(self.queue)
