@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 
 import cv2
 import numpy as np
@@ -68,26 +69,46 @@ async def test_in_process_encoder_encodes_on_media_threads():
     assert seen and seen[0].startswith("media")
 
 
-def test_renders_go_before_encodes_waiting_longer():
+def test_work_goes_earliest_due_first_and_a_build_before_all():
+    """One thread, held busy; then calls queue with their due times: they run by due time,
+    in submission order on ties, and a loop's build before every frame's work."""
     pool = threads.PriorityPool(1, name="test-media")
     gate = threading.Event()
     order: list[str] = []
     try:
-        busy = pool.submit(threads.ENCODE, gate.wait, 10)
-        done = [pool.submit(threads.ENCODE, order.append, "encode 1"),
-                pool.submit(threads.ENCODE, order.append, "encode 2"),
-                pool.submit(threads.RENDER, order.append, "render")]
+        busy = pool.submit(100.0, gate.wait, 10)
+        done = [pool.submit(105.0, order.append, "encode due at 105"),
+                pool.submit(103.0, order.append, "blend due at 103"),
+                pool.submit(105.0, order.append, "second encode due at 105"),
+                pool.submit(140.0, order.append, "blend with slack, due at 140"),
+                pool.submit(threads.BUILD, order.append, "loop build")]
         gate.set()
         assert busy.result(10) is True
         for f in done:
             f.result(10)
-        assert order == ["render", "encode 1", "encode 2"]
-        failing = pool.submit(threads.RENDER, lambda: 1 / 0)
+        assert order == ["loop build", "blend due at 103", "encode due at 105",
+                         "second encode due at 105", "blend with slack, due at 140"]
+        failing = pool.submit(0.0, lambda: 1 / 0)
         with pytest.raises(ZeroDivisionError):
             failing.result(10)
     finally:
         gate.set()
         pool.shutdown()
+
+
+def test_a_call_without_a_due_time_is_due_now():
+    """``submit`` without ``due`` queues behind work due earlier and ahead of work due later."""
+    threads.configure(1, 1)
+    gate = threading.Event()
+    order: list[str] = []
+    now = time.monotonic()
+    calls = [threads.submit(gate.wait, 10),
+             threads.submit(order.append, "due in a minute", due=now + 60),
+             threads.submit(order.append, "due a second ago", due=now - 1),
+             threads.submit(order.append, "due now")]
+    gate.set()
+    assert [c.result(10) for c in calls] == [True, None, None, None]
+    assert order == ["due a second ago", "due now", "due in a minute"]
 
 
 async def test_a_feed_that_fell_behind_encodes_its_backlog_in_one_call(make_server):
@@ -103,7 +124,7 @@ async def test_a_feed_that_fell_behind_encodes_its_backlog_in_one_call(make_serv
     pool = threads._get()
     gate = threading.Event()
     try:
-        blockers = [pool.submit(threads.RENDER, gate.wait, 30) for _ in range(pool.size)]
+        blockers = [pool.submit(threads.BUILD, gate.wait, 30) for _ in range(pool.size)]
         emitted = session.stats.frames_emitted
         # until 5 frames wait (the feed holds up to SEND_QUEUE_FRAMES)
         await client.recv_until_holds(

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import time
 from pathlib import Path
 
 os.environ["HF_HUB_OFFLINE"] = "1"
@@ -22,6 +23,7 @@ from websocket_service.engines.musetalk.schedule import CostModel, admission_lim
 from websocket_service.errors import ProcessingError, RateLimitExceeded  # noqa: E402
 
 from .musetalk_tiny import Bases, render_all, small_avatar, speech, write_tiny_model  # noqa: E402
+from .support import until  # noqa: E402
 
 
 def settings(model: Path | None, **kw) -> Settings:
@@ -156,7 +158,6 @@ def test_a_crashed_inference_process_fails_its_frames_and_comes_back(model, tmp_
 
 def _wait_for(pred, timeout: float = 60.0) -> None:
     """Poll a cross-process condition (no event to wait on across the process boundary)."""
-    import time
 
     deadline = time.monotonic() + timeout
     while not pred():
@@ -210,3 +211,79 @@ def test_the_jitter_allowance_is_the_recent_p95_of_ready_latency_plus_a_margin()
     assert ready.delay() == pytest.approx(0.2 + ReadyLatency.MARGIN_S)
     ready.observe([5.0] * 100)
     assert ready.delay() == ReadyLatency.MAX_S
+
+
+# ------------------------------------------------------------------ jobs through the core
+
+def test_a_jobs_frames_are_scheduled_together_by_its_first_due(tmp_path):
+    """Job A's frames are due at +0.1 s and +10 s, job B's one frame at +1 s, one frame a
+    batch. The core schedules a job's frames at its first frame's due time (they come back
+    together), so A's second frame does not wait behind B: A is back first."""
+    # the longest max wait (100 ms, against 7 ms a batch): batches go by due time (EDF)
+    eng = MuseTalkEngine(settings(None, gpu_standin="h100", musetalk_process=False, batch_max=1,
+                                  batch_wait_ms=100))
+    eng.load()
+    try:
+        avatar = small_avatar(tmp_path / "avatars")
+        eng.prepare_avatar(avatar)
+        key = avatar.engine_data["musetalk"]["key"]
+        now = time.monotonic()
+        pcm = np.zeros(eng.window_samples, np.int16)
+
+        def job(session: int, dues: list[float]) -> dict:
+            return {"session": session, "avatar": key, "offset": 0, "n_valid": None,
+                    "frames": [[k, "idle", 0, now + d] for k, d in enumerate(dues)]}
+
+        order: list[str] = []
+        a = eng.runner.submit(job(1, [0.1, 10.0]), pcm, 2)
+        b = eng.runner.submit(job(2, [1.0]), pcm, 1)
+        a.add_done_callback(lambda _: order.append("A"))
+        b.add_done_callback(lambda _: order.append("B"))
+        assert a.result(60).shape == (2, 256, 256, 3) and b.result(60).shape == (1, 256, 256, 3)
+        assert order == ["A", "B"]
+    finally:
+        asyncio.run(eng.aclose())
+
+
+def test_faces_are_blended_as_they_come_back_and_ready_latency_counts_to_the_blend(tmp_path):
+    """The second hop's faces come back while the producer is not asking: their blend runs
+    then, so the producer's next call returns at once; the allowance learns from each frame's
+    audio arrival to its blend's end."""
+    eng = MuseTalkEngine(settings(None, gpu_standin="h100", musetalk_process=False))
+    eng.load()
+
+    async def run():
+        stream = eng.open_stream(avatar)
+        blended: list[int] = []
+        blend_all = stream._blend_all
+
+        def recording(bases, faces):
+            out = blend_all(bases, faces)
+            blended.append(len(bases))
+            return out
+
+        stream._blend_all = recording  # what the faces' callback calls
+        try:
+            bases = Bases(avatar)
+            stream.push_audio(speech(4, 0))
+            stream.end_segment()
+            first = await stream.render_next(bases, 2)  # one hop; the other went to the core too
+            assert [f.index for f in first] == [0, 1]
+            await until(lambda: sum(blended) == 4, what="the second hop blended unasked")
+            calls = len(blended)
+            second = await stream.render_next(bases, 2)
+            assert [f.index for f in second] == [2, 3] and len(blended) == calls
+            after = stream.engine.ready._recent
+            assert len(after) == 4
+            now = time.monotonic()
+            for f, waited in zip(first + second, after, strict=True):
+                assert 0 < waited <= now - f.audio_arrival
+        finally:
+            stream.close()
+
+    try:
+        avatar = small_avatar(tmp_path / "avatars")
+        eng.prepare_avatar(avatar)
+        asyncio.run(run())
+    finally:
+        asyncio.run(eng.aclose())

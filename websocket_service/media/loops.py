@@ -127,7 +127,7 @@ class LoopCache:
             if key in self._building or key in self._failed or self._closed:
                 return None
             self._building[key] = media_threads.submit(self._build, key, frames,
-                                                       priority=media_threads.BUILD)
+                                                       due=media_threads.BUILD)
         return None
 
     def has(self, key: LoopKey) -> bool:

@@ -7,13 +7,18 @@ nothing there and cost GIL hand-offs and context switches, so the pool is sized 
 which also runs slow blocking work (avatar preparation, uploads), so that such work never
 holds up a frame.
 
-Work is taken by priority, then in order: an idle loop's build (:data:`BUILD`, rare: once per
-avatar and video setting, see :mod:`.loops`) before speech renders (:data:`RENDER`) before
-encodes (:data:`ENCODE`). Sessions wait for a loop being built instead of encoding their idle
-frames live, so it must not queue behind their work. A render that waits shows as a frozen
-mouth (an underrun) within a frame or two; an encode that waits only delays its frame, and a
-feed that fell behind encodes its backlog in one call (``SessionFeed``), so under load the
-renders keep their deadlines and the encodes catch up in batches.
+Work is taken earliest due first (``due``: a ``time.monotonic()`` time), in submission order on
+ties. An encode is due when it is submitted (its frame's tick has come). A speech render is due
+when its first frame's audio was there (the slot's arrival), so every waiting render goes before
+every encode submitted since, and the oldest render first: a render that waits shows as a frozen
+mouth (an underrun) within a frame or two, while an encode that waits only delays its frame, and
+a feed that fell behind encodes its backlog in one call (``SessionFeed``). An idle loop's build
+(:data:`BUILD`, rare: once per avatar and video setting, see :mod:`.loops`) goes before
+everything: sessions wait for it instead of encoding their idle frames live.
+
+(A render due at its slot's arrival plus the engine's jitter allowance, so that renders with
+slack yield to encodes, was measured and dropped: under overload late renders then take every
+thread from the encodes, docs/BENCHMARKS.md section 4.)
 
 OpenCV's own thread pool is set to ``OPENCV_THREADS`` (default 1): every call works on one
 small region, and the parallelism is across sessions.
@@ -23,9 +28,11 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import math
 import os
 import queue
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import Future
 from typing import Any, TypeVar
@@ -34,17 +41,16 @@ import cv2
 
 T = TypeVar("T")
 
-BUILD = -1
-RENDER = 0
-ENCODE = 1
+#: the due time of an idle loop's build: before any frame's work
+BUILD = -math.inf
 
 
 class PriorityPool:
-    """``threads`` daemon threads taking calls by (priority, submission order)."""
+    """``threads`` daemon threads taking calls by (due time, submission order)."""
 
     def __init__(self, threads: int, name: str = "media") -> None:
         self.size = threads
-        self._queue: queue.PriorityQueue[tuple[int, int, Any]] = queue.PriorityQueue()
+        self._queue: queue.PriorityQueue[tuple[float, int, Any]] = queue.PriorityQueue()
         self._order = itertools.count()
         self._threads = [threading.Thread(target=self._work, name=f"{name}_{i}", daemon=True)
                          for i in range(threads)]
@@ -52,11 +58,11 @@ class PriorityPool:
         for t in self._threads:
             t.start()
 
-    def submit(self, priority: int, fn: Callable[..., T], *args: Any) -> Future[T]:
+    def submit(self, due: float, fn: Callable[..., T], *args: Any) -> Future[T]:
         if self._closed:
             raise RuntimeError("the media threads are shut down")
         fut: Future[T] = Future()
-        self._queue.put((priority, next(self._order), (fut, fn, args)))
+        self._queue.put((due, next(self._order), (fut, fn, args)))
         return fut
 
     def _work(self) -> None:
@@ -77,7 +83,7 @@ class PriorityPool:
         """Threads end after the calls already queued (they are daemons: exit never waits)."""
         self._closed = True
         for _ in self._threads:
-            self._queue.put((1 << 30, next(self._order), None))
+            self._queue.put((math.inf, next(self._order), None))
 
 
 _lock = threading.Lock()
@@ -117,12 +123,14 @@ def size() -> int:
     return _size or default_size()
 
 
-def submit(fn: Callable[..., T], *args: Any, priority: int = ENCODE) -> Future[T]:
-    """``fn(*args)`` on a media thread, from any thread: its future."""
-    return _get().submit(priority, fn, *args)
+def submit(fn: Callable[..., T], *args: Any, due: float | None = None) -> Future[T]:
+    """``fn(*args)`` on a media thread, from any thread: its future. ``due``: when its result
+    is needed (``time.monotonic()``; None: now)."""
+    return _get().submit(time.monotonic() if due is None else due, fn, *args)
 
 
-async def run(fn: Callable[..., T], *args: Any, priority: int = ENCODE) -> T:
-    """``fn(*args)`` on a media thread. Cancelling the caller cancels a call not started yet
-    (``wrap_future`` passes the cancellation on); a started call runs to its end."""
-    return await asyncio.wrap_future(submit(fn, *args, priority=priority))
+async def run(fn: Callable[..., T], *args: Any, due: float | None = None) -> T:
+    """``fn(*args)`` on a media thread, taken by ``due`` (None: now). Cancelling the caller
+    cancels a call not started yet (``wrap_future`` passes the cancellation on); a started call
+    runs to its end."""
+    return await asyncio.wrap_future(submit(fn, *args, due=due))

@@ -62,7 +62,9 @@ class GeometricStream(LipSyncStream):
             if epoch != self._epoch:
                 return []
         jobs = [(s, take_base(), *self._analyse(s)) for s in self.buf.take(max_frames)]
-        frames = await media_threads.run(self._render_all, jobs, priority=media_threads.RENDER)
+        # due when the first frame's audio was there: this engine adds no jitter allowance
+        frames = await media_threads.run(self._render_all, jobs,
+                                         due=min(s.arrival for s, *_ in jobs))
         return [] if epoch != self._epoch else frames
 
     def _analyse(self, slot: FrameSlot) -> tuple[MouthPose, Features]:

@@ -389,8 +389,12 @@ class MuseTalkCore:
                   tokens: torch.Tensor | None, now: float) -> None:
         # a job of a session dropped while its window was on the lane still renders: its
         # faces come back to a stream that has moved on, which ignores them
+        # a job's frames share its first frame's due time: adjacent in the EDF order, so a
+        # batch boundary splits at most one job, not every job whose frames' dues straddle it
+        # (the job comes back whole: its first face would wait for the next batch)
         for row, (job_id, meta, _) in enumerate(jobs):
-            for k, (f, clip, index, due) in enumerate(meta["frames"]):
+            due = min(float(fr[3]) for fr in meta["frames"])
+            for k, (f, clip, index, _due) in enumerate(meta["frames"]):
                 tok = None if tokens is None else frame_window(
                     tokens[row], int(f), int(meta["offset"]), meta["n_valid"])
                 frame = _Frame(job_id, k, int(meta["session"]), meta["avatar"], clip, int(index),

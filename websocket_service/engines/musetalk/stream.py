@@ -9,6 +9,7 @@ from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import cv2
@@ -27,14 +28,16 @@ MAX_AHEAD = 16  # frames a stream has with the core at a time
 _ids = itertools.count(1)
 
 
+
 @dataclass
 class _Job:
-    """Frames sent to the core together: their slots, the base frames they are drawn on, and
-    the future of their faces."""
+    """Frames sent to the core together: their slots, the base frames they are drawn on, the
+    future of their faces and then of their blend (started as soon as the faces are back)."""
 
     slots: list[FrameSlot]
     bases: list[BaseFrame]
     future: Future
+    blend: Future | None = None  # of (images, the stream's clock when they were done)
 
 
 def mask_rect(mask: np.ndarray) -> tuple[int, int, int, int] | None:
@@ -201,12 +204,21 @@ class MuseTalkStream(LipSyncStream):
                 if runner is None:
                     raise ProcessingError("MuseTalk engine is closed")
                 for meta, pcm, part_slots, part_bases in self._jobs(slots, bases):
-                    future = runner.submit(meta, pcm, len(part_slots))
-                    self._inflight.append(_Job(part_slots, part_bases, future))
+                    job = _Job(part_slots, part_bases, runner.submit(meta, pcm, len(part_slots)))
+                    self._inflight.append(job)
+                    job.future.add_done_callback(partial(self._faces_back, job))
             except Exception as exc:  # noqa: BLE001 - reported by the next render_next
                 self._error = exc
                 break
         self._ready.set()
+
+    def _faces_back(self, job: _Job, future: Future) -> None:
+        """On the runner's thread as the faces come back: their blend goes to the media threads
+        at once, not when the producer next asks (it may be waiting on an earlier blend), due
+        when its first frame's audio was there (see media.threads)."""
+        if not future.cancelled() and future.exception() is None:
+            job.blend = media_threads.submit(self._blend_all, job.bases, future.result(),
+                                             due=job.slots[0].arrival)
 
     # -- output
     async def render_next(self, take_base: Callable[[], BaseFrame], max_frames: int
@@ -233,23 +245,27 @@ class MuseTalkStream(LipSyncStream):
             raise
         if epoch != self._epoch:
             return []
-        jobs = [self._inflight.popleft()]  # and any after it already back, while they fit
-        while (self._inflight and self._inflight[0].future.done()
+        jobs = [self._inflight.popleft()]  # and any after it already blended, while they fit
+        while (self._inflight and (b := self._inflight[0].blend) is not None and b.done()
                and sum(len(j.slots) for j in jobs) + len(self._inflight[0].slots) <= max_frames):
             jobs.append(self._inflight.popleft())
         self._pump()
-        slots = [s for j in jobs for s in j.slots]
-        bases = [b for j in jobs for b in j.bases]
-        faces = [j.future.result() for j in jobs]  # a failed one raises here
-        images = await media_threads.run(self._blend_all, bases, faces,
-                                         priority=media_threads.RENDER)
+        if first.blend is None:  # the media threads refused it (shut down)
+            raise ProcessingError("cannot blend MuseTalk faces: the media threads are down")
+        await asyncio.wrap_future(first.blend)
         if epoch != self._epoch:
             return []
-        done = self._clock()
-        self.engine.ready.observe([done - s.arrival for s in slots])
-        return [SpeechFrame(s.utterance_id, s.index, img, s.pcm, s.last, b, {}, s.arrival,
-                            s.audio_ms)
-                for s, b, img in zip(slots, bases, images, strict=True)]
+        out: list[SpeechFrame] = []
+        ready: list[float] = []
+        for j in jobs:
+            assert j.blend is not None
+            images, done = j.blend.result()
+            ready += [done - s.arrival for s in j.slots]  # when each could have been shown
+            out += [SpeechFrame(s.utterance_id, s.index, img, s.pcm, s.last, b, {}, s.arrival,
+                                s.audio_ms)
+                    for s, b, img in zip(j.slots, j.bases, images, strict=True)]
+        self.engine.ready.observe(ready)
+        return out
 
     def _jobs(self, slots: list[FrameSlot], bases: list[BaseFrame]
               ) -> list[tuple[dict[str, Any], np.ndarray, list[FrameSlot], list[BaseFrame]]]:
@@ -274,15 +290,17 @@ class MuseTalkStream(LipSyncStream):
                              [b for _, b in part]))
         return jobs
 
-    def _blend_all(self, bases: list[BaseFrame], faces: list[np.ndarray]) -> list[np.ndarray]:
-        """On a media thread: each job's faces (n x 256 x 256 x 3) into their base frames."""
+    def _blend_all(self, bases: list[BaseFrame], faces: np.ndarray
+                   ) -> tuple[list[np.ndarray], float]:
+        """On a media thread: a job's faces (n x 256 x 256 x 3) into their base frames; the
+        images and the stream's clock when they were done."""
         clips = self.data["clips"]
         rects = self.data.setdefault("mask_rects", {})  # per avatar: (clip, index) -> rect
         out = []
-        for b, face in zip(bases, itertools.chain.from_iterable(faces), strict=True):
+        for b, face in zip(bases, faces, strict=True):
             mask = clips[b.clip].masks[b.index]
             key = (b.clip, b.index)
             if key not in rects:
                 rects[key] = mask_rect(mask)
             out.append(blend(b.image, face, clips[b.clip].boxes[b.index], mask, rects[key]))
-        return out
+        return out, self._clock()
