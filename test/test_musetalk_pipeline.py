@@ -245,10 +245,10 @@ def test_a_jobs_frames_are_scheduled_together_by_its_first_due(tmp_path):
         asyncio.run(eng.aclose())
 
 
-def test_faces_are_blended_as_they_come_back_and_ready_latency_counts_to_the_blend(tmp_path):
+def test_faces_are_blended_as_they_come_back_and_ready_latency_counts_to_the_hand_over(tmp_path):
     """The second hop's faces come back while the producer is not asking: their blend runs
     then, so the producer's next call returns at once; the allowance learns from each frame's
-    audio arrival to its blend's end."""
+    audio arrival to its hand-over."""
     eng = MuseTalkEngine(settings(None, gpu_standin="h100", musetalk_process=False))
     eng.load()
 

@@ -37,7 +37,7 @@ class _Job:
     slots: list[FrameSlot]
     bases: list[BaseFrame]
     future: Future
-    blend: Future | None = None  # of (images, the stream's clock when they were done)
+    blend: Future | None = None  # of the blended images
 
 
 def mask_rect(mask: np.ndarray) -> tuple[int, int, int, int] | None:
@@ -256,15 +256,16 @@ class MuseTalkStream(LipSyncStream):
         if epoch != self._epoch:
             return []
         out: list[SpeechFrame] = []
-        ready: list[float] = []
         for j in jobs:
             assert j.blend is not None
-            images, done = j.blend.result()
-            ready += [done - s.arrival for s in j.slots]  # when each could have been shown
             out += [SpeechFrame(s.utterance_id, s.index, img, s.pcm, s.last, b, {}, s.arrival,
                                 s.audio_ms)
-                    for s, b, img in zip(j.slots, j.bases, images, strict=True)]
-        self.engine.ready.observe(ready)
+                    for s, b, img in zip(j.slots, j.bases, j.blend.result(), strict=True)]
+        # ready for the playout now (the blend's own end is earlier by the hop back to the
+        # event loop, which under load is what the allowance must cover too)
+        done = self._clock()
+        self.engine.ready.observe([done - f.audio_arrival for f in out
+                                   if f.audio_arrival is not None])
         return out
 
     def _jobs(self, slots: list[FrameSlot], bases: list[BaseFrame]
@@ -290,10 +291,8 @@ class MuseTalkStream(LipSyncStream):
                              [b for _, b in part]))
         return jobs
 
-    def _blend_all(self, bases: list[BaseFrame], faces: np.ndarray
-                   ) -> tuple[list[np.ndarray], float]:
-        """On a media thread: a job's faces (n x 256 x 256 x 3) into their base frames; the
-        images and the stream's clock when they were done."""
+    def _blend_all(self, bases: list[BaseFrame], faces: np.ndarray) -> list[np.ndarray]:
+        """On a media thread: a job's faces (n x 256 x 256 x 3) into their base frames."""
         clips = self.data["clips"]
         rects = self.data.setdefault("mask_rects", {})  # per avatar: (clip, index) -> rect
         out = []
@@ -303,4 +302,4 @@ class MuseTalkStream(LipSyncStream):
             if key not in rects:
                 rects[key] = mask_rect(mask)
             out.append(blend(b.image, face, clips[b.clip].boxes[b.index], mask, rects[key]))
-        return out, self._clock()
+        return out
