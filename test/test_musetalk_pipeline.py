@@ -287,3 +287,41 @@ def test_faces_are_blended_as_they_come_back_and_ready_latency_counts_to_the_han
         asyncio.run(run())
     finally:
         asyncio.run(eng.aclose())
+
+
+def test_faces_that_come_back_after_an_interrupt_are_not_blended(tmp_path):
+    """Hops sent, then an interrupt before any can come back (each takes the stand-in's
+    waits, milliseconds): their faces come back, rendered or dropped by the core, and none is
+    blended."""
+    eng = MuseTalkEngine(settings(None, gpu_standin="h100", musetalk_process=False))
+    eng.load()
+
+    async def run():
+        stream = eng.open_stream(avatar)
+        blended: list[int] = []
+        blend_all = stream._blend_all
+
+        def recording(bases, faces):
+            blended.append(len(bases))
+            return blend_all(bases, faces)
+
+        stream._blend_all = recording
+        try:
+            stream.push_audio(speech(5, 0))  # 2 frames and their look-ahead
+            first = await stream.render_next(Bases(avatar), 2)
+            assert [f.index for f in first] == [0, 1] and sum(blended) == 2
+            stream.push_audio(speech(8, 1))  # more hops go to the core at once ...
+            sent = list(stream._inflight)
+            assert sent
+            stream.interrupt()  # ... and are interrupted before any is back
+            await until(lambda: all(j.future.done() for j in sent), what="the hops back")
+            assert all(j.blend is None for j in sent) and sum(blended) == 2
+        finally:
+            stream.close()
+
+    try:
+        avatar = small_avatar(tmp_path / "avatars")
+        eng.prepare_avatar(avatar)
+        asyncio.run(run())
+    finally:
+        asyncio.run(eng.aclose())

@@ -33,9 +33,11 @@ def i420_frame(yuv: np.ndarray, width: int, height: int) -> av.VideoFrame:
     if yuv.shape != (height * 3 // 2, width) or yuv.dtype != np.uint8:
         raise ValueError(f"I420 {width}x{height} needs uint8 {(height * 3 // 2, width)}, "
                          f"got {yuv.dtype} {yuv.shape}")
+    if not yuv.flags.c_contiguous:
+        return av.VideoFrame.from_ndarray(yuv, format="yuv420p")
     frame = av.VideoFrame(width, height, "yuv420p")
     planes = frame.planes
-    if any(p.line_size != p.width for p in planes) or not yuv.flags.c_contiguous:
+    if any(p.line_size != p.width for p in planes):
         return av.VideoFrame.from_ndarray(yuv, format="yuv420p")
     data = yuv.data.cast("B")
     at = 0

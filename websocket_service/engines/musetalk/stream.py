@@ -28,7 +28,6 @@ MAX_AHEAD = 16  # frames a stream has with the core at a time
 _ids = itertools.count(1)
 
 
-
 @dataclass
 class _Job:
     """Frames sent to the core together: their slots, the base frames they are drawn on, the
@@ -37,6 +36,7 @@ class _Job:
     slots: list[FrameSlot]
     bases: list[BaseFrame]
     future: Future
+    epoch: int  # the stream's epoch when sent: an interrupt since makes its faces unwanted
     blend: Future | None = None  # of the blended images
 
 
@@ -204,7 +204,8 @@ class MuseTalkStream(LipSyncStream):
                 if runner is None:
                     raise ProcessingError("MuseTalk engine is closed")
                 for meta, pcm, part_slots, part_bases in self._jobs(slots, bases):
-                    job = _Job(part_slots, part_bases, runner.submit(meta, pcm, len(part_slots)))
+                    job = _Job(part_slots, part_bases, runner.submit(meta, pcm, len(part_slots)),
+                               self._epoch)
                     self._inflight.append(job)
                     job.future.add_done_callback(partial(self._faces_back, job))
             except Exception as exc:  # noqa: BLE001 - reported by the next render_next
@@ -215,7 +216,10 @@ class MuseTalkStream(LipSyncStream):
     def _faces_back(self, job: _Job, future: Future) -> None:
         """On the runner's thread as the faces come back: their blend goes to the media threads
         at once, not when the producer next asks (it may be waiting on an earlier blend), due
-        when its first frame's audio was there (see media.threads)."""
+        when its first frame's audio was there (see media.threads). Faces that an interrupt
+        or close made unwanted are not blended (no one will take them)."""
+        if job.epoch != self._epoch or self._closed:
+            return
         if not future.cancelled() and future.exception() is None:
             job.blend = media_threads.submit(self._blend_all, job.bases, future.result(),
                                              due=job.slots[0].arrival)
