@@ -182,6 +182,7 @@ class Client:
     session_id: str = field(default_factory=lambda: str(uuid.uuid4()))
     frames: list[tuple[float, int, int | None, int | None]] = field(default_factory=list)
     send_times: list[float] = field(default_factory=list)
+    send_late: list[float] = field(default_factory=list)  # s each chunk went after its deadline
     decoded: int = 0
     decode_errors: int = 0
     errors: list[str] = field(default_factory=list)
@@ -241,7 +242,9 @@ class Client:
                 delay = t0 + k * 0.04 - time.monotonic()
                 if delay > 0:
                     await asyncio.sleep(delay)
-                self.send_times.append(time.monotonic())
+                now = time.monotonic()
+                self.send_times.append(now)
+                self.send_late.append(now - (t0 + k * 0.04))
                 await self.ws.send(text)
                 k += 1
             await self.ws.send(eos)
@@ -266,7 +269,9 @@ class Client:
                 g = self._offset.get(uid, 0) + uf
                 if g < len(self.send_times):
                     lat.append((t - self.send_times[g]) * 1000)
-        return {"fps": fps, "gaps": gaps, "lat": lat, "speech": sum(1 for f in fr if f[3] is not None)}
+        late = [1000 * d for t, d in zip(self.send_times, self.send_late, strict=True) if t0 <= t <= t1]
+        return {"fps": fps, "gaps": gaps, "lat": lat, "speech": sum(1 for f in fr if f[3] is not None),
+                "send_late": late}
 
 
 # ---------------------------------------------------------------------------- one level
@@ -335,6 +340,7 @@ async def run_level(server: Server, n: int, speaking: bool, chunks: list[bytes],
         "engine": last_health.get("engine"),
         "gpu_standin": (last_health.get("engine_info") or {}).get("gpu_standin"),
         "cli_lat_p50": pct(lat, 50), "cli_lat_p95": pct(lat, 95),
+        "send_late_p99": pct([x for p in per for x in p["send_late"]], 99),
         "cli_lat_p95_worst": max((pct(p["lat"], 95) or 0.0 for p in per if p["lat"]), default=None),
         "decoded": f"{clients[0].decoded}/{clients[0].decoded + clients[0].decode_errors}",
         "errors": sorted({e for c in clients for e in c.errors}),
@@ -414,8 +420,8 @@ def table(rows: list[dict[str, Any]]) -> list[str]:
     out = ["| N | client fps median (min) | frame_index gaps | skipped max | dropped | underruns "
            "| server CPU | CPU / session | client CPU | other load | server latency p50 / p95 / worst session's p95 ms "
            "| client latency p50 / p95 / worst session's p95 ms | frames from shared loops | /health p95 / max ms "
-           "| event loop lag p99 ms | sample decoded | holds |",
-           "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---|---:|---|---:|---|---|"]
+           "| event loop lag p99 ms | client sends late p99 ms | sample decoded | holds |",
+           "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---|---:|---|---:|---:|---|---|"]
     for r in rows:
         out.append(
             f"| {r['n']}{' (retry)' if r.get('retried') else ''} | {r['fps_median']:.2f} ({r['fps_min']:.2f}) | {r['gaps']} "
@@ -425,7 +431,8 @@ def table(rows: list[dict[str, Any]]) -> list[str]:
             f"| {100 * r['client_cpu']:.0f}% | {100 * r['other_cpu']:.0f}% | {_f(r['srv_lat_p50'])} / {_f(r['srv_lat_p95'])} / {_f(r['srv_lat_p95_worst'])} "
             f"| {_f(r['cli_lat_p50'])} / {_f(r['cli_lat_p95'])} / {_f(r['cli_lat_p95_worst'])} "
             f"| {100 * r['loop_share']:.0f}% "
-            f"| {_f(r['health_p95'])} / {_f(r['health_max'])} | {_f(r['loop_lag_p99'])} | {r['decoded']} "
+            f"| {_f(r['health_p95'])} / {_f(r['health_max'])} | {_f(r['loop_lag_p99'])} "
+            f"| {_f(r.get('send_late_p99'))} | {r['decoded']} "
             f"| {'yes' if r['holds'] else '**no**'}{' ' + ','.join(r['errors']) if r['errors'] else ''} |")
     return out
 
@@ -499,7 +506,10 @@ def report(m: dict[str, str], args: argparse.Namespace, baseline: float, idle: l
         "dropped and underruns are the server's `/sessions` counters over the window (skipped max "
         "is the worst session's share); server latency is the median over sessions of each "
         "session's `/sessions` latency_ms; client latency pools every speech frame of the window; "
-        "'sample decoded' is how many of the first frames of one client PyAV decoded.", "",
+        "'client sends late p99' is how late the clients' audio chunks left against their "
+        "real-time deadlines (a starved load generator would send in bursts, which the server "
+        "would see as network jitter); 'sample decoded' is how many of the first frames of one client "
+        "PyAV decoded.", "",
     ]
     return "\n".join(lines)
 
