@@ -234,6 +234,59 @@ async def test_a_backlog_of_unrendered_audio_never_drops_the_only_queued_frame(s
     await s.close()
 
 
+async def test_the_look_ahead_of_a_stream_on_schedule_is_not_trimmed(session):
+    """A stream on schedule holds the engine's look-ahead as audio it cannot render yet (a
+    MuseTalk stream: 4 frames). That backlog stands, but it is needed, not latency: no frame
+    is trimmed for it (the floor counted only the jitter allowance, and MuseTalk streams lost
+    a silent frame in every pause, then ran a tick tight: an underrun for each)."""
+    s, sink, clock = session
+    s.lookahead_frames = lambda: 6
+    s.audio_backlog = lambda: 640 * 6  # the look-ahead's audio, always waiting
+    pcm = _talk_and_pause(wav("short_16k.wav"), 4)
+    s.push_audio(pcm[:640 * 2])
+    await render_ready(s)
+    for n in range(78):
+        s.push_audio(pcm[640 * (2 + n):640 * (3 + n)])
+        await render_ready(s)
+        tick(s, clock, n, 1)
+    shown = [f.utterance_frame for f in sink.frames if f.utterance_frame is not None]
+    assert shown == list(range(len(shown))) and len(shown) >= 70, shown
+    assert s.stats.speech_frames_skipped == 0
+    await s.close()
+
+
+async def test_an_utterance_started_before_the_allowance_was_learned_moves_to_it(session):
+    """A cold start: the utterance starts before any latency was measured (no jitter
+    allowance); the engine delivers its frames in bursts 3 and 5 ticks apart (a batch cycle
+    with its jitter), and the allowance is learned (0.2 s). The few underruns before shift
+    the playout later, and it stays there: measured against a schedule that follows the
+    allowance it is not behind, so no pause is cut to catch up. (Against the tight start,
+    every pause lost silent frames to catch up, and the next burst ran late again: an
+    underrun and a dropped frame every few ticks, for good.)"""
+    s, sink, clock = session
+    allowance = [0.0]
+    s.speech_delay = lambda: allowance[0]
+    pcm = _talk_and_pause(wav("short_16k.wav"), 8)
+    s.push_audio(pcm[:640 * 2])
+    await render_ready(s)
+    underruns, skipped = [], []
+    for n in range(150):
+        s.push_audio(pcm[640 * (2 + n):640 * (3 + n)])
+        if n % 8 in (2, 7):  # the engine's batch cycle: 3 or 5 frames at a time
+            await render_ready(s)
+        if n == 12:
+            allowance[0] = 0.2
+        tick(s, clock, n, 1)
+        underruns.append(s.stats.underruns)
+        skipped.append(s.stats.speech_frames_skipped)
+    assert underruns[12] > 0, "the tight schedule ran late"
+    assert underruns[-1] == underruns[40], underruns  # none once the playout has moved
+    assert skipped[-1] == skipped[40], skipped
+    shown = [f.utterance_frame for f in sink.frames if f.utterance_frame is not None]
+    assert shown == sorted(shown) and len(shown) >= 130
+    await s.close()
+
+
 async def test_a_burst_that_plays_out_is_not_trimmed(session):
     """Audio faster than real time (TTS) drains the queue: every frame is shown."""
     s, sink, clock = session

@@ -261,6 +261,9 @@ class Session:
     def speech_delay(self) -> float:
         return self.stream.speech_delay()
 
+    def lookahead_frames(self) -> int:
+        return self.engine.lookahead_frames
+
     def emit(self, frame: OutputFrame, after: list[SpeechEnded]) -> None:
         """The playout's frame of this tick to every sink, then the SPEECH_ENDED it brought."""
         self._move(frame.state, frame.clip)
