@@ -185,6 +185,20 @@ async def test_a_pause_absorbs_lag_within_the_bound(session):
     await s.close()
 
 
+async def live(s: Session, clock: FakeClock, pcm: np.ndarray, ticks: int, first: int = 2,
+               render_on: Any = lambda n: True, after_tick: Any = lambda n: None) -> None:
+    """``first`` frames of ``pcm`` at once, then one frame's audio a tick, as it is spoken: the
+    engine renders what it can on the ticks ``render_on(n)`` says, then the playout ticks."""
+    s.push_audio(pcm[:640 * first])
+    await render_ready(s)
+    for n in range(ticks):
+        s.push_audio(pcm[640 * (first + n):640 * (first + n + 1)])
+        if render_on(n):
+            await render_ready(s)
+        tick(s, clock, n, 1)
+        after_tick(n)
+
+
 def _talk_and_pause(speech: np.ndarray, periods: int) -> np.ndarray:
     """10 voiced frames, 10 silent ones, ``periods`` times."""
     voiced = speech[:640 * 10]
@@ -221,13 +235,7 @@ async def test_a_backlog_of_unrendered_audio_never_drops_the_only_queued_frame(s
     then fail on the empty queue); only silent frames with another behind them go."""
     s, sink, clock = session
     s.audio_backlog = lambda: 640 * 10  # ten frames' audio waiting behind the queue
-    pcm = _talk_and_pause(wav("short_16k.wav"), 4)
-    s.push_audio(pcm[:640 * 2])
-    await render_ready(s)
-    for n in range(70):
-        s.push_audio(pcm[640 * (2 + n):640 * (3 + n)])
-        await render_ready(s)
-        tick(s, clock, n, 1)
+    await live(s, clock, _talk_and_pause(wav("short_16k.wav"), 4), 70)
     shown = [f.utterance_frame for f in sink.frames if f.utterance_frame is not None]
     assert shown == sorted(shown) and shown[-1] >= 65
     assert all((k // 10) % 2 == 1 for k in set(range(shown[-1])) - set(shown))
@@ -242,13 +250,7 @@ async def test_the_look_ahead_of_a_stream_on_schedule_is_not_trimmed(session):
     s, sink, clock = session
     s.lookahead_frames = lambda: 6
     s.audio_backlog = lambda: 640 * 6  # the look-ahead's audio, always waiting
-    pcm = _talk_and_pause(wav("short_16k.wav"), 4)
-    s.push_audio(pcm[:640 * 2])
-    await render_ready(s)
-    for n in range(78):
-        s.push_audio(pcm[640 * (2 + n):640 * (3 + n)])
-        await render_ready(s)
-        tick(s, clock, n, 1)
+    await live(s, clock, _talk_and_pause(wav("short_16k.wav"), 4), 78)
     shown = [f.utterance_frame for f in sink.frames if f.utterance_frame is not None]
     assert shown == list(range(len(shown))) and len(shown) >= 70, shown
     assert s.stats.speech_frames_skipped == 0
@@ -266,19 +268,17 @@ async def test_an_utterance_started_before_the_allowance_was_learned_moves_to_it
     s, sink, clock = session
     allowance = [0.0]
     s.speech_delay = lambda: allowance[0]
-    pcm = _talk_and_pause(wav("short_16k.wav"), 8)
-    s.push_audio(pcm[:640 * 2])
-    await render_ready(s)
     underruns, skipped = [], []
-    for n in range(150):
-        s.push_audio(pcm[640 * (2 + n):640 * (3 + n)])
-        if n % 8 in (2, 7):  # the engine's batch cycle: 3 or 5 frames at a time
-            await render_ready(s)
-        if n == 12:
-            allowance[0] = 0.2
-        tick(s, clock, n, 1)
+
+    def after_tick(n: int) -> None:
+        if n == 11:
+            allowance[0] = 0.2  # learned: from the next tick on
         underruns.append(s.stats.underruns)
         skipped.append(s.stats.speech_frames_skipped)
+
+    # the engine's batch cycle: 3 or 5 frames at a time
+    await live(s, clock, _talk_and_pause(wav("short_16k.wav"), 8), 150,
+               render_on=lambda n: n % 8 in (2, 7), after_tick=after_tick)
     assert underruns[12] > 0, "the tight schedule ran late"
     assert underruns[-1] == underruns[40], underruns  # none once the playout has moved
     assert skipped[-1] == skipped[40], skipped
