@@ -245,10 +245,9 @@ def test_a_jobs_frames_are_scheduled_together_by_its_first_due(tmp_path):
         asyncio.run(eng.aclose())
 
 
-def test_faces_are_blended_as_they_come_back_and_ready_latency_counts_to_the_hand_over(tmp_path):
-    """The second hop's faces come back while the producer is not asking: their blend runs
-    then, so the producer's next call returns at once; the allowance learns from each frame's
-    audio arrival to its hand-over."""
+def _on_a_stream(tmp_path, body) -> None:
+    """``await body(stream, avatar, blended)`` on a stand-in engine's stream whose blends are
+    recorded (``blended``: how many frames each finished blend took)."""
     eng = MuseTalkEngine(settings(None, gpu_standin="h100", musetalk_process=False))
     eng.load()
 
@@ -264,20 +263,7 @@ def test_faces_are_blended_as_they_come_back_and_ready_latency_counts_to_the_han
 
         stream._blend_all = recording  # what the faces' callback calls
         try:
-            bases = Bases(avatar)
-            stream.push_audio(speech(4, 0))
-            stream.end_segment()
-            first = await stream.render_next(bases, 2)  # one hop; the other went to the core too
-            assert [f.index for f in first] == [0, 1]
-            await until(lambda: sum(blended) == 4, what="the second hop blended unasked")
-            calls = len(blended)
-            second = await stream.render_next(bases, 2)
-            assert [f.index for f in second] == [2, 3] and len(blended) == calls
-            after = stream.engine.ready._recent
-            assert len(after) == 4
-            now = time.monotonic()
-            for f, waited in zip(first + second, after, strict=True):
-                assert 0 < waited <= now - f.audio_arrival
+            await body(stream, avatar, blended)
         finally:
             stream.close()
 
@@ -287,41 +273,46 @@ def test_faces_are_blended_as_they_come_back_and_ready_latency_counts_to_the_han
         asyncio.run(run())
     finally:
         asyncio.run(eng.aclose())
+
+
+def test_faces_are_blended_as_they_come_back_and_ready_latency_counts_to_the_hand_over(tmp_path):
+    """The second hop's faces come back while the producer is not asking: their blend runs
+    then, so the producer's next call returns at once; the allowance learns from each frame's
+    audio arrival to its hand-over."""
+
+    async def body(stream, avatar, blended):
+        bases = Bases(avatar)
+        stream.push_audio(speech(4, 0))
+        stream.end_segment()
+        first = await stream.render_next(bases, 2)  # one hop; the other went to the core too
+        assert [f.index for f in first] == [0, 1]
+        await until(lambda: sum(blended) == 4, what="the second hop blended unasked")
+        calls = len(blended)
+        second = await stream.render_next(bases, 2)
+        assert [f.index for f in second] == [2, 3] and len(blended) == calls
+        after = stream.engine.ready._recent
+        assert len(after) == 4
+        now = time.monotonic()
+        for f, waited in zip(first + second, after, strict=True):
+            assert 0 < waited <= now - f.audio_arrival
+
+    _on_a_stream(tmp_path, body)
 
 
 def test_faces_that_come_back_after_an_interrupt_are_not_blended(tmp_path):
     """Hops sent, then an interrupt before any can come back (each takes the stand-in's
     waits, milliseconds): their faces come back, rendered or dropped by the core, and none is
     blended."""
-    eng = MuseTalkEngine(settings(None, gpu_standin="h100", musetalk_process=False))
-    eng.load()
 
-    async def run():
-        stream = eng.open_stream(avatar)
-        blended: list[int] = []
-        blend_all = stream._blend_all
+    async def body(stream, avatar, blended):
+        stream.push_audio(speech(5, 0))  # 2 frames and their look-ahead
+        first = await stream.render_next(Bases(avatar), 2)
+        assert [f.index for f in first] == [0, 1] and sum(blended) == 2
+        stream.push_audio(speech(8, 1))  # more hops go to the core at once ...
+        sent = list(stream._inflight)
+        assert sent
+        stream.interrupt()  # ... and are interrupted before any is back
+        await until(lambda: all(j.future.done() for j in sent), what="the hops back")
+        assert all(j.blend is None for j in sent) and sum(blended) == 2
 
-        def recording(bases, faces):
-            blended.append(len(bases))
-            return blend_all(bases, faces)
-
-        stream._blend_all = recording
-        try:
-            stream.push_audio(speech(5, 0))  # 2 frames and their look-ahead
-            first = await stream.render_next(Bases(avatar), 2)
-            assert [f.index for f in first] == [0, 1] and sum(blended) == 2
-            stream.push_audio(speech(8, 1))  # more hops go to the core at once ...
-            sent = list(stream._inflight)
-            assert sent
-            stream.interrupt()  # ... and are interrupted before any is back
-            await until(lambda: all(j.future.done() for j in sent), what="the hops back")
-            assert all(j.blend is None for j in sent) and sum(blended) == 2
-        finally:
-            stream.close()
-
-    try:
-        avatar = small_avatar(tmp_path / "avatars")
-        eng.prepare_avatar(avatar)
-        asyncio.run(run())
-    finally:
-        asyncio.run(eng.aclose())
+    _on_a_stream(tmp_path, body)
