@@ -8,7 +8,7 @@ import pytest
 
 from websocket_service.channel import ChannelClosed, DropOldest
 from websocket_service.clock import Clock
-from websocket_service.pacing import Pacer
+from websocket_service.pacing import Pacer, PhaseSpreader
 
 
 def test_drop_oldest_keeps_the_newest_and_counts_what_it_dropped():
@@ -103,3 +103,32 @@ def test_pacer_refuses_nonsense():
         Pacer(Clock(), 0)
     with pytest.raises(ValueError):
         Pacer(Clock(), 25, resync_after=0)
+
+
+def test_pacers_started_together_are_spread_over_the_period():
+    spread = PhaseSpreader(25, slots=8)
+    now = 100.013  # 16 sessions opened in the same instant
+    claims = [spread.claim(now) for _ in range(16)]
+    assert sorted(slot for slot, _ in claims) == sorted(list(range(8)) * 2)
+    assert spread.used() == [2] * 8
+    for slot, first in claims:
+        assert now <= first < now + 0.04  # the first tick waits at most one period
+        periods = (first - slot * 0.005) / 0.04  # ticks on its slot's phase
+        assert periods == pytest.approx(round(periods), abs=1e-6)
+    # the first eight take the slots in the order they come after now (0.013 s into a period)
+    assert [slot for slot, _ in claims[:8]] == [3, 4, 5, 6, 7, 0, 1, 2]
+    assert claims[0][1] == pytest.approx(100.015)
+
+
+def test_a_released_phase_is_the_next_one_taken():
+    spread = PhaseSpreader(25, slots=4)
+    slots = [spread.claim(5.0)[0] for _ in range(4)]
+    spread.release(slots[2])
+    assert spread.used() == [1, 1, 0, 1]
+    assert spread.claim(7.0) == (2, pytest.approx(7.02))
+    with pytest.raises(ValueError):
+        PhaseSpreader(25, slots=4).release(0)  # never taken
+    with pytest.raises(ValueError):
+        PhaseSpreader(0)
+    with pytest.raises(ValueError):
+        PhaseSpreader(25, slots=0)

@@ -6,6 +6,7 @@ weight-free engine's stream, so every step is deterministic.
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import numpy as np
@@ -15,6 +16,7 @@ from websocket_service.clock import Clock
 from websocket_service.config import Settings
 from websocket_service.errors import InvalidStateTransition, ProcessingError, ServiceError
 from websocket_service.events import SpeechEnded, StateChanged
+from websocket_service.pacing import PhaseSpreader
 from websocket_service.playout import OutputFrame
 from websocket_service.session import Session, VideoSettings
 from websocket_service.states import AvatarState
@@ -401,3 +403,40 @@ async def test_an_engine_with_a_jitter_allowance_starts_the_utterance_that_late(
     assert [f.index for f in speech] == list(range(2, 32))
     assert s.stats.underruns == 0
     await s.close()
+
+
+class ParkedClock(FakeClock):
+    """Records each pacer's first deadline, then parks it there (until the task is cancelled)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.deadlines: list[float] = []
+        self.parked = asyncio.Event()
+
+    async def sleep_until(self, deadline: float) -> None:
+        self.deadlines.append(deadline)
+        self.parked.set()
+        await asyncio.Event().wait()
+
+
+async def test_sessions_opened_together_tick_on_different_phases_and_give_them_back():
+    clock = ParkedClock()
+    phases = PhaseSpreader(25, slots=8)
+    video = VideoSettings(width=512, height=512, bitrate=1_000_000, gop_frames=25, fps=25)
+    sessions = [Session(f"s{i}", "u1", builtin(), engine(), Settings(), video, "idle",
+                        clock=clock, phases=phases) for i in range(3)]
+    for s in sessions:
+        s.start()
+    while len(clock.deadlines) < 3:
+        clock.parked.clear()
+        await clock.parked.wait()
+    assert phases.used().count(1) == 3
+    first = sorted(clock.deadlines)
+    assert first[0] >= clock.t and first[-1] < clock.t + 0.04
+    assert [round(b - a, 6) for a, b in zip(first, first[1:], strict=False)] == [0.005, 0.005]
+    # /sessions says where each ticks: 5 ms apart, in the order of their first ticks
+    shown = [s.stats.snapshot(clock.t)["tick_phase_ms"] for s in sessions]
+    assert [round(b - a, 1) % 40 for a, b in zip(shown, shown[1:], strict=False)] == [5.0, 5.0]
+    for s in sessions:
+        await s.close()
+    assert phases.used() == [0] * 8  # a closed session's phase is free again

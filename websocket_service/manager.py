@@ -24,6 +24,7 @@ from .logs import session_id_var
 from .media.encoder_pool import EncoderPool
 from .media.loops import LoopCache, LoopKey
 from .metrics import ServiceMetrics
+from .pacing import PhaseSpreader
 from .protocol import VideoConfig
 from .session import Session, VideoSettings
 from .units import SAMPLE_RATE
@@ -69,6 +70,8 @@ class SessionManager:
         self._viewers: dict[str, tuple[str, str | None]] = {}
         self.metrics = ServiceMetrics()
         self.placement: Placement | None = None
+        #: sessions opened together tick on different phases of the frame period
+        self.phases = PhaseSpreader(settings.fps)
 
     def _reserve(self, session_id: str, user_id: str, client_ip: str | None) -> None:
         if session_id in self.sessions or session_id in self._reserved:
@@ -108,7 +111,8 @@ class SessionManager:
             base_video = config.base_video or avatar.base_videos[0]
             video = self.video_settings(avatar, config)
             session = Session(session_id, user_id, avatar, self.engine, self.settings, video,
-                              base_video, clock=self.clock, transport=transport)
+                              base_video, clock=self.clock, transport=transport,
+                              phases=self.phases)
             self.sessions[session_id] = session
             self.metrics.session_opened(session.stats)
         finally:

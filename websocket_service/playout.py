@@ -30,7 +30,7 @@ from .config import Settings
 from .cursor import Cursor, loop_period, resize_to
 from .engines.base import SpeechFrame
 from .events import SpeechEnded
-from .pacing import Pacer
+from .pacing import Pacer, PhaseSpreader
 from .producer import SpeechQueue
 from .states import AvatarState
 from .stats import SessionStats
@@ -312,13 +312,25 @@ class Playout:
         self._await_speech_until = 0.0  # STATE_CHANGE speaking: speaking frames before audio
         self._legacy_action: str | None = None
 
-    async def run(self) -> None:
-        pacer = Pacer(self.clock, self.fps, self.settings.resync_after_frames)
-        while self._host() is not None:
-            n, skipped = await pacer.next()
-            if skipped:
-                self.stats.frames_skipped(skipped)
-            self.tick(n)
+    async def run(self, phases: PhaseSpreader | None = None) -> None:
+        """Tick until the host is gone; with ``phases``, on a phase the process's other
+        playouts use least (the first tick waits up to one period)."""
+        slot, t0 = None, self.clock.now()
+        phase = t0 % self.period
+        if phases is not None:
+            slot, t0 = phases.claim(t0)
+            phase = phases.phase(slot)
+        self.stats.tick_phase_ms = round(phase * 1000, 1)
+        try:
+            pacer = Pacer(self.clock, self.fps, self.settings.resync_after_frames, t0=t0)
+            while self._host() is not None:
+                n, skipped = await pacer.next()
+                if skipped:
+                    self.stats.frames_skipped(skipped)
+                self.tick(n)
+        finally:
+            if phases is not None and slot is not None:
+                phases.release(slot)
 
     def tick(self, n: int) -> None:
         """Show frame ``n`` (due now): compose it and hand it to the host."""

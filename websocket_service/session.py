@@ -34,6 +34,7 @@ from .cursor import Cursor
 from .engines.base import LipSyncEngine, LipSyncStream
 from .errors import InvalidSession, RateLimitExceeded, ServiceError
 from .events import ActionTriggered, SessionEvent, SpeechEnded, StateChanged
+from .pacing import PhaseSpreader
 from .playout import SILENCE, OutputFrame, Playout
 from .producer import Producer, SpeechQueue
 from .states import CLIENT_ALLOWED, AvatarState, StateMachine
@@ -127,6 +128,8 @@ class Session:
     base_video: str
     clock: Clock = field(default_factory=Clock)
     transport: str = "websocket"
+    #: the process's playouts' phases (the manager's): None ticks from the start
+    phases: PhaseSpreader | None = None
 
     def __post_init__(self) -> None:
         self.stream = self.engine.open_stream(self.avatar, self.clock.now)
@@ -150,7 +153,7 @@ class Session:
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> None:
         self._tasks = [
-            asyncio.create_task(self.playout.run(), name=f"pacer-{self.session_id[:8]}"),
+            asyncio.create_task(self.playout.run(self.phases), name=f"pacer-{self.session_id[:8]}"),
             asyncio.create_task(self.producer.run(), name=f"producer-{self.session_id[:8]}"),
         ]
 

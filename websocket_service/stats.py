@@ -48,6 +48,9 @@ class SessionStats:
     live_frames: int = 0  # frames encoded for this session alone (speech, actions, idle)
     loop_waits: int = 0  # idle frames not sent: their shared loop was being built
     batched_frames: int = 0  # frames encoded behind another in one call (a feed catching up)
+    #: where in the frame period this session ticks, on its server's clock (sessions of one
+    #: server with different phases tick at different moments; pacing.PhaseSpreader)
+    tick_phase_ms: float | None = None
     viewers: int = 0  # receive-only WebSocket connections on this session
     #: per WebSocket connection (owner first, then viewers): frames sent, dropped, bytes
     readers: Callable[[], list[dict[str, Any]]] | None = None
@@ -212,6 +215,7 @@ class SessionStats:
             "live_frames": self.live_frames,
             "loop_waits": self.loop_waits,
             "batched_frames": self.batched_frames,
+            "tick_phase_ms": self.tick_phase_ms,
             "viewers": self.viewers,
             "readers": self.readers() if self.readers is not None else [],
             "latency_ms": self.latency_ms(),
