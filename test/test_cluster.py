@@ -84,6 +84,17 @@ async def test_a_burst_within_capacity_all_streams_and_past_it_each_is_refused_c
     per_replica = sorted(sum(replica(r) == rid for _, r in opened)
                          for rid in {replica(r) for _, r in opened})
     assert per_replica == [MAX_SESSIONS, MAX_SESSIONS]  # spread before any of them reached INIT
+    # opened in one burst, the sessions of each replica tick on phases at least 5 ms apart
+    async with httpx.AsyncClient(base_url=cluster.http, timeout=30) as http:
+        listed = await poll(http, "/sessions", lambda b: b["count"] == capacity and all(
+            s["tick_phase_ms"] is not None for s in b["sessions"]), headers=OPERATOR)
+    phases: dict[str, list[float]] = {}
+    for s in listed["sessions"]:
+        phases.setdefault(s["replica_id"], []).append(s["tick_phase_ms"])
+    assert sorted(len(p) for p in phases.values()) == [MAX_SESSIONS, MAX_SESSIONS], listed
+    for a, b in phases.values():
+        apart = abs(a - b) % 40
+        assert min(apart, 40 - apart) >= 4.9, phases
     # past capacity: the protocol's refusal and close 1013, over WebSocket ...
     late = await asyncio.gather(*(open_session(cluster, f"late{i}") for i in range(2)))
     for peer, reply in late:
