@@ -14,7 +14,8 @@ with the SD-VAE needs), and compile mode (one ``torch.compile(dynamic=False)`` p
 buckets 1 and 8: compiles per bucket and dynamic-shape compiles (expected 1 and 0) after runs of
 every size. The compile stages are time-boxed (``--budget-s``).
 Frames/s at batch 32 against the issue's goals (SD-VAE >= 400, TAESD >= 800). Streaming
-1/16/24/32 sessions through the engine (:func:`stream_sessions`), within the time box.
+1/16/24/32 sessions through the engine (:func:`stream_sessions`: the UNet per bucket, then the
+decoder in chunks of ``MUSETALK_DECODE_CHUNK``, 8 by default), within the time box.
 
 Writes ``--json`` (default bench/results/gpu_path.json) and, only on CUDA, the GPU section of
 docs/bench_musetalk.md between ``<!-- gpu-path:start -->`` and ``<!-- gpu-path:end -->``. On a
@@ -111,7 +112,7 @@ def runner(models: Models, decoder: str, mode: str, buckets: tuple[int, ...], ba
 
     dec = models.decoders[decoder]
     fn = make_generate(models.unet, dec, models.pe, decoder_scale(dec))
-    return BucketRunner(fn, LATENT, AUDIO, models.device, models.dtype, mode=mode,
+    return BucketRunner(fn, (LATENT, AUDIO), models.device, models.dtype, mode=mode,
                         buckets=buckets, compile_backend=backend, compile_kernels=compile_kernels)
 
 
@@ -286,6 +287,7 @@ def stream_sessions(models: Models, decoder: str, sessions: int, seconds: float)
     lat = np.array(latencies) * 1000 if latencies else np.zeros(1)
     per = [f / dt for f in frames_out]
     return {"sessions": sessions, "decoder": decoder, "startup_s": round(startup, 1),
+            "decode_chunk": settings.musetalk_decode_chunk,
             "frames": int(sum(frames_out)), "fps_out_min": round(min(per), 2),
             "fps_out_median": round(float(np.median(per)), 2),
             "p50_ms": round(float(np.percentile(lat, 50)), 1),

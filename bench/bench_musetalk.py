@@ -91,7 +91,7 @@ def fps_by_batch(engine: MuseTalkEngine, sizes: list[int], repeats: int) -> list
     gen = make_generate(b.unet, b.vae, pe, float(b.vae.config.scaling_factor))
     rows = []
     for size in sizes:
-        run = BucketRunner(gen, (8, h, h), (50, d), b.device, b.dtype, "eager", (size,))
+        run = BucketRunner(gen, ((8, h, h), (50, d)), b.device, b.dtype, "eager", (size,))
         run.warm_up()
         lat = torch.randn(size, 8, h, h).to(b.device, b.dtype)
         aud = torch.randn(size, 50, d).to(b.device, b.dtype)

@@ -32,12 +32,15 @@ from websocket_service.engines.musetalk.audio import positional_encoding  # noqa
 from websocket_service.engines.musetalk.decoder import (  # noqa: E402
     decoder_scale,
     load_taesd,
+    make_decode,
     make_generate,
+    make_unet,
 )
 from websocket_service.engines.musetalk.graphs import (  # noqa: E402
     BUCKETS,
     BucketRunner,
     bucket_for,
+    chunk_sizes,
     resolve_mode,
 )
 from websocket_service.engines.musetalk.loader import load_bundle  # noqa: E402
@@ -99,7 +102,7 @@ def float_fn(nets):
 
 @pytest.fixture(scope="module")
 def compiled(float_fn):
-    runner = BucketRunner(float_fn, LATENT, AUDIO, CPU, torch.float32, mode="compile",
+    runner = BucketRunner(float_fn, (LATENT, AUDIO), CPU, torch.float32, mode="compile",
                           compile_backend="eager")
     runner.warm_up()
     return runner
@@ -115,6 +118,17 @@ def test_bucket_for_edges():
     assert bucket_for(4, (5, 3)) == 5 and bucket_for(3, (5, 3)) == 3  # any order
 
 
+def test_chunk_sizes():
+    assert chunk_sizes(32, 8) == [8, 8, 8, 8]
+    assert chunk_sizes(20, 8) == [8, 8, 4]
+    assert chunk_sizes(5, 2) == [2, 2, 1]
+    assert chunk_sizes(6, 8) == chunk_sizes(6, 0) == chunk_sizes(6, 6) == [6]
+    assert chunk_sizes(0, 8) == []
+    for n, c in ((-1, 8), (4, -1)):
+        with pytest.raises(ValueError):
+            chunk_sizes(n, c)
+
+
 def test_modes_resolve():
     assert resolve_mode("auto", CPU) == "eager"
     assert resolve_mode("auto", torch.device("cuda")) == "cuda-graph"
@@ -123,7 +137,7 @@ def test_modes_resolve():
     with pytest.raises(ValueError, match="unknown"):
         resolve_mode("tensorrt", CPU)
     with pytest.raises(ValueError, match="compile_kernels"):
-        BucketRunner(lambda a, b: a, LATENT, AUDIO, CPU, torch.float32, mode="eager",
+        BucketRunner(lambda a, b: a, (LATENT, AUDIO), CPU, torch.float32, mode="eager",
                      compile_kernels=True)
 
 
@@ -150,7 +164,7 @@ def test_one_static_compile_per_bucket(compiled):
 # -- padding
 @pytest.mark.parametrize("mode", ["eager", "compile"])
 def test_padding_does_not_change_real_rows(mode, compiled, float_fn):
-    runner = compiled if mode == "compile" else BucketRunner(float_fn, LATENT, AUDIO, CPU,
+    runner = compiled if mode == "compile" else BucketRunner(float_fn, (LATENT, AUDIO), CPU,
                                                              torch.float32, mode="eager")
     lat, aud = inputs(7, seed=7)
     alone = eager(float_fn, lat[:3], aud[:3])  # 3 rows, no padding
@@ -165,7 +179,7 @@ def test_padding_does_not_change_real_rows(mode, compiled, float_fn):
 
 
 def test_results_are_new_arrays(float_fn):
-    runner = BucketRunner(float_fn, LATENT, AUDIO, CPU, torch.float32, mode="auto")
+    runner = BucketRunner(float_fn, (LATENT, AUDIO), CPU, torch.float32, mode="auto")
     assert runner.mode == "eager" and runner.warm_up() == {b: 0.0 for b in BUCKETS}
     a = runner.run(*inputs(2, seed=1))
     before = a.copy()
@@ -179,24 +193,81 @@ def test_bad_inputs_and_wrong_thread(compiled, float_fn):
         compiled.run(lat, aud)
     with pytest.raises(ValueError):
         compiled.run(lat[:0], aud[:0])
-    with pytest.raises(ValueError, match="audio rows"):
+    with pytest.raises(ValueError, match="different row counts"):
         compiled.run(lat[:2], aud[:3])
-    with pytest.raises(ValueError, match="latents"):
+    with pytest.raises(ValueError, match=r"expected inputs \[n, 8, 8, 8\], \[n, 50, 384\]"):
         compiled.run(lat[:2, :4], aud[:2])
+    with pytest.raises(ValueError, match="expected inputs"):
+        compiled.run(lat[:2])  # one input of two
     with ThreadPoolExecutor(1) as pool:
         with pytest.raises(RuntimeError, match="thread"):
             pool.submit(compiled.run, lat[:1], aud[:1]).result(timeout=60)
-    cold = BucketRunner(float_fn, LATENT, AUDIO, CPU, torch.float32, mode="compile",
+    cold = BucketRunner(float_fn, (LATENT, AUDIO), CPU, torch.float32, mode="compile",
                         compile_backend="eager")
     with pytest.raises(RuntimeError, match="warm_up"):
         cold.run(lat[:1], aud[:1])
+
+
+# -- the engine's two runners: the UNet's latents on the device, then the decoder in chunks
+def two_runners(nets, mode: str, chunk: int, buckets: tuple[int, ...] = BUCKETS):
+    unet, vae, pe = nets
+    pred = (4, *LATENT[1:])
+    kw = {"compile_backend": "eager"} if mode == "compile" else {}
+    first = BucketRunner(make_unet(unet, pe, decoder_scale(vae)), (LATENT, AUDIO), CPU,
+                         torch.float32, mode=mode, buckets=buckets, to_host=False, **kw)
+    second = BucketRunner(make_decode(vae), (pred,), CPU, torch.float32, mode=mode,
+                          buckets=tuple(b for b in BUCKETS if b <= chunk), **kw)
+    first.warm_up()
+    second.warm_up()
+    return first, second
+
+
+@pytest.mark.parametrize("mode", ["eager", "compile"])
+def test_unet_then_decoder_in_chunks_equals_the_whole_network(nets, float_fn, mode):
+    """What the core runs per batch: the UNet over 5 frames (bucket 8), then the decoder over
+    chunks of 2, 2 and 1 (buckets 2, 2, 1): the faces of the whole network in one call, chunk by
+    chunk, whatever the padding."""
+    unet_runner, decode_runner = two_runners(nets, mode, chunk=2, buckets=(8,))
+    assert decode_runner.buckets == (1, 2)
+    lat, aud = inputs(5, seed=11)
+    pred = unet_runner.run(lat, aud)
+    assert isinstance(pred, torch.Tensor) and pred.shape == (5, 4, 8, 8)
+    faces, at = [], 0
+    for c in chunk_sizes(5, 2):
+        faces.append(decode_runner.run(pred[at:at + c]))
+        at += c
+    assert [f.shape for f in faces] == [(2, 64, 64, 3), (2, 64, 64, 3), (1, 64, 64, 3)]
+    with torch.inference_mode():
+        whole = quantise(float_fn(lat, aud))
+    got = np.concatenate(faces)
+    assert got.dtype == np.uint8
+    # rows computed at other batch sizes: a level where a value sits on a rounding edge
+    diff = np.abs(got.astype(int) - whole.astype(int))
+    assert diff.max() <= 1 and (diff > 0).mean() < 1e-3
+    # a frame's face does not depend on the chunk it was decoded in
+    np.testing.assert_array_equal(decode_runner.run(pred[4:5]), faces[2])
+
+
+def test_device_outputs_survive_the_next_run():
+    """``to_host=False`` hands back a copy. A captured graph's output is a static buffer that
+    the next replay overwrites (as is the padded input an identity function returns here):
+    the latents the decoder is still reading must not change under it."""
+    runner = BucketRunner(lambda x: x, ((3,),), CPU, torch.float32, mode="eager",
+                          buckets=(4,), to_host=False)
+    first = runner.run(torch.ones((2, 3)))
+    second = runner.run(torch.full((3, 3), 7.0))
+    assert torch.equal(first, torch.ones((2, 3))) and torch.equal(second, torch.full((3, 3), 7.0))
+    on_host = BucketRunner(lambda x: x, ((3,),), CPU, torch.float32, mode="eager", buckets=(4,))
+    kept = on_host.run(torch.ones((2, 3)))
+    on_host.run(torch.zeros((2, 3)))
+    assert isinstance(kept, np.ndarray) and (kept == 1).all()
 
 
 # -- make_generate and the tiny decoder
 def test_generate_is_musetalk_arithmetic_in_uint8(nets, float_fn):
     unet, vae, pe = nets
     generate = make_generate(unet, vae, pe, decoder_scale(vae))
-    runner = BucketRunner(generate, LATENT, AUDIO, CPU, torch.float32, mode="eager")
+    runner = BucketRunner(generate, (LATENT, AUDIO), CPU, torch.float32, mode="eager")
     lat, aud = inputs(4, seed=5)  # a full bucket: the reference runs the same batch size
     got = runner.run(lat, aud)
     assert got.shape == (4, 64, 64, 3) and got.dtype == np.uint8
@@ -222,7 +293,7 @@ def test_taesd_loads_and_generates(nets, tmp_path):
     assert isinstance(taesd, AutoencoderTiny) and not taesd.training
     assert decoder_scale(taesd) == 1.0
     generate = make_generate(unet, taesd, pe, decoder_scale(taesd))
-    runner = BucketRunner(generate, LATENT, AUDIO, CPU, torch.float32, mode="eager")
+    runner = BucketRunner(generate, (LATENT, AUDIO), CPU, torch.float32, mode="eager")
     lat, aud = inputs(4, seed=6)
     got = runner.run(lat, aud)
     assert got.shape == (4, 64, 64, 3) and got.dtype == np.uint8

@@ -4,8 +4,11 @@
 from __future__ import annotations
 
 import asyncio
+import math
 import os
+import queue
 import signal
+import threading
 import time
 from pathlib import Path
 
@@ -175,7 +178,8 @@ def test_the_stand_in_needs_no_weights_says_so_and_returns_the_avatars_face(tmp_
     try:
         info = eng.info()
         assert info["gpu_standin"] == "h100" and info["files"] == {}
-        expected = admission_limit(CostModel.from_table("h100"), 32, 2, utilisation=0.95)
+        expected = admission_limit(CostModel.from_table("h100", chunk=8), 32, 2,
+                                   utilisation=0.95)
         assert info["admission_limit"] == expected >= 16
         eng.prepare_avatar(avatar)
         frames = speak(eng, avatar, 6)
@@ -197,6 +201,71 @@ def test_the_stand_in_needs_no_weights_says_so_and_returns_the_avatars_face(tmp_
             s.close()
     finally:
         asyncio.run(eng.aclose())
+
+
+def test_a_batchs_first_chunk_comes_back_while_the_rest_decodes():
+    """Decoding in chunks (MUSETALK_DECODE_CHUNK): the stand-in core's GPU waits are gated here,
+    one at a time. A batch of 8 frames (4 jobs of 2) decodes in chunks of 2: while the lane is
+    inside the second chunk, the core's thread already hands back the first chunk's faces,
+    which finish the first job, and no other job."""
+    from websocket_service.engines.musetalk.audio import fixed_window_samples
+    from websocket_service.engines.musetalk.core import CoreSpec, build_core
+    from websocket_service.engines.musetalk.engine import WHISPER_SAMPLES
+
+    window = fixed_window_samples(16000, 2, WHISPER_SAMPLES)
+    spec = CoreSpec("", "v15", "cpu", False, "sd-vae", "eager", "h100", 8, 1000.0, 2, "short",
+                    window, decode_chunk=2)
+    core = build_core(spec)
+    waits: queue.Queue[tuple[float, threading.Event]] = queue.Queue()
+
+    def gated(seconds: float) -> None:
+        go = threading.Event()
+        waits.put((seconds, go))
+        assert go.wait(30)
+
+    assert core.standin is not None
+    core.standin._sleep = gated
+    try:
+        face = np.full((256, 256, 3), 9, np.uint8)
+        core.control("add_avatar", ("a", {"faces": {"idle": face[None]}}))
+        due = time.monotonic() + 60  # far: only a full batch (8 frames) launches
+
+        def submit(job: int) -> None:
+            meta = {"session": job, "avatar": "a", "offset": 0, "n_valid": None,
+                    "frames": [[k, "idle", 0, due] for k in range(2)]}
+            core.submit(job, meta, np.zeros(window, np.int16))
+
+        def next_wait() -> float:
+            seconds, go = waits.get(timeout=30)
+            go.set()
+            return seconds
+
+        submit(1)
+        first_call, go = waits.get(timeout=30)  # the lane is in job 1's encoder call
+        for job in (2, 3, 4):
+            submit(job)
+        go.set()
+        cost = core.cost
+        assert first_call == pytest.approx(cost.whisper_s(1))
+        assert next_wait() == pytest.approx(cost.whisper_s(3))  # jobs 2-4 in one call
+        assert next_wait() == pytest.approx(cost.unet_s(8))     # the batch: UNet, bucket 8
+        assert next_wait() == pytest.approx(cost.chunk_s(2, 8))  # the first chunk
+        second, go = waits.get(timeout=30)  # the lane waits in the second chunk now
+        assert second == pytest.approx(cost.chunk_s(2, 8))
+        results, wake = core.step(time.monotonic())
+        assert [(job, k) for job, k, _ in results] == [(1, 0), (1, 1)]
+        assert all(np.array_equal(f, face) for _, _, f in results)
+        assert wake < math.inf  # it comes back for the next chunk
+        go.set()
+        assert next_wait() == next_wait() == pytest.approx(cost.chunk_s(2, 8))
+        got: list[tuple[int, int]] = []
+        until_s = time.monotonic() + 30
+        while len(got) < 6 and time.monotonic() < until_s:
+            got += [(job, k) for job, k, _ in core.step(time.monotonic())[0]]
+        assert got == [(j, k) for j in (2, 3, 4) for k in (0, 1)]
+        assert core.stats()["batches"] == 1 and core.stats()["frames"] == 8
+    finally:
+        core.close()
 
 
 def test_the_jitter_allowance_is_the_recent_p95_of_ready_latency_plus_a_margin():

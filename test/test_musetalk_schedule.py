@@ -205,6 +205,33 @@ def test_cost_table_errors():
         CostModel.measured({})
 
 
+DEC8 = 2.4 + 46.8 * 7 / 31  # the h100 table's SD-VAE at bucket 8, ms
+
+
+def test_decoding_in_chunks_costs_each_chunks_bucket():
+    h = CostModel.from_table("h100", chunk=8)
+    assert h.unet_s(20) == pytest.approx(20.8 * MS)        # the UNet's bucket 32
+    assert h.first_s(32) == pytest.approx((20.8 + DEC8) * MS)
+    assert h.chunk_s(8, 32) == pytest.approx(DEC8 * MS)
+    assert h.frames_s(32) == pytest.approx((20.8 + 4 * DEC8) * MS)   # 72.7 ms against 70.0
+    # 20 frames: UNet bucket 32, decoder 8 + 8 + 4: the padding is only the UNet's
+    assert h.frames_s(20) == pytest.approx((20.8 + 2 * DEC8 + 2.4 + 46.8 * 3 / 31) * MS)
+    assert h.frames_s(5) == h.first_s(5) == pytest.approx((9.3 + DEC8) * MS)  # one chunk
+    whole = CostModel.from_table("h100")
+    assert whole.first_s(32) == whole.frames_s(32) == pytest.approx(70.0 * MS)
+    # a chunked batch's first faces come after ~the UNet and a quarter of the decoder
+    assert h.first_s(32) < 0.5 * whole.frames_s(32)
+    with pytest.raises(ValueError, match="chunk"):
+        CostModel.measured({1: 0.01}, chunk=8)               # no decoder costs to chunk
+    m = CostModel.measured({1: 0.004, 32: 0.020}, decoder={1: 0.002, 32: 0.048}, chunk=16)
+    assert m.frames_s(32) == pytest.approx(0.020 + 2 * (0.002 + 0.046 * 15 / 31))
+    for _ in range(80):                                      # measured 20 % slower: both parts
+        m.observe(32, 1.2 * (0.020 + 2 * (0.002 + 0.046 * 15 / 31)))
+    assert m.unet_s(32) == pytest.approx(0.024, rel=1e-4)
+    assert m.first_s(32) == pytest.approx(1.2 * (0.020 + 0.002 + 0.046 * 15 / 31), rel=1e-4)
+    assert m.unet_s(16) == pytest.approx(0.004 + 0.016 * 15 / 31)   # another bucket: unmoved
+
+
 def test_observe_moves_the_estimate_of_that_bucket_only():
     m = CostModel.measured({1: 0.010, 8: 0.024, 32: 0.072})
     before = {b: m.frames_s(b) for b in (4, 8, 16)}
@@ -255,16 +282,21 @@ def test_admission_limits_of_the_h100_tables():
 
 def test_standin_waits_the_tables_times():
     waits: list[float] = []
-    cost = CostModel.from_table("h100")
+    cost = CostModel.from_table("h100", chunk=8)
     gpu = StandIn(cost, sleep=waits.append)
     gpu.whisper(16)
-    gpu.wait_frames(5)                     # padded up to the bucket of 8
-    assert waits == [pytest.approx(2.3 * MS), pytest.approx(cost.frames_s(8))]
+    gpu.wait_unet(20)                      # the UNet's bucket 32
+    gpu.wait_chunk(8, 20)
+    gpu.wait_chunk(3, 20)                  # padded up to the decoder's bucket of 4
+    assert waits == [pytest.approx(2.3 * MS), pytest.approx(20.8 * MS),
+                     pytest.approx(DEC8 * MS), pytest.approx((2.4 + 46.8 * 3 / 31) * MS)]
     gpu.whisper(0)
-    gpu.wait_frames(0)
-    assert len(waits) == 2                 # nothing to run: no wait
-    for bad in (lambda: gpu.wait_frames(-1), lambda: gpu.whisper(-1),
-                lambda: gpu.wait_frames(33)):  # past the largest bucket
+    gpu.wait_unet(0)
+    gpu.wait_chunk(0, 4)
+    assert len(waits) == 4                 # nothing to run: no wait
+    for bad in (lambda: gpu.wait_unet(-1), lambda: gpu.whisper(-1),
+                lambda: gpu.wait_unet(33),  # past the largest bucket
+                lambda: gpu.wait_chunk(5, 4), lambda: gpu.wait_chunk(-1, 4)):
         with pytest.raises(ValueError):
             bad()
 

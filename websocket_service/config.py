@@ -16,6 +16,9 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from . import units
 
+#: MUSETALK_DECODE_CHUNK's values: 0 (no chunks) or a batch-size bucket (engines/musetalk/graphs)
+DECODE_CHUNKS = (0, 1, 2, 4, 8, 16, 32)
+
 EngineName = Literal["geometric", "musetalk", "auto"]
 
 
@@ -61,6 +64,10 @@ class Settings(BaseSettings):
     # the face decoder: "sd-vae" (upstream quality) or "taesd" (diffusers AutoencoderTiny from
     # MODEL_PATH/taesd/, ~8x fewer FLOPs, blurs fine detail); avatars are encoded by the SD-VAE
     musetalk_decoder: Literal["sd-vae", "taesd"] = "sd-vae"
+    # frames per decoder call: a batch's faces are decoded in chunks of this many, earliest due
+    # first, each chunk's faces handed back as soon as it is decoded (1, 2, 4, 8, 16 or 32: a
+    # bucket; 0: the whole batch in one call)
+    musetalk_decode_chunk: int = 8
     # per batch-size bucket: "cuda-graph" (captured at start-up), "compile" (torch.compile, one
     # static graph per bucket), "eager"; "auto": cuda-graph on CUDA, eager on a CPU
     musetalk_graphs: Literal["auto", "eager", "compile", "cuda-graph"] = "auto"
@@ -164,6 +171,13 @@ class Settings(BaseSettings):
     @classmethod
     def _empty_is_none(cls, v: str | None) -> str | None:
         return v or None
+
+    @field_validator("musetalk_decode_chunk")
+    @classmethod
+    def _a_bucket(cls, v: int) -> int:
+        if v not in DECODE_CHUNKS:
+            raise ValueError(f"must be one of {', '.join(map(str, DECODE_CHUNKS))}, got {v}")
+        return v
 
     @field_validator("fps")
     @classmethod

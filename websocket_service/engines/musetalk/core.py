@@ -8,8 +8,10 @@ frame each is drawn on, and when it is due). Each :meth:`MuseTalkCore.step`
    all have one length, so they stack), and cuts each frame's audio tokens out of its window;
 2. asks the :class:`~.schedule.DeadlineScheduler` whether to launch: a full bucket, a frame
    whose slack is down to the predicted batch time, or a short wait;
-3. runs UNet + decoder once for the launched frames, padded to a batch-size bucket
-   (:class:`~.graphs.BucketRunner`: one captured graph per bucket on CUDA), and returns faces.
+3. runs the UNet once for the launched frames, padded to a batch-size bucket
+   (:class:`~.graphs.BucketRunner`: one captured graph per bucket on CUDA), then the decoder
+   over chunks of ``decode_chunk`` frames, earliest due first, and hands each chunk's faces back
+   as soon as it is decoded (the rest of the batch is still decoding).
 
 With ``GPU_STANDIN`` set the three networks are replaced by waits of an H100's measured
 per-batch costs (:mod:`.standin`) and the face is the avatar's own crop: everything else (the
@@ -24,7 +26,7 @@ import queue
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,7 +37,7 @@ import torch
 
 from ...errors import ModelNotFound
 from .audio import WHISPER_HOP, WINDOW, LogMel, WhisperStates, frame_window, positional_encoding
-from .graphs import BUCKETS, BucketRunner, GraphMode
+from .graphs import BUCKETS, BucketRunner, GraphMode, chunk_sizes
 from .schedule import CostModel, DeadlineScheduler, admission_limit
 from .standin import StandIn
 
@@ -61,6 +63,7 @@ class CoreSpec:
     whisper_window: str  # "short" | "full"
     window_samples: int
     utilisation: float = 0.95  # the admission's GPU-busy target
+    decode_chunk: int = 0  # frames per decoder call (0: the whole batch in one call)
 
 
 @dataclass
@@ -138,12 +141,12 @@ class MuseTalkCore:
         # core's thread, which receives jobs and copies faces out, is off that critical path.
         # Everything below is shared between the two threads under this condition's lock.
         self._cv = threading.Condition()
-        self._done: list[tuple[list[_Frame], Any, float]] = []  # finished batches
-        self._busy_until = 0.0  # the running batch's predicted end (math.inf: none running)
+        self._done: list[tuple[list[_Frame], Any]] = []  # decoded chunks: frames, faces
+        self._busy_until = 0.0  # the running chunk's predicted end (math.inf: none running)
         self._idle_until = math.inf  # when an idle lane next looks at the schedule
         self._closing = False
         if spec.standin:
-            self.cost = CostModel.from_table(spec.standin)
+            self.cost = CostModel.from_table(spec.standin, spec.decode_chunk)
             self.standin: StandIn | None = StandIn(self.cost)
             self._load_standin()
         else:
@@ -173,7 +176,7 @@ class MuseTalkCore:
 
     def _load_models(self, bundle: Any) -> None:
         from . import loader  # noqa: PLC0415
-        from .decoder import load_taesd, make_generate  # noqa: PLC0415
+        from .decoder import load_taesd, make_decode, make_unet  # noqa: PLC0415
 
         s = self.spec
         root = Path(s.model_path)
@@ -211,12 +214,23 @@ class MuseTalkCore:
         factor = 2 ** (len(vae.config.block_out_channels) - 1)
         latent_shape = (int(unet.config.in_channels), CROP // factor, CROP // factor)
         scale = float(decoder.config.scaling_factor)
-        generate = make_generate(unet, decoder, pe, scale)
-        self.runner = BucketRunner(generate, latent_shape, (WINDOW * self.whisper.n_layers, d_model),
-                                   device, dtype, cast(GraphMode, s.graphs), self.buckets)
-        self.capture_s = self.lane.call(self.runner.warm_up)
+        mode = cast(GraphMode, s.graphs)
+        audio_shape = (WINDOW * self.whisper.n_layers, d_model)
+        pred_shape = (int(unet.config.out_channels), *latent_shape[1:])
+        # the UNet's latents stay on the device; the decoder reads them chunk by chunk
+        self.runner = BucketRunner(make_unet(unet, pe, scale), (latent_shape, audio_shape),
+                                   device, dtype, mode, self.buckets, to_host=False)
+        decode_buckets = tuple(b for b in self.buckets
+                               if not s.decode_chunk or b <= s.decode_chunk) or (1,)
+        self.decode_runner = BucketRunner(make_decode(decoder), (pred_shape,), device, dtype,
+                                          mode, decode_buckets)
+        unet_capture = self.lane.call(self.runner.warm_up)
+        dec_capture = self.lane.call(self.decode_runner.warm_up)
+        self.capture_s = {b: unet_capture[b] + dec_capture.get(b, 0.0) for b in self.buckets}
         self.cost = CostModel.measured(self.lane.call(self.runner.measure, 3),
-                                       self.lane.call(self._whisper_times))
+                                       self.lane.call(self._whisper_times),
+                                       decoder=self.lane.call(self.decode_runner.measure, 3),
+                                       chunk=s.decode_chunk)
 
     def _whisper_times(self) -> dict[int, float]:
         """Seconds of one encoder call over 1 window and over a full step's windows: the
@@ -240,7 +254,8 @@ class MuseTalkCore:
                 "buckets": list(self.buckets), "admission_limit": self.admission,
                 "graphs": getattr(getattr(self, "runner", None), "mode", "stand-in"),
                 "capture_s": {str(k): round(v, 3) for k, v in self.capture_s.items()},
-                "decoder": self.spec.decoder, "files": self.files}
+                "decoder": self.spec.decoder, "decode_chunk": self.spec.decode_chunk,
+                "files": self.files}
 
     def close(self) -> None:
         """Stop the lane's thread (the loop calls it when it stops)."""
@@ -287,20 +302,20 @@ class MuseTalkCore:
         return out
 
     def step(self, now: float) -> tuple[list[tuple[int, int, np.ndarray]], float]:
-        """The core's thread: hand back the faces of finished batches; come back when the
-        running batch should end (then every half millisecond until it has)."""
+        """The core's thread: hand back the faces of decoded chunks; come back when the
+        running chunk should end (then every half millisecond until it has)."""
         with self._cv:
             done, self._done = self._done, []
             busy_until = self._busy_until
             if busy_until == math.inf and (self._new or len(self.scheduler)):
                 # the lane has work it has not started: a batch waiting for its launch time
-                # (then its predicted end), or windows it has not woken up for yet
+                # (then its first chunk's predicted end), or windows it has not woken up for yet
                 waiting = min(len(self.scheduler), self.scheduler.max_batch)
-                busy_until = self._idle_until + (self.cost.frames_s(waiting) if waiting else 0.0)
+                busy_until = self._idle_until + (self.cost.first_s(waiting) if waiting else 0.0)
                 if self._new or busy_until == math.inf:
                     busy_until = now
         out: list[tuple[int, int, np.ndarray]] = []
-        for frames, faces, _ in done:
+        for frames, faces in done:
             if faces is None:  # the stand-in: the avatar's own crops (copied into the slots)
                 faces = [self.avatars[f.avatar][f.clip][f.index] for f in frames]
             out.extend((f.job, f.k, face) for f, face in zip(frames, faces, strict=True))
@@ -337,7 +352,7 @@ class MuseTalkCore:
                 decision = self.scheduler.decide(now)
                 if decision is None and (prefer_batch or not self._new):
                     frames: list[_Frame] = self.scheduler.pop_batch()
-                    self._busy_until = now + self.cost.frames_s(len(frames))
+                    self._busy_until = now + self.cost.first_s(len(frames))
                     return "frames", frames
                 wake = now if decision is None else decision
             if self._new:
@@ -366,19 +381,28 @@ class MuseTalkCore:
             self._schedule(known, tokens, time.monotonic())
 
     def _run_batch(self, frames: list[_Frame]) -> None:
+        """One batch: each decoded chunk goes to the core's thread at once (its faces are sent
+        back while the next chunk decodes); a failure fails the jobs not yet handed back."""
         t0 = time.perf_counter()
+        n, handed = len(frames), 0
         try:
-            faces = self._generate(frames)
+            for part, faces in self._generate(frames):
+                now = time.monotonic()
+                with self._cv:
+                    handed += len(part)
+                    self._done.append((part, faces))
+                    self._stats["late_frames"] += sum(now > f.due for f in part)
+                    rest = chunk_sizes(n - handed, self.spec.decode_chunk)
+                    self._busy_until = now + (self.cost.chunk_s(rest[0], n) if rest else 0.0)
         except Exception as exc:  # noqa: BLE001 - fails these jobs, the lane goes on
             with self._cv:
-                self._fail_jobs(sorted({f.job for f in frames}), exc)
+                self._fail_jobs(sorted({f.job for f in frames[handed:]}), exc)
             return
         dt = time.perf_counter() - t0
         with self._cv:
             if self.standin is None:
-                self.cost.observe(len(frames), dt)
-            self._count(frames, dt, time.monotonic())
-            self._done.append((frames, faces, dt))
+                self.cost.observe(n, dt)
+            self._count(frames, dt)
 
     def _fail_jobs(self, jobs: list[int], exc: Exception) -> None:
         log.error("MuseTalk inference failed: %s", exc, exc_info=exc)
@@ -409,16 +433,30 @@ class MuseTalkCore:
         with torch.no_grad():
             return self.whisper.batch(pcm)
 
-    def _generate(self, frames: list[_Frame]) -> np.ndarray | None:
-        """On the lane: one batch (the stand-in: its wait; its faces are gathered after)."""
+    def _generate(self, frames: list[_Frame]) -> Iterator[tuple[list[_Frame], np.ndarray | None]]:
+        """On the lane: one batch, the UNet once and then the decoder chunk by chunk, each
+        chunk's frames and faces as soon as they are on the host (the stand-in: its waits, and
+        no faces: they are gathered after)."""
+        n = len(frames)
+        sizes = chunk_sizes(n, self.spec.decode_chunk)
         if self.standin is not None:
-            self.standin.wait_frames(len(frames))
-            return None
-        # no inference_mode: the runner replays graphs in the grad mode they were captured in
+            self.standin.wait_unet(n)
+            at = 0
+            for c in sizes:
+                self.standin.wait_chunk(c, n)
+                yield frames[at:at + c], None
+                at += c
+            return
+        # no inference_mode: the runners replay graphs in the grad mode they were captured in
         with torch.no_grad():
             lat = torch.stack([self.avatars[f.avatar][f.clip][f.index] for f in frames])
             aud = torch.stack([f.tokens for f in frames if f.tokens is not None])
-        return self.runner.run(lat, aud.to(self.device, self.dtype))
+            pred = self.runner.run(lat, aud.to(self.device, self.dtype))
+            at = 0
+            for c in sizes:
+                faces = self.decode_runner.run(pred[at:at + c])
+                yield frames[at:at + c], faces
+                at += c
 
     def _drop_session(self, session: int) -> int:
         dropped = self.scheduler.drop(lambda f: f.session == session)
@@ -434,7 +472,7 @@ class MuseTalkCore:
         return len(jobs)
 
     # -- figures
-    def _count(self, frames: list[_Frame], dt: float, done: float) -> None:
+    def _count(self, frames: list[_Frame], dt: float) -> None:
         s = self._stats
         n = len(frames)
         s["batches"] += 1
@@ -443,7 +481,6 @@ class MuseTalkCore:
         s["sessions_per_batch_max"] = max(s["sessions_per_batch_max"],
                                           len({f.session for f in frames}))
         s["busy_s"] += dt
-        s["late_frames"] += sum(done > f.due for f in frames)
         self._recent.append((n, dt))
 
     def stats(self) -> dict[str, float]:

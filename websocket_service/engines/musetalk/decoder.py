@@ -61,27 +61,47 @@ def _device_dtype(module: Any) -> tuple[torch.device, torch.dtype]:
     return p.device, p.dtype
 
 
-def make_generate(unet: Any, decoder: Any, pe: torch.Tensor,
-                  scale: float) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-    """The whole per-batch network as one function of two tensors, for :class:`BucketRunner`.
-
-    ``generate(latents [b, 8, h, w], audio [b, tokens, dim])`` -> uint8 [b, 8h, 8w, 3] on the
-    device: UNet at timestep 0 with ``audio + pe`` as cross-attention states, the predicted
-    latents divided by ``scale`` (the decoder's scaling factor: sd-vae 0.18215, TAESD 1.0),
-    decoded, [-1, 1] -> [0, 255]. The same arithmetic as the engine's eager worker. Tensors the
-    function needs (``pe``, the timestep) are made once here: creating them per call would be a
-    host-to-device copy inside a captured graph.
-    """
+def make_unet(unet: Any, pe: torch.Tensor,
+              scale: float) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """The UNet's part of a batch, for :class:`BucketRunner`: ``unet_fn(latents [b, 8, h, w],
+    audio [b, tokens, dim])`` -> the decoder's input latents [b, 4, h, w] on the device: the
+    UNet at timestep 0 with ``audio + pe`` as cross-attention states, divided by ``scale`` (the
+    decoder's scaling factor: sd-vae 0.18215, TAESD 1.0). Tensors the function needs (``pe``,
+    the timestep) are made once here: creating them per call would be a host-to-device copy
+    inside a captured graph."""
     device, dtype = _device_dtype(unet)
     pe = pe.to(device, dtype)
     t = torch.zeros((), device=device, dtype=torch.long)
     scale = float(scale)
 
-    def generate(latents: torch.Tensor, audio: torch.Tensor) -> torch.Tensor:
-        pred = unet(latents, t, encoder_hidden_states=audio + pe).sample
-        images = decoder.decode(pred / scale).sample
+    def unet_fn(latents: torch.Tensor, audio: torch.Tensor) -> torch.Tensor:
+        return unet(latents, t, encoder_hidden_states=audio + pe).sample / scale
+
+    return unet_fn
+
+
+def make_decode(decoder: Any) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The decoder's part, for :class:`BucketRunner`: ``decode_fn(latents [b, 4, h, w])`` ->
+    uint8 images [b, 8h, 8w, 3] on the device ([-1, 1] -> [0, 255]), contiguous: one plain
+    copy to the host."""
+
+    def decode_fn(latents: torch.Tensor) -> torch.Tensor:
+        images = decoder.decode(latents).sample
         images = (images / 2 + 0.5).clamp(0, 1).mul(255).round().to(torch.uint8)
-        return images.permute(0, 2, 3, 1).contiguous()  # contiguous: one plain copy to the host
+        return images.permute(0, 2, 3, 1).contiguous()
+
+    return decode_fn
+
+
+def make_generate(unet: Any, decoder: Any, pe: torch.Tensor,
+                  scale: float) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """The whole per-batch network as one function of two tensors, for :class:`BucketRunner`
+    (the GPU benchmark's whole-batch figures): ``generate(latents, audio)`` =
+    ``decode_fn(unet_fn(latents, audio))``, the same arithmetic as the engine's two runners."""
+    unet_fn, decode_fn = make_unet(unet, pe, scale), make_decode(decoder)
+
+    def generate(latents: torch.Tensor, audio: torch.Tensor) -> torch.Tensor:
+        return decode_fn(unet_fn(latents, audio))
 
     return generate
 

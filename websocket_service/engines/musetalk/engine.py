@@ -105,7 +105,7 @@ class MuseTalkEngine(LipSyncEngine):
         return CoreSpec(str(Path(s.model_path).resolve()), self.version, s.device, s.use_float16,
                         s.musetalk_decoder, s.musetalk_graphs, self.standin, s.batch_max,
                         s.batch_wait_ms, self.hop, s.musetalk_whisper_window, self.window_samples,
-                        s.musetalk_gpu_utilisation)
+                        s.musetalk_gpu_utilisation, s.musetalk_decode_chunk)
 
     def _start(self, factory: Callable[[], Any], in_process: bool) -> None:
         shape = (prep.CROP, prep.CROP, 3)

@@ -32,6 +32,13 @@ Three modes (:class:`BucketRunner`):
     Pad + slice only: the same shapes as the graph modes, no capture. The reference for tests and
     the mode on CPU.
 
+The engine runs two runners per batch (``decoder.make_unet`` and ``decoder.make_decode``): the UNet
+over the whole batch, its latents left on the device (``to_host=False``), then the decoder over
+chunks of the batch (:func:`chunk_sizes`), each chunk's faces copied to the host and handed on
+as soon as it is decoded. The decoder is ~70 % of a batch's time on the H100 and it costs the same
+per frame in chunks (it is compute-bound), so the first chunk's faces come back after the UNet
+and one chunk instead of after the whole batch.
+
 Graphs are captured on the thread that calls :meth:`BucketRunner.warm_up`, and :meth:`run` must be
 called from that same thread (graphs recorded by ``torch.compile`` must be replayed from the thread
 that recorded them); a call from another thread raises instead of failing obscurely.
@@ -62,7 +69,8 @@ GraphMode = Literal["auto", "eager", "compile", "cuda-graph"]
 MODES = ("auto", "eager", "compile", "cuda-graph")
 CUDA_WARMUP_ITERS = 3  # side-stream iterations before a capture (PyTorch's example uses 3)
 
-Fn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+Fn = Callable[..., torch.Tensor]
+Shape = tuple[int, ...]
 
 
 def bucket_for(n: int, buckets: tuple[int, ...] = BUCKETS) -> int:
@@ -73,6 +81,18 @@ def bucket_for(n: int, buckets: tuple[int, ...] = BUCKETS) -> int:
         if b >= n:
             return b
     raise ValueError(f"batch size {n} exceeds the largest bucket {max(buckets)}")
+
+
+def chunk_sizes(n: int, chunk: int) -> list[int]:
+    """How a batch of ``n`` frames is decoded: chunks of ``chunk`` frames in order, the last one
+    shorter; ``chunk`` 0 (or >= ``n``): one call over the whole batch."""
+    if n < 0 or chunk < 0:
+        raise ValueError(f"need n >= 0 and chunk >= 0, got n={n}, chunk={chunk}")
+    if n == 0:
+        return []
+    if chunk == 0 or chunk >= n:
+        return [n]
+    return [chunk] * (n // chunk) + ([n % chunk] if n % chunk else [])
 
 
 def resolve_mode(mode: str, device: torch.device) -> str:
@@ -108,18 +128,21 @@ def _grad_off() -> contextlib.ExitStack:
 def _own_code(fn: Fn, bucket: int) -> Fn:
     """A trampoline with its own code object, so dynamo caches each bucket separately."""
 
-    def call(latents: torch.Tensor, audio: torch.Tensor) -> torch.Tensor:
-        return fn(latents, audio)
+    def call(*inputs: torch.Tensor) -> torch.Tensor:
+        return fn(*inputs)
 
     code = call.__code__.replace(co_name=f"musetalk_bucket_{bucket}")
     return types.FunctionType(code, call.__globals__, code.co_name, None, call.__closure__)
 
 
 class BucketRunner:
-    """Runs ``fn`` (UNet + decoder) on batches padded to fixed buckets, in one of three modes.
+    """Runs ``fn`` on batches padded to fixed buckets, in one of three modes.
 
-    ``fn(latents [b, *latent_shape], audio [b, *audio_shape]) -> tensor [b, ...]`` on the device
-    (uint8 images [b, H, W, 3] in the engine; any dtype works). Not thread-safe: one thread calls
+    ``fn(x1 [b, *shapes[0]], x2 [b, *shapes[1]], ...) -> tensor [b, ...]`` on the device: the
+    UNet (latents and audio tokens -> latents), the decoder (latents -> uint8 images
+    [b, H, W, 3]) or both; any dtype works. :meth:`run` returns a numpy array on the host, or
+    with ``to_host=False`` a tensor on the device that no later replay overwrites (the UNet's
+    latents, which the decoder then reads chunk by chunk). Not thread-safe: one thread calls
     :meth:`warm_up` and then :meth:`run`.
 
     ``compile_backend`` / ``compile_mode`` choose torch.compile's backend in ``compile`` mode
@@ -133,14 +156,18 @@ class BucketRunner:
     per bucket; measured by ``bench/bench_gpu_path.py``.
     """
 
-    def __init__(self, fn: Fn, latent_shape: tuple[int, ...], audio_shape: tuple[int, ...],
-                 device: torch.device, dtype: torch.dtype, mode: GraphMode = "auto",
+    def __init__(self, fn: Fn, shapes: tuple[Shape, ...], device: torch.device,
+                 dtype: torch.dtype, mode: GraphMode = "auto",
                  buckets: tuple[int, ...] = BUCKETS, *, compile_backend: str = "inductor",
-                 compile_mode: str | None = None, compile_kernels: bool = False) -> None:
+                 compile_mode: str | None = None, compile_kernels: bool = False,
+                 to_host: bool = True) -> None:
         if not buckets or min(buckets) < 1:
             raise ValueError(f"buckets must be positive batch sizes, got {buckets}")
+        if not shapes:
+            raise ValueError("fn needs at least one input shape")
         self.fn = fn
-        self.latent_shape, self.audio_shape = tuple(latent_shape), tuple(audio_shape)
+        self.shapes: tuple[Shape, ...] = tuple(tuple(int(d) for d in sh) for sh in shapes)
+        self.to_host = to_host
         self.device, self.dtype = torch.device(device), dtype
         self.mode: str = resolve_mode(mode, self.device)
         self.buckets = tuple(sorted(set(buckets)))
@@ -157,8 +184,8 @@ class BucketRunner:
         self.capture_s: dict[int, float] = {}
         self.ready = self.mode == "eager"  # graph modes need warm_up first
         self._thread: int | None = None
-        self._inputs = {b: (torch.zeros((b, *self.latent_shape), device=self.device, dtype=dtype),
-                            torch.zeros((b, *self.audio_shape), device=self.device, dtype=dtype))
+        self._inputs = {b: tuple(torch.zeros((b, *sh), device=self.device, dtype=dtype)
+                                 for sh in self.shapes)
                         for b in self.buckets}
         self._graphs: dict[int, Any] = {}  # cuda-graph: CUDAGraph; compile: compiled callable
         self._outputs: dict[int, torch.Tensor] = {}  # cuda-graph: each graph's static output
@@ -189,7 +216,7 @@ class BucketRunner:
         return dict(sorted(self.capture_s.items()))
 
     def _capture(self, b: int, pool: Any) -> None:
-        lat, aud = self._inputs[b]
+        inputs = self._inputs[b]
         fn = self.fn
         if self.compile_kernels:  # compiled (and autotuned) by the first warm-up iteration
             fn = torch.compile(_own_code(self.fn, b), dynamic=False, fullgraph=True,
@@ -198,11 +225,11 @@ class BucketRunner:
         side.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(side):
             for _ in range(CUDA_WARMUP_ITERS):
-                fn(lat, aud)
+                fn(*inputs)
         torch.cuda.current_stream(self.device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=pool):
-            out = fn(lat, aud)
+            out = fn(*inputs)
         self._check_output(out, b)
         self._graphs[b], self._outputs[b] = graph, out
         if not self.compile_kernels:  # there the backend counted the compile
@@ -234,13 +261,13 @@ class BucketRunner:
     def _compile(self, b: int) -> None:
         compiled = torch.compile(_own_code(self.fn, b), dynamic=False, fullgraph=True,
                                  backend=self._backend(b))
-        lat, aud = self._inputs[b]
+        inputs = self._inputs[b]
         # reduce-overhead records its CUDA graph on a later call than the compiling one
         out = None
         for _ in range(CUDA_WARMUP_ITERS if self.device.type == "cuda" else 1):
             out = None  # a previous call's output is invalid once the next one starts
             self._mark_step()
-            out = compiled(lat, aud)
+            out = compiled(*inputs)
         self._check_output(out, b)
         if self.device.type == "cuda":
             torch.cuda.current_stream(self.device).synchronize()
@@ -254,15 +281,16 @@ class BucketRunner:
         if not isinstance(out, torch.Tensor) or out.dim() < 1 or out.shape[0] != b:
             got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
             raise ValueError(f"fn must return a tensor with {b} rows for bucket {b}, got {got}")
-        if self.device.type == "cuda" and self._host is None:
+        if self.device.type == "cuda" and self.to_host and self._host is None:
             self._host = torch.empty((self.max_batch, *out.shape[1:]), dtype=out.dtype,
                                      pin_memory=True)
 
     # -- per batch
-    def run(self, latents: torch.Tensor, audio: torch.Tensor) -> np.ndarray:
-        """``n`` real rows -> a new numpy array of ``n`` outputs: pad to ``bucket_for(n)``, run
-        that bucket's graph, slice the padding off and copy the rows to the host."""
-        n = self._check_inputs(latents, audio)
+    def run(self, *inputs: torch.Tensor) -> Any:
+        """``n`` real rows of each input -> ``n`` outputs: pad to ``bucket_for(n)``, run that
+        bucket's graph, slice the padding off; a new numpy array on the host, or (``to_host``
+        false) a new tensor on the device."""
+        n = self._check_inputs(inputs)
         if not self.ready:
             raise RuntimeError("BucketRunner.warm_up() must run before run() in "
                                f"{self.mode!r} mode")
@@ -271,30 +299,32 @@ class BucketRunner:
                                "ran warm_up(): graphs replay on the thread that captured them")
         b = bucket_for(n, self.buckets)
         with _grad_off():
-            lat, aud = self._inputs[b]
-            lat[:n].copy_(latents, non_blocking=True)
-            aud[:n].copy_(audio, non_blocking=True)
-            if n < b:  # padding: zeros, never a previous batch's rows
-                lat[n:].zero_()
-                aud[n:].zero_()
+            static = self._inputs[b]
+            for buf, x in zip(static, inputs, strict=True):
+                buf[:n].copy_(x, non_blocking=True)
+                if n < b:  # padding: zeros, never a previous batch's rows
+                    buf[n:].zero_()
             if self.mode == "cuda-graph":
                 self._graphs[b].replay()
                 out = self._outputs[b]
             elif self.mode == "compile":
                 self._mark_step()
-                out = self._graphs[b](lat, aud)
+                out = self._graphs[b](*static)
             else:
-                out = self.fn(lat, aud)
+                out = self.fn(*static)
+            if not self.to_host:  # a copy: the next replay (or compiled step) reuses out's memory
+                return out[:n].clone()
             return self._to_host(out, n)
 
-    def _check_inputs(self, latents: torch.Tensor, audio: torch.Tensor) -> int:
-        n = len(latents)
-        if tuple(latents.shape[1:]) != self.latent_shape or tuple(audio.shape[1:]) != self.audio_shape:
-            raise ValueError(f"expected latents [n, {self.latent_shape}] and audio [n, "
-                             f"{self.audio_shape}], got {tuple(latents.shape)} and "
-                             f"{tuple(audio.shape)}")
-        if len(audio) != n:
-            raise ValueError(f"{n} latent rows but {len(audio)} audio rows")
+    def _check_inputs(self, inputs: tuple[torch.Tensor, ...]) -> int:
+        got = [tuple(x.shape) for x in inputs]
+        if len(inputs) != len(self.shapes) or any(
+                tuple(g[1:]) != sh for g, sh in zip(got, self.shapes, strict=True)):
+            want = ", ".join(f"[n, {', '.join(map(str, sh))}]" for sh in self.shapes)
+            raise ValueError(f"expected inputs {want}, got {got}")
+        n = got[0][0]
+        if any(g[0] != n for g in got):
+            raise ValueError(f"inputs with different row counts: {[g[0] for g in got]}")
         bucket_for(n, self.buckets)  # ValueError for 0 or more than the largest bucket
         return n
 
@@ -318,21 +348,21 @@ class BucketRunner:
         gen = torch.Generator().manual_seed(seed)
         times: dict[int, float] = {}
         for b in self.buckets:
-            lat = torch.randn((b, *self.latent_shape), generator=gen).to(self.device, self.dtype)
-            aud = torch.randn((b, *self.audio_shape), generator=gen).to(self.device, self.dtype)
-            self.run(lat, aud)
-            samples = [self._timed(lat, aud) for _ in range(max(1, repeats))]
+            xs = tuple(torch.randn((b, *sh), generator=gen).to(self.device, self.dtype)
+                       for sh in self.shapes)
+            self.run(*xs)
+            samples = [self._timed(xs) for _ in range(max(1, repeats))]
             times[b] = statistics.median(samples)
         return times
 
-    def _timed(self, lat: torch.Tensor, aud: torch.Tensor) -> float:
+    def _timed(self, xs: tuple[torch.Tensor, ...]) -> float:
         if self.device.type != "cuda":
             t0 = time.perf_counter()
-            self.run(lat, aud)
+            self.run(*xs)
             return time.perf_counter() - t0
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
-        self.run(lat, aud)
+        self.run(*xs)
         end.record()
         end.synchronize()
         return start.elapsed_time(end) / 1000.0

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from importlib import resources
 from typing import Any
 
-from .graphs import BUCKETS, bucket_for
+from .graphs import BUCKETS, bucket_for, chunk_sizes
 
 #: the file of per-batch cost tables (package data, next to this module)
 TABLE_FILE = "gpu_costs.json"
@@ -81,61 +81,95 @@ def _interp(pts: Points, x: float) -> float:
 class CostModel:
     """Per-batch seconds of the networks, piecewise-linear in the batch size between points.
 
-    ``frames`` (UNet + decoder) is kept per bucket: a batch of ``n`` frames costs what its
-    padded bucket costs, because that is the graph that replays. ``whisper`` is per call over
-    ``n`` windows and is not bucketed. Times are in seconds; ``whisper=None`` means unknown
-    (counted as 0).
+    A batch runs what runs once per batch (``frames``: the UNet, or the UNet and the decoder
+    when no ``decoder`` is given) and, with a ``decoder``, the decoder once per chunk of
+    ``chunk`` frames (:func:`~.graphs.chunk_sizes`; 0: once over the whole batch). Each part
+    costs what its padded bucket costs, because that is the graph that replays: a batch of 20
+    with chunks of 8 is the UNet's bucket 32 and the decoder's buckets 8, 8 and 4.
+    ``whisper`` is per call over ``n`` windows and is not bucketed. Times are in seconds;
+    ``whisper=None`` means unknown (counted as 0).
+
+    :meth:`observe` corrects the prediction per UNet bucket from measured whole-batch times (a
+    factor on both parts, moved by an EWMA).
     """
 
     def __init__(self, frames: Mapping[int, float], whisper: Mapping[int, float] | None = None,
-                 *, name: str = "custom", buckets: tuple[int, ...] = BUCKETS) -> None:
+                 *, name: str = "custom", buckets: tuple[int, ...] = BUCKETS,
+                 decoder: Mapping[int, float] | None = None, chunk: int = 0) -> None:
         pts = _points(frames, f"{name}: frames")
+        if chunk < 0 or (chunk and decoder is None):
+            raise ValueError(f"{name}: chunk must be >= 0, and needs the decoder's own costs")
         self.name = name
         self.buckets = buckets
-        self._frames: dict[int, float] = {b: _interp(pts, b) for b in buckets}
+        self.chunk = int(chunk)
+        self._once: dict[int, float] = {b: _interp(pts, b) for b in buckets}
+        self._decoder: dict[int, float] = {b: 0.0 for b in buckets}
+        if decoder is not None:
+            dec = _points(decoder, f"{name}: decoder")
+            self._decoder = {b: _interp(dec, b) for b in buckets}
+        self._scale: dict[int, float] = {b: 1.0 for b in buckets}
         self._whisper: Points = _points(whisper, f"{name}: whisper") if whisper else [(1.0, 0.0)]
 
     @classmethod
-    def from_table(cls, name: str) -> CostModel:
+    def from_table(cls, name: str, chunk: int = 0) -> CostModel:
         """The named entry of ``gpu_costs.json`` ("h100", "h100-taesd")."""
         tables = json.loads(resources.files(__package__).joinpath(TABLE_FILE).read_text("utf-8"))
         if name not in tables:
             raise ValueError(f"unknown GPU cost table {name!r}; known: {', '.join(sorted(tables))}")
-        return cls.from_entry(name, tables[name])
+        return cls.from_entry(name, tables[name], chunk)
 
     @classmethod
-    def from_entry(cls, name: str, entry: Mapping[str, Any]) -> CostModel:
+    def from_entry(cls, name: str, entry: Mapping[str, Any], chunk: int = 0) -> CostModel:
         """One table entry: ``unet_ms``, ``decoder_ms``, ``whisper_ms`` point maps (milliseconds).
 
-        The UNet and decoder are interpolated separately and summed per bucket: their points
-        need not be at the same batch sizes (the measurements were not).
+        The UNet and decoder are interpolated separately: their points need not be at the same
+        batch sizes (the measurements were not).
         """
         try:
             unet, dec, whisper = entry["unet_ms"], entry["decoder_ms"], entry["whisper_ms"]
         except (KeyError, TypeError) as exc:
             raise ValueError(f"{name}: needs unet_ms, decoder_ms and whisper_ms") from exc
         unet_pts, dec_pts = _points(unet, f"{name}: unet_ms"), _points(dec, f"{name}: decoder_ms")
-        frames = {b: (_interp(unet_pts, b) + _interp(dec_pts, b)) / 1000.0 for b in BUCKETS}
         whisper_s = {int(n): v / 1000.0 for n, v in _points(whisper, f"{name}: whisper_ms")}
-        return cls(frames, whisper_s, name=name)
+        return cls({int(n): v / 1000.0 for n, v in unet_pts}, whisper_s, name=name,
+                   decoder={int(n): v / 1000.0 for n, v in dec_pts}, chunk=chunk)
 
     @classmethod
-    def measured(cls, times: dict[int, float],
-                 whisper: Mapping[int, float] | None = None) -> CostModel:
-        """From the real engine's warm-up replay seconds per bucket (buckets not timed are
-        interpolated or extended as in the table)."""
-        return cls(times, whisper, name="measured")
+    def measured(cls, times: dict[int, float], whisper: Mapping[int, float] | None = None, *,
+                 decoder: Mapping[int, float] | None = None, chunk: int = 0) -> CostModel:
+        """From the real engine's warm-up replay seconds per bucket (``times``: the UNet's, or
+        the whole network's without ``decoder``; buckets not timed are interpolated or
+        extended as in the table)."""
+        return cls(times, whisper, name="measured", decoder=decoder, chunk=chunk)
 
     def frames_s(self, n: int) -> float:
-        """UNet + decoder seconds for ``n`` frames (the cost of the bucket they pad up to)."""
-        return self._frames[bucket_for(n, self.buckets)]
+        """Seconds of a whole batch of ``n`` frames: the UNet's bucket and every decoder chunk."""
+        b = bucket_for(n, self.buckets)
+        dec = sum(self._decoder[bucket_for(c, self.buckets)] for c in chunk_sizes(n, self.chunk))
+        return self._scale[b] * (self._once[b] + dec)
+
+    def first_s(self, n: int) -> float:
+        """Seconds from a batch's launch until its first chunk's faces are decoded."""
+        b = bucket_for(n, self.buckets)
+        first = chunk_sizes(n, self.chunk)[0]
+        return self._scale[b] * (self._once[b] + self._decoder[bucket_for(first, self.buckets)])
+
+    def chunk_s(self, c: int, n: int) -> float:
+        """Seconds of one decoder chunk of ``c`` frames in a batch of ``n``."""
+        return self._scale[bucket_for(n, self.buckets)] * self._decoder[bucket_for(c, self.buckets)]
+
+    def unet_s(self, n: int) -> float:
+        """Seconds of the once-per-batch part (the UNet) of a batch of ``n`` frames."""
+        b = bucket_for(n, self.buckets)
+        return self._scale[b] * self._once[b]
 
     def whisper_s(self, n: int) -> float:
         """Whisper-encoder seconds for one call over ``n`` windows (0 for none)."""
         return _interp(self._whisper, n) if n >= 1 else 0.0
 
     def observe(self, n: int, seconds: float) -> None:
-        """A measured batch time of ``n`` frames: moves its bucket's estimate (EWMA).
+        """A measured time of a whole batch of ``n`` frames: moves its UNet bucket's factor
+        (EWMA), so that bucket's predictions move towards what it measures.
 
         The real GPU drifts from its warm-up figures (clocks, other work on the card); the
         scheduler's slack rule is only as good as this estimate.
@@ -143,11 +177,13 @@ class CostModel:
         if not (seconds >= 0 and math.isfinite(seconds)):
             raise ValueError(f"batch time must be finite and >= 0, got {seconds!r}")
         b = bucket_for(n, self.buckets)
-        self._frames[b] += EWMA_ALPHA * (seconds - self._frames[b])
+        base = self.frames_s(n) / self._scale[b]
+        if base > 0:
+            self._scale[b] += EWMA_ALPHA * (seconds / base - self._scale[b])
 
     def __repr__(self) -> str:
-        ms = ", ".join(f"{b}: {s * 1000:.2f}" for b, s in self._frames.items())
-        return f"CostModel({self.name!r}, frames_ms={{{ms}}})"
+        ms = ", ".join(f"{b}: {self.frames_s(b) * 1000:.2f}" for b in self.buckets)
+        return f"CostModel({self.name!r}, chunk={self.chunk}, frames_ms={{{ms}}})"
 
 
 @dataclass(slots=True)

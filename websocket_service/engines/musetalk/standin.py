@@ -2,8 +2,8 @@
 
 It exists to prove the host side (log-mel, windows, scheduler, inference process, shared memory,
 blending, encoding, playout) at full load on a machine without a GPU, and for capacity planning:
-every whisper-encoder call and every UNet + decoder batch takes the time the cost table gives
-for its size, and the core returns the avatar's own face crops (the reference face), so nothing
+every whisper-encoder call, every UNet batch and every decoder chunk takes the time the cost
+table gives for its size, and the core returns the avatar's own face crops (the reference face), so nothing
 here is inference. ``/health`` reports it so it is never mistaken for the real engine.
 
 The wait is a ``sleep``: like a host thread blocked on a CUDA event, it releases the GIL, so
@@ -35,10 +35,18 @@ class StandIn:
         if n_windows:
             self._sleep(self.cost.whisper_s(n_windows))
 
-    def wait_frames(self, n: int) -> None:
-        """One UNet + decoder batch of ``n`` frames: its wait only (the caller gathers the
-        faces off the GPU's timeline, as a real batch's copy-out overlaps the next one)."""
+    def wait_unet(self, n: int) -> None:
+        """The once-per-batch part (the UNet) of a batch of ``n`` frames: its wait only (the
+        caller gathers the faces off the GPU's timeline, as a real batch's copy-out overlaps
+        the next one)."""
         if n < 0:
             raise ValueError(f"n must be >= 0, got {n}")
         if n:
-            self._sleep(self.cost.frames_s(n))
+            self._sleep(self.cost.unet_s(n))
+
+    def wait_chunk(self, c: int, n: int) -> None:
+        """One decoder chunk of ``c`` frames of a batch of ``n``: its wait only."""
+        if not 0 <= c <= n:
+            raise ValueError(f"need 0 <= c <= n, got c={c}, n={n}")
+        if c:
+            self._sleep(self.cost.chunk_s(c, n))
