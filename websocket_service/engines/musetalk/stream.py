@@ -79,7 +79,11 @@ class ReadyLatency:
     utterance waits before it starts playing, so that frames coming in bursts keep their slots
     instead of repeating a picture (an underrun) and pushing the rest of the utterance back."""
 
-    MARGIN_S = 0.01
+    # over the p95: 16 speaking stand-in sessions on 2 cores, decoding in chunks of 8 (6 runs,
+    # docs/BENCHMARKS.md section 4): 20 ms kept the underruns at 0.5-1.3 % where 10 ms let
+    # 1.1-4.3 % through, for about the same p95 (each underrun pushes the rest of an
+    # utterance back a frame, so fewer underruns also take latency off)
+    MARGIN_S = 0.02
     MAX_S = 0.5
 
     MIN_SAMPLES = 20  # fewer: too few to say (no delay)
