@@ -123,6 +123,38 @@ def test_inference_process_gives_the_faces_the_in_process_core_gives(model, tmp_
     assert shm_names() - before == set()  # no shared-memory segment outlives the engine
 
 
+def test_faces_decoded_in_chunks_are_the_whole_batchs_faces(model, tmp_path):
+    """The real networks (tiny model): each job is one batch of 2 frames; decoded in one call
+    (MUSETALK_DECODE_CHUNK=0) or in two chunks of 1, through the core's UNet runner (latents
+    kept on the device) and its decoder runner."""
+    avatar = small_avatar(tmp_path / "avatars")
+    whole = MuseTalkEngine(settings(model, musetalk_process=False, musetalk_decode_chunk=0))
+    chunked = MuseTalkEngine(settings(model, musetalk_process=False, musetalk_decode_chunk=1))
+    faces = {}
+    try:
+        for name, eng in (("whole", whole), ("chunked", chunked)):
+            eng.load()
+            assert eng.info()["decode_chunk"] == (1 if name == "chunked" else 0)
+            eng.prepare_avatar(avatar)
+            key = avatar.engine_data["musetalk"]["key"]
+            out = []
+            for j in range(3):
+                meta = {"session": 1, "avatar": key, "offset": j * 4 - 40, "n_valid": None,
+                        "frames": [[j * 2 + k, "idle", k % 3, 0.0] for k in range(2)]}
+                pcm = speech(eng.window_samples // 640, seed=j)
+                out.append(eng.runner.submit(meta, pcm, 2).result(timeout=120))
+            faces[name] = np.concatenate(out)
+            assert eng.stats_now()["batches"] == 3
+    finally:
+        asyncio.run(whole.aclose())
+        asyncio.run(chunked.aclose())
+    assert faces["chunked"].shape == (6, 256, 256, 3)
+    assert len({f.tobytes() for f in faces["chunked"]}) == 6
+    # decoded at batch size 1 instead of 2: a CPU convolution's rounding, a level at most
+    diff = np.abs(faces["chunked"].astype(int) - faces["whole"])
+    assert diff.max() <= 1 and (diff > 0).mean() < 0.01
+
+
 def test_a_crashed_inference_process_fails_its_frames_and_comes_back(model, tmp_path):
     avatar = small_avatar(tmp_path / "avatars")
     eng = MuseTalkEngine(settings(model, musetalk_process=True, batch_wait_ms=100,
@@ -263,7 +295,66 @@ def test_a_batchs_first_chunk_comes_back_while_the_rest_decodes():
         while len(got) < 6 and time.monotonic() < until_s:
             got += [(job, k) for job, k, _ in core.step(time.monotonic())[0]]
         assert got == [(j, k) for j in (2, 3, 4) for k in (0, 1)]
+        until_s = time.monotonic() + 30  # counted when the batch's last chunk is handed back
+        while core.stats()["batches"] == 0 and time.monotonic() < until_s:
+            time.sleep(0.001)
         assert core.stats()["batches"] == 1 and core.stats()["frames"] == 8
+    finally:
+        core.close()
+
+
+def test_a_chunk_that_fails_fails_only_the_jobs_not_yet_handed_back():
+    """The decoder fails in a batch's second chunk: the first chunk's job has its faces, the
+    jobs of the chunks not decoded fail, and the lane goes on with the next batch."""
+    from websocket_service.engines.musetalk.audio import fixed_window_samples
+    from websocket_service.engines.musetalk.core import CoreSpec, build_core
+    from websocket_service.engines.musetalk.engine import WHISPER_SAMPLES
+
+    window = fixed_window_samples(16000, 2, WHISPER_SAMPLES)
+    spec = CoreSpec("", "v15", "cpu", False, "sd-vae", "eager", "h100", 8, 1000.0, 2, "short",
+                    window, decode_chunk=2)
+    core = build_core(spec)
+    assert core.standin is not None
+    chunk_s = core.cost.chunk_s(2, 8)
+    calls: list[float] = []
+
+    def failing_second_chunk(seconds: float) -> None:
+        calls.append(seconds)
+        if len(calls) == 4:  # encoder call, UNet, first chunk, now the second chunk
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    core.standin._sleep = failing_second_chunk
+    try:
+        core.control("add_avatar", ("a", {"faces": {"idle": np.zeros((1, 256, 256, 3), np.uint8)}}))
+        due = time.monotonic() + 60
+        pcm = np.zeros((4, window), np.int16)
+        with core._cv:  # one step: one encoder call, then a full batch of 8
+            for job in range(1, 5):
+                core._new.append((job, {"session": job, "avatar": "a", "offset": 0,
+                                        "n_valid": None,
+                                        "frames": [[k, "idle", 0, due] for k in range(2)]},
+                                  pcm[job - 1]))
+            core._cv.notify()
+        handed: list[tuple[int, int]] = []
+        failed: list[tuple[int, str]] = []
+        until_s = time.monotonic() + 30
+        while len(failed) < 3 and time.monotonic() < until_s:
+            handed += [(job, k) for job, k, _ in core.step(time.monotonic())[0]]
+            failed += core.failed()
+            time.sleep(0.001)
+        assert calls[2] == pytest.approx(chunk_s) and calls[3] == pytest.approx(chunk_s)
+        assert handed == [(1, 0), (1, 1)]
+        assert [job for job, _ in failed] == [2, 3, 4]
+        assert all("illegal memory access" in msg for _, msg in failed)
+        # the lane goes on: the next job is rendered
+        core.submit(5, {"session": 5, "avatar": "a", "offset": 0, "n_valid": None,
+                        "frames": [[0, "idle", 0, time.monotonic()]]}, pcm[0])
+        got: list[int] = []
+        until_s = time.monotonic() + 30
+        while not got and time.monotonic() < until_s:
+            got = [job for job, _, _ in core.step(time.monotonic())[0]]
+            time.sleep(0.001)
+        assert got == [5]
     finally:
         core.close()
 

@@ -169,6 +169,7 @@ class MuseTalkEngine(LipSyncEngine):
                     "whisper_window": self.settings.musetalk_whisper_window,
                     "window_ms": self.window_samples // 16,
                     "decoder": self.settings.musetalk_decoder,
+                    "decode_chunk": self.core_info.get("decode_chunk"),
                     "graphs": self.core_info.get("graphs"),
                     "buckets": self.core_info.get("buckets"),
                     "startup_s": self.core_info.get("startup_s"),
