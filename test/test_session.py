@@ -440,3 +440,99 @@ async def test_sessions_opened_together_tick_on_different_phases_and_give_them_b
     for s in sessions:
         await s.close()
     assert phases.used() == [0] * 8  # a closed session's phase is free again
+
+
+# --- the grace before an underrun (SPEECH_GRACE_MS) -------------------------------------------
+
+class GatedClock(FakeClock):
+    """A pacer's (or the grace's) sleep records its deadline and lasts until the test opens
+    the gate: then the clock is at that deadline."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.deadlines: list[float] = []
+        self.gate = asyncio.Event()
+
+    async def sleep_until(self, deadline: float) -> None:
+        self.deadlines.append(deadline)
+        await self.gate.wait()
+        self.t = max(self.t, deadline)
+
+
+def gated_session(grace_ms: int) -> tuple[Session, Sink, GatedClock]:
+    clock = GatedClock()
+    settings = Settings(max_speech_lag_frames=2, speech_gap_ms=300, speech_grace_ms=grace_ms)
+    video = VideoSettings(width=512, height=512, bitrate=1_000_000, gop_frames=25, fps=25)
+    s = Session("s1", "u1", builtin(), engine(), settings, video, "idle", clock=clock)
+    sink = Sink()
+    s.add_sink(sink)
+    return s, sink, clock
+
+
+async def started_waiting(task: asyncio.Task, clock: GatedClock) -> None:
+    """Let ``task`` run until it sleeps on the clock (or ends: then the test fails)."""
+    for _ in range(1000):
+        if clock.deadlines or task.done():
+            break
+        await asyncio.sleep(0)
+    assert clock.deadlines and not task.done()
+
+
+async def mid_utterance(s: Session, clock: GatedClock, pcm: np.ndarray) -> int:
+    """Play the first 10 frames' audio (no end): 9 frames shown (the 10th waits for its
+    look-ahead), the queue empty, the utterance in play. The next tick's number."""
+    s.push_audio(pcm[:640 * 10])
+    assert await render_ready(s) == 9
+    tick(s, clock, 0, 9)
+    assert len(s.queue) == 0 and s.stats.speech_frames == 9
+    return 9
+
+
+async def test_a_frame_rendered_within_the_grace_goes_out_on_its_tick_not_an_underrun():
+    s, sink, clock = gated_session(15)
+    pcm = wav("short_16k.wav")
+    n = await mid_utterance(s, clock, pcm)
+    due = clock.t + 0.04
+    waiting = asyncio.create_task(s.playout.grace(due))
+    await started_waiting(waiting, clock)  # for a frame, or until due + 15 ms
+    assert clock.deadlines == [pytest.approx(due + 0.015)] and not waiting.done()
+    s.push_audio(pcm[640 * 10: 640 * 12])  # the audio comes, the frame renders
+    assert await render_ready(s) == 2
+    await asyncio.wait_for(waiting, 5)  # done on the frame's arrival, the gate still shut
+    assert not clock.gate.is_set()
+    clock.t = due + 0.005
+    s.playout.tick(n)
+    shown = sink.frames[-1]
+    assert shown.utterance_frame == 9 and shown.index == n and shown.timestamp_ms == 40 * n
+    assert s.stats.underruns == 0 and s.stats.speech_frames_waited == 1
+    await s.close()
+
+
+async def test_past_the_grace_the_last_picture_is_held():
+    s, sink, clock = gated_session(15)
+    n = await mid_utterance(s, clock, wav("short_16k.wav"))
+    due = clock.t + 0.04
+    waiting = asyncio.create_task(s.playout.grace(due))
+    await started_waiting(waiting, clock)
+    clock.gate.set()  # 15 ms pass and no frame came
+    await asyncio.wait_for(waiting, 5)
+    assert clock.t == pytest.approx(due + 0.015)
+    s.playout.tick(n)
+    held = sink.frames[-1]
+    assert held.utterance_id is None and np.array_equal(held.image, sink.frames[-2].image)
+    assert s.stats.underruns == 1 and s.stats.speech_frames_waited == 0
+    await s.close()
+
+
+@pytest.mark.parametrize("case", ["idle", "frame queued", "grace 0"])
+async def test_no_grace_wait_outside_an_underrun(case):
+    s, _, clock = gated_session(0 if case == "grace 0" else 15)
+    if case != "idle":
+        pcm = wav("short_16k.wav")
+        await mid_utterance(s, clock, pcm)
+        if case == "frame queued":
+            s.push_audio(pcm[640 * 10: 640 * 12])
+            assert await render_ready(s) == 2
+    await asyncio.wait_for(s.playout.grace(clock.t + 0.04), 5)  # returns at once
+    assert clock.deadlines == []
+    await s.close()

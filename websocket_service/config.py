@@ -156,6 +156,11 @@ class Settings(BaseSettings):
     max_recordings_mb: int = Field(2048, ge=1)
     prebuffer_frames: int = Field(1, ge=1)
     max_speech_lag_frames: int = Field(2, ge=0, le=10_000)
+    # a tick inside an utterance whose next speech frame is still rendering waits up to this
+    # long for it (the frame goes out late by that much, its timestamp unchanged) before
+    # holding the last picture: an underrun, which pushes the rest of the utterance back a
+    # frame until a pause; 0: never wait
+    speech_grace_ms: int = Field(15, ge=0, le=30)
     #: behind schedule within that bound, drop silent frames until on time (pauses absorb lag)
     catch_up_in_pauses: bool = True
     speech_gap_ms: int = Field(300, ge=40)

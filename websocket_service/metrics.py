@@ -32,6 +32,8 @@ SESSION_COUNTERS = {
     "speech_frames_skipped": ("avatar_speech_frames_skipped_total",
                               "Speech frames dropped as overdue after stalls."),
     "underruns": ("avatar_speech_underruns_total", "Ticks where a speech frame was not ready."),
+    "speech_frames_waited": ("avatar_speech_frames_waited_total",
+                             "Speech frames sent up to SPEECH_GRACE_MS after their tick."),
     "audio_samples": ("avatar_audio_samples_total", "Audio samples (16 kHz) received."),
     "errors_sent": ("avatar_errors_sent_total", "ERROR messages sent to clients."),
     "render_errors": ("avatar_render_errors_total", "Engine failures while rendering speech."),

@@ -33,12 +33,15 @@ class SpeechQueue:
         self.drawn = 0
         self.space = asyncio.Event()
         self.space.set()
+        #: set whenever frames are added (the playout's grace wait, Playout.grace)
+        self.arrived = asyncio.Event()
 
     def __len__(self) -> int:
         return len(self.frames)
 
     def extend(self, frames: list[SpeechFrame]) -> None:
         self.frames.extend(frames)
+        self.arrived.set()
         if len(self.frames) >= self.cap:
             self.space.clear()
 

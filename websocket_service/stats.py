@@ -34,6 +34,7 @@ class SessionStats:
     skipped_frames: int = 0  # pacer fell behind and skipped ahead
     speech_frames: int = 0
     underruns: int = 0
+    speech_frames_waited: int = 0  # shown after a wait of up to SPEECH_GRACE_MS past its tick
     speech_frames_skipped: int = 0
     audio_samples: int = 0
     audio_rejected_chunks: int = 0
@@ -73,6 +74,10 @@ class SessionStats:
     def speech_frame_dropped(self) -> None:
         """A speech frame too late for its slot was dropped (or trimmed in a pause)."""
         self.speech_frames_skipped += 1
+
+    def speech_frame_waited(self) -> None:
+        """A tick waited (up to SPEECH_GRACE_MS) for its speech frame, which then went out."""
+        self.speech_frames_waited += 1
 
     def underrun(self) -> None:
         """An utterance's next frame was not rendered in time: its last picture was held."""
@@ -202,6 +207,7 @@ class SessionStats:
             "skipped_frames": self.skipped_frames,
             "speech_frames": self.speech_frames,
             "underruns": self.underruns,
+            "speech_frames_waited": self.speech_frames_waited,
             "speech_frames_skipped": self.speech_frames_skipped,
             "audio_seconds_received": round(self.audio_samples / SAMPLE_RATE, 3),
             "audio_chunks_rejected": self.audio_rejected_chunks,
