@@ -83,6 +83,19 @@ def test_one_encoder_call_for_many_windows_equals_one_call_each(model):
 
 # ------------------------------------------------------------------ the inference process
 
+def job_by_job(eng: MuseTalkEngine, avatar, jobs: int) -> np.ndarray:
+    """``jobs`` jobs of 2 frames straight to the engine's runner, each awaited before the next
+    (one window, one batch each): their faces in order."""
+    key = avatar.engine_data["musetalk"]["key"]
+    out = []
+    for j in range(jobs):
+        meta = {"session": 1, "avatar": key, "offset": j * 4 - 40, "n_valid": None,
+                "frames": [[j * 2 + k, "idle", k % 3, 0.0] for k in range(2)]}
+        pcm = speech(eng.window_samples // 640, seed=j)
+        out.append(eng.runner.submit(meta, pcm, 2).result(timeout=120))
+    return np.concatenate(out)
+
+
 def test_inference_process_gives_the_faces_the_in_process_core_gives(model, tmp_path):
     avatar = small_avatar(tmp_path / "avatars")
     here = MuseTalkEngine(settings(model, musetalk_process=False))
@@ -97,16 +110,8 @@ def test_inference_process_gives_the_faces_the_in_process_core_gives(model, tmp_
         there.prepare_avatar(avatar)
         # job by job (one window, one batch each): the same arithmetic on both sides, so the
         # faces must be the same bytes
-        faces = {}
-        for name, eng in (("here", here), ("there", there)):
-            key = avatar.engine_data["musetalk"]["key"]
-            out = []
-            for j in range(4):
-                meta = {"session": 1, "avatar": key, "offset": j * 4 - 40, "n_valid": None,
-                        "frames": [[j * 2 + k, "idle", k % 3, 0.0] for k in range(2)]}
-                pcm = speech(eng.window_samples // 640, seed=j)
-                out.append(eng.runner.submit(meta, pcm, 2).result(timeout=120))
-            faces[name] = np.concatenate(out)
+        faces = {name: job_by_job(eng, avatar, 4) for name, eng in (("here", here),
+                                                                       ("there", there))}
         assert faces["here"].shape == (8, 256, 256, 3)
         assert np.array_equal(faces["here"], faces["there"])
         assert len({f.tobytes() for f in faces["here"]}) == 8  # audio-driven: all different
@@ -136,14 +141,7 @@ def test_faces_decoded_in_chunks_are_the_whole_batchs_faces(model, tmp_path):
             eng.load()
             assert eng.info()["decode_chunk"] == (1 if name == "chunked" else 0)
             eng.prepare_avatar(avatar)
-            key = avatar.engine_data["musetalk"]["key"]
-            out = []
-            for j in range(3):
-                meta = {"session": 1, "avatar": key, "offset": j * 4 - 40, "n_valid": None,
-                        "frames": [[j * 2 + k, "idle", k % 3, 0.0] for k in range(2)]}
-                pcm = speech(eng.window_samples // 640, seed=j)
-                out.append(eng.runner.submit(meta, pcm, 2).result(timeout=120))
-            faces[name] = np.concatenate(out)
+            faces[name] = job_by_job(eng, avatar, 3)
             assert eng.stats_now()["batches"] == 3
     finally:
         asyncio.run(whole.aclose())

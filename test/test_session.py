@@ -405,22 +405,26 @@ async def test_an_engine_with_a_jitter_allowance_starts_the_utterance_that_late(
     await s.close()
 
 
-class ParkedClock(FakeClock):
-    """Records each pacer's first deadline, then parks it there (until the task is cancelled)."""
+class GatedClock(FakeClock):
+    """A pacer's (or the grace's) sleep records its deadline and says so (``parked``), then
+    lasts until the test opens the gate (never, unless it does): then the clock is at that
+    deadline."""
 
     def __init__(self) -> None:
         super().__init__()
         self.deadlines: list[float] = []
         self.parked = asyncio.Event()
+        self.gate = asyncio.Event()
 
     async def sleep_until(self, deadline: float) -> None:
         self.deadlines.append(deadline)
         self.parked.set()
-        await asyncio.Event().wait()
+        await self.gate.wait()
+        self.t = max(self.t, deadline)
 
 
 async def test_sessions_opened_together_tick_on_different_phases_and_give_them_back():
-    clock = ParkedClock()
+    clock = GatedClock()
     phases = PhaseSpreader(25, slots=8)
     video = VideoSettings(width=512, height=512, bitrate=1_000_000, gop_frames=25, fps=25)
     sessions = [Session(f"s{i}", "u1", builtin(), engine(), Settings(), video, "idle",
@@ -443,21 +447,6 @@ async def test_sessions_opened_together_tick_on_different_phases_and_give_them_b
 
 
 # --- the grace before an underrun (SPEECH_GRACE_MS) -------------------------------------------
-
-class GatedClock(FakeClock):
-    """A pacer's (or the grace's) sleep records its deadline and lasts until the test opens
-    the gate: then the clock is at that deadline."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.deadlines: list[float] = []
-        self.gate = asyncio.Event()
-
-    async def sleep_until(self, deadline: float) -> None:
-        self.deadlines.append(deadline)
-        await self.gate.wait()
-        self.t = max(self.t, deadline)
-
 
 def gated_session(grace_ms: int) -> tuple[Session, Sink, GatedClock]:
     clock = GatedClock()
