@@ -106,6 +106,9 @@ def test_inference_process_gives_the_faces_the_in_process_core_gives(model, tmp_
     try:
         assert there.info()["inference_process"]["separate"]
         assert not here.info()["inference_process"]["separate"]
+        # the inference process froze its start-up objects (models, imports) for the collector
+        assert there.info()["inference_process"]["gc_frozen_objects"] > 10_000
+        assert here.info()["inference_process"]["gc_frozen_objects"] is None
         here.prepare_avatar(avatar)
         there.prepare_avatar(avatar)
         # job by job (one window, one batch each): the same arithmetic on both sides, so the

@@ -8,6 +8,7 @@ in one message per step. It imports no torch; the core it hosts may, in the chil
 
 from __future__ import annotations
 
+import gc
 import math
 import mmap
 import os
@@ -187,7 +188,12 @@ def child_main(factory: Callable[[], Core], names: tuple[str, str], face_shape: 
     inp, out = rings(maps[0], maps[1], slots, window, face_shape)
     try:
         core = factory()
-        tx.send(("info", core.info()))
+        # the models, the avatars' data and the imports live as long as this process: leave
+        # them out of the collector's full passes (a pass over them held the GIL, and so the
+        # lane, for ~100 ms; see app.freeze_startup_objects)
+        gc.collect()
+        gc.freeze()
+        tx.send(("info", {**core.info(), "gc_frozen_objects": gc.get_freeze_count()}))
         CoreLoop(core, inp, out, tx.send).run(pipe_receive(rx))
     except Exception as exc:
         traceback.print_exc()

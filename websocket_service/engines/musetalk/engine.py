@@ -178,6 +178,8 @@ class MuseTalkEngine(LipSyncEngine):
                     "streams": self._streams, "admission_limit": self.admission_limit,
                     "speech_delay_ms": round(1000 * self._ready.delay(), 1),
                     "inference_process": {"alive": bool(getattr(runner, "alive", True)),
+                                          "gc_frozen_objects":
+                                              self.core_info.get("gc_frozen_objects"),
                                           "restarts": int(getattr(runner, "restarts", 0)),
                                           "separate": isinstance(runner, InferenceProcess)},
                     "stats": self.stats()})
