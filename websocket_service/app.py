@@ -21,6 +21,7 @@ from .api import management, metrics, rest, session_control
 from .api.body_guard import BodyGuard
 from .config import Settings, get_settings
 from .errors import ServiceError
+from .gc_pauses import freeze_startup_objects
 from .loop_lag import LoopLag
 from .manager import Services
 from .media import threads as media_threads
@@ -36,19 +37,6 @@ Connect a WebSocket to `/musetalk/v1/ws/{user_id}` and speak the public MuseTalk
 (v1.0/v1.1; every message an envelope `{"type", "session_id", "data"}`, specified in
 `musetalk_websocket_spec.md`) to receive a continuous 25 fps H.264 stream. REST covers
 health, sessions and avatars."""
-
-
-def freeze_startup_objects() -> int:
-    """Collect once, then move every object alive now into the garbage collector's permanent
-    generation (``gc.freeze``): what start-up made (modules, the engine, avatars, encoded
-    loops; ~250k objects with the MuseTalk stand-in) lives as long as the process, and a full
-    collection walked all of it with the GIL held: a 100 ms stall of the event loop and of
-    every media thread at once, ~every 30 s at 16 speaking sessions, which made every session
-    miss two or three frames (docs/BENCHMARKS.md section 4). A full pass over what is made
-    afterwards takes ~20 ms. How many objects were frozen."""
-    gc.collect()
-    gc.freeze()
-    return gc.get_freeze_count()
 
 
 def create_app(settings: Settings | None = None, services: Services | None = None) -> FastAPI:

@@ -8,7 +8,6 @@ in one message per step. It imports no torch; the core it hosts may, in the chil
 
 from __future__ import annotations
 
-import gc
 import math
 import mmap
 import os
@@ -23,6 +22,7 @@ import numpy as np
 
 from ... import errors
 from ...errors import ProcessingError, ServiceError
+from ...gc_pauses import freeze_startup_objects
 
 MAX_DRAIN = 256  # messages handled before the core steps again
 
@@ -188,12 +188,10 @@ def child_main(factory: Callable[[], Core], names: tuple[str, str], face_shape: 
     inp, out = rings(maps[0], maps[1], slots, window, face_shape)
     try:
         core = factory()
-        # the models, the avatars' data and the imports live as long as this process: leave
-        # them out of the collector's full passes (a pass over them held the GIL, and so the
-        # lane, for ~100 ms; see app.freeze_startup_objects)
-        gc.collect()
-        gc.freeze()
-        tx.send(("info", {**core.info(), "gc_frozen_objects": gc.get_freeze_count()}))
+        # the models, the avatars' data and the imports live as long as this process: a full
+        # collection over them held the GIL, and so the lane, for ~100 ms
+        frozen = freeze_startup_objects()
+        tx.send(("info", {**core.info(), "gc_frozen_objects": frozen}))
         CoreLoop(core, inp, out, tx.send).run(pipe_receive(rx))
     except Exception as exc:
         traceback.print_exc()
