@@ -93,6 +93,7 @@ def test_utterance_buffer_lookahead_end_and_bounded_history():
 # ---------------------------------------------------------------- H.264
 def test_encoder_annexb_keyframes_carry_sps_pps_and_decode_alone():
     enc = H264Encoder(128, 96, gop_frames=5)
+    assert enc._ctx.is_open  # opened with the stream, not on its first (speech) frame
     rng = np.random.default_rng(0)
     img = rng.integers(0, 255, (96, 128, 3), np.uint8)
     out = [enc.encode(np.roll(img, i, axis=1)) for i in range(12)]

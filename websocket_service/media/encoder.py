@@ -74,6 +74,10 @@ class H264Encoder:
                            "repeat-headers=1:annexb=1:bframes=0:sliced-threads=0",
             "threads": "1",
         }
+        # opened here, not on the first encode: opening costs ~4 ms (512x512), which would
+        # otherwise fall on the stream's first live frame, i.e. on every session's first
+        # speech frame at once when a burst of sessions starts speaking
+        ctx.open()
         self._ctx = ctx
         self._pts = start_pts
         self._force_key = True

@@ -281,5 +281,7 @@ async def open_encoder(pool: EncoderPool | None, width: int, height: int, fps: i
                        gop_frames: int) -> PoolEncoder | InProcessEncoder:
     """An encoder in ``pool``, or in this process when there is no pool."""
     if pool is None:
-        return InProcessEncoder(H264Encoder(width, height, fps, bitrate, gop_frames))
+        # on a media thread: opening the encoder takes milliseconds, not for the event loop
+        return InProcessEncoder(await media_threads.run(H264Encoder, width, height, fps,
+                                                        bitrate, gop_frames))
     return await pool.open(width, height, fps, bitrate, gop_frames)
