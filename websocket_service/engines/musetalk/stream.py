@@ -89,7 +89,13 @@ class ReadyLatency:
     MIN_SAMPLES = 20  # fewer: too few to say (no delay)
     RECOMPUTE_AFTER = 8  # new samples before the p95 is computed again (asked every tick)
 
-    def __init__(self, window: int = 400) -> None:
+    #: frames the p95 is over: 5 s at 16 speaking sessions (a minute at one). Over 400 (1 s)
+    #: the allowance swung with every burst of load, and since the schedule follows it, so
+    #: did each session's latency: its p95 stood ~40 ms over its median, against ~20 with
+    #: 2000 (16 stand-in sessions, docs/BENCHMARKS.md section 4)
+    WINDOW = 2000
+
+    def __init__(self, window: int = WINDOW) -> None:
         self._recent: deque[float] = deque(maxlen=window)
         self._new = 0
         self._delay = 0.0
