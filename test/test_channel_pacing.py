@@ -98,6 +98,35 @@ def test_pacer_sleeps_to_absolute_deadlines_and_skips_ahead_when_far_behind():
     asyncio.run(main())
 
 
+def test_a_shifted_pacer_moves_its_later_deadlines_not_its_frame_numbers():
+    async def main():
+        clock = SteppedClock()
+        pacer = Pacer(clock, 25)
+        assert await pacer.next() == (0, 0)
+        pacer.shift(0.012)  # later: the next tick 52 ms after this one
+        assert await pacer.next() == (1, 0)
+        pacer.shift(-0.030)  # earlier: the next 10 ms after
+        assert await pacer.next() == (2, 0)
+        assert await pacer.next() == (3, 0)
+        assert clock.sleeps == pytest.approx([50.0, 50.052, 50.062, 50.102])
+        assert pacer.phase() == pytest.approx((50.0 - 0.018) % 0.04)
+        assert pacer.skipped == 0
+
+    asyncio.run(main())
+
+
+def test_a_pacer_that_moved_counts_in_the_slot_nearest_its_new_phase():
+    spread = PhaseSpreader(25, slots=8)
+    slot, _ = spread.claim(100.0)
+    assert slot == 0 and spread.used() == [1, 0, 0, 0, 0, 0, 0, 0]
+    slot = spread.move(slot, 0.012)  # 12 ms into the period: nearest slot is 10 ms (2)
+    assert slot == 2 and spread.used() == [0, 0, 1, 0, 0, 0, 0, 0]
+    slot = spread.move(slot, 0.039)  # 39 ms is 1 ms before the next period's slot 0
+    assert slot == 0 and spread.used() == [1, 0, 0, 0, 0, 0, 0, 0]
+    spread.release(slot)
+    assert spread.used() == [0] * 8
+
+
 def test_pacer_refuses_nonsense():
     with pytest.raises(ValueError):
         Pacer(Clock(), 0)

@@ -16,7 +16,7 @@ from websocket_service.clock import Clock
 from websocket_service.config import Settings
 from websocket_service.errors import InvalidStateTransition, ProcessingError, ServiceError
 from websocket_service.events import SpeechEnded, StateChanged
-from websocket_service.pacing import PhaseSpreader
+from websocket_service.pacing import Pacer, PhaseSpreader
 from websocket_service.playout import OutputFrame
 from websocket_service.session import Session, VideoSettings
 from websocket_service.states import AvatarState
@@ -402,6 +402,112 @@ async def test_an_engine_with_a_jitter_allowance_starts_the_utterance_that_late(
     assert [f.utterance_frame for f in speech] == list(range(30))
     assert [f.index for f in speech] == list(range(2, 32))
     assert s.stats.underruns == 0
+    await s.close()
+
+
+# --- ticks lined up with speech (ALIGN_TICKS_TO_SPEECH) ----------------------------------------
+
+def paced(s: Session, clock: FakeClock, pacer: Pacer, count: int) -> None:
+    """``count`` ticks on ``pacer``'s deadlines, the clock at each, as the playout's task runs
+    them (the pacer's deadlines move when the schedule lines the ticks up)."""
+    for _ in range(count):
+        n = pacer.n
+        clock.t = pacer.due(n)
+        pacer.n += 1
+        s.playout.tick(n)
+
+
+def lined_up(s: Session, clock: FakeClock) -> Pacer:
+    pacer = Pacer(clock, 25, t0=clock.t)
+    s.playout.speech.grid = pacer
+    return pacer
+
+
+@pytest.mark.parametrize("allowance", [0.07, 0.1, 0.115])
+async def test_lined_up_ticks_start_an_utterance_exactly_when_its_allowance_has_passed(
+        session, allowance):
+    """Against test_an_engine_with_a_jitter_allowance_starts_the_utterance_that_late: the
+    first frame goes out right at arrival + allowance (not on the first tick after it), the
+    rest one period apart, numbered without a gap."""
+    s, sink, clock = session
+    pacer = lined_up(s, clock)
+    s.speech_delay = lambda: allowance
+    s.push_audio(wav("short_16k.wav"), end_of_speech=True)
+    arrival = clock.t
+    assert await render_ready(s) == 30
+    paced(s, clock, pacer, 36)
+    speech = [f for f in sink.frames if f.utterance_id is not None]
+    assert [f.utterance_frame for f in speech] == list(range(30))
+    assert [f.created - arrival for f in speech] == pytest.approx(
+        [allowance + 0.04 * k for k in range(30)])
+    assert [f.index for f in sink.frames] == list(range(36))
+    assert [f.timestamp_ms for f in sink.frames] == [40 * n for n in range(36)]
+    assert s.stats.underruns == 0
+    await s.close()
+
+
+async def test_lined_up_ticks_follow_the_allowance_by_more_than_10ms(session):
+    s, sink, clock = session
+    pacer = lined_up(s, clock)
+    allowance = [0.1]
+    s.speech_delay = lambda: allowance[0]
+    s.push_audio(wav("short_16k.wav"), end_of_speech=True)
+    arrival = clock.t
+    assert await render_ready(s) == 30
+    paced(s, clock, pacer, 10)  # frames 0-6 out, each 100 ms after its slot
+    allowance[0] = 0.115  # +15 ms: frames from the next on go out 15 ms later
+    paced(s, clock, pacer, 5)
+    allowance[0] = 0.12  # +5 ms more: within 10 ms of the schedule, which stays
+    paced(s, clock, pacer, 5)
+    allowance[0] = 0.09  # -25 ms against the schedule: earlier again
+    paced(s, clock, pacer, 10)
+    after_slot = [round((f.created - arrival - 0.04 * f.utterance_frame) * 1000, 3)
+                  for f in sink.frames if f.utterance_frame is not None]
+    # (the tick that reads a new allowance still shows its frame on the old schedule)
+    assert after_slot == [100.0] * 8 + [115.0] * 10 + [90.0] * 9
+    assert s.stats.underruns == 0 and s.stats.speech_frames_skipped == 0
+    await s.close()
+
+
+async def test_a_playout_lined_up_with_speech_says_where_it_ticks_now():
+    """The playout's task: when its ticks moved, /sessions' tick_phase_ms and the phase
+    spreader's count follow them."""
+    clock = GatedClock()
+    phases = PhaseSpreader(25, slots=8)
+    video = VideoSettings(width=512, height=512, bitrate=1_000_000, gop_frames=25, fps=25)
+    s = Session("s1", "u1", builtin(), engine(), Settings(), video, "idle", clock=clock,
+                phases=phases)
+    s.start()
+    while not clock.deadlines:
+        clock.parked.clear()
+        await clock.parked.wait()
+    before = s.stats.snapshot(clock.t)["tick_phase_ms"]
+    slot = phases.used().index(1)
+    grid = s.playout.speech.grid
+    assert grid is not None
+    grid.shift(0.012)  # as lining up with an utterance does
+    clock.parked.clear()
+    clock.gate.set()  # one tick: the parked sleep returns, the next one parks
+    clock.gate.clear()
+    await clock.parked.wait()
+    assert clock.deadlines[1] - clock.deadlines[0] == pytest.approx(0.052)
+    after = s.stats.snapshot(clock.t)["tick_phase_ms"]
+    assert after == pytest.approx((before + 12) % 40, abs=0.1)
+    assert phases.used()[(slot + 2) % 8] == 1 and sum(phases.used()) == 1
+    await s.close()
+    assert phases.used() == [0] * 8
+
+
+async def test_no_lining_up_when_it_is_off():
+    clock = GatedClock()
+    video = VideoSettings(width=512, height=512, bitrate=1_000_000, gop_frames=25, fps=25)
+    s = Session("s1", "u1", builtin(), engine(), Settings(align_ticks_to_speech=False), video,
+                "idle", clock=clock)
+    s.start()
+    while not clock.deadlines:
+        clock.parked.clear()
+        await clock.parked.wait()
+    assert s.playout.speech.grid is None
     await s.close()
 
 

@@ -163,6 +163,10 @@ class Settings(BaseSettings):
     speech_grace_ms: int = Field(15, ge=0, le=30)
     #: behind schedule within that bound, drop silent frames until on time (pauses absorb lag)
     catch_up_in_pauses: bool = True
+    #: move a session's ticks (by less than a period) so that an utterance starts exactly when
+    #: the engine's jitter allowance has passed, and its frames follow the allowance, instead
+    #: of waiting for the next tick (0-40 ms); false: ticks stay on their first phase
+    align_ticks_to_speech: bool = True
     speech_gap_ms: int = Field(300, ge=40)
     action_crossfade_frames: int = Field(4, ge=0, le=25)
     resync_after_frames: int = Field(3, ge=1)

@@ -34,6 +34,18 @@ class Pacer:
         assert self.t0 is not None, "the pacer has not started"
         return self.t0 + n * self.period
 
+    def shift(self, seconds: float) -> None:
+        """Move every deadline from the next one on by ``seconds`` (later if positive): the
+        frame numbers stay, only their times move. The playout lines its ticks up with an
+        utterance's schedule this way (:class:`~.playout.SpeechSchedule`)."""
+        assert self.t0 is not None, "the pacer has not started"
+        self.t0 += seconds
+
+    def phase(self) -> float:
+        """Seconds into each period (of the clock) that this pacer ticks."""
+        assert self.t0 is not None, "the pacer has not started"
+        return self.t0 % self.period
+
     def catch_up(self, now: float) -> int:
         """Skip ahead if the next frame is more than ``resync_after`` frames late at ``now``;
         how many frames were skipped (0 when on time)."""
@@ -93,6 +105,15 @@ class PhaseSpreader:
         slot = min(range(self.slots), key=lambda k: (self._used[k], wait(k)))
         self._used[slot] += 1
         return slot, now + wait(slot)
+
+    def move(self, slot: int, phase: float) -> int:
+        """A pacer in ``slot`` now ticks at ``phase`` (it lined up with an utterance): the
+        slot nearest to that phase is counted instead (returned). The spreading only places
+        new pacers, and a moved one is counted where it ticks."""
+        self.release(slot)
+        new = round((phase % self.period) / (self.period / self.slots)) % self.slots
+        self._used[new] += 1
+        return new
 
     def release(self, slot: int) -> None:
         """Give back a slot taken by :meth:`claim` (the pacer stopped)."""

@@ -90,7 +90,18 @@ class SpeechSchedule:
     the last one when it follows back to back; frame ``k`` is then due at ``start_tick + k``.
     Frames that fell behind are dropped past ``max_speech_lag_frames`` and, below it, in
     pauses; a backlog that stands is trimmed in pauses too.
+
+    With the playout's pacer as :attr:`grid` (``ALIGN_TICKS_TO_SPEECH``), the ticks line up
+    with the schedule instead of the schedule being rounded up to the next tick: an utterance
+    starts exactly when its allowance has passed, and the ticks follow the allowance's later
+    moves (see :meth:`_align_start` and :meth:`_reanchor`).
     """
+
+    #: how far the allowance must move before an aligned schedule follows it (a smaller move
+    #: would only nudge the ticks by a millisecond or two, often)
+    REANCHOR_MIN_S = 0.01
+    #: slack on the start time for the tick that was moved onto it (float rounding)
+    EPSILON_S = 1e-6
 
     def __init__(self, settings: Settings, period: float, queue: SpeechQueue,
                  stats: SessionStats) -> None:
@@ -106,6 +117,9 @@ class SpeechSchedule:
         #: speech backlog in frames (queued + audio not rendered) at each speech tick (reset
         #: by any other frame)
         self._depths: deque[int] = deque(maxlen=STANDING_TICKS)
+        #: the playout's pacer while it runs, when its ticks may move to line up with an
+        #: utterance's schedule; None: ticks stay where they are (the schedule is rounded)
+        self.grid: Pacer | None = None
 
     def shown(self, sf: SpeechFrame, out: OutputFrame) -> SpeechEnded | None:
         """``sf`` went out as ``out``; the utterance's SPEECH_ENDED if it was its last frame."""
@@ -153,7 +167,8 @@ class SpeechSchedule:
             # allowance: later frames then keep their slots although they come in bursts
             delay = host.speech_delay()
             if delay > 0 and head.audio_arrival is not None and self._follow_due is None \
-                    and now < head.audio_arrival + delay:
+                    and now < head.audio_arrival + delay - self.EPSILON_S:
+                self._align_start(head.audio_arrival + delay, now)
                 return None
             self.play.start_tick = n - head.index
             self.play.delay = delay
@@ -172,6 +187,17 @@ class SpeechSchedule:
                 self._trim_standing_backlog(host)
         return self.queue.popleft()
 
+    def _align_start(self, start: float, now: float) -> None:
+        """Move the ticks so that one falls at ``start``, when the utterance waiting at this
+        tick (``now``) may start. Unaligned, it starts on the first tick after: 0-40 ms later,
+        20 on average, and at a session's fixed offset between its client's audio and its
+        ticks, the same share for all its utterances (at 16 sessions the sessions' latencies
+        spread over 40 ms for that alone). The next tick moves (at most half a period later,
+        or earlier) once ``start`` is within one and a half periods."""
+        grid = self.grid
+        if grid is not None and start - now <= 1.5 * self.period:
+            grid.shift(start - grid.due(grid.n))
+
     def _reanchor(self, host: PlayoutHost, n: int, now: float) -> None:
         """Set the utterance's schedule again when the engine's jitter allowance has moved by
         more than a frame period since it was set.
@@ -188,15 +214,30 @@ class SpeechSchedule:
         later at once, earlier by at most ``max_speech_lag_frames`` a time (catching up in
         pauses does the rest). The period of slack keeps the allowance's small moves from
         moving it.
+
+        With a :attr:`grid`, the schedule follows the allowance by :data:`REANCHOR_MIN_S`
+        instead, exactly: the ticks move by the part of the change within a period (later or
+        earlier: each frame from now on goes out that much later or earlier), and whole
+        periods move the schedule as above. An utterance started before the allowance was
+        learned, or off its ticks, is lined up the same way.
         """
         anchor = self.play.anchor
         delay = host.speech_delay()
-        if anchor is None or abs(delay - self.play.delay) <= self.period:
+        grid = self.grid
+        slack = self.period if grid is None else self.REANCHOR_MIN_S
+        if anchor is None or abs(delay - self.play.delay) <= slack:
             return
         arrival, index = anchor
         self.play.delay = delay
-        # the first tick at or after the allowance, as an utterance starting now would get
-        start = n + math.ceil((arrival + delay - now) / self.period) - index
+        if grid is None:
+            # the first tick at or after the allowance, as an utterance starting now would get
+            start = n + math.ceil((arrival + delay - now) / self.period) - index
+        else:
+            # where the allowance puts frame 0, against where the schedule has it now
+            moved = (arrival + delay - index * self.period) - grid.due(self.play.start_tick)
+            whole = int(moved / self.period)  # toward zero: the rest moves the ticks
+            grid.shift(moved - whole * self.period)
+            start = self.play.start_tick + whole
         head = self.queue.frames[0].index
         self.play.start_tick = max(start, n - head - self.settings.max_speech_lag_frames)
 
@@ -322,15 +363,23 @@ class Playout:
             slot, t0 = phases.claim(t0)
             phase = phases.phase(slot)
         self.stats.tick_phase_ms = round(phase * 1000, 1)
+        pacer = Pacer(self.clock, self.fps, self.settings.resync_after_frames, t0=t0)
+        if self.settings.align_ticks_to_speech:
+            self.speech.grid = pacer
         try:
-            pacer = Pacer(self.clock, self.fps, self.settings.resync_after_frames, t0=t0)
             while self._host() is not None:
                 n, skipped = await pacer.next()
                 if skipped:
                     self.stats.frames_skipped(skipped)
                 await self.grace(pacer.due(n))
                 self.tick(n)
+                if pacer.t0 is not None and pacer.t0 != t0:  # ticks moved to line up with speech
+                    t0 = pacer.t0
+                    self.stats.tick_phase_ms = round(pacer.phase() * 1000, 1)
+                    if phases is not None and slot is not None:
+                        slot = phases.move(slot, pacer.phase())
         finally:
+            self.speech.grid = None
             if phases is not None and slot is not None:
                 phases.release(slot)
 
