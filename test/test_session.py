@@ -478,18 +478,15 @@ async def test_a_playout_lined_up_with_speech_says_where_it_ticks_now():
     s = Session("s1", "u1", builtin(), engine(), Settings(), video, "idle", clock=clock,
                 phases=phases)
     s.start()
-    while not clock.deadlines:
-        clock.parked.clear()
-        await clock.parked.wait()
+    await clock.sleeps(1)
     before = s.stats.snapshot(clock.t)["tick_phase_ms"]
     slot = phases.used().index(1)
     grid = s.playout.speech.grid
     assert grid is not None
     grid.shift(0.012)  # as lining up with an utterance does
-    clock.parked.clear()
     clock.gate.set()  # one tick: the parked sleep returns, the next one parks
     clock.gate.clear()
-    await clock.parked.wait()
+    await clock.sleeps(2)
     assert clock.deadlines[1] - clock.deadlines[0] == pytest.approx(0.052)
     after = s.stats.snapshot(clock.t)["tick_phase_ms"]
     assert after == pytest.approx((before + 12) % 40, abs=0.1)
@@ -504,9 +501,7 @@ async def test_no_lining_up_when_it_is_off():
     s = Session("s1", "u1", builtin(), engine(), Settings(align_ticks_to_speech=False), video,
                 "idle", clock=clock)
     s.start()
-    while not clock.deadlines:
-        clock.parked.clear()
-        await clock.parked.wait()
+    await clock.sleeps(1)
     assert s.playout.speech.grid is None
     await s.close()
 
@@ -528,6 +523,12 @@ class GatedClock(FakeClock):
         await self.gate.wait()
         self.t = max(self.t, deadline)
 
+    async def sleeps(self, count: int) -> None:
+        """Until ``count`` sleeps have begun in all."""
+        while len(self.deadlines) < count:
+            self.parked.clear()
+            await self.parked.wait()
+
 
 async def test_sessions_opened_together_tick_on_different_phases_and_give_them_back():
     clock = GatedClock()
@@ -537,9 +538,7 @@ async def test_sessions_opened_together_tick_on_different_phases_and_give_them_b
                         clock=clock, phases=phases) for i in range(3)]
     for s in sessions:
         s.start()
-    while len(clock.deadlines) < 3:
-        clock.parked.clear()
-        await clock.parked.wait()
+    await clock.sleeps(3)
     assert phases.used().count(1) == 3
     first = sorted(clock.deadlines)
     assert first[0] >= clock.t and first[-1] < clock.t + 0.04
