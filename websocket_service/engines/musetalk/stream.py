@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import weakref
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
@@ -220,18 +221,22 @@ class MuseTalkStream(LipSyncStream):
                     job = _Job(part_slots, part_bases, runner.submit(meta, pcm, len(part_slots)),
                                self._epoch)
                     self._inflight.append(job)
-                    job.future.add_done_callback(partial(self._faces_back, job))
+                    # a weak reference: the future keeps its callbacks for good, and a job it
+                    # held would hold the future back (a cycle), and with them the job's faces
+                    # and blended images until the next full collection (~1 GB at 16 sessions)
+                    job.future.add_done_callback(partial(self._faces_back, weakref.ref(job)))
             except Exception as exc:  # noqa: BLE001 - reported by the next render_next
                 self._error = exc
                 break
         self._ready.set()
 
-    def _faces_back(self, job: _Job, future: Future) -> None:
+    def _faces_back(self, ref: weakref.ref[_Job], future: Future) -> None:
         """On the runner's thread as the faces come back: their blend goes to the media threads
         at once, not when the producer next asks (it may be waiting on an earlier blend), due
         when its first frame's audio was there (see media.threads). Faces that an interrupt
-        or close made unwanted are not blended (no one will take them)."""
-        if job.epoch != self._epoch or self._closed:
+        or close made unwanted (or dropped: ``ref`` is dead) are not blended."""
+        job = ref()
+        if job is None or job.epoch != self._epoch or self._closed:
             return
         if not future.cancelled() and future.exception() is None:
             job.blend = media_threads.submit(self._blend_all, job.bases, future.result(),
