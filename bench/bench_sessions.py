@@ -575,11 +575,15 @@ def main(argv: list[str] | None = None) -> int:
     args.duration = args.duration or (3.0 if args.quick else 6.0)
     if args.warmup is None:
         args.warmup = 0.5 if args.quick else 1.0
-    text = asyncio.run(amain(args))
-    print(text)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(text)
+    publish(asyncio.run(amain(args)), args.out)
     return 0
+
+
+def publish(text: str, out: str | Path) -> None:
+    """Print a report and write it to ``out`` (its folder made if need be)."""
+    print(text)
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    Path(out).write_text(text)
 
 
 if __name__ == "__main__":

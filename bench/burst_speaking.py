@@ -35,12 +35,20 @@ import os
 import random
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
 import httpx
 
-from bench.bench_sessions import ROOT, Client, Server, load_chunks, machine, pct, sessions
+from bench.bench_sessions import (
+    ROOT,
+    Client,
+    Server,
+    load_chunks,
+    machine,
+    pct,
+    publish,
+    sessions,
+)
 
 FIRST_FRAMES = 50  # an utterance's first 2 s at 25 fps
 STEADY_FROM = 100  # and its frames from 4 s on
@@ -216,10 +224,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.sessions < 1 or args.bursts < 1:
         ap.error("--sessions and --bursts must be at least 1")
     m = machine()
-    text = report(m, asyncio.run(run(args.sessions, args.bursts, args.idle, args.gap)), args)
-    print(text)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(text)
+    publish(report(m, asyncio.run(run(args.sessions, args.bursts, args.idle, args.gap)), args),
+            args.out)
     return 0
 
 
