@@ -458,12 +458,16 @@ def table(rows: list[dict[str, Any]]) -> list[str]:
     return out
 
 
+def engine_label(engine: str | None, gpu_standin: str | None) -> str:
+    """'engine X', and what a GPU stand-in is, from ``/health``'s engine and gpu_standin."""
+    if gpu_standin:
+        return (f"engine {engine} with GPU_STANDIN={gpu_standin} (the networks replaced by an "
+                "H100's measured per-batch waits: a prediction of the host side, not inference)")
+    return f"engine {engine or 'geometric'}"
+
+
 def _engine(rows: list[dict[str, Any]]) -> str:
-    r = rows[0]
-    if r.get("gpu_standin"):
-        return (f"engine {r['engine']} with GPU_STANDIN={r['gpu_standin']} (the networks replaced "
-                "by an H100's measured per-batch waits: a prediction of the host side, not inference)")
-    return f"engine {r.get('engine') or 'geometric'}"
+    return engine_label(rows[0].get("engine"), rows[0].get("gpu_standin"))
 
 
 def per_session_cpu(rows: list[dict[str, Any]]) -> float:

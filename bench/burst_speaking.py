@@ -43,6 +43,7 @@ from bench.bench_sessions import (
     ROOT,
     Client,
     Server,
+    engine_label,
     load_chunks,
     machine,
     pct,
@@ -174,16 +175,13 @@ def _f(v: float | None, fmt: str = "{:.0f}") -> str:
 
 def report(m: dict[str, str], res: dict[str, Any], args: argparse.Namespace) -> str:
     rows = res["rows"]
-    eng = rows[0]["engine"] if rows else "?"
-    if rows and rows[0]["gpu_standin"]:
-        eng += (f" with GPU_STANDIN={rows[0]['gpu_standin']} (the networks replaced by waits of "
-                "their measured H100 costs: a prediction of the host side, not inference)")
+    eng = engine_label(rows[0]["engine"], rows[0]["gpu_standin"]) if rows else "engine ?"
     out = [f"## Speaking burst: {res['n']} sessions start speaking at once "
            "(`python -m bench.burst_speaking`)", "",
            f"- Machine: {m['cpu']}, {m['cores']} cores, {m['mem']} RAM, no GPU; Python "
            f"{m['python']}, PyAV {m['av']}; {m['date']}. Speed reference: one 512x512 x264 "
            f"frame encodes in {m['x264_ms']} ms.",
-           f"- Engine: {eng}. {res['n']} sessions opened and idle for {args.idle:g} s; then "
+           f"- The {eng}. {res['n']} sessions opened and idle for {args.idle:g} s; then "
            f"{args.bursts} bursts, {args.gap:g} s apart: every client sends one pass of the speech "
            "fixture (6.8 s, real time, then END_OF_SPEECH) from the same moment, each at a random "
            "point of one frame period after it.",

@@ -22,7 +22,17 @@ from pathlib import Path
 from statistics import median
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench.bench_sessions import ROOT, Client, Server, load_chunks, machine, pct  # noqa: E402
+import httpx  # noqa: E402
+
+from bench.bench_sessions import (  # noqa: E402
+    ROOT,
+    Client,
+    Server,
+    engine_label,
+    load_chunks,
+    machine,
+    pct,
+)
 
 
 def rss_mb(pid: int) -> float:
@@ -67,14 +77,14 @@ async def soak(server: Server, duration: float, interval: float, stall_at: float
     return rows
 
 
-def report(rows: list[dict[str, float]], args: argparse.Namespace) -> str:
+def report(rows: list[dict[str, float]], args: argparse.Namespace, engine: str) -> str:
     m = machine()
     first, last = rows[0]["rss"], rows[-1]["rss"]
     drift = 100 * (last - first) / first
     lines = [
         "## Soak (`bench/soak.py`)", "",
         f"- Machine: {m['cpu']}, {m['cores']} cores, {m['mem']} RAM; {m['date']}. Server in a "
-        "subprocess (weight-free engine), 4 speaking + 4 idle WebSocket clients on the same "
+        f"subprocess ({engine}), 4 speaking + 4 idle WebSocket clients on the same "
         f"cores, {args.duration / 60:g} min, a line every {args.interval:g} s"
         + (f"; every client stalled for {args.stall_for:g} s at {args.stall_at:g} s (then sent "
            "what it owed at once)." if args.stall_at is not None else "."),
@@ -91,10 +101,13 @@ async def amain(args: argparse.Namespace) -> str:
     server = Server.on_free_port("bench-soak-", max_sessions=16)
     try:
         server.wait_ready()
+        health = httpx.get(f"{server.http}/health", timeout=10).json()
+        engine = engine_label(health.get("engine"),
+                              (health.get("engine_info") or {}).get("gpu_standin"))
         rows = await soak(server, args.duration, args.interval, args.stall_at, args.stall_for)
     finally:
         server.stop()
-    return report(rows, args)
+    return report(rows, args, engine)
 
 
 def main(argv: list[str] | None = None) -> int:
