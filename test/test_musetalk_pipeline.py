@@ -304,6 +304,52 @@ def test_a_batchs_first_chunk_comes_back_while_the_rest_decodes():
         core.close()
 
 
+def test_the_standin_computes_the_log_mel_of_its_windows_in_batches_off_the_lane():
+    """The stand-in's log-mel (its host cost; the real engine runs it on the device) goes in
+    batches of STANDIN_MEL_BATCH windows on the submitting thread, and the lane's encoder call
+    waits only the table's time: CPU work on the lane would make every batch behind it late."""
+    from websocket_service.engines.musetalk.audio import fixed_window_samples
+    from websocket_service.engines.musetalk.core import STANDIN_MEL_BATCH, CoreSpec, build_core
+    from websocket_service.engines.musetalk.engine import WHISPER_SAMPLES
+
+    window = fixed_window_samples(16000, 2, WHISPER_SAMPLES)
+    spec = CoreSpec("", "v15", "cpu", False, "sd-vae", "eager", "h100", 32, 1000.0, 2, "short",
+                    window)
+    core = build_core(spec)
+    assert core.standin is not None
+    waits: list[float] = []
+    core.standin._sleep = waits.append
+    submitter = threading.get_ident()
+    calls: list[tuple[tuple[int, ...], int, float]] = []
+    logmel = core.logmel
+
+    def spy(audio: torch.Tensor) -> torch.Tensor:
+        out = logmel(audio)
+        calls.append((tuple(audio.shape), threading.get_ident(), float(out.abs().sum())))
+        return out
+
+    core.logmel = spy
+    try:
+        core.control("add_avatar", ("a", {"faces": {"idle": np.zeros((1, 256, 256, 3), np.uint8)}}))
+        rng = np.random.default_rng(3)
+        for job in range(STANDIN_MEL_BATCH + 1):
+            core.submit(job, {"session": job, "avatar": "a", "offset": 0, "n_valid": None,
+                              "frames": [[0, "idle", 0, time.monotonic() + 60]]},
+                        rng.integers(-3000, 3000, window).astype(np.int16))
+        assert [(shape, who) for shape, who, _ in calls] == [((STANDIN_MEL_BATCH, window),
+                                                              submitter)]
+        assert calls[0][2] > 0  # a real spectrogram of real windows
+        until_s = time.monotonic() + 30
+        while core.stats()["whisper_windows"] < STANDIN_MEL_BATCH + 1 and time.monotonic() < until_s:
+            time.sleep(0.001)
+        assert core.stats()["whisper_windows"] == STANDIN_MEL_BATCH + 1
+        # the lane's first encoder call (over however many windows had come) waited its time
+        calls_s = [core.cost.whisper_s(n) for n in range(1, STANDIN_MEL_BATCH + 2)]
+        assert waits and any(waits[0] == pytest.approx(c) for c in calls_s)
+    finally:
+        core.close()
+
+
 def test_a_chunk_that_fails_fails_only_the_jobs_not_yet_handed_back():
     """The decoder fails in a batch's second chunk: the first chunk's job has its faces, the
     jobs of the chunks not decoded fail, and the lane goes on with the next batch."""
