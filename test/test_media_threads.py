@@ -36,7 +36,7 @@ async def test_pool_size_and_opencv_threads():
     assert names and all(n.startswith("media") for n in names)
     assert len(names) <= 2
     threads.configure(0, 1)
-    assert threads.size() == (os.cpu_count() or 1) + 1
+    assert threads.size() == (os.cpu_count() or 1)
 
 
 async def test_speech_renders_on_media_threads():

@@ -143,7 +143,7 @@ class Settings(BaseSettings):
     speech_queue_frames: int = Field(25, ge=1)
     send_queue_frames: int = Field(8, ge=1)
     encoder_processes: int = Field(0, ge=0, le=64)
-    #: threads that render and encode frames (0: one more than the cores); OpenCV's own
+    #: threads that render and encode frames (0: one per core); OpenCV's own
     #: threads per call (0: OpenCV's default, one per core)
     media_threads: int = Field(0, ge=0, le=256)
     opencv_threads: int = Field(1, ge=0, le=256)

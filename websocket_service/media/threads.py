@@ -3,7 +3,7 @@
 Rendering (OpenCV, NumPy) and H.264 encoding (libx264 under PyAV 16+) release the GIL for
 their heavy parts, so threads run them in parallel across sessions. More threads than cores buy
 nothing there and cost GIL hand-offs and context switches, so the pool is sized to the cores
-(``MEDIA_THREADS``; 0: one more than the cores). It is kept apart from the default executor,
+(``MEDIA_THREADS``; 0: one per core). It is kept apart from the default executor,
 which also runs slow blocking work (avatar preparation, uploads), so that such work never
 holds up a frame.
 
@@ -92,7 +92,13 @@ _size = 0
 
 
 def default_size() -> int:
-    return (os.cpu_count() or 1) + 1
+    """One thread per core. With one more than the cores (the default until December 7) a
+    burst of renders and encodes kept every core busy and the event loop's thread waited for
+    one: at 16 speaking MuseTalk stand-in sessions on 2 cores it spent 41 % of the time
+    runnable but not running (/proc schedstat), against 34 % running. One per core had the
+    lower loop lag p99 in 11 of 12 paired runs (16 stand-in or 10 weight-free speaking
+    sessions) and the lower p95 latency in 8 (docs/BENCHMARKS.md section 4)."""
+    return os.cpu_count() or 1
 
 
 def configure(threads: int, opencv_threads: int) -> None:
