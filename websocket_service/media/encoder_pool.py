@@ -26,7 +26,7 @@ import logging
 import multiprocessing as mp
 import os
 import time
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from multiprocessing.shared_memory import SharedMemory
 from typing import Any
@@ -244,16 +244,17 @@ class InProcessEncoder:
 
     def __init__(self, encoder: H264Encoder) -> None:
         self._enc: H264Encoder | None = encoder
-        self._inflight: asyncio.Future[Any] | None = None
+        self._inflight: Future[Any] | None = None  # the media-thread call, not its waiter
 
     def request_keyframe(self) -> None:
         if self._enc is not None:
             self._enc.request_keyframe()
 
     async def _settle(self) -> None:
-        if self._inflight is not None and not self._inflight.done():
+        """Until the last call has ended in its thread (its waiter may have been cancelled)."""
+        while self._inflight is not None and not self._inflight.done():
             with contextlib.suppress(Exception):
-                await asyncio.shield(self._inflight)
+                await asyncio.shield(asyncio.wrap_future(self._inflight))
         self._inflight = None
 
     async def encode(self, rgb: np.ndarray) -> EncodedFrame:
@@ -265,9 +266,8 @@ class InProcessEncoder:
         if self._enc is None:
             raise ProcessingError("encoder is closed")
         enc = self._enc
-        self._inflight = asyncio.ensure_future(
-            media_threads.run(lambda: [enc.encode(rgb) for rgb in images]))
-        return await asyncio.shield(self._inflight)
+        self._inflight = media_threads.submit(lambda: [enc.encode(rgb) for rgb in images])
+        return await media_threads.outcome(self._inflight)
 
     async def close(self) -> None:
         """Wait for an encode still running, then free the context now (not at the next GC)."""
