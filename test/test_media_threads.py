@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import threading
 import time
@@ -67,6 +68,31 @@ async def test_in_process_encoder_encodes_on_media_threads():
     await enc.close()
     assert out.keyframe and out.data.startswith(b"\x00\x00\x00\x01")
     assert seen and seen[0].startswith("media")
+
+
+async def test_outcome_returns_raises_and_leaves_a_cancelled_waiters_call_running():
+    """``outcome``: a call's result or exception on the event loop; cancelling the task that
+    waits does not cancel the call, which runs to its end in its thread."""
+    threads.configure(1, 1)
+    assert await threads.outcome(threads.submit(lambda: 6 * 7)) == 42
+    with pytest.raises(ZeroDivisionError):
+        await threads.outcome(threads.submit(lambda: 1 / 0))
+    gate, started = threading.Event(), threading.Event()
+
+    def held() -> str:
+        started.set()
+        assert gate.wait(10)
+        return "ran to its end"
+
+    call = threads.submit(held)
+    waiter = asyncio.create_task(threads.outcome(call))
+    assert await asyncio.to_thread(started.wait, 10)
+    waiter.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await waiter
+    assert call.running()
+    gate.set()
+    assert await asyncio.wrap_future(call) == "ran to its end"
 
 
 def test_work_goes_earliest_due_first_and_a_build_before_all():

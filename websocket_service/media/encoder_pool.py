@@ -252,7 +252,7 @@ class InProcessEncoder:
 
     async def _settle(self) -> None:
         """Until the last call has ended in its thread (its waiter may have been cancelled)."""
-        if self._inflight is not None and not self._inflight.done():
+        while self._inflight is not None and not self._inflight.done():
             with contextlib.suppress(Exception):
                 await asyncio.shield(asyncio.wrap_future(self._inflight))
         self._inflight = None
@@ -267,10 +267,7 @@ class InProcessEncoder:
             raise ProcessingError("encoder is closed")
         enc = self._enc
         self._inflight = media_threads.submit(lambda: [enc.encode(rgb) for rgb in images])
-        # awaited as it is: a task or ``shield`` around it cost 2-3 more turns of the event
-        # loop, each behind every callback already due (docs/BENCHMARKS.md section 4). A
-        # cancelled waiter cancels a call not started yet; ``_settle`` waits for one running
-        return await asyncio.wrap_future(self._inflight)
+        return await media_threads.outcome(self._inflight)
 
     async def close(self) -> None:
         """Wait for an encode still running, then free the context now (not at the next GC)."""
