@@ -149,7 +149,10 @@ async def outcome(fut: Future[T]) -> T:
     ``wrap_future`` under ``shield`` (and a task around it) took 3-4 turns of the event loop
     from the call's end to the waiting task, each behind every callback already due: under load
     that is milliseconds per frame. Here the call's end schedules the waiting task's wake-up
-    directly. Cancelling the waiting task leaves the call alone (it runs to its end)."""
+    directly. Cancelling the waiting task leaves the call alone (it runs to its end), where a
+    bare ``wrap_future`` would cancel a call not started yet under a waiter that
+    ``InProcessEncoder._settle`` may already be awaiting (its close then raised
+    ``CancelledError``)."""
     loop = asyncio.get_running_loop()
     done: asyncio.Future[T] = loop.create_future()
 
