@@ -350,9 +350,12 @@ def table(res: dict[str, Any]) -> list[str]:
         if "buckets" not in c:
             lines.append(f"| {c.get('decoder', '')} | {c.get('skipped') or c.get('error')} | | | | | |")
             continue
+        # keyed by bucket: ints as measured, strings once read back from the JSON file
+        at = {k: {str(b): v for b, v in c[k].items()}
+              for k in ("compile_s", "compile_counts", "dynamic_counts", "ms")}
         lines += [f"| {c['decoder']} | {c['backend']} ({c['compile_mode']}) | {b} | "
-                  f"{c['compile_s'][b]} s | {c['compile_counts'][b]} | {c['dynamic_counts'][b]} | "
-                  f"{c['ms'][b]} |" for b in c["buckets"]]
+                  f"{at['compile_s'][str(b)]} s | {at['compile_counts'][str(b)]} | "
+                  f"{at['dynamic_counts'][str(b)]} | {at['ms'][str(b)]} |" for b in c["buckets"]]
     lines += ["", "Streaming through the engine (speaking sessions fed in real time; audio-in to "
               "blended frame out, per frame; the core on a thread of the benchmark):", "",
               "| decoder / sessions | frames/s per session min (median) | p50 ms | p95 ms "

@@ -1,0 +1,63 @@
+"""``bench/bench_gpu_path.py``, the one command that measures the GPU path when a GPU is lent, runs
+end to end here on the tiny model (CPU, compile mode on torch.compile's "eager" backend): every
+stage reports its figures and none an error. Its stages record a failure and let the others go
+on (a GPU run is too rare to lose to one stage), so only its results can show that it still
+works: that is what this test reads, not its exit status alone."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from bench import bench_gpu_path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def errors(node: Any, where: str = "") -> list[str]:
+    """Every ``error`` a stage recorded, with where it is in the results."""
+    if isinstance(node, dict):
+        found = [f"{where}: {node['error']}"] if "error" in node else []
+        return found + [e for k, v in node.items() for e in errors(v, f"{where}/{k}")]
+    if isinstance(node, list):
+        return [e for i, v in enumerate(node) for e in errors(v, f"{where}[{i}]")]
+    return []
+
+
+def test_the_gpu_benchmark_runs_every_stage_on_the_tiny_model(tmp_path):
+    out = tmp_path / "gpu_path.json"
+    run = subprocess.run(
+        [sys.executable, "bench/bench_gpu_path.py", "--tiny", "--device", "cpu", "--buckets", "1,2",
+         "--repeats", "1", "--compile-buckets", "1", "--sessions", "1", "--seconds", "1",
+         "--json", str(out), "--doc", str(tmp_path / "unused.md")],
+        cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    res = json.loads(out.read_text())
+    assert errors(res) == [], errors(res)
+    assert res["label"] == "tiny (test model)" and res["graph_mode"] == "compile"
+    for decoder in ("sd-vae", "taesd"):
+        rows = res["graphs"][decoder]["rows"]
+        assert [r["bucket"] for r in rows] == [1, 2]
+        assert all(r["graph_ms"] > 0 and r["eager_ms"] > 0 for r in rows)
+        assert all(r["max_abs_diff"] <= 1 for r in rows), rows  # uint8 levels, graph vs eager
+        (compiled,) = [c for c in res["compile"] if c["decoder"] == decoder]
+        assert compiled["compile_counts"] == {"1": 1} and compiled["dynamic_counts"] == {"1": 0}
+        assert compiled["one_static_graph_each"] is True
+        stream = res["streaming"][f"{decoder}/1"]
+        assert stream["sessions"] == 1 and stream["frames"] > 0 and stream["batches"] > 0
+        assert stream["fps_out_min"] > 0 and stream["p95_ms"] >= stream["p50_ms"] > 0
+        assert res["goals"][decoder]["bucket"] == 2 and res["goals"][decoder]["fps"] > 0
+    assert not (tmp_path / "unused.md").exists()  # the doc's GPU section is written on CUDA only
+
+    # what a GPU run writes: its section between the markers, the rest of the doc kept
+    doc = tmp_path / "bench_musetalk.md"
+    doc.write_text(f"# head\n\nkept above\n\n{bench_gpu_path.START}\nstale figures\n"
+                   f"{bench_gpu_path.END}\n\nkept below\n")
+    bench_gpu_path.write_doc(doc, res)
+    text = doc.read_text()
+    assert "stale figures" not in text and "kept above" in text and "kept below" in text
+    assert text.count(bench_gpu_path.START) == 1 and text.count(bench_gpu_path.END) == 1
+    assert "## GPU path (issue 21)" in text and "| sd-vae/1 |" in text and "| taesd | 2 |" in text
