@@ -12,6 +12,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from bench import bench_gpu_path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -61,3 +63,27 @@ def test_the_gpu_benchmark_runs_every_stage_on_the_tiny_model(tmp_path):
     assert "stale figures" not in text and "kept above" in text and "kept below" in text
     assert text.count(bench_gpu_path.START) == 1 and text.count(bench_gpu_path.END) == 1
     assert "## GPU path (issue 21)" in text and "| sd-vae/1 |" in text and "| taesd | 2 |" in text
+
+
+def test_a_given_face_box_builds_the_avatar_detection_builds_without_a_detector(monkeypatch):
+    """The GPU machine's OpenCV 5 has no face detector: the benchmark gives the astronaut's
+    face box, and the avatar is the one detection makes here."""
+    from skimage import data as skdata
+
+    from websocket_service.avatars import store
+    from websocket_service.avatars.face import FaceDetectorUnavailable, detect_face
+
+    photo = skdata.astronaut()
+    assert detect_face(photo) == bench_gpu_path.ASTRONAUT_FACE
+    detected = store.build_avatar("a", [photo], True, 128, 128)
+
+    def no_detector(_rgb):
+        raise FaceDetectorUnavailable("OpenCV 5")
+
+    monkeypatch.setattr(store, "detect_face", no_detector)
+    given = store.build_avatar("a", [photo], True, 128, 128, face_box=bench_gpu_path.ASTRONAUT_FACE)
+    assert given.meta["face_box"] == detected.meta["face_box"]
+    assert given.meta["crop_box"] == detected.meta["crop_box"]
+    assert given.meta["report"]["face_given"] is True
+    assert sorted(given.clips) == sorted(detected.clips)
+    assert all(np.array_equal(given.clips[n].frames, detected.clips[n].frames) for n in given.clips)

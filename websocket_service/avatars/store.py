@@ -31,7 +31,7 @@ import numpy as np
 
 from ..errors import InvalidMessage, ModelNotFound, ProcessingError, RateLimitExceeded, ServiceError
 from ..units import ID_RE
-from .face import crop_box_for_face, cut, detect_face
+from .face import Box, crop_box_for_face, cut, detect_face
 from .model import Avatar, Clip, ClipKind
 from .probe import IMAGE_SUFFIXES, check_source, too_big
 from .synth import BUILTIN_ACTIONS, BUILTIN_BASES, render_motion
@@ -129,14 +129,20 @@ def _rgb_fitted(frame: av.VideoFrame) -> np.ndarray:
 # ---------------------------------------------------------------- building
 
 def build_avatar(avatar_id: str, frames: list[np.ndarray], still: bool, width: int, height: int,
-                 progress: Progress = _noop) -> Avatar:
-    """Crop every frame around the face and make the base videos and action clips."""
+                 progress: Progress = _noop, face_box: Box | None = None) -> Avatar:
+    """Crop every frame around the face and make the base videos and action clips.
+
+    ``face_box`` (x, y, w, h in the frames) is the face where it is known: no detector runs
+    (OpenCV 5.x has none; ``bench/bench_gpu_path.py`` on a GPU machine with it)."""
     progress(0.05, "finding the face")
-    probe = frames[:: max(1, len(frames) // 10)]
+    probe = frames[:: max(1, len(frames) // 10)] if face_box is None else []
     boxes = [b for b in (detect_face(f) for f in probe) if b is not None]
     report: dict[str, Any] = {"frames_in": len(frames), "face_found_in": len(boxes),
                               "face_probed": len(probe)}
-    if boxes:
+    if face_box is not None:
+        face = tuple(int(v) for v in face_box)
+        report["face_given"] = True
+    elif boxes:
         face = tuple(int(v) for v in np.median(np.array(boxes), axis=0))
     else:
         h, w = frames[0].shape[:2]
