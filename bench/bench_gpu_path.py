@@ -17,7 +17,9 @@ Frames/s at batch 32 against the issue's goals (SD-VAE >= 400, TAESD >= 800). St
 1/16/24/32 sessions through the engine (:func:`stream_sessions`: the UNet per bucket, then the
 decoder in chunks of ``MUSETALK_DECODE_CHUNK``, 8 by default), within the time box.
 
-Writes ``--json`` (default bench/results/gpu_path.json) and, only on CUDA, the GPU section of
+Writes ``--json`` (default bench/results/gpu_path.json) after every stage (``"complete": false``
+until the last: a run cut off at a device call's time limit keeps what it measured) and, only
+on CUDA, the GPU section of
 docs/bench_musetalk.md between ``<!-- gpu-path:start -->`` and ``<!-- gpu-path:end -->``. On a
 CPU the graph mode is compile mode with torch.compile's "eager" backend (no CUDA graphs there).
 """
@@ -424,10 +426,19 @@ def main() -> None:
                            "dtype": str(models.dtype).replace("torch.", ""),
                            "started": time.strftime("%Y-%m-%d %H:%M"), "repeats": repeats,
                            "graph_mode": mode, "graphs": {}, "compile": [], "fused": [],
-                           "streaming": {}}
+                           "streaming": {}, "complete": False}
+
+    def save() -> None:
+        """The results so far, after every stage: a run cut off at its time limit (a device
+        call's) keeps what it measured."""
+        res["elapsed_s"] = round(time.perf_counter() - t_start, 1)
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(res, indent=1, default=str))
+
     for decoder in ("sd-vae", "taesd"):
         res["graphs"][decoder] = guarded(f"{decoder} {mode}", bench_graphs, models, decoder, mode,
                                          buckets, repeats, backend)
+        save()
     cbuckets = tuple(int(x) for x in args.compile_buckets.split(","))
     fbuckets = tuple(int(x) for x in args.fused_buckets.split(","))
     # the decisive figure first (SD-VAE at batch 32 needs compiled kernels for 400 frames/s)
@@ -450,7 +461,9 @@ def main() -> None:
                                      repeats))
         res[kind][-1].setdefault("decoder", decoder)
         last = time.perf_counter() - t0
+        save()
     res["goals"] = goals(res)
+    save()
     for decoder in ("sd-vae", "taesd"):
         for n in (int(x) for x in args.sessions.split(",")):
             key = f"{decoder}/{n}"
@@ -459,10 +472,10 @@ def main() -> None:
                 continue
             res["streaming"][key] = guarded(f"streaming {key}", stream_sessions, models,
                                             decoder, n, args.seconds)
-    res["elapsed_s"] = round(time.perf_counter() - t_start, 1)
+            save()
+    res["complete"] = True
+    save()
     print("\n".join(table(res)))
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(res, indent=1, default=str))
     print(f"wrote {args.json} ({res['elapsed_s']:.0f} s)")
     if cuda:
         write_doc(args.doc, res)

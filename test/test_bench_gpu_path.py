@@ -40,6 +40,7 @@ def test_the_gpu_benchmark_runs_every_stage_on_the_tiny_model(tmp_path):
     res = json.loads(out.read_text())
     assert errors(res) == [], errors(res)
     assert res["label"] == "tiny (test model)" and res["graph_mode"] == "compile"
+    assert res["complete"] is True and res["elapsed_s"] > 0
     for decoder in ("sd-vae", "taesd"):
         rows = res["graphs"][decoder]["rows"]
         assert [r["bucket"] for r in rows] == [1, 2]
