@@ -253,8 +253,8 @@ class InProcessEncoder:
     async def _settle(self) -> None:
         """Until the last call has ended in its thread (its waiter may have been cancelled)."""
         while self._inflight is not None and not self._inflight.done():
-            with contextlib.suppress(Exception):
-                await asyncio.shield(asyncio.wrap_future(self._inflight))
+            with contextlib.suppress(Exception):  # outcome: a cancelled wait leaves the call
+                await media_threads.outcome(self._inflight)
         self._inflight = None
 
     async def encode(self, rgb: np.ndarray) -> EncodedFrame:
