@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import av
+import cv2
 import numpy as np
 import pytest
 
@@ -224,3 +225,24 @@ async def test_in_process_close_frees_the_x264_context_after_a_running_encode() 
     with pytest.raises(ProcessingError):
         await encoder.encode(np.zeros((512, 512, 3), np.uint8))
     await encoder.close()  # idempotent
+
+
+@pytest.mark.parametrize("in_pool", [True, False])
+async def test_an_i420_picture_encodes_to_the_bytes_of_its_rgb(pool, in_pool):
+    """Both encoders take I420 pictures (the MuseTalk engine's speech frames) as they are:
+    the same access units as for the RGB they were converted from, RGB and I420 mixed."""
+    src = frames(12)
+    i420 = [cv2.cvtColor(f, cv2.COLOR_RGB2YUV_I420) for f in src]
+    a = await pool.open(W, H, 25, 500_000, 10) if in_pool else await open_encoder(
+        None, W, H, 25, 500_000, 10)
+    b = await pool.open(W, H, 25, 500_000, 10) if in_pool else await open_encoder(
+        None, W, H, 25, 500_000, 10)
+    mixed = [i420[k] if k % 2 else src[k] for k in range(len(src))]
+    got = await a.encode_many(mixed)
+    want = await b.encode_many(src)
+    assert [e.data for e in got] == [e.data for e in want]
+    assert len(decode([e.data for e in got])) == 12
+    with pytest.raises(ValueError, match=f"frame is {W}x{H // 2}"):
+        await a.encode(np.zeros((H * 3 // 4, W), np.uint8))
+    await a.close()
+    await b.close()

@@ -28,11 +28,13 @@ from websocket_service.engines.musetalk.audio import (  # noqa: E402
     positional_encoding,
 )
 from websocket_service.errors import ModelNotFound, RateLimitExceeded  # noqa: E402
+from websocket_service.media.picture import to_i420, to_rgb  # noqa: E402
 
 from .musetalk_tiny import (  # noqa: E402
     SIZE,
     Bases,
     copy_without,
+    planes,
     render_all,
     small_avatar,
     speech,
@@ -217,18 +219,22 @@ def test_stream_renders_exactly_n_frames_touching_only_the_lower_face(engine, av
     assert [f.last for f in frames] == [False] * (n - 1) + [True]
     clips = avatar.engine_data["musetalk"]["clips"]
     changed = 0
-    for f in frames:
-        assert f.image.shape == (SIZE, SIZE, 3) and f.image.dtype == np.uint8
-        ok, jpg = cv2.imencode(".jpg", f.image)
+    for f in frames:  # I420 pictures (what the encoder takes), compared plane by plane
+        assert f.image.shape == (SIZE * 3 // 2, SIZE) and f.image.dtype == np.uint8
+        ok, jpg = cv2.imencode(".jpg", to_rgb(f.image))
         assert ok and cv2.imdecode(jpg, cv2.IMREAD_COLOR).shape == (SIZE, SIZE, 3)
-        base = f.base.image
+        got, base = planes(f.image), planes(to_i420(f.base.image))
         x1, y1, x2, y2 = clips[f.base.clip].boxes[f.base.index]
         mid = (y1 + y2) // 2
-        assert np.array_equal(f.image[:mid], base[:mid])  # everything above the mouth half
-        outside = np.ones(base.shape[:2], bool)
-        outside[y1:y2, x1:x2] = False
-        assert np.array_equal(f.image[outside], base[outside])
-        changed += int(np.abs(f.image[mid:y2, x1:x2].astype(int) - base[mid:y2, x1:x2]).sum() > 0)
+        for k, (a, b) in enumerate(zip(got, base, strict=True)):
+            s = 1 if k == 0 else 2  # chroma: a sample per 2x2 pixels
+            top = mid // s  # everything above the mouth half
+            assert np.array_equal(a[:top], b[:top])
+            outside = np.ones(b.shape, bool)  # the box, widened to whole chroma samples
+            outside[y1 // s:-(-y2 // s), x1 // s:-(-x2 // s)] = False
+            assert np.array_equal(a[outside], b[outside])
+        y_got, y_base = got[0][mid:y2, x1:x2].astype(int), base[0][mid:y2, x1:x2]
+        changed += int(np.abs(y_got - y_base).sum() > 0)
     assert changed == n
     assert stream.buffered_samples() == 0 and stream.ready_frames() == 0
 

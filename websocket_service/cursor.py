@@ -5,7 +5,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import cv2
-import numpy as np
 
 from .avatars.model import Avatar, BaseFrame
 from .errors import InvalidStateTransition, ModelNotFound
@@ -108,9 +107,3 @@ class Cursor:
         if act.i >= act.n:
             self.action = None
         return frame
-
-
-def resize_to(img: np.ndarray, width: int, height: int) -> np.ndarray:
-    if img.shape[1] == width and img.shape[0] == height:
-        return img
-    return cv2.resize(img, (width, height), interpolation=cv2.INTER_AREA)

@@ -28,9 +28,10 @@ from .avatars.model import BaseFrame
 from .bridge import Bridge
 from .clock import Clock
 from .config import Settings
-from .cursor import Cursor, loop_period, resize_to
+from .cursor import Cursor, loop_period
 from .engines.base import SpeechFrame
 from .events import SpeechEnded
+from .media.picture import resize_to
 from .pacing import Pacer, PhaseSpreader
 from .producer import SpeechQueue
 from .states import AvatarState
@@ -55,7 +56,7 @@ class OutputFrame:
     index: int
     timestamp_ms: int
     state: AvatarState
-    image: np.ndarray  # (H, W, 3) uint8 RGB at the session's output size
+    image: np.ndarray  # RGB or I420 (media.picture) at the session's output size
     pcm: np.ndarray  # the 640 samples of audio that play with this frame (silence if idle)
     clip: str = ""  # the base clip (or action clip) this frame shows
     action: str | None = None

@@ -31,7 +31,7 @@ class SpeechFrame:
 
     utterance_id: int
     index: int  # frame n within the utterance
-    image: np.ndarray  # (H, W, 3) uint8 RGB at the avatar's size
+    image: np.ndarray  # RGB (H, W, 3) or I420 (H * 3 / 2, W) uint8: media.picture
     pcm: np.ndarray  # the 640 int16 samples this frame covers (zero-padded at the end)
     last: bool  # the utterance's final frame
     base: BaseFrame | None = None

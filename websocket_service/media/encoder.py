@@ -10,8 +10,9 @@ from dataclasses import dataclass
 from fractions import Fraction
 
 import av
-import cv2
 import numpy as np
+
+from .picture import frame_size, is_i420, to_i420
 
 
 @dataclass
@@ -46,6 +47,19 @@ def i420_frame(yuv: np.ndarray, width: int, height: int) -> av.VideoFrame:
         p.update(data[at:at + size])  # type: ignore[arg-type]  # any buffer (stub says bytes)
         at += size
     return frame
+
+
+def video_frame(image: np.ndarray) -> av.VideoFrame:
+    """A new frame holding an RGB (``rgb24``) or I420 (``yuv420p``) picture."""
+    if is_i420(image):
+        return i420_frame(image, *frame_size(image))
+    return av.VideoFrame.from_ndarray(image, format="rgb24")
+
+
+def check_size(image: np.ndarray, width: int, height: int) -> None:
+    w, h = frame_size(image)
+    if (w, h) != (width, height):
+        raise ValueError(f"frame is {w}x{h}, encoder is {width}x{height}")
 
 
 class H264Encoder:
@@ -85,13 +99,13 @@ class H264Encoder:
     def request_keyframe(self) -> None:
         self._force_key = True
 
-    def encode(self, rgb: np.ndarray) -> EncodedFrame:
-        """Encode one RGB frame; zerolatency gives exactly one access unit per frame."""
-        if rgb.shape[0] != self.height or rgb.shape[1] != self.width:
-            raise ValueError(f"frame is {rgb.shape[1]}x{rgb.shape[0]}, encoder is {self.width}x{self.height}")
+    def encode(self, image: np.ndarray) -> EncodedFrame:
+        """Encode one RGB or I420 picture (:mod:`.picture`); zerolatency gives exactly one
+        access unit per frame."""
+        check_size(image, self.width, self.height)
         # OpenCV's BT.601 limited-range I420 conversion is ~10x faster than swscale's and
         # releases the GIL; so does libx264's encode under PyAV 16 and later.
-        return self.encode_i420(cv2.cvtColor(rgb, cv2.COLOR_RGB2YUV_I420))
+        return self.encode_i420(to_i420(image))
 
     def encode_i420(self, yuv: np.ndarray) -> EncodedFrame:
         """Encode one I420 frame (``height * 3 / 2`` rows of ``width`` bytes, as cv2 makes it)."""

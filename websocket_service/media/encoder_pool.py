@@ -4,9 +4,9 @@ In-process encoders run on the media threads (:mod:`.threads`); PyAV (16 and lat
 the GIL while libx264 encodes, but the Python around each call still takes it. Here each
 slot is a one-process ``concurrent.futures.ProcessPoolExecutor`` hosting many encoders
 (:mod:`.encoder_worker`); a session's encoder stays in one slot (least-loaded at open). The
-parent converts RGB to I420 with OpenCV (releases the GIL) straight into the encoder's
-shared-memory slot and submits a small call; its future is awaited on the event loop
-(``asyncio.wrap_future``).
+parent converts RGB to I420 with OpenCV (releases the GIL; an I420 picture is copied)
+straight into the encoder's shared-memory slot and submits a small call; its future is
+awaited on the event loop (``asyncio.wrap_future``).
 
 Bounds: one frame in flight per encoder (``encode`` waits for the previous one), and at most
 ``MAX_PENDING`` calls per slot. If a worker dies, the executor breaks (``BrokenProcessPool``):
@@ -31,13 +31,13 @@ from concurrent.futures.process import BrokenProcessPool
 from multiprocessing.shared_memory import SharedMemory
 from typing import Any
 
-import cv2
 import numpy as np
 
 from ..errors import ProcessingError
 from . import encoder_worker as worker
 from . import threads as media_threads
-from .encoder import EncodedFrame, H264Encoder
+from .encoder import EncodedFrame, H264Encoder, check_size
+from .picture import to_i420
 
 log = logging.getLogger(__name__)
 MAX_PENDING = 256
@@ -196,15 +196,15 @@ class PoolEncoder:
             with contextlib.suppress(Exception):
                 await asyncio.shield(self._inflight)
 
-    async def encode(self, rgb: np.ndarray) -> EncodedFrame:
-        if rgb.shape[0] != self.height or rgb.shape[1] != self.width:
-            raise ValueError(f"frame is {rgb.shape[1]}x{rgb.shape[0]}, encoder is {self.width}x{self.height}")
+    async def encode(self, image: np.ndarray) -> EncodedFrame:
+        """One RGB or I420 picture (:mod:`.picture`)."""
+        check_size(image, self.width, self.height)
         if self._shm is None:
             raise ProcessingError("encoder is closed")
         await self._settle()
         if self._generation != self._slot.generation or not self._slot.running:
             await self._open()  # a new worker: re-create, starting with a keyframe
-        cv2.cvtColor(rgb, cv2.COLOR_RGB2YUV_I420, dst=self._yuv)
+        to_i420(image, dst=self._yuv)
         self._inflight = asyncio.ensure_future(
             self._slot.call(worker.encode, self.id, self._force_key))
         self._force_key = False
@@ -214,7 +214,7 @@ class PoolEncoder:
 
     async def encode_many(self, images: list[np.ndarray]) -> list[EncodedFrame]:
         """Each image in order (one worker call each: the slot holds one frame at a time)."""
-        return [await self.encode(rgb) for rgb in images]
+        return [await self.encode(image) for image in images]
 
     async def close(self) -> None:
         if self._shm is None:
@@ -257,8 +257,8 @@ class InProcessEncoder:
                 await media_threads.outcome(self._inflight)
         self._inflight = None
 
-    async def encode(self, rgb: np.ndarray) -> EncodedFrame:
-        return (await self.encode_many([rgb]))[0]
+    async def encode(self, image: np.ndarray) -> EncodedFrame:
+        return (await self.encode_many([image]))[0]
 
     async def encode_many(self, images: list[np.ndarray]) -> list[EncodedFrame]:
         """Each image in order, in one media-thread call (one hop for a feed catching up)."""
@@ -266,7 +266,7 @@ class InProcessEncoder:
         if self._enc is None:
             raise ProcessingError("encoder is closed")
         enc = self._enc
-        self._inflight = media_threads.submit(lambda: [enc.encode(rgb) for rgb in images])
+        self._inflight = media_threads.submit(lambda: [enc.encode(image) for image in images])
         return await media_threads.outcome(self._inflight)
 
     async def close(self) -> None:

@@ -35,9 +35,10 @@ from typing import Protocol
 
 import numpy as np
 
-from ..cursor import loop_period, pingpong, resize_to
+from ..cursor import loop_period, pingpong
 from . import threads as media_threads
 from .encoder import H264Encoder
+from .picture import resize_to
 
 log = logging.getLogger(__name__)
 LIVE_WHILE_BUILDING = 2  # sessions per key that encode live while its loop is being built

@@ -33,6 +33,7 @@ from pipecat.services.ai_service import AIService
 from pipecat.services.settings import ServiceSettings
 
 from ..clock import Clock
+from ..media.picture import to_rgb
 from ..units import SAMPLES_PER_FRAME
 from .speech import FPS, Utterance
 
@@ -41,7 +42,9 @@ DRAIN_TIMEOUT_S = 30.0  # EndFrame: the longest we wait for buffered speech to b
 
 
 def image_frame(image: np.ndarray) -> OutputImageRawFrame:
-    """An RGB picture as a pipecat frame that waits for the audio queued before it."""
+    """A picture (RGB or I420, :mod:`..media.picture`) as an RGB pipecat frame that waits for
+    the audio queued before it."""
+    image = to_rgb(image)
     h, w = image.shape[:2]
     frame = OutputImageRawFrame(image=np.ascontiguousarray(image).tobytes(), size=(w, h),
                                 format="RGB")

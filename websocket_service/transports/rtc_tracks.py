@@ -22,6 +22,7 @@ from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 from ..channel import ChannelClosed, DropOldest
 from ..engines.base import SAMPLE_RATE, SAMPLES_PER_FRAME
 from ..feed import Outbox
+from ..media.encoder import video_frame
 from ..session import OutputFrame, Session
 
 VIDEO_CLOCK = 90_000
@@ -82,7 +83,7 @@ class SessionVideoTrack(MediaStreamTrack):
         if self.packets is not None:
             return await self._next_packet(self.packets)
         f = await _next(self.queue)
-        vf = av.VideoFrame.from_ndarray(f.image, format="rgb24")
+        vf = video_frame(f.image)  # RGB or I420 (the MuseTalk engine's speech frames)
         vf.pts = f.index * self._ticks
         vf.time_base = VIDEO_TIME_BASE
         self._sent(f)

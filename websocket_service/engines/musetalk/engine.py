@@ -32,7 +32,7 @@ from .core import CoreSpec, build_core
 from .loader import Bundle, load_parsing, load_vae, pick_device
 from .prep import ClipData
 from .process import InferenceProcess, Runner, ThreadRunner
-from .stream import MuseTalkStream, ReadyLatency, StreamDeps
+from .stream import BaseI420, MuseTalkStream, ReadyLatency, StreamDeps
 
 log = logging.getLogger(__name__)
 DEFAULT_HOP = Settings.model_fields["musetalk_hop_frames"].default
@@ -239,7 +239,9 @@ class MuseTalkEngine(LipSyncEngine):
             payload = self._payload(avatar, clips)
             runner.control("add_avatar", key, payload).result(timeout=300)
             self._avatars[key] = payload
-        avatar.engine_data[self.name] = {"key": key, "clips": clips, "source": source}
+        even = avatar.width % 2 == 0 and avatar.height % 2 == 0  # I420 has no odd sizes
+        avatar.engine_data[self.name] = {"key": key, "clips": clips, "source": source,
+                                         "i420": BaseI420(avatar) if even else None}
         report(1.0, "MuseTalk cache ready")
 
     def _payload(self, avatar: Avatar, clips: dict[str, ClipData]) -> dict[str, Any]:
