@@ -503,7 +503,10 @@ def report(m: dict[str, str], args: argparse.Namespace, baseline: float, idle: l
         f"{100 * RETRY_OTHER:.0f}% CPU meanwhile; the ramp stops at the first level that fails.",
         f"- CPU is % of one core (the machine has {m['cores']}00%); server CPU includes its child "
         f"processes (ENCODER_PROCESSES={os.environ.get('ENCODER_PROCESSES', 'default')}); server with no session: "
-        f"{100 * baseline:.1f}%. 'other load' is the CPU that the rest of the machine used "
+        f"{100 * baseline:.1f}%."
+        + (f" A busy loop took {100 * args.busy_share:.0f}% of one core beside them all run "
+           "long (`--busy-share`)." if args.busy_share > 0 else "")
+        + " 'other load' is the CPU that the rest of the machine used "
         f"during the window (busy time from /proc/stat minus server and clients); the largest "
         f"was {100 * max(r['other_cpu'] for r in idle + speak):.0f}%: a shared machine "
         "lowers the numbers below.", "",
@@ -544,18 +547,42 @@ def report(m: dict[str, str], args: argparse.Namespace, baseline: float, idle: l
     return "\n".join(lines)
 
 
+#: a busy loop taking ``share`` of one core: busy, then asleep, in 10 ms periods
+BUSY_LOOP = """
+import sys, time
+share = float(sys.argv[1])
+while True:
+    t0 = time.perf_counter()
+    while time.perf_counter() - t0 < 0.01 * share:
+        pass
+    time.sleep(0.01 * (1 - share))
+"""
+
+
+def start_busy_loop(share: float) -> subprocess.Popen | None:
+    """Other work on the machine, for ``--busy-share`` (None: none asked)."""
+    if share <= 0:
+        return None
+    return subprocess.Popen([sys.executable, "-c", BUSY_LOOP, str(share)])
+
+
 async def amain(args: argparse.Namespace) -> str:
     chunks = load_chunks()
     top = max(args.idle_levels + args.speaking_levels)
     server = Server.on_free_port("bench-sessions-", max_sessions=top + 4)
+    busy = None
     try:
         server.wait_ready()
         c0, t0 = server.cpu_s(), time.monotonic()
         await asyncio.sleep(2)
         baseline = (server.cpu_s() - c0) / (time.monotonic() - t0)
+        busy = start_busy_loop(args.busy_share)
         idle = await ramp(server, args.idle_levels, False, chunks, args.warmup, args.duration)
         speak = await ramp(server, args.speaking_levels, True, chunks, args.warmup, args.duration)
     finally:
+        if busy is not None:
+            busy.kill()
+            busy.wait()
         server.stop()
     return report(machine(), args, baseline, idle, speak, server.log_problems())
 
@@ -570,8 +597,14 @@ def main(argv: list[str] | None = None) -> int:
                     help="seconds between a level's sessions opening and its window (default 1; "
                          "speaking levels' server latency leaves the sessions' first seconds "
                          "out only when this is long enough: see the report's note)")
+    ap.add_argument("--busy-share", type=float, default=0.0,
+                    help="a busy loop taking this share (0-1) of one core runs beside the "
+                         "server and clients (how much of the machine the figures need; it "
+                         "shows in 'other load')")
     ap.add_argument("--out", default=str(ROOT / "docs" / "bench_sessions.md"))
     args = ap.parse_args(argv)
+    if not 0 <= args.busy_share < 1:
+        ap.error("--busy-share is a share of one core, 0 <= share < 1")
     idle = "1,8,16,32" if args.quick else "1,8,16,32,48,64,80,96,128"
     speaking = "1,4,8" if args.quick else "1,4,8,10,12,14,16,20,24"
     args.idle_levels = sorted({int(x) for x in (args.idle_levels or idle).split(",")})
