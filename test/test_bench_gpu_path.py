@@ -1,18 +1,24 @@
 """``bench/bench_gpu_path.py``, the one command that measures the GPU path when a GPU is lent, runs
-end to end here on the tiny model (CPU, compile mode on torch.compile's "eager" backend): every
-stage reports its figures and none an error. Its stages record a failure and let the others go
+end to end here on the tiny model (CPU, compile mode on torch.compile's "eager" backend), through
+``scripts/gpu_run.sh`` as the lent machines run it: every stage reports its figures and none an
+error. Its stages record a failure and let the others go
 on (a GPU run is too rare to lose to one stage), so only its results can show that it still
 works: that is what this test reads, not its exit status alone."""
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import json
+import os
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from bench import bench_gpu_path
 
@@ -29,15 +35,57 @@ def errors(node: Any, where: str = "") -> list[str]:
     return []
 
 
-def test_the_gpu_benchmark_runs_every_stage_on_the_tiny_model(tmp_path):
-    out = tmp_path / "gpu_path.json"
-    run = subprocess.run(
-        [sys.executable, "bench/bench_gpu_path.py", "--tiny", "--device", "cpu", "--buckets", "1,2",
-         "--repeats", "1", "--compile-buckets", "1", "--sessions", "1", "--seconds", "1",
-         "--json", str(out), "--doc", str(tmp_path / "unused.md")],
-        cwd=ROOT, capture_output=True, text=True, timeout=600)
+def probe_wheel(folder: Path) -> Path:
+    """A one-module wheel, standing for the ones ``scripts/gpu_wheels.sh`` downloads."""
+    files = {
+        "gpu_run_probe.py": b"VALUE = 42\n",
+        "gpu_run_probe-1.0.dist-info/METADATA":
+            b"Metadata-Version: 2.1\nName: gpu-run-probe\nVersion: 1.0\n",
+        "gpu_run_probe-1.0.dist-info/WHEEL":
+            b"Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n",
+    }
+    record = "".join(
+        f"{name},sha256={base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b'=').decode()}"
+        f",{len(data)}\n" for name, data in files.items())
+    record += "gpu_run_probe-1.0.dist-info/RECORD,,\n"
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "gpu_run_probe-1.0-py3-none-any.whl"
+    with zipfile.ZipFile(path, "w") as z:
+        for name, data in files.items():
+            z.writestr(name, data)
+        z.writestr("gpu_run_probe-1.0.dist-info/RECORD", record)
+    return path
+
+
+def gpu_run(tmp_path: Path, wheels: Path, *args: str) -> subprocess.CompletedProcess:
+    """``scripts/gpu_run.sh`` as a lent machine runs it, its ``python3`` this test's."""
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}",
+           "WHEELS": str(wheels), "SITE": str(tmp_path / "site"), "OUT": str(tmp_path / "out"),
+           "GPU_RUN_TIMEOUT_S": "500"}
+    return subprocess.run(["bash", "scripts/gpu_run.sh", *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)
+
+
+def test_without_its_wheels_the_gpu_script_says_how_to_get_them(tmp_path):
+    (tmp_path / "none").mkdir()
+    run = gpu_run(tmp_path, tmp_path / "none", "--tiny")
+    assert run.returncode == 1
+    assert "no wheels in" in run.stderr and "scripts/gpu_wheels.sh" in run.stderr
+    assert not (tmp_path / "out" / "gpu_path.json").exists()
+
+
+def test_the_gpu_script_runs_every_stage_of_the_benchmark_on_the_tiny_model(tmp_path):
+    """Through ``scripts/gpu_run.sh``, the one command a lent GPU machine runs: it installs the
+    carried wheels, records the machine, runs the benchmark and leaves its files in $OUT."""
+    run = gpu_run(tmp_path, probe_wheel(tmp_path / "whl").parent, "--tiny", "--device", "cpu",
+                  "--buckets", "1,2", "--repeats", "1", "--compile-buckets", "1",
+                  "--sessions", "1", "--seconds", "1", "--doc", str(tmp_path / "unused.md"))
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
-    res = json.loads(out.read_text())
+    out = tmp_path / "out"
+    assert (tmp_path / "site" / "gpu_run_probe.py").is_file()  # the wheels, beside the machine's
+    assert torch.__version__ in (out / "machine.txt").read_text()
+    assert (out / "log.txt").stat().st_size > 0 and (out / "bench_musetalk.md").is_file()
+    res = json.loads((out / "gpu_path.json").read_text())
     assert errors(res) == [], errors(res)
     assert res["label"] == "tiny (test model)" and res["graph_mode"] == "compile"
     assert res["complete"] is True and res["elapsed_s"] > 0
