@@ -174,11 +174,3 @@ if __name__ == "__main__":
     import sys
 
     print(write_tiny_model(Path(sys.argv[1]), ("v15", "v10"), parsing="--parsing" in sys.argv))
-
-
-def planes(yuv: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Y, U and V of an I420 picture (``(H * 3 / 2, W)``), as 2-D arrays."""
-    h, w = yuv.shape[0] * 2 // 3, yuv.shape[1]
-    flat = yuv.reshape(-1)
-    return (flat[:h * w].reshape(h, w), flat[h * w:h * w * 5 // 4].reshape(h // 2, w // 2),
-            flat[h * w * 5 // 4:].reshape(h // 2, w // 2))

@@ -28,13 +28,12 @@ from websocket_service.engines.musetalk.audio import (  # noqa: E402
     positional_encoding,
 )
 from websocket_service.errors import ModelNotFound, RateLimitExceeded  # noqa: E402
-from websocket_service.media.picture import to_i420, to_rgb  # noqa: E402
+from websocket_service.media.picture import planes, to_i420, to_rgb  # noqa: E402
 
 from .musetalk_tiny import (  # noqa: E402
     SIZE,
     Bases,
     copy_without,
-    planes,
     render_all,
     small_avatar,
     speech,

@@ -8,6 +8,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+import torch
 from skimage import data as skdata
 
 from websocket_service.avatars.model import BaseFrame
@@ -125,7 +126,16 @@ def test_a_crossfaded_action_frame_is_not_taken_from_the_cache(avatar) -> None:
     assert cache.get(first) is None
 
 
-def test_every_speech_frame_is_i420_kept_base_or_not(tmp_path) -> None:
+@pytest.fixture
+def torch_threads():
+    """The stand-in's core sets this process's torch threads to 1 when it runs in-process: put
+    them back, or a later test comparing in-process with inference-process arithmetic differs."""
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)
+
+
+def test_every_speech_frame_is_i420_kept_base_or_not(tmp_path, torch_threads) -> None:
     """A stream's frames are the RGB blend converted, whether the base frame's I420 copy was
     kept (blended in I420) or not (past the budget: blended in RGB, converted whole)."""
     frames = {}

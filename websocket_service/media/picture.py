@@ -28,6 +28,16 @@ def frame_size(img: np.ndarray) -> tuple[int, int]:
     return img.shape[1], img.shape[0]
 
 
+def planes(yuv: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Y, U and V of an I420 picture as 2-D views (writing them writes the picture)."""
+    width, height = frame_size(yuv)
+    flat = yuv.reshape(-1)
+    size = width * height
+    return (flat[:size].reshape(height, width),
+            flat[size:size * 5 // 4].reshape(height // 2, width // 2),
+            flat[size * 5 // 4:].reshape(height // 2, width // 2))
+
+
 def to_rgb(img: np.ndarray) -> np.ndarray:
     """The picture as RGB (itself when it is RGB)."""
     return cv2.cvtColor(img, cv2.COLOR_YUV2RGB_I420) if is_i420(img) else img
